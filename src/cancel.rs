@@ -1,0 +1,227 @@
+//! Cancel keys: the (process id, secret) pairs pgrelay gives its clients, and the
+//! forwarding of a client's CancelRequest to the server running that client's query.
+//!
+//! A cancel is forwarded only while the client is attached to a server, and the server
+//! is not handed to anyone else until every cancel sent to it has been delivered: a
+//! late cancel can therefore never hit another client's query. A cancel that arrives
+//! while the client waits for a server ends the wait instead.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::protocol::startup::CancelKey;
+use crate::upstream::BackendKey;
+
+/// How long pgrelay tries to deliver one cancel to a server.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a client's running query can be cancelled.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: Arc<str>,
+    pub key: BackendKey,
+}
+
+#[derive(Debug)]
+struct Slot {
+    secret: u32,
+    target: Mutex<Option<CancelTarget>>,
+    /// Cancels being delivered to the current target.
+    in_flight: AtomicUsize,
+    delivered: Notify,
+    /// Wakes a client that is waiting for a server.
+    cancel_wait: Notify,
+}
+
+/// Every connected client's cancel key.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    slots: DashMap<u32, Arc<Slot>>,
+}
+
+impl CancelRegistry {
+    /// Gives a new client a unique key; the key is freed when the handle is dropped.
+    pub fn register(self: &Arc<Self>) -> CancelHandle {
+        loop {
+            let process_id = rand::random::<u32>() & 0x7fff_ffff;
+            if process_id == 0 {
+                continue;
+            }
+            let slot = Arc::new(Slot {
+                secret: rand::random(),
+                target: Mutex::new(None),
+                in_flight: AtomicUsize::new(0),
+                delivered: Notify::new(),
+                cancel_wait: Notify::new(),
+            });
+            if let dashmap::Entry::Vacant(entry) = self.slots.entry(process_id) {
+                entry.insert(slot.clone());
+                return CancelHandle {
+                    registry: self.clone(),
+                    process_id,
+                    slot,
+                };
+            }
+        }
+    }
+
+    /// Handles a CancelRequest received on its own connection. Unknown keys are ignored
+    /// silently, as PostgreSQL does, so keys cannot be probed.
+    pub fn cancel(&self, key: &CancelKey) {
+        let Some(slot) = self.slots.get(&key.process_id).map(|slot| slot.clone()) else {
+            return;
+        };
+        if !constant_time_eq(&slot.secret.to_be_bytes(), &key.secret) {
+            return;
+        }
+        let target = match slot.target.lock() {
+            Ok(target) => target.clone(),
+            Err(_) => return,
+        };
+        let Some(target) = target else {
+            slot.cancel_wait.notify_waiters();
+            return;
+        };
+        // Counted before the target can be detached, so the server stays with this
+        // client until delivery is over.
+        slot.in_flight.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            if let Err(error) = tokio::time::timeout(DELIVERY_TIMEOUT, deliver(&target)).await {
+                tracing::warn!(server = %target.addr, %error, "cancel request was not delivered in time");
+            }
+            slot.in_flight.fetch_sub(1, Ordering::AcqRel);
+            slot.delivered.notify_waiters();
+        });
+    }
+}
+
+/// Sends a CancelRequest to the server and waits until the server closes the socket,
+/// which it does after it has signalled the backend.
+async fn deliver(target: &CancelTarget) {
+    let result: std::io::Result<()> = async {
+        let mut stream = TcpStream::connect(&*target.addr).await?;
+        let mut packet = BytesMut::with_capacity(16);
+        packet.extend_from_slice(&((12 + target.key.secret.len()) as u32).to_be_bytes());
+        packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+        packet.extend_from_slice(&target.key.process_id.to_be_bytes());
+        packet.extend_from_slice(&target.key.secret);
+        stream.write_all(&packet).await?;
+        let mut sink = [0u8; 64];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok(())
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(server = %target.addr, %error, "could not deliver a cancel request");
+    }
+}
+
+fn constant_time_eq(expected: &[u8], given: &[u8]) -> bool {
+    expected.len() == given.len() && expected.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// One client's cancel key, held for as long as the client is connected.
+#[derive(Debug)]
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    process_id: u32,
+    slot: Arc<Slot>,
+}
+
+impl CancelHandle {
+    pub fn process_id(&self) -> u32 {
+        self.process_id
+    }
+
+    pub fn secret(&self) -> u32 {
+        self.slot.secret
+    }
+
+    /// The client is now attached to this server: cancels go there.
+    pub fn attach(&self, target: CancelTarget) {
+        if let Ok(mut slot) = self.slot.target.lock() {
+            *slot = Some(target);
+        }
+    }
+
+    /// The client is about to give its server back: no new cancel will be sent, and
+    /// this returns once the ones already on their way have been delivered.
+    pub async fn detach(&self) {
+        if let Ok(mut slot) = self.slot.target.lock() {
+            *slot = None;
+        }
+        loop {
+            let delivered = self.slot.delivered.notified();
+            tokio::pin!(delivered);
+            delivered.as_mut().enable();
+            if self.slot.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            delivered.await;
+        }
+    }
+
+    /// Resolves when a cancel arrives while the client is not attached to a server.
+    /// Only a wait that is already being polled is woken: a cancel sent while the
+    /// client is idle is not remembered for its next query.
+    pub async fn cancelled_while_waiting(&self) {
+        self.slot.cancel_wait.notified().await;
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.registry.slots.remove(&self.process_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_are_unique_and_freed() {
+        let registry = Arc::new(CancelRegistry::default());
+        let a = registry.register();
+        let b = registry.register();
+        assert_ne!(a.process_id(), b.process_id());
+        assert_eq!(registry.slots.len(), 2);
+        drop(a);
+        assert_eq!(registry.slots.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_with_the_wrong_secret_does_nothing_and_a_right_one_ends_a_wait() {
+        let registry = Arc::new(CancelRegistry::default());
+        let handle = registry.register();
+        let wrong = CancelKey {
+            process_id: handle.process_id(),
+            secret: bytes::Bytes::copy_from_slice(&handle.secret().wrapping_add(1).to_be_bytes()),
+        };
+        let right = CancelKey {
+            process_id: handle.process_id(),
+            secret: bytes::Bytes::copy_from_slice(&handle.secret().to_be_bytes()),
+        };
+        let waiting = handle.cancelled_while_waiting();
+        tokio::pin!(waiting);
+        registry.cancel(&wrong);
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        registry.cancel(&right);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap();
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            output = future => Some(output),
+            () = tokio::task::yield_now() => None,
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! pgrelay: a PostgreSQL connection pooler and read/write-splitting proxy.
+
+pub mod app;
+pub mod auth;
+pub mod cancel;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod localpg;
+pub mod net;
+pub mod pool;
+pub mod protocol;
+pub mod runtime;
+pub mod session;
+pub mod upstream;

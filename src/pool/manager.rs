@@ -1,0 +1,62 @@
+//! How the pool makes and checks server connections: the deadpool `Manager`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
+
+use super::PoolCounters;
+use crate::upstream::{self, ConnectSpec, ServerConn, UpstreamError};
+
+#[derive(Debug)]
+pub struct ServerManager {
+    pub(super) spec: Arc<ConnectSpec>,
+    pub(super) counters: Arc<PoolCounters>,
+    /// Connections older than this are closed instead of reused.
+    pub(super) lifetime: Option<Duration>,
+}
+
+impl Manager for ServerManager {
+    type Type = ServerConn;
+    type Error = UpstreamError;
+
+    async fn create(&self) -> Result<ServerConn, UpstreamError> {
+        self.counters.logins.fetch_add(1, Ordering::Relaxed);
+        // Decremented even if the connect future is dropped by a timeout.
+        let _login = scopeguard(|| {
+            self.counters.logins.fetch_sub(1, Ordering::Relaxed);
+        });
+        let result = upstream::connect(&self.spec).await;
+        match &result {
+            Ok(conn) => self.counters.remember_server_params(conn.reported_params()),
+            Err(_) => {
+                self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<UpstreamError> {
+        if self.lifetime.is_some_and(|lifetime| metrics.age() >= lifetime) {
+            return Err(RecycleError::message("server_lifetime reached"));
+        }
+        if !conn.is_idle() || !conn.probe_alive() {
+            return Err(RecycleError::message("connection closed or not idle"));
+        }
+        Ok(())
+    }
+}
+
+/// Runs a closure when dropped.
+pub(super) fn scopeguard<F: FnOnce()>(on_drop: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(on_drop) = self.0.take() {
+                on_drop();
+            }
+        }
+    }
+    Guard(Some(on_drop))
+}

@@ -1,0 +1,306 @@
+//! Bounded pools of server connections, one per (database, user, host).
+//!
+//! Built on deadpool: its semaphore serves waiting clients first come, first served.
+//! On top of it this module adds the reserve pool, query_wait_timeout, the checkout
+//! guard that can only hand an idle connection back, and the janitor.
+
+mod janitor;
+mod manager;
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use deadpool::managed::{self, Object, TimeoutType, Timeouts};
+
+use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
+use manager::{ServerManager, scopeguard};
+
+/// The pool settings of SPEC.md that the pool itself enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLimits {
+    pub size: usize,
+    pub min_size: usize,
+    pub reserve_size: usize,
+    /// Wait this long before using the reserve; `None`: never.
+    pub reserve_timeout: Option<Duration>,
+    /// Longest a client waits for a connection; `None`: forever.
+    pub query_wait_timeout: Option<Duration>,
+    pub connect_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub lifetime: Option<Duration>,
+}
+
+/// Why no connection could be handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection became free within query_wait_timeout")]
+    WaitTimeout,
+    #[error("connecting to the server took longer than server_connect_timeout")]
+    ConnectTimeout,
+    #[error(transparent)]
+    Connect(#[from] UpstreamError),
+    #[error("the pool was closed")]
+    Closed,
+}
+
+/// Counters shared by the pool and its manager; read by SHOW POOLS and the metrics.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Connections being opened and authenticated right now.
+    pub logins: AtomicUsize,
+    /// Clients waiting for a connection right now.
+    pub waiting: AtomicUsize,
+    pub connect_errors: AtomicU64,
+    /// ParameterStatus values of the newest connection: what clients are told at login.
+    server_params: Mutex<Option<ServerParams>>,
+}
+
+impl PoolCounters {
+    fn remember_server_params(&self, params: &[(String, String)]) {
+        if let Ok(mut known) = self.server_params.lock() {
+            *known = Some(Arc::new(params.to_vec()));
+        }
+    }
+}
+
+/// A snapshot of a pool's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    /// Open connections, idle or in use (reserve included).
+    pub size: usize,
+    pub idle: usize,
+    pub active: usize,
+    pub logins: usize,
+    pub waiting: usize,
+}
+
+type Deadpool = managed::Pool<ServerManager>;
+
+/// ParameterStatus values (name, value) a server reported.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
+#[derive(Debug)]
+pub struct ServerPool {
+    main: Deadpool,
+    reserve: Option<Deadpool>,
+    limits: ArcSwap<PoolLimits>,
+    counters: Arc<PoolCounters>,
+    spec: Arc<ConnectSpec>,
+}
+
+impl ServerPool {
+    /// Creates the pool and starts its janitor; needs a running tokio runtime.
+    pub fn new(spec: ConnectSpec, limits: PoolLimits) -> Arc<ServerPool> {
+        let spec = Arc::new(spec);
+        let counters = Arc::new(PoolCounters::default());
+        let build = |max_size: usize| {
+            let manager = ServerManager {
+                spec: spec.clone(),
+                counters: counters.clone(),
+                lifetime: limits.lifetime,
+            };
+            managed::Pool::builder(manager)
+                .max_size(max_size)
+                .queue_mode(managed::QueueMode::Lifo)
+                .create_timeout(limits.connect_timeout)
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+        };
+        // Building fails only without a runtime or with create_timeout and no runtime;
+        // both are set above, so a failure here is a bug worth a loud message.
+        let main = build(limits.size.max(1));
+        let reserve = (limits.reserve_size > 0).then(|| build(limits.reserve_size));
+        let (main, reserve) = match (main, reserve.transpose()) {
+            (Ok(main), Ok(reserve)) => (main, reserve),
+            (Err(error), _) | (_, Err(error)) => panic!("deadpool rejected a valid configuration: {error}"),
+        };
+        let pool = Arc::new(ServerPool {
+            main,
+            reserve,
+            limits: ArcSwap::from_pointee(limits),
+            counters,
+            spec,
+        });
+        janitor::spawn(&pool);
+        pool
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.spec.addr
+    }
+
+    pub fn limits(&self) -> Arc<PoolLimits> {
+        self.limits.load_full()
+    }
+
+    pub fn counters(&self) -> &PoolCounters {
+        &self.counters
+    }
+
+    /// The server's ParameterStatus values, if any connection was made yet.
+    pub fn server_params(&self) -> Option<ServerParams> {
+        self.counters.server_params.lock().ok().and_then(|known| known.clone())
+    }
+
+    /// Waits for a connection: from the idle ones, a new one, or after reserve_timeout
+    /// one from the reserve. Gives up after query_wait_timeout.
+    pub async fn checkout(&self) -> Result<Checkout, PoolError> {
+        let limits = self.limits.load();
+        self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = scopeguard(|| {
+            self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+        });
+        let wait = self.wait_for_connection(limits.reserve_timeout);
+        let object = match limits.query_wait_timeout {
+            Some(limit) => tokio::time::timeout(limit, wait)
+                .await
+                .map_err(|_| PoolError::WaitTimeout)?,
+            None => wait.await,
+        }?;
+        Ok(Checkout { object: Some(object) })
+    }
+
+    async fn wait_for_connection(&self, reserve_after: Option<Duration>) -> Result<Object<ServerManager>, PoolError> {
+        let (Some(reserve), Some(reserve_after)) = (&self.reserve, reserve_after) else {
+            return self.main.get().await.map_err(map_error);
+        };
+        let main = self.main.get();
+        tokio::pin!(main);
+        tokio::select! {
+            biased;
+            result = &mut main => return result.map_err(map_error),
+            () = tokio::time::sleep(reserve_after) => {}
+        }
+        tokio::select! {
+            biased;
+            result = &mut main => result.map_err(map_error),
+            result = reserve.get() => result.map_err(map_error),
+        }
+    }
+
+    /// Opens one connection and puts it straight into the idle list.
+    async fn prefill_one(&self) -> Result<(), PoolError> {
+        let no_wait = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: self.limits.load().connect_timeout,
+            recycle: None,
+        };
+        let object = self.main.timeout_get(&no_wait).await.map_err(map_error)?;
+        drop(Checkout { object: Some(object) });
+        Ok(())
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let mut status = PoolStatus {
+            max_size: self.limits.load().size,
+            logins: self.counters.logins.load(Ordering::Relaxed),
+            waiting: self.counters.waiting.load(Ordering::Relaxed),
+            ..PoolStatus::default()
+        };
+        for (deadpool, _) in self.deadpools() {
+            let inner = deadpool.status();
+            status.size += inner.size;
+            status.idle += inner.available;
+        }
+        status.active = status.size - status.idle.min(status.size);
+        status
+    }
+
+    /// Changes the limits in place: connections above a smaller size close when they are
+    /// handed back, never while in use.
+    pub fn set_limits(&self, limits: PoolLimits) {
+        self.main.resize(limits.size.max(1));
+        if let Some(reserve) = &self.reserve {
+            reserve.resize(limits.reserve_size);
+        }
+        self.limits.store(Arc::new(limits));
+    }
+
+    /// Stops handing out connections: idle ones close now, busy ones when released.
+    pub fn close(&self) {
+        for (deadpool, _) in self.deadpools() {
+            deadpool.close();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.main.is_closed()
+    }
+
+    fn main_size(&self) -> usize {
+        self.main.status().size
+    }
+
+    fn waiting(&self) -> usize {
+        self.counters.waiting.load(Ordering::Relaxed)
+    }
+
+    fn deadpools(&self) -> impl Iterator<Item = (&Deadpool, bool)> {
+        std::iter::once((&self.main, false)).chain(self.reserve.iter().map(|reserve| (reserve, true)))
+    }
+}
+
+fn map_error(error: managed::PoolError<UpstreamError>) -> PoolError {
+    match error {
+        managed::PoolError::Timeout(TimeoutType::Create) => PoolError::ConnectTimeout,
+        managed::PoolError::Timeout(_) => PoolError::WaitTimeout,
+        managed::PoolError::Backend(error) => PoolError::Connect(error),
+        managed::PoolError::Closed | managed::PoolError::NoRuntimeSpecified | managed::PoolError::PostCreateHook(_) => {
+            PoolError::Closed
+        }
+    }
+}
+
+/// A connection lent to one client. Dropping it hands the connection back to its pool
+/// only if it is idle (nothing owed, no transaction open); anything else is closed, so a
+/// connection in an unknown state can never reach another client.
+#[derive(Debug)]
+pub struct Checkout {
+    object: Option<Object<ServerManager>>,
+}
+
+impl Checkout {
+    /// Closes the connection instead of returning it.
+    pub fn discard(mut self) {
+        if let Some(object) = self.object.take() {
+            drop(Object::take(object));
+        }
+    }
+}
+
+impl Deref for Checkout {
+    type Target = ServerConn;
+
+    fn deref(&self) -> &ServerConn {
+        // `object` is only ever None inside `discard` and `drop`, which consume self.
+        match &self.object {
+            Some(object) => object,
+            None => unreachable!("checkout used after release"),
+        }
+    }
+}
+
+impl DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        match &mut self.object {
+            Some(object) => object,
+            None => unreachable!("checkout used after release"),
+        }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        let Some(mut object) = self.object.take() else { return };
+        if object.is_idle() {
+            object.released_at = Instant::now();
+            drop(object);
+        } else {
+            drop(Object::take(object));
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The running state built from a config: users, databases and their pools, behind one
+//! `ArcSwap` so a reload replaces it in one step. Sessions load it once per connection
+//! and keep what they resolved (their database, user and pools) for their lifetime.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+
+use crate::auth::{ScramVerifier, Secret};
+use crate::cancel::CancelRegistry;
+use crate::config::{AuthMethod, Config, DatabaseConfig, PoolConfig, PoolMode, RoutingConfig};
+use crate::pool::{PoolLimits, ServerPool};
+use crate::upstream::{ConnectSpec, ServerCredentials};
+
+/// Limits that apply to every client connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub max_client_conn: usize,
+    pub login_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub max_message_size: usize,
+}
+
+/// How a client proves it is a user.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    Trust,
+    Md5(Secret),
+    Scram(ScramVerifier),
+}
+
+/// A `[[users]]` entry, ready for use.
+#[derive(Debug)]
+pub struct UserEntry {
+    pub name: String,
+    pub auth: ClientAuth,
+    pub server_credentials: Arc<ServerCredentials>,
+}
+
+/// The server connections of one user in one database.
+#[derive(Debug)]
+pub struct UserPools {
+    pub primary: Arc<ServerPool>,
+    pub replicas: Vec<Arc<ServerPool>>,
+}
+
+/// Most distinct startup-parameter values remembered as accepted by the servers.
+const KNOWN_PARAMS_LIMIT: usize = 4096;
+
+/// A database clients can connect to.
+#[derive(Debug)]
+pub struct DatabaseEntry {
+    /// The name clients use.
+    pub name: String,
+    /// The name on the servers.
+    pub server_dbname: String,
+    pub pool: PoolConfig,
+    pub routing: RoutingConfig,
+    pub primary: Arc<str>,
+    pub replicas: Vec<Arc<str>>,
+    pools: DashMap<String, Arc<UserPools>>,
+    /// Startup parameters the servers accepted, with the value they reported back for
+    /// them (None when the parameter is not reported).
+    known_params: Mutex<HashMap<(String, String), Option<String>>>,
+}
+
+impl DatabaseEntry {
+    fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig) -> Self {
+        DatabaseEntry {
+            name: name.to_owned(),
+            server_dbname: config.server_dbname(name).to_owned(),
+            pool: config.pool(defaults),
+            routing: config.routing.clone(),
+            primary: Arc::from(config.primary.as_str()),
+            replicas: config.replicas.iter().map(|addr| Arc::from(addr.as_str())).collect(),
+            pools: DashMap::new(),
+            known_params: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        self.pool.mode
+    }
+
+    /// The pools of `user` in this database, created on first use.
+    pub fn pools(&self, user: &UserEntry) -> Arc<UserPools> {
+        if let Some(pools) = self.pools.get(&user.name) {
+            return pools.clone();
+        }
+        self.pools
+            .entry(user.name.clone())
+            .or_insert_with(|| {
+                let pool = |addr: &Arc<str>| {
+                    ServerPool::new(
+                        ConnectSpec {
+                            addr: addr.clone(),
+                            database: self.server_dbname.clone(),
+                            credentials: user.server_credentials.clone(),
+                        },
+                        self.limits(),
+                    )
+                };
+                Arc::new(UserPools {
+                    primary: pool(&self.primary),
+                    replicas: self.replicas.iter().map(pool).collect(),
+                })
+            })
+            .clone()
+    }
+
+    /// Every pool created so far, with its user.
+    pub fn all_pools(&self) -> Vec<(String, Arc<UserPools>)> {
+        self.pools
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().clone()))
+            .collect()
+    }
+
+    fn limits(&self) -> PoolLimits {
+        PoolLimits {
+            size: self.pool.size,
+            min_size: self.pool.min_size,
+            reserve_size: self.pool.reserve_size,
+            reserve_timeout: self.pool.reserve_timeout,
+            query_wait_timeout: self.pool.query_wait_timeout,
+            connect_timeout: self.pool.server_connect_timeout,
+            idle_timeout: self.pool.server_idle_timeout,
+            lifetime: self.pool.server_lifetime,
+        }
+    }
+
+    /// The reported value of a startup parameter the servers already accepted, or
+    /// `None` if it was never checked.
+    pub fn known_param(&self, name: &str, value: &str) -> Option<Option<String>> {
+        let known = self.known_params.lock().ok()?;
+        known.get(&(name.to_ascii_lowercase(), value.to_owned())).cloned()
+    }
+
+    pub fn remember_param(&self, name: &str, value: &str, reported: Option<String>) {
+        if let Ok(mut known) = self.known_params.lock() {
+            if known.len() >= KNOWN_PARAMS_LIMIT {
+                known.clear();
+            }
+            known.insert((name.to_ascii_lowercase(), value.to_owned()), reported);
+        }
+    }
+
+    /// Stops every pool: idle connections close now, busy ones when released.
+    pub fn close(&self) {
+        for entry in self.pools.iter() {
+            entry.primary.close();
+            for replica in &entry.replicas {
+                replica.close();
+            }
+        }
+    }
+}
+
+/// Why a config could not be turned into a running state.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("users.{user}: {reason}")]
+    User { user: String, reason: String },
+}
+
+/// One consistent view of users, databases and pools.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub client_limits: ClientLimits,
+    users: HashMap<String, Arc<UserEntry>>,
+    databases: HashMap<String, Arc<DatabaseEntry>>,
+    /// The `"*"` entry: databases not listed are created from it on first use.
+    fallback: Option<DatabaseConfig>,
+    dynamic: DashMap<String, Arc<DatabaseEntry>>,
+}
+
+/// The name of the admin console's database.
+pub const ADMIN_DATABASE: &str = "pgrelay";
+
+impl Snapshot {
+    /// Builds users and databases; pools are created when first used.
+    pub fn build(config: Config) -> Result<Snapshot, BuildError> {
+        let users = config
+            .users
+            .iter()
+            .map(|user| Ok((user.name.clone(), Arc::new(build_user(user)?))))
+            .collect::<Result<HashMap<_, _>, BuildError>>()?;
+        let databases = config
+            .databases
+            .iter()
+            .filter(|(name, _)| name.as_str() != "*")
+            .map(|(name, database)| (name.clone(), Arc::new(DatabaseEntry::new(name, database, &config.pool))))
+            .collect();
+        let fallback = config.databases.get("*").cloned();
+        let client_limits = ClientLimits {
+            max_client_conn: config.server.max_client_conn,
+            login_timeout: config.server.client_login_timeout,
+            idle_timeout: config.server.client_idle_timeout,
+            max_message_size: config.server.max_message_size,
+        };
+        Ok(Snapshot {
+            config: Arc::new(config),
+            client_limits,
+            users,
+            databases,
+            fallback,
+            dynamic: DashMap::new(),
+        })
+    }
+
+    pub fn user(&self, name: &str) -> Option<Arc<UserEntry>> {
+        self.users.get(name).cloned()
+    }
+
+    /// The database a client asked for: a configured one, or one made from `"*"`.
+    pub fn database(&self, name: &str) -> Option<Arc<DatabaseEntry>> {
+        if let Some(database) = self.databases.get(name) {
+            return Some(database.clone());
+        }
+        let fallback = self.fallback.as_ref()?;
+        if name.is_empty() || name == ADMIN_DATABASE {
+            return None;
+        }
+        Some(
+            self.dynamic
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(DatabaseEntry::new(name, fallback, &self.config.pool)))
+                .clone(),
+        )
+    }
+
+    /// Every database in use: configured ones and those made from `"*"`.
+    pub fn all_databases(&self) -> Vec<Arc<DatabaseEntry>> {
+        let mut all: Vec<_> = self.databases.values().cloned().collect();
+        all.extend(self.dynamic.iter().map(|entry| entry.value().clone()));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.config.server.admin_users.iter().any(|admin| admin == user)
+    }
+
+    pub fn is_stats_user(&self, user: &str) -> bool {
+        self.config.server.stats_users.iter().any(|stats| stats == user)
+    }
+}
+
+fn build_user(user: &crate::config::UserConfig) -> Result<UserEntry, BuildError> {
+    let invalid = |reason: String| BuildError::User {
+        user: user.name.clone(),
+        reason,
+    };
+    let secret = user
+        .password
+        .as_deref()
+        .map(Secret::parse)
+        .transpose()
+        .map_err(|error| invalid(error.to_string()))?;
+    let auth = match (user.auth, &secret) {
+        (AuthMethod::Trust, _) => ClientAuth::Trust,
+        (AuthMethod::Md5, Some(secret)) if secret.can_verify_md5() => ClientAuth::Md5(secret.clone()),
+        (AuthMethod::ScramSha256, Some(secret)) => ClientAuth::Scram(
+            secret
+                .to_scram_verifier()
+                .ok_or_else(|| invalid("an md5 hash cannot be used for scram-sha-256".to_owned()))?,
+        ),
+        (AuthMethod::Md5, Some(_)) => {
+            return Err(invalid("a SCRAM verifier cannot be used for md5".to_owned()));
+        }
+        (_, None) => return Err(invalid("a password is required unless auth = \"trust\"".to_owned())),
+    };
+    let server_password = user.password_for_server();
+    let (password, md5_hash) = match server_password.map(Secret::parse) {
+        Some(Ok(Secret::Md5(_))) => (None, server_password.map(str::to_owned)),
+        Some(Ok(Secret::Plain(password))) => (Some(password), None),
+        _ => (None, None),
+    };
+    Ok(UserEntry {
+        name: user.name.clone(),
+        auth,
+        server_credentials: Arc::new(ServerCredentials {
+            user: user.name.clone(),
+            password,
+            md5_hash,
+        }),
+    })
+}
+
+/// State shared by every task of a running pgrelay.
+#[derive(Debug)]
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    pub cancel: Arc<CancelRegistry>,
+    /// Client connections past the startup packet.
+    pub clients: std::sync::atomic::AtomicUsize,
+    /// Salts the fake SCRAM exchange run for unknown users.
+    pub mock_secret: [u8; 32],
+    /// Turns true when pgrelay starts shutting down.
+    shutting_down: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            cancel: Arc::new(CancelRegistry::default()),
+            clients: std::sync::atomic::AtomicUsize::new(0),
+            mock_secret: rand::random(),
+            shutting_down: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Tells every session to end once its client is outside a transaction.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.send_replace(true);
+    }
+
+    /// Resolves when shutdown begins.
+    pub fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutting_down.subscribe()
+    }
+
+    /// Makes `next` the state new clients see; returns the previous one.
+    pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
+        self.snapshot.swap(Arc::new(next))
+    }
+}

@@ -1,0 +1,231 @@
+//! What pgrelay answers itself when no server is attached: a lone Sync or Flush, stray
+//! COPY messages after a failed COPY, the rest of a batch that already failed, and the
+//! statements of a transaction whose server was lost.
+
+use bytes::BytesMut;
+
+use crate::error::{ClientError, Side, sqlstate};
+use crate::protocol::compose::{self, Severity};
+use crate::protocol::views::{ObjectKind, ObjectRef, ParseView, query_text};
+use crate::protocol::{Frame, FrontendTag, TxStatus};
+
+/// The client's transaction state while no server is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum LocalTx {
+    /// Outside a transaction block: the next statement may go to any server.
+    Idle,
+    /// The server that held the client's transaction failed. As PostgreSQL does after an
+    /// error in a transaction block, statements are refused until the client ends the
+    /// block; the text says what happened.
+    Aborted(String),
+}
+
+/// What the session should do with the client's next message.
+#[derive(Debug)]
+pub(super) enum Answer {
+    /// Handled here; any reply is in the client's output buffer.
+    Answered,
+    /// The message needs a server.
+    NeedsServer,
+    /// The client said goodbye.
+    Terminate,
+    /// The client broke the protocol.
+    Broke(ClientError),
+}
+
+#[derive(Debug)]
+pub(super) struct LocalState {
+    pub tx: LocalTx,
+    /// An error was reported in the middle of an extended-protocol batch: the rest of it
+    /// is dropped up to its Sync, as a server would.
+    pub skipping_to_sync: bool,
+    /// In an aborted transaction the client sent an extended-protocol ROLLBACK: its
+    /// Bind/Execute are acknowledged and its Sync ends the block.
+    rollback_pending: bool,
+}
+
+impl LocalState {
+    pub fn new() -> Self {
+        LocalState {
+            tx: LocalTx::Idle,
+            skipping_to_sync: false,
+            rollback_pending: false,
+        }
+    }
+
+    pub fn status(&self) -> TxStatus {
+        match self.tx {
+            LocalTx::Idle => TxStatus::Idle,
+            LocalTx::Aborted(_) => TxStatus::Failed,
+        }
+    }
+
+    /// Looks at the first whole message of `inbuf` (the caller made sure it is there)
+    /// and answers it if no server is needed, consuming it.
+    pub fn answer(&mut self, tag: FrontendTag, inbuf: &mut BytesMut, out: &mut BytesMut) -> Answer {
+        match tag {
+            FrontendTag::Terminate => return Answer::Terminate,
+            FrontendTag::Password => {
+                return Answer::Broke(ClientError::protocol_violation("unexpected password message"));
+            }
+            _ => {}
+        }
+        let skipping = self.skipping_to_sync;
+        let aborted = matches!(self.tx, LocalTx::Aborted(_));
+        let needs_server = !matches!(
+            tag,
+            FrontendTag::Sync
+                | FrontendTag::Flush
+                | FrontendTag::CopyData
+                | FrontendTag::CopyDone
+                | FrontendTag::CopyFail
+        );
+        if needs_server && !skipping && !aborted {
+            return Answer::NeedsServer;
+        }
+        let Some(frame) = take_frame(inbuf) else {
+            return Answer::Broke(ClientError::protocol_violation("incomplete message"));
+        };
+        match tag {
+            FrontendTag::Sync => {
+                if self.rollback_pending {
+                    self.rollback_pending = false;
+                    self.tx = LocalTx::Idle;
+                }
+                self.skipping_to_sync = false;
+                compose::ready_for_query(out, self.status());
+            }
+            FrontendTag::Flush | FrontendTag::CopyData | FrontendTag::CopyDone | FrontendTag::CopyFail => {}
+            _ if skipping => {}
+            FrontendTag::Query => match query_text(frame.body()) {
+                Ok(sql) if ends_transaction(sql) => {
+                    self.tx = LocalTx::Idle;
+                    compose::command_complete(out, "ROLLBACK");
+                    compose::ready_for_query(out, TxStatus::Idle);
+                }
+                Ok(_) => {
+                    self.refuse_in_aborted(out);
+                    compose::ready_for_query(out, self.status());
+                }
+                Err(error) => return Answer::Broke(ClientError::protocol_violation(error.to_string())),
+            },
+            FrontendTag::FunctionCall => {
+                self.refuse_in_aborted(out);
+                compose::ready_for_query(out, self.status());
+            }
+            FrontendTag::Parse => match ParseView::read(frame.body()) {
+                Ok(parse) if ends_transaction(parse.query) => {
+                    self.rollback_pending = true;
+                    compose::parse_complete(out);
+                }
+                Ok(_) => self.refuse_extended(out),
+                Err(error) => return Answer::Broke(ClientError::protocol_violation(error.to_string())),
+            },
+            FrontendTag::Bind if self.rollback_pending => compose::bind_complete(out),
+            FrontendTag::Execute if self.rollback_pending => compose::command_complete(out, "ROLLBACK"),
+            FrontendTag::Close if self.rollback_pending => compose::close_complete(out),
+            FrontendTag::Describe if self.rollback_pending => {
+                if let Ok(ObjectRef {
+                    kind: ObjectKind::Statement,
+                    ..
+                }) = ObjectRef::read(frame.body())
+                {
+                    compose::parameter_description_none(out);
+                }
+                compose::no_data(out);
+            }
+            FrontendTag::Bind | FrontendTag::Execute | FrontendTag::Close | FrontendTag::Describe => {
+                self.refuse_extended(out)
+            }
+            FrontendTag::Terminate | FrontendTag::Password => {}
+        }
+        Answer::Answered
+    }
+
+    /// Reports `error` for the first message of the input, which could not be served,
+    /// and drops it (or, for the extended protocol, its whole batch up to Sync).
+    pub fn fail_first(&mut self, tag: FrontendTag, inbuf: &mut BytesMut, out: &mut BytesMut, error: &ClientError) {
+        compose::error(out, Severity::Error, &error.sqlstate, &error.message);
+        match tag {
+            FrontendTag::Query | FrontendTag::FunctionCall => {
+                take_frame(inbuf);
+                compose::ready_for_query(out, self.status());
+            }
+            _ => self.skipping_to_sync = true,
+        }
+    }
+
+    fn refuse_in_aborted(&self, out: &mut BytesMut) {
+        let reason = match &self.tx {
+            LocalTx::Aborted(reason) => reason.as_str(),
+            LocalTx::Idle => "",
+        };
+        let error = ClientError::new(
+            Side::Server,
+            sqlstate::IN_FAILED_TRANSACTION,
+            format!("current transaction is aborted, commands ignored until end of transaction block ({reason})"),
+        );
+        compose::error(out, Severity::Error, &error.sqlstate, &error.message);
+    }
+
+    fn refuse_extended(&mut self, out: &mut BytesMut) {
+        self.refuse_in_aborted(out);
+        self.skipping_to_sync = true;
+    }
+}
+
+/// Splits the first whole message off `inbuf`.
+fn take_frame(inbuf: &mut BytesMut) -> Option<Frame> {
+    let header = crate::protocol::Header::peek(inbuf).ok()??;
+    if inbuf.len() < header.len {
+        return None;
+    }
+    Frame::from_bytes(inbuf.split_to(header.len).freeze()).ok()
+}
+
+/// True for statements that end a transaction block: in an aborted transaction they
+/// are answered with ROLLBACK, as PostgreSQL does.
+pub(super) fn ends_transaction(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let second = words.get(1).map(String::as_str);
+    match words.first().map(String::as_str) {
+        // "ROLLBACK TO SAVEPOINT" and "ROLLBACK/COMMIT PREPARED" do not end the block.
+        Some("rollback") => !matches!(second, Some("to" | "prepared")),
+        Some("commit") => second != Some("prepared"),
+        Some("abort" | "end") => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_transaction_ends() {
+        for sql in [
+            "ROLLBACK",
+            "rollback;",
+            "  COMMIT  ",
+            "END WORK",
+            "ABORT",
+            "commit and no chain",
+        ] {
+            assert!(ends_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "ROLLBACK TO SAVEPOINT a",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
+            "",
+        ] {
+            assert!(!ends_transaction(sql), "{sql}");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Logging a client in: startup parameters, protocol version negotiation, password
+//! authentication (SCRAM-SHA-256, md5 or trust), the database it asked for, and the
+//! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
+
+use std::sync::Arc;
+
+use super::client::ClientConn;
+use super::options::parse_startup_options;
+use crate::auth::{self, ScramError, ScramServer, ScramVerifier};
+use crate::cancel::CancelHandle;
+use crate::error::{ClientError, Side, sqlstate};
+use crate::protocol::{FrontendTag, TxStatus, compose, views};
+use crate::runtime::{ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry};
+use crate::upstream::{ParamDiff, SessionParams};
+
+/// Who logged in, where, and with which settings.
+pub(super) struct LoggedIn {
+    pub user: Arc<UserEntry>,
+    pub database: Arc<DatabaseEntry>,
+    pub wanted: SessionParams,
+}
+
+/// The part of a refused login the client is told; `None` when the client is gone.
+pub(super) type LoginError = Option<ClientError>;
+
+/// Startup parameters that say who and where rather than how the session behaves.
+const NOT_SESSION_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+pub(super) async fn login(
+    client: &mut ClientConn,
+    shared: &Shared,
+    snapshot: &Snapshot,
+    minor_version: u16,
+    params: Vec<(String, String)>,
+    cancel: &CancelHandle,
+) -> Result<LoggedIn, LoginError> {
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    let Some(user_name) = param("user").filter(|user| !user.is_empty()) else {
+        return Err(Some(ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )));
+    };
+    let database_name = param("database").filter(|db| !db.is_empty()).unwrap_or(user_name);
+    if param("replication").is_some_and(|value| !matches!(value, "false" | "off" | "no" | "0")) {
+        return Err(Some(ClientError::new(
+            Side::Client,
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported by pgrelay",
+        )));
+    }
+
+    // Protocol options (`_pq_.*`) and minor versions above 3.0 are declined, as a
+    // PostgreSQL server that knows neither would.
+    let unsupported_options: Vec<String> = params
+        .iter()
+        .filter(|(name, _)| name.starts_with("_pq_."))
+        .map(|(name, _)| name.clone())
+        .collect();
+    if minor_version > 0 || !unsupported_options.is_empty() {
+        compose::negotiate_protocol_version(&mut client.outbuf, 0, unsupported_options);
+    }
+
+    let mut wanted = SessionParams::default();
+    for (name, value) in &params {
+        if !NOT_SESSION_SETTINGS.contains(&name.as_str()) && !name.starts_with("_pq_.") {
+            wanted.set(name, value);
+        }
+    }
+    if let Some(options) = param("options") {
+        for (name, value) in
+            parse_startup_options(options).map_err(|error| Some(ClientError::protocol_violation(error)))?
+        {
+            wanted.set(&name, &value);
+        }
+    }
+
+    let user = snapshot.user(user_name);
+    authenticate(client, shared, user_name, user.as_deref()).await?;
+    let Some(user) = user else {
+        // authenticate() never lets an unknown user through.
+        return Err(Some(password_failed(user_name)));
+    };
+    compose::auth_ok(&mut client.outbuf);
+
+    let Some(database) = snapshot.database(database_name) else {
+        return Err(Some(ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database_name}\" does not exist"),
+        )));
+    };
+    let reported = check_settings(&database, &user, &wanted).await.map_err(Some)?;
+    greet(client, &reported, &wanted, &database, cancel);
+    Ok(LoggedIn { user, database, wanted })
+}
+
+/// Makes sure the servers accept the client's settings (the first time each value is
+/// seen) and returns the ParameterStatus values to report.
+async fn check_settings(
+    database: &DatabaseEntry,
+    user: &UserEntry,
+    wanted: &SessionParams,
+) -> Result<Vec<(String, String)>, ClientError> {
+    let pools = database.pools(user);
+    let unknown = wanted
+        .iter()
+        .any(|(name, value)| database.known_param(name, value).is_none());
+    if let (Some(reported), false) = (pools.primary.server_params(), unknown) {
+        return Ok(reported.as_ref().clone());
+    }
+    let mut server = pools
+        .primary
+        .checkout()
+        .await
+        .map_err(|error| ClientError::from_pool(&error, &database.name))?;
+    if let Some(diff) = ParamDiff::between(wanted, &server.params) {
+        let outcome = server
+            .run_own_query(&diff.sql)
+            .await
+            .map_err(|error| ClientError::from_upstream(&error, &database.name))?;
+        if let Some((code, message)) = outcome.errors.first() {
+            // The server has part of the settings now: it must not be reused.
+            server.mark_broken();
+            return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
+        }
+        server.params = wanted.clone();
+        for (name, value) in wanted.iter() {
+            let reported = outcome
+                .parameters
+                .iter()
+                .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.clone());
+            database.remember_param(name, value, reported);
+        }
+    }
+    let reported = server.reported_params().to_vec();
+    Ok(reported)
+}
+
+/// Sends what a client expects after AuthenticationOk.
+fn greet(
+    client: &mut ClientConn,
+    reported: &[(String, String)],
+    wanted: &SessionParams,
+    database: &DatabaseEntry,
+    cancel: &CancelHandle,
+) {
+    for (name, server_value) in reported {
+        let value = match wanted.get(name) {
+            Some(value) => database
+                .known_param(name, value)
+                .flatten()
+                .unwrap_or_else(|| value.to_owned()),
+            None => server_value.clone(),
+        };
+        compose::parameter_status(&mut client.outbuf, name, &value);
+    }
+    compose::backend_key_data(&mut client.outbuf, cancel.process_id(), cancel.secret());
+    compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
+}
+
+async fn authenticate(
+    client: &mut ClientConn,
+    shared: &Shared,
+    user_name: &str,
+    user: Option<&UserEntry>,
+) -> Result<(), LoginError> {
+    match user.map(|user| &user.auth) {
+        Some(ClientAuth::Trust) => Ok(()),
+        Some(ClientAuth::Md5(secret)) => {
+            let salt: [u8; 4] = rand::random();
+            compose::auth_md5(&mut client.outbuf, salt);
+            let response = read_password_message(client).await?;
+            let response = views::read_cstr(&response, "PasswordMessage")
+                .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
+                .0;
+            if auth::verify_md5_response(secret, user_name, salt, response.as_bytes()) {
+                Ok(())
+            } else {
+                Err(Some(password_failed(user_name)))
+            }
+        }
+        Some(ClientAuth::Scram(verifier)) => scram(client, user_name, verifier).await,
+        // Unknown users go through a SCRAM exchange that cannot succeed, so the answer
+        // does not reveal which users exist.
+        None => scram(client, user_name, &ScramVerifier::mock(user_name, &shared.mock_secret)).await,
+    }
+}
+
+async fn scram(client: &mut ClientConn, user_name: &str, verifier: &ScramVerifier) -> Result<(), LoginError> {
+    compose::auth_sasl(&mut client.outbuf, &[auth::SCRAM_SHA_256]);
+    let initial = read_password_message(client).await?;
+    let initial = auth::parse_sasl_initial_response(&initial).map_err(|error| scram_error(&error, user_name))?;
+    if initial.mechanism != auth::SCRAM_SHA_256 {
+        return Err(Some(ClientError::protocol_violation(format!(
+            "client selected an invalid SASL authentication mechanism \"{}\"",
+            initial.mechanism
+        ))));
+    }
+    let Some(client_first) = initial.data else {
+        return Err(Some(ClientError::protocol_violation(
+            "SASLInitialResponse without data",
+        )));
+    };
+    let (awaiting, server_first) = ScramServer::with_random_nonce(verifier)
+        .handle_client_first(client_first)
+        .map_err(|error| scram_error(&error, user_name))?;
+    compose::auth_sasl_continue(&mut client.outbuf, server_first.as_bytes());
+    let client_final = read_password_message(client).await?;
+    let success = awaiting
+        .handle_client_final(&client_final)
+        .map_err(|error| scram_error(&error, user_name))?;
+    compose::auth_sasl_final(&mut client.outbuf, success.server_final.as_bytes());
+    Ok(())
+}
+
+/// Flushes what is pending and reads the client's next message, which must be a
+/// password-family message ('p'); returns its body.
+async fn read_password_message(client: &mut ClientConn) -> Result<Vec<u8>, LoginError> {
+    client.flush().await.map_err(|_| None)?;
+    let frame = match client.next_frame().await {
+        Ok(Some(frame)) => frame,
+        Ok(None) | Err(super::client::ClientReadError::Io(_)) => return Err(None),
+        Err(super::client::ClientReadError::Protocol(error)) => {
+            return Err(Some(ClientError::protocol_violation(error.to_string())));
+        }
+    };
+    if FrontendTag::from_byte(frame.tag()) != Some(FrontendTag::Password) {
+        return Err(Some(ClientError::protocol_violation(format!(
+            "expected a password message, got message type '{}'",
+            char::from(frame.tag())
+        ))));
+    }
+    Ok(frame.body().to_vec())
+}
+
+fn scram_error(error: &ScramError, user_name: &str) -> LoginError {
+    if error.is_auth_failure() {
+        Some(password_failed(user_name))
+    } else {
+        Some(ClientError::protocol_violation(error.to_string()))
+    }
+}
+
+fn password_failed(user_name: &str) -> ClientError {
+    ClientError::new(
+        Side::Client,
+        sqlstate::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user_name}\""),
+    )
+}

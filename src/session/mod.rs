@@ -1,0 +1,118 @@
+//! One client connection from accept to close: the opening handshake, login, then the
+//! session loop that borrows server connections from the pools.
+
+mod client;
+mod handshake;
+mod local;
+mod login;
+mod options;
+mod pump;
+mod run;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::error::{ClientError, Side, sqlstate};
+use crate::net::ClientStream;
+use crate::protocol::compose::{self, Severity};
+use crate::runtime::{Shared, Snapshot};
+use client::ClientConn;
+use handshake::{HandshakeError, Opening};
+use login::LoginError;
+use run::Session;
+
+/// Statements and transactions a session forwarded since it last published them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Traffic {
+    pub queries: u64,
+    pub transactions: u64,
+}
+
+/// How long pgrelay tries to deliver a last error to a client that is being refused.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one accepted client connection until it ends.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let snapshot = shared.snapshot();
+    let limits = snapshot.client_limits.clone();
+    let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, limits.max_message_size);
+    let started = match limits.login_timeout {
+        Some(limit) => match tokio::time::timeout(limit, start(&mut client, &shared, &snapshot)).await {
+            Ok(started) => started,
+            Err(_) => Err(Some(ClientError::new(
+                Side::Client,
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "startup and authentication did not finish within client_login_timeout ({})",
+                    crate::config::format_limit(Some(limit))
+                ),
+            ))),
+        },
+        None => start(&mut client, &shared, &snapshot).await,
+    };
+    match started {
+        Ok(Some(session)) => session.run(client).await,
+        Ok(None) => {}
+        Err(Some(error)) => {
+            tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused");
+            compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
+        }
+        Err(None) => {}
+    }
+}
+
+/// Handshake and login. `Ok(None)` for a cancel request, which ends the connection.
+async fn start(
+    client: &mut ClientConn,
+    shared: &Arc<Shared>,
+    snapshot: &Snapshot,
+) -> Result<Option<Session>, LoginError> {
+    let opening = handshake::open(&mut client.stream).await.map_err(|error| match error {
+        HandshakeError::Closed | HandshakeError::Io(_) => None,
+        HandshakeError::Startup(error) => Some(ClientError::protocol_violation(error.to_string())),
+        HandshakeError::TooManyRequests => Some(ClientError::protocol_violation(error.to_string())),
+    })?;
+    let (minor_version, params) = match opening {
+        Opening::Cancel(key) => {
+            shared.cancel.cancel(&key);
+            return Ok(None);
+        }
+        Opening::Session { minor_version, params } => (minor_version, params),
+    };
+    let slot = ClientSlot::take(shared, snapshot.client_limits.max_client_conn).ok_or_else(|| {
+        Some(ClientError::new(
+            Side::Pgrelay,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "no more connections allowed (max_client_conn)",
+        ))
+    })?;
+    let cancel = shared.cancel.register();
+    let logged_in = login::login(client, shared, snapshot, minor_version, params, &cancel).await?;
+    tracing::info!(client = %client.peer, database = %logged_in.database.name, user = %logged_in.user.name, "client connected");
+    Ok(Some(Session::new(shared.clone(), snapshot, logged_in, cancel, slot)))
+}
+
+/// One of max_client_conn places, held for the life of a session.
+#[derive(Debug)]
+pub(crate) struct ClientSlot {
+    shared: Arc<Shared>,
+}
+
+impl ClientSlot {
+    fn take(shared: &Arc<Shared>, max: usize) -> Option<ClientSlot> {
+        let previous = shared.clients.fetch_add(1, Ordering::AcqRel);
+        let slot = ClientSlot { shared: shared.clone() };
+        (previous < max).then_some(slot)
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}

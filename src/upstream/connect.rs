@@ -1,0 +1,278 @@
+//! Opening a server connection: TCP, the startup message, authentication with whatever
+//! method the server asks for (SCRAM-SHA-256, md5, cleartext, trust), and reading the
+//! server's parameters and cancel key up to the first ReadyForQuery.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use md5::{Digest, Md5};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{BackendKey, ResponseQueue, ServerConn, ServerStream, SessionParams, UpstreamError};
+use crate::protocol::views::{ErrorFields, auth_request, backend_key, parameter_status, ready_status};
+use crate::protocol::{BackendTag, Frame, TxStatus, frame::split_frame};
+
+/// Largest message a server may send during startup: parameters, errors, auth data.
+const STARTUP_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// Where and as whom to connect.
+#[derive(Debug)]
+pub struct ConnectSpec {
+    /// `host:port`; names are resolved at every connect so DNS changes are followed.
+    pub addr: Arc<str>,
+    pub database: String,
+    pub credentials: Arc<ServerCredentials>,
+}
+
+/// What pgrelay can prove to a server about a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCredentials {
+    pub user: String,
+    /// Plaintext password: works with every method.
+    pub password: Option<String>,
+    /// `md5` + hex(md5(password + user)): works for md5 only.
+    pub md5_hash: Option<String>,
+}
+
+pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
+    let addr = spec.addr.clone();
+    let io_error = |source| UpstreamError::Io {
+        addr: addr.to_string(),
+        source,
+    };
+    let tcp = TcpStream::connect(&*spec.addr)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    tcp.set_nodelay(true).map_err(io_error)?;
+    let mut conn = ServerConn {
+        stream: ServerStream::Tcp(tcp),
+        inbuf: BytesMut::with_capacity(8192),
+        outbuf: BytesMut::with_capacity(8192),
+        expect: ResponseQueue::default(),
+        passthrough: 0,
+        passthrough_to_client: false,
+        unsynced: false,
+        copy_in: false,
+        status: TxStatus::Idle,
+        params: SessionParams::default(),
+        reported: Vec::new(),
+        key: BackendKey {
+            process_id: 0,
+            secret: bytes::Bytes::new(),
+        },
+        addr: addr.clone(),
+        broken: false,
+        fatal: None,
+        released_at: Instant::now(),
+    };
+    let mut out = BytesMut::new();
+    let params = [
+        ("user", spec.credentials.user.as_str()),
+        ("database", spec.database.as_str()),
+    ];
+    frontend::startup_message(params, &mut out).map_err(io_error)?;
+    conn.stream.write_all(&out).await.map_err(io_error)?;
+
+    let mut login = Login {
+        credentials: &spec.credentials,
+        addr: &addr,
+        scram: None,
+    };
+    loop {
+        let frame = read_frame(&mut conn).await?;
+        let body = frame.body();
+        let protocol = |reason: String| UpstreamError::Protocol {
+            addr: addr.to_string(),
+            reason,
+        };
+        match BackendTag::from_byte(frame.tag()) {
+            Some(BackendTag::Authentication) => {
+                let (code, data) = auth_request(body).map_err(|e| protocol(e.to_string()))?;
+                out.clear();
+                login.answer(code, data, &mut out)?;
+                if !out.is_empty() {
+                    conn.stream.write_all(&out).await.map_err(io_error)?;
+                }
+            }
+            Some(BackendTag::ParameterStatus) => {
+                let (name, value) = parameter_status(body).map_err(|e| protocol(e.to_string()))?;
+                conn.note_parameter(name, value);
+            }
+            Some(BackendTag::BackendKeyData) => {
+                let (process_id, secret) = backend_key(body).map_err(|e| protocol(e.to_string()))?;
+                conn.key = BackendKey {
+                    process_id,
+                    secret: bytes::Bytes::copy_from_slice(secret),
+                };
+            }
+            Some(BackendTag::ErrorResponse) => {
+                let fields = ErrorFields::read(body).map_err(|e| protocol(e.to_string()))?;
+                return Err(UpstreamError::LoginRefused {
+                    addr: addr.to_string(),
+                    sqlstate: fields.code.to_owned(),
+                    message: fields.message.to_owned(),
+                });
+            }
+            Some(BackendTag::NoticeResponse | BackendTag::NegotiateProtocolVersion) => {}
+            Some(BackendTag::ReadyForQuery) => {
+                conn.status = ready_status(body).map_err(|e| protocol(e.to_string()))?;
+                return Ok(conn);
+            }
+            _ => {
+                return Err(protocol(format!(
+                    "unexpected message '{}' during login",
+                    char::from(frame.tag())
+                )));
+            }
+        }
+    }
+}
+
+/// Reads one whole message during startup, when nothing else is in flight.
+async fn read_frame(conn: &mut ServerConn) -> Result<Frame, UpstreamError> {
+    loop {
+        match split_frame(&mut conn.inbuf, STARTUP_MESSAGE_LIMIT) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(error) => {
+                return Err(UpstreamError::Protocol {
+                    addr: conn.addr.to_string(),
+                    reason: error.to_string(),
+                });
+            }
+        }
+        conn.inbuf.reserve(4096);
+        let read = conn
+            .stream
+            .read_buf(&mut conn.inbuf)
+            .await
+            .map_err(|source| UpstreamError::Io {
+                addr: conn.addr.to_string(),
+                source,
+            })?;
+        if read == 0 {
+            return Err(UpstreamError::Closed {
+                addr: conn.addr.to_string(),
+            });
+        }
+    }
+}
+
+/// The client side of the authentication exchange.
+struct Login<'a> {
+    credentials: &'a ServerCredentials,
+    addr: &'a str,
+    scram: Option<ScramSha256>,
+}
+
+impl Login<'_> {
+    /// Writes the answer to one Authentication request into `out` (nothing for Ok).
+    fn answer(&mut self, code: i32, data: &[u8], out: &mut BytesMut) -> Result<(), UpstreamError> {
+        let io = |source| UpstreamError::Io {
+            addr: self.addr.to_owned(),
+            source,
+        };
+        match code {
+            0 => Ok(()),
+            3 => {
+                let password = self.password("cleartext password")?;
+                frontend::password_message(password.as_bytes(), out).map_err(io)
+            }
+            5 => {
+                let salt = data
+                    .get(..4)
+                    .and_then(|salt| <[u8; 4]>::try_from(salt).ok())
+                    .ok_or_else(|| self.refused("md5 request without salt"))?;
+                let response = self.md5_response(salt)?;
+                frontend::password_message(response.as_bytes(), out).map_err(io)
+            }
+            10 => {
+                let offers_scram = data.split(|&b| b == 0).any(|mechanism| mechanism == b"SCRAM-SHA-256");
+                if !offers_scram {
+                    return Err(self.refused("server offers no SASL mechanism pgrelay supports"));
+                }
+                let password = self.password("SCRAM-SHA-256")?;
+                let scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), out).map_err(io)?;
+                self.scram = Some(scram);
+                Ok(())
+            }
+            11 => {
+                let addr = self.addr;
+                let scram = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| refused(addr, "SASL continue before start"))?;
+                scram.update(data).map_err(io)?;
+                frontend::sasl_response(scram.message(), out).map_err(io)
+            }
+            12 => {
+                let addr = self.addr;
+                let scram = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| refused(addr, "SASL final before start"))?;
+                scram.finish(data).map_err(io)
+            }
+            other => Err(UpstreamError::Credentials {
+                addr: self.addr.to_owned(),
+                reason: format!("server asks for an unsupported authentication method ({other})"),
+            }),
+        }
+    }
+
+    fn password(&self, method: &str) -> Result<&str, UpstreamError> {
+        self.credentials.password.as_deref().ok_or_else(|| UpstreamError::Credentials {
+            addr: self.addr.to_owned(),
+            reason: format!(
+                "server asks for {method} but no plaintext password is configured for user \"{}\" (set server_password)",
+                self.credentials.user
+            ),
+        })
+    }
+
+    /// md5(hex(md5(password + user)) + salt), from the plaintext or the stored hash.
+    fn md5_response(&self, salt: [u8; 4]) -> Result<String, UpstreamError> {
+        if let Some(password) = &self.credentials.password {
+            return Ok(postgres_protocol::authentication::md5_hash(
+                self.credentials.user.as_bytes(),
+                password.as_bytes(),
+                salt,
+            ));
+        }
+        let inner = self
+            .credentials
+            .md5_hash
+            .as_deref()
+            .and_then(|hash| hash.strip_prefix("md5"))
+            .ok_or_else(|| self.refused("server asks for md5 but no password or md5 hash is configured"))?;
+        let mut hasher = Md5::new();
+        hasher.update(inner.as_bytes());
+        hasher.update(salt);
+        let digest = hasher.finalize();
+        let mut response = String::with_capacity(35);
+        response.push_str("md5");
+        for byte in digest {
+            response.push_str(&format!("{byte:02x}"));
+        }
+        Ok(response)
+    }
+
+    fn refused(&self, reason: &str) -> UpstreamError {
+        refused(self.addr, reason)
+    }
+}
+
+fn refused(addr: &str, reason: &str) -> UpstreamError {
+    UpstreamError::Credentials {
+        addr: addr.to_owned(),
+        reason: reason.to_owned(),
+    }
+}

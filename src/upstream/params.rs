@@ -1,0 +1,138 @@
+//! Session settings (GUCs) carried from clients to whichever server they get: the set a
+//! client wants, the set pgrelay applied on a server, and the SQL that turns one into
+//! the other.
+
+use std::fmt::Write as _;
+
+/// Settings by name, compared case-insensitively as PostgreSQL does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionParams {
+    entries: Vec<(String, String)>,
+}
+
+/// Parameters a server reports but that no client can set: never tracked or applied.
+const NOT_SETTABLE: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+    "scram_iterations",
+];
+
+impl SessionParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(known, _)| known.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Records a setting; false (and nothing recorded) for read-only parameters.
+    pub fn set(&mut self, name: &str, value: &str) -> bool {
+        if NOT_SETTABLE.iter().any(|fixed| fixed.eq_ignore_ascii_case(name)) {
+            return false;
+        }
+        match self
+            .entries
+            .iter_mut()
+            .find(|(known, _)| known.eq_ignore_ascii_case(name))
+        {
+            Some((_, known_value)) => value.clone_into(known_value),
+            None => self.entries.push((name.to_owned(), value.to_owned())),
+        }
+        true
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.entries.retain(|(known, _)| !known.eq_ignore_ascii_case(name));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|(name, value)| (name.as_str(), value.as_str()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The statements that make a server's applied settings equal to a client's wanted ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamDiff {
+    pub sql: String,
+}
+
+impl ParamDiff {
+    /// `None` when the server already has exactly what the client wants.
+    pub fn between(wanted: &SessionParams, applied: &SessionParams) -> Option<ParamDiff> {
+        let mut sql = String::new();
+        for (name, value) in wanted.iter() {
+            if applied.get(name) != Some(value) {
+                let _ = write!(sql, "SET {} TO {};", quote_name(name), quote_literal(value));
+            }
+        }
+        for (name, _) in applied.iter() {
+            if wanted.get(name).is_none() {
+                let _ = write!(sql, "RESET {};", quote_name(name));
+            }
+        }
+        (!sql.is_empty()).then_some(ParamDiff { sql })
+    }
+}
+
+/// Quotes each dotted part of a setting name as an identifier.
+fn quote_name(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// A dollar-quoted literal: it means the same whatever standard_conforming_strings says.
+fn quote_literal(value: &str) -> String {
+    let mut tag = String::from("pgrelay");
+    while value.contains(&format!("${tag}$")) {
+        tag.push('x');
+    }
+    format!("${tag}${value}${tag}$")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> SessionParams {
+        let mut params = SessionParams::default();
+        for (name, value) in pairs {
+            params.set(name, value);
+        }
+        params
+    }
+
+    #[test]
+    fn diff_sets_changed_and_resets_dropped_settings() {
+        let wanted = params(&[("TimeZone", "UTC"), ("application_name", "it's")]);
+        let applied = params(&[("timezone", "UTC"), ("search_path", "x")]);
+        let diff = ParamDiff::between(&wanted, &applied).unwrap();
+        assert_eq!(
+            diff.sql,
+            "SET \"application_name\" TO $pgrelay$it's$pgrelay$;RESET \"search_path\";"
+        );
+        assert_eq!(ParamDiff::between(&wanted, &wanted), None);
+    }
+
+    #[test]
+    fn quoting_survives_hostile_values() {
+        assert_eq!(quote_literal("a$pgrelay$b"), "$pgrelayx$a$pgrelay$b$pgrelayx$");
+        assert_eq!(quote_name("my.\"odd\""), "\"my\".\"\"\"odd\"\"\"");
+    }
+
+    #[test]
+    fn read_only_parameters_are_not_tracked() {
+        let mut p = SessionParams::default();
+        assert!(!p.set("server_version", "15"));
+        assert!(p.is_empty());
+    }
+}
