@@ -9,9 +9,7 @@ const MD5_LEN: usize = 35;
 /// Why a stored password hash was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
-    #[error(
-        "{0}; expected SCRAM-SHA-256$<iterations>:<base64 salt>$<base64 StoredKey>:<base64 ServerKey>"
-    )]
+    #[error("{0}; expected SCRAM-SHA-256$<iterations>:<base64 salt>$<base64 StoredKey>:<base64 ServerKey>")]
     Scram(String),
     #[error("malformed md5 hash: expected \"md5\" followed by 32 lowercase hexadecimal digits")]
     Md5,

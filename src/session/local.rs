@@ -16,8 +16,8 @@ pub(super) enum LocalTx {
     Idle,
     /// The server that held the client's transaction failed. As PostgreSQL does after an
     /// error in a transaction block, statements are refused until the client ends the
-    /// block; the text says what happened.
-    Aborted(String),
+    /// block. The first refusal is the failure itself if the client has not heard of it.
+    Aborted { failure: ClientError, reported: bool },
 }
 
 /// What the session should do with the client's next message.
@@ -56,7 +56,7 @@ impl LocalState {
     pub fn status(&self) -> TxStatus {
         match self.tx {
             LocalTx::Idle => TxStatus::Idle,
-            LocalTx::Aborted(_) => TxStatus::Failed,
+            LocalTx::Aborted { .. } => TxStatus::Failed,
         }
     }
 
@@ -71,7 +71,7 @@ impl LocalState {
             _ => {}
         }
         let skipping = self.skipping_to_sync;
-        let aborted = matches!(self.tx, LocalTx::Aborted(_));
+        let aborted = matches!(self.tx, LocalTx::Aborted { .. });
         let needs_server = !matches!(
             tag,
             FrontendTag::Sync
@@ -155,16 +155,22 @@ impl LocalState {
         }
     }
 
-    fn refuse_in_aborted(&self, out: &mut BytesMut) {
-        let reason = match &self.tx {
-            LocalTx::Aborted(reason) => reason.as_str(),
-            LocalTx::Idle => "",
+    fn refuse_in_aborted(&mut self, out: &mut BytesMut) {
+        let error = match &mut self.tx {
+            LocalTx::Aborted { failure, reported } if !*reported => {
+                *reported = true;
+                failure.clone()
+            }
+            LocalTx::Aborted { failure, .. } => ClientError::new(
+                Side::Server,
+                sqlstate::IN_FAILED_TRANSACTION,
+                format!(
+                    "current transaction is aborted, commands ignored until end of transaction block ({})",
+                    failure.message
+                ),
+            ),
+            LocalTx::Idle => return,
         };
-        let error = ClientError::new(
-            Side::Server,
-            sqlstate::IN_FAILED_TRANSACTION,
-            format!("current transaction is aborted, commands ignored until end of transaction block ({reason})"),
-        );
         compose::error(out, Severity::Error, &error.sqlstate, &error.message);
     }
 

@@ -17,6 +17,7 @@ use super::Traffic;
 use super::client::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::protocol::views::{ErrorFields, parameter_status, ready_status};
 use crate::protocol::{BackendTag, FrontendTag, HEADER_LEN, Header, ProtocolError, TxStatus};
+use crate::upstream::expect::Routing;
 use crate::upstream::{Expect, Recipient, ServerConn, SessionParams, UpstreamError};
 
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
@@ -304,6 +305,12 @@ impl<'a> Pump<'a> {
             }
             let routing = match server.expect.on_message(tag) {
                 Ok(routing) => routing,
+                // A server that is being shut down or terminated says so with a FATAL
+                // error while idle, then closes: remember why.
+                Err(_) if tag == BackendTag::ErrorResponse && server.expect.is_empty() => Routing {
+                    recipient: Recipient::Pgrelay,
+                    ready: false,
+                },
                 Err(error) => break Err(self.server_broke(error.to_string())),
             };
             let mut to_client = routing.recipient == Recipient::Client;
@@ -331,6 +338,8 @@ impl<'a> Pump<'a> {
                         server.broken = true;
                         server.fatal = Some((fields.code.to_owned(), fields.message.to_owned()));
                         to_client = false;
+                    } else if !to_client && server.expect.is_empty() {
+                        break Err(self.server_broke("error outside any request".to_owned()));
                     }
                     server.copy_in = false;
                     if !to_client {

@@ -314,7 +314,10 @@ impl Session {
                     compose::ready_for_query(&mut client.outbuf, status);
                 }
                 if in_transaction {
-                    self.local.tx = LocalTx::Aborted(error.message);
+                    self.local.tx = LocalTx::Aborted {
+                        failure: error,
+                        reported: owed > 0,
+                    };
                 }
                 None
             }

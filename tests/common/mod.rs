@@ -23,6 +23,12 @@ pub fn shared_cluster() -> &'static LocalCluster {
                 "CREATE TABLE IF NOT EXISTS items (id serial PRIMARY KEY, owner text, value int)".to_owned(),
                 "GRANT ALL ON items TO PUBLIC".to_owned(),
                 "GRANT ALL ON SEQUENCE items_id_seq TO PUBLIC".to_owned(),
+                // Roles of their own for tests that count server connections.
+                "CREATE ROLE app_bench LOGIN PASSWORD 'app_bench'".to_owned(),
+                "CREATE ROLE app_count LOGIN PASSWORD 'app_count'".to_owned(),
+                "GRANT ALL ON DATABASE other TO app_bench".to_owned(),
+                "\\c other".to_owned(),
+                "GRANT ALL ON SCHEMA public TO app_bench".to_owned(),
             ],
             ..ClusterOptions::default()
         })
@@ -83,8 +89,13 @@ impl Proxy {
     }
 
     pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        let password = if password.is_empty() {
+            String::new()
+        } else {
+            format!("password={password} ")
+        };
         format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            "host=127.0.0.1 port={} user={user} {password}dbname={db} connect_timeout=10",
             self.addr.port()
         )
     }
@@ -153,6 +164,14 @@ password = "app_plain"
 name = "app_trust"
 auth = "trust"
 
+[[users]]
+name = "app_bench"
+password = "app_bench"
+
+[[users]]
+name = "app_count"
+password = "app_count"
+
 [databases.app]
 primary = "{primary}"
 
@@ -202,4 +221,77 @@ pub async fn backends(direct: &Client, user: &str) -> i64 {
         .await
         .expect("count backends")
         .get(0)
+}
+
+/// Runs a PostgreSQL client program (psql, pgbench) from the cluster's binaries against
+/// the proxy, with `stdin` fed to it; returns (success, stdout, stderr).
+pub async fn run_tool(tool: &str, password: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let program = shared_cluster().bin_path(tool).expect("PostgreSQL client tool");
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let password = password.to_owned();
+    let stdin = stdin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(program)
+            .args(&args)
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn client tool");
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        let output = child.wait_with_output().expect("client tool output");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("client tool task")
+}
+
+/// psql against the proxy as `user`, with `-X -A -t -v ON_ERROR_STOP=1` and `args`.
+pub async fn psql(
+    proxy: &Proxy,
+    user: &str,
+    password: &str,
+    db: &str,
+    args: &[&str],
+    stdin: &str,
+) -> (bool, String, String) {
+    let port = proxy.port().to_string();
+    let mut all = vec![
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        user,
+        "-d",
+        db,
+    ];
+    all.extend_from_slice(args);
+    run_tool("psql", password, &all, stdin).await
+}
+
+/// The first column of the first row of a simple query's answer.
+pub fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> String {
+    messages
+        .iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("NULL").to_owned()),
+            _ => None,
+        })
+        .expect("a row")
 }
