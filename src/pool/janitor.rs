@@ -53,10 +53,17 @@ fn expire_idle(pool: &ServerPool) {
 
 async fn fill_to_min_size(pool: &ServerPool) {
     let min_size = pool.limits().min_size;
-    while pool.main_size() < min_size && pool.waiting() == 0 && !pool.is_closed() {
-        // A checkout that creates a connection and hands it straight back.
-        if pool.prefill_one().await.is_err() {
-            return;
+    if pool.main_size() >= min_size || pool.waiting() > 0 || pool.is_closed() {
+        return;
+    }
+    // deadpool hands out idle connections before it creates new ones, so the idle ones
+    // are held too until enough new ones exist. This never delays a client: below
+    // min_size the pool has room to open a connection for anyone who asks meanwhile.
+    let mut held = Vec::new();
+    while pool.main_size() < min_size && held.len() < min_size {
+        match pool.take_without_waiting().await {
+            Ok(checkout) => held.push(checkout),
+            Err(_) => break,
         }
     }
 }

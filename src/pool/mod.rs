@@ -182,16 +182,15 @@ impl ServerPool {
         }
     }
 
-    /// Opens one connection and puts it straight into the idle list.
-    async fn prefill_one(&self) -> Result<(), PoolError> {
+    /// An idle connection, or a new one if there is room, without queueing.
+    async fn take_without_waiting(&self) -> Result<Checkout, PoolError> {
         let no_wait = Timeouts {
             wait: Some(Duration::ZERO),
             create: self.limits.load().connect_timeout,
             recycle: None,
         };
         let object = self.main.timeout_get(&no_wait).await.map_err(map_error)?;
-        drop(Checkout { object: Some(object) });
-        Ok(())
+        Ok(Checkout { object: Some(object) })
     }
 
     pub fn status(&self) -> PoolStatus {

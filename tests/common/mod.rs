@@ -26,6 +26,7 @@ pub fn shared_cluster() -> &'static LocalCluster {
                 // Roles of their own for tests that count server connections.
                 "CREATE ROLE app_bench LOGIN PASSWORD 'app_bench'".to_owned(),
                 "CREATE ROLE app_count LOGIN PASSWORD 'app_count'".to_owned(),
+                "DO $$BEGIN FOR i IN 1..8 LOOP EXECUTE format('CREATE ROLE app_t%s LOGIN PASSWORD %L', i, 'app_t' || i); END LOOP; END$$".to_owned(),
                 "GRANT ALL ON DATABASE other TO app_bench".to_owned(),
                 "\\c other".to_owned(),
                 "GRANT ALL ON SCHEMA public TO app_bench".to_owned(),
@@ -171,7 +172,7 @@ password = "app_bench"
 [[users]]
 name = "app_count"
 password = "app_count"
-
+{numbered}
 [databases.app]
 primary = "{primary}"
 
@@ -179,6 +180,9 @@ primary = "{primary}"
 primary = "{primary}"
 "#,
         primary = cluster.primary().addr(),
+        numbered = (1..=8)
+            .map(|i| format!("\n[[users]]\nname = \"app_t{i}\"\npassword = \"app_t{i}\"\n"))
+            .collect::<String>(),
     )
 }
 

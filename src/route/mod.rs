@@ -1,0 +1,484 @@
+//! Statement classification: what a client's SQL text does, so the router can send it to the
+//! primary or a replica, track transactions and session state, and fence per-table reads.
+//!
+//! Pipeline, cheapest first: a bounded cache keyed by the exact text ([`cache`]); a byte-level
+//! lexer that splits statements and hides literals, quoted identifiers, dollar quotes and
+//! comments ([`lex`]); a first-keyword path that decides every statement whose meaning is fixed by
+//! its keywords ([`fast`], [`tx`], [`set`]); a token scan for calls of write functions
+//! ([`functions`]); and sqlparser (PostgreSQL dialect) for SELECT/WITH/VALUES and DML, to prove a
+//! read is a read and to learn the tables it touches ([`parsed`]). Anything not proven a read is
+//! a write.
+//!
+//! # Decisions where SPEC.md is silent
+//!
+//! - **Unknown functions**: only built-in write functions and `write_functions` make a SELECT a
+//!   write (see [`functions`] for the list and the risk). `read_only_functions` wins over both,
+//!   for routing only: `set_config` and advisory-lock effects are reported whatever the lists say.
+//!   `currval`/`lastval` count as writes (their value exists only in the session that called
+//!   `nextval`); `pg_sequence_last_value` and other catalog readers are reads. `lo_*` are all
+//!   writes, as SPEC says, even `lo_get`.
+//! - **Words decide access, sqlparser decides tables.** For a SELECT-family statement the token
+//!   scan (locking clause, `INTO`, `INSERT/UPDATE/DELETE/MERGE` words, write functions) and the
+//!   AST walk must both find nothing for it to be a read; sqlparser must also accept it. A bare
+//!   column named `update` makes a false write, never a false read.
+//! - **DML is decided by keyword but still parsed** (up to 64 KiB) to learn its tables, because
+//!   causal consistency fences by written table. If the parse fails, the target table is read
+//!   from the tokens (`INSERT INTO t`, `UPDATE [ONLY] t`, `DELETE FROM t`, `MERGE INTO t`) and
+//!   `tables` is `Unknown`. Triggers, rules and foreign keys (`ON DELETE CASCADE`) that write
+//!   other tables are invisible: writes through them are not fenced per table.
+//! - **Table names**: unquoted parts lower-cased, quoted parts kept as written (`"User"` and
+//!   `user` are different tables in PostgreSQL), schema kept only if written. CTE names are not
+//!   tables. A view is reported as itself, not as its base tables. Sequences written by
+//!   `nextval('s')`/`setval` are reported as written tables.
+//! - **Written tables** of statements that change no table data are empty: locking clauses,
+//!   `LOCK`, `VACUUM`/`ANALYZE`/`CLUSTER`/`REINDEX`/`CHECKPOINT`, `NOTIFY`, advisory locks,
+//!   `CREATE TEMP …` (invisible to other sessions). Other DDL, `DO`, `CALL`, `EXECUTE`,
+//!   `COMMIT PREPARED`, `lo_*`, dblink and configured write functions: `Unknown`.
+//! - **Transaction control is not a write** (`BEGIN`, `COMMIT`, `SAVEPOINT`, `SET TRANSACTION
+//!   READ ONLY`…), except `SET TRANSACTION READ WRITE` (SPEC) and `COMMIT PREPARED` /
+//!   `ROLLBACK PREPARED`, which commit data on whichever server receives them. `COMMIT AND CHAIN`
+//!   does not end the block. `ends_transaction` means "contains an ending COMMIT/ROLLBACK/
+//!   PREPARE TRANSACTION"; the session must still trust ReadyForQuery's status byte.
+//!   `SET transaction_read_only = on` is read as `SET TRANSACTION READ ONLY`.
+//! - **EXPLAIN** without ANALYZE is a read whatever it explains (nothing executes; its tables
+//!   are reported as read). `EXPLAIN ANALYZE` is its statement, with reason
+//!   `ExplainAnalyzeWrite` when that is a write.
+//! - **COPY**: `COPY t FROM` is a write of `t`; `COPY t|(query) TO STDOUT` is a read when the
+//!   query is; `COPY … TO 'file'|PROGRAM` is a write (it has effects on the server's host).
+//! - **LISTEN/UNLISTEN/NOTIFY** are writes: a hot standby refuses all three.
+//! - **Pins** are reported as `Pin(reason)`; named state also gets a named effect so the session
+//!   can unpin when the last one goes (`Prepare`, `Deallocate`, `Listen`, `Unlisten`,
+//!   `DeclareHoldCursor`, `CloseCursor`). `Unpin` is emitted only when *all* state of that kind
+//!   is certainly gone: `UNLISTEN *`, `DEALLOCATE ALL`, `CLOSE ALL`, `DISCARD TEMP`,
+//!   `pg_advisory_unlock_all()`, `RESET ROLE`, and `DISCARD ALL` (every reason but `Load`).
+//!   `CREATE TEMP TABLE … ON COMMIT DROP` does not pin: the table dies with its transaction.
+//!   A `PREPARE`d statement keeps the access of its body, so `PREPARE p AS INSERT …` goes to the
+//!   primary; its effects are not reported (nothing runs until `EXECUTE`, which is a write of
+//!   unknown tables).
+//! - **SET values** are the tokens after `TO`/`=` as written (comments dropped), so
+//!   `SET name TO value` re-applies them. `set_config` values are re-quoted as a literal, or as a
+//!   quoted identifier list for `search_path`-like parameters; anything else is
+//!   `Pin(UntrackableSet)`. `SET x TO DEFAULT` and `SET TIME ZONE LOCAL` are `Reset`.
+//!   `SET SESSION CHARACTERISTICS AS TRANSACTION …` becomes `Set` of the `default_transaction_*`
+//!   parameters. `SET ROLE`/`SET SESSION AUTHORIZATION` are both a `Set` and a pin; their
+//!   `LOCAL` forms only a `Set { local: true }`.
+//! - **Limits**: texts over [`MAX_PARSE_LEN`] (1 MiB) and statements with more than
+//!   [`MAX_OPERATORS`] operators are never given to sqlparser (its AST of a long
+//!   `a + b + …` chain overflows the stack when dropped); they stay writes, `parsed = false`
+//!   unless a keyword decided them. Nesting (`EXPLAIN EXPLAIN …`) is bounded too. Texts over
+//!   [`MAX_CACHED_LEN`] are classified but not cached.
+//! - A standard-conforming string that would end elsewhere with
+//!   `standard_conforming_strings = off` (`'…\'`) makes its statement "not known to be a read".
+
+mod cache;
+mod fast;
+mod functions;
+mod hint;
+mod lex;
+mod parsed;
+mod relations;
+mod set;
+mod tx;
+mod walk;
+
+#[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
+mod table_tests;
+
+use std::sync::Arc;
+
+use crate::route::fast::{Ctx, StmtClass};
+use crate::route::functions::FunctionLists;
+pub use crate::route::parsed::MAX_OPERATORS;
+
+/// Texts longer than this are classified but not cached.
+pub const MAX_CACHED_LEN: usize = 8 * 1024;
+/// Texts longer than this are never parsed: their SELECTs are writes (unparsed).
+pub const MAX_PARSE_LEN: usize = 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// Why a statement must go to the primary.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum WriteReason {
+    /// INSERT, UPDATE, DELETE, MERGE (also under a leading WITH).
+    Dml,
+    /// CREATE, ALTER, DROP, TRUNCATE, GRANT, REVOKE, COMMENT, SECURITY LABEL, …
+    Ddl,
+    /// FOR UPDATE | NO KEY UPDATE | SHARE | KEY SHARE anywhere in the statement.
+    LockingClause,
+    /// SELECT … INTO.
+    SelectInto,
+    /// A call of a function on the write list (its name as written, lower-cased).
+    WritingFunction(String),
+    /// INSERT/UPDATE/DELETE/MERGE inside a WITH clause of a SELECT.
+    DataModifyingCte,
+    /// COPY … FROM, or COPY … TO a server file or program.
+    Copy,
+    Call,
+    Do,
+    Lock,
+    /// VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT, REFRESH MATERIALIZED VIEW.
+    Maintenance,
+    /// EXPLAIN ANALYZE of a write (it executes).
+    ExplainAnalyzeWrite,
+    SetTransactionReadWrite,
+    Notify,
+    /// LISTEN / UNLISTEN (refused by a hot standby).
+    Listen,
+    /// EXECUTE of an SQL-level prepared statement: its body is not known here.
+    Execute,
+    /// COMMIT PREPARED / ROLLBACK PREPARED.
+    TwoPhaseCommit,
+    /// Not understood: neither the keyword path nor sqlparser could read it.
+    Unparsed,
+}
+
+impl WriteReason {
+    /// A short fixed label (for metrics and logs).
+    pub fn label(&self) -> &'static str {
+        match self {
+            WriteReason::Dml => "dml",
+            WriteReason::Ddl => "ddl",
+            WriteReason::LockingClause => "locking_clause",
+            WriteReason::SelectInto => "select_into",
+            WriteReason::WritingFunction(_) => "writing_function",
+            WriteReason::DataModifyingCte => "data_modifying_cte",
+            WriteReason::Copy => "copy",
+            WriteReason::Call => "call",
+            WriteReason::Do => "do",
+            WriteReason::Lock => "lock",
+            WriteReason::Maintenance => "maintenance",
+            WriteReason::ExplainAnalyzeWrite => "explain_analyze",
+            WriteReason::SetTransactionReadWrite => "set_transaction_read_write",
+            WriteReason::Notify => "notify",
+            WriteReason::Listen => "listen",
+            WriteReason::Execute => "execute",
+            WriteReason::TwoPhaseCommit => "two_phase_commit",
+            WriteReason::Unparsed => "unparsed",
+        }
+    }
+}
+
+/// A transaction-control statement.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TxControl {
+    /// BEGIN / START TRANSACTION; `read_only` from READ ONLY / READ WRITE, if given.
+    Begin {
+        read_only: Option<bool>,
+    },
+    /// SET TRANSACTION … (also `SET transaction_read_only`).
+    SetTransaction {
+        read_only: Option<bool>,
+    },
+    /// COMMIT / END; `chain` for AND CHAIN (a new transaction starts at once).
+    Commit {
+        chain: bool,
+    },
+    /// ROLLBACK / ABORT.
+    Rollback {
+        chain: bool,
+    },
+    Savepoint {
+        name: String,
+    },
+    Release {
+        name: String,
+    },
+    RollbackToSavepoint {
+        name: String,
+    },
+    PrepareTransaction {
+        gid: String,
+    },
+    CommitPrepared {
+        gid: String,
+    },
+    RollbackPrepared {
+        gid: String,
+    },
+}
+
+/// Server-side state a client can hold that pgrelay cannot move to another server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PinReason {
+    TempTable,
+    AdvisoryLock,
+    Listen,
+    HoldCursor,
+    SqlPrepare,
+    Load,
+    SetRole,
+    SessionAuthorization,
+    /// `set_config(…, false)` (or a SET) whose arguments are not literals.
+    UntrackableSet,
+}
+
+impl PinReason {
+    /// The `reason` label of `pgrelay_pinned_sessions`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PinReason::TempTable => "temp_table",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::Listen => "listen",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::SqlPrepare => "sql_prepare",
+            PinReason::Load => "load",
+            PinReason::SetRole => "set_role",
+            PinReason::SessionAuthorization => "session_authorization",
+            PinReason::UntrackableSet => "untrackable_set",
+        }
+    }
+
+    /// Every reason `DISCARD ALL` clears (all but `Load`).
+    pub const DISCARDED_BY_DISCARD_ALL: [PinReason; 8] = [
+        PinReason::TempTable,
+        PinReason::AdvisoryLock,
+        PinReason::Listen,
+        PinReason::HoldCursor,
+        PinReason::SqlPrepare,
+        PinReason::SetRole,
+        PinReason::SessionAuthorization,
+        PinReason::UntrackableSet,
+    ];
+}
+
+/// A change of session state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SessionEffect {
+    /// `SET [LOCAL] name TO value`; `value` is SQL text valid after `TO`, `name` lower-cased
+    /// (see [`SessionEffect::to_sql`]).
+    Set {
+        name: String,
+        value: String,
+        local: bool,
+    },
+    Reset {
+        name: String,
+    },
+    ResetAll,
+    /// DISCARD ALL: also implies ResetAll, Deallocate ALL, closing cursors, UNLISTEN *, unlocking
+    /// advisory locks and dropping temp tables (the Unpins are emitted alongside).
+    DiscardAll,
+    DiscardPlans,
+    DiscardTemp,
+    DiscardSequences,
+    /// DEALLOCATE name | ALL (`None`). Drivers free protocol-level statements this way too.
+    Deallocate {
+        name: Option<String>,
+    },
+    /// SQL-level PREPARE name (alongside `Pin(SqlPrepare)`).
+    Prepare {
+        name: String,
+    },
+    /// LISTEN channel (alongside `Pin(Listen)`).
+    Listen {
+        channel: String,
+    },
+    /// UNLISTEN channel | * (`None`, alongside `Unpin(Listen)`).
+    Unlisten {
+        channel: Option<String>,
+    },
+    /// DECLARE name … WITH HOLD (alongside `Pin(HoldCursor)`).
+    DeclareHoldCursor {
+        name: String,
+    },
+    /// CLOSE name | ALL (`None`, alongside `Unpin(HoldCursor)`).
+    CloseCursor {
+        name: Option<String>,
+    },
+    Pin(PinReason),
+    Unpin(PinReason),
+}
+
+impl SessionEffect {
+    /// The statement that re-applies a `Set` or `Reset` on another server (`None` for the rest).
+    /// Names are quoted part by part, so any name is safe to splice.
+    pub fn to_sql(&self) -> Option<String> {
+        let quoted = |name: &str| {
+            name.split('.')
+                .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+                .collect::<Vec<_>>()
+        };
+        match self {
+            SessionEffect::Set { name, value, local } => Some(format!(
+                "SET {}{} TO {value}",
+                if *local { "LOCAL " } else { "" },
+                quoted(name).join(".")
+            )),
+            SessionEffect::Reset { name } => Some(format!("RESET {}", quoted(name).join("."))),
+            SessionEffect::ResetAll => Some("RESET ALL".to_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Tables a statement touches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Tables {
+    /// Sorted, deduplicated names (see the module doc for the normalisation).
+    Known(Vec<String>),
+    /// Could be any table: fences everything.
+    Unknown,
+}
+
+impl Tables {
+    pub fn empty() -> Self {
+        Tables::Known(Vec::new())
+    }
+
+    pub fn is_unknown(&self) -> bool {
+        matches!(self, Tables::Unknown)
+    }
+
+    /// The names, if known.
+    pub fn names(&self) -> Option<&[String]> {
+        match self {
+            Tables::Known(names) => Some(names),
+            Tables::Unknown => None,
+        }
+    }
+
+    pub(crate) fn union(&mut self, other: Tables) {
+        match (&mut *self, other) {
+            (Tables::Known(mine), Tables::Known(theirs)) => {
+                mine.extend(theirs);
+                mine.sort_unstable();
+                mine.dedup();
+            }
+            (Tables::Unknown, _) => {}
+            (_, Tables::Unknown) => *self = Tables::Unknown,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hint {
+    Primary,
+    Replica,
+}
+
+/// What a text (one statement or several) does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Classification {
+    pub access: Access,
+    /// Why it is a write: the reason of its first writing statement.
+    pub write_reason: Option<WriteReason>,
+    /// The first transaction-control effect.
+    pub transaction: Option<TxControl>,
+    /// Contains a COMMIT/ROLLBACK/END/ABORT (not AND CHAIN) or PREPARE TRANSACTION.
+    pub ends_transaction: bool,
+    /// Session effects in text order.
+    pub session: Vec<SessionEffect>,
+    /// Every table read or written.
+    pub tables: Tables,
+    /// The tables written (`Known(empty)` for a read).
+    pub written_tables: Tables,
+    pub hint: Option<Hint>,
+    /// False when some statement was a write only because nothing could read it.
+    pub parsed: bool,
+    /// Number of non-empty statements.
+    pub statements: usize,
+}
+
+impl Classification {
+    pub fn is_read(&self) -> bool {
+        self.access == Access::Read
+    }
+
+    /// Whether any effect pins the client to its server.
+    pub fn pins(&self) -> bool {
+        self.session.iter().any(|e| matches!(e, SessionEffect::Pin(_)))
+    }
+
+    fn from_statements(hint: Option<Hint>, stmts: Vec<StmtClass>) -> Self {
+        let mut out = Classification {
+            access: Access::Read,
+            write_reason: None,
+            transaction: None,
+            ends_transaction: false,
+            session: Vec::new(),
+            tables: Tables::empty(),
+            written_tables: Tables::empty(),
+            hint,
+            parsed: true,
+            statements: stmts.len(),
+        };
+        for s in stmts {
+            if let Some(reason) = s.write {
+                out.access = Access::Write;
+                out.write_reason.get_or_insert(reason);
+            }
+            if out.transaction.is_none() {
+                out.transaction = s.tx;
+            }
+            out.ends_transaction |= s.ends_tx;
+            out.session.extend(s.session);
+            out.tables.union(s.tables);
+            out.written_tables.union(s.written);
+            out.parsed &= s.parsed;
+        }
+        out
+    }
+}
+
+/// Per-database classifier settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClassifierSettings {
+    /// Extra function names (`name` or `schema.name`) that make a statement a write.
+    pub write_functions: Vec<String>,
+    /// Function names that never make a statement a write (wins over every write list).
+    pub read_only_functions: Vec<String>,
+    /// Cached classifications (by exact text); 0 disables the cache.
+    pub cache_capacity: usize,
+}
+
+/// Classifies SQL texts for one database. Cheap to share (`Arc`) across sessions.
+pub struct Classifier {
+    lists: FunctionLists,
+    cache: cache::ClassCache,
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Classifier")
+            .field("lists", &self.lists)
+            .field("cached", &self.cache.len())
+            .finish()
+    }
+}
+
+impl Classifier {
+    pub fn new(settings: ClassifierSettings) -> Self {
+        Classifier {
+            lists: FunctionLists::new(&settings.write_functions, &settings.read_only_functions),
+            cache: cache::ClassCache::new(settings.cache_capacity),
+        }
+    }
+
+    /// Classifies `sql` (a Query message or a Parse text), from the cache when it can.
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        if let Some(hit) = self.cache.get(sql) {
+            return hit;
+        }
+        let class = Arc::new(self.classify_uncached(sql));
+        self.cache.insert(sql, &class);
+        class
+    }
+
+    /// Classifies `sql` without touching the cache.
+    pub fn classify_uncached(&self, sql: &str) -> Classification {
+        let ctx = Ctx {
+            lists: &self.lists,
+            parse_allowed: sql.len() <= MAX_PARSE_LEN,
+        };
+        let mut stmts = Vec::new();
+        lex::for_each_statement(sql, |stmt| stmts.push(fast::classify_stmt(&ctx, stmt, 0)));
+        Classification::from_statements(hint::leading_hint(sql), stmts)
+    }
+}
