@@ -10,6 +10,7 @@ pub mod localpg;
 pub mod net;
 pub mod pool;
 pub mod protocol;
+pub mod route;
 pub mod runtime;
 pub mod session;
 pub mod upstream;

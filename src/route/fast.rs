@@ -1,14 +1,12 @@
 //! The first-keyword path: every statement whose meaning is fixed by its keywords is decided here
-//! without sqlparser (transaction control, SET family, DDL, maintenance, COPY, LOCK, LISTEN…),
-//! wrappers (EXPLAIN, DECLARE, PREPARE, COPY (query)) are unwrapped and their statement
-//! classified, and SELECT-family statements and DML go on to [`parsed`](crate::route::parsed).
-//! Also the token scan that finds write evidence in a SELECT (locking clauses, INTO, DML words)
-//! whether sqlparser can read the statement or not.
+//! (transaction control, the SET family, DDL, maintenance, LOCK, LISTEN/NOTIFY, cursors…);
+//! wrappers go to [`wrap`], SELECT-family statements and DML to
+//! [`parsed`].
 
 use crate::route::functions::FunctionLists;
-use crate::route::lex::{Kind, Stmt, ident_value, string_value};
+use crate::route::lex::{self, Kind, Stmt, string_value};
 use crate::route::tx::last_name;
-use crate::route::{PinReason, SessionEffect, Tables, TxControl, WriteReason, parsed, set, tx};
+use crate::route::{PinReason, SessionEffect, Tables, TxControl, WriteReason, parsed, set, tx, wrap};
 
 /// How deep EXPLAIN / DECLARE / PREPARE / COPY may wrap each other.
 const MAX_NESTING: u8 = 4;
@@ -63,7 +61,7 @@ impl StmtClass {
         }
     }
 
-    fn with_effects(mut self, effects: Vec<SessionEffect>) -> Self {
+    pub(crate) fn with_effects(mut self, effects: Vec<SessionEffect>) -> Self {
         self.session.extend(effects);
         self
     }
@@ -91,9 +89,8 @@ pub(crate) fn classify_stmt(ctx: &Ctx<'_>, stmt: Stmt<'_>, depth: u8) -> StmtCla
     let ddl = || StmtClass::write(WriteReason::Ddl, Tables::Unknown, Tables::Unknown);
     let maintenance = || StmtClass::write(WriteReason::Maintenance, Tables::empty(), Tables::empty());
     let decided = match kw {
-        "select" | "with" | "values" => return parsed::query(ctx, &stmt),
+        "select" | "with" | "values" | "table" => return parsed::query(ctx, &stmt),
         "insert" | "update" | "delete" | "merge" => return parsed::dml(ctx, &stmt),
-        "table" => table_shorthand(&stmt).or_else(|| Some(parsed::query(ctx, &stmt))),
         "begin" | "start" => tx::begin(&stmt),
         "commit" | "end" => tx::commit(&stmt),
         "rollback" | "abort" => tx::rollback(&stmt),
@@ -101,7 +98,7 @@ pub(crate) fn classify_stmt(ctx: &Ctx<'_>, stmt: Stmt<'_>, depth: u8) -> StmtCla
         "prepare" if stmt.kw(1, "transaction") && stmt.toks.get(2).is_some_and(|t| t.kind == Kind::Str) => {
             tx::savepoint(&stmt)
         }
-        "prepare" => prepare(ctx, &stmt, depth),
+        "prepare" => wrap::prepare(ctx, &stmt, depth),
         "set" => set::set(&stmt),
         "reset" => set::reset(&stmt),
         "discard" => set::discard(&stmt),
@@ -118,33 +115,20 @@ pub(crate) fn classify_stmt(ctx: &Ctx<'_>, stmt: Stmt<'_>, depth: u8) -> StmtCla
         "notify" => Some(StmtClass::write(WriteReason::Notify, Tables::empty(), Tables::empty())),
         "load" => Some(StmtClass::read().with_effects(vec![SessionEffect::Pin(PinReason::Load)])),
         "execute" => Some(StmtClass::write(WriteReason::Execute, Tables::Unknown, Tables::Unknown)),
-        "explain" => explain(ctx, &stmt, depth),
-        "declare" => declare(ctx, &stmt, depth),
-        "copy" => copy(ctx, &stmt, depth),
+        "explain" => wrap::explain(ctx, &stmt, depth),
+        "declare" => wrap::declare(ctx, &stmt, depth),
+        "copy" => wrap::copy(ctx, &stmt, depth),
         "create" => Some(create(&stmt)),
         "truncate" => Some(truncate(&stmt).unwrap_or_else(ddl)),
         "alter" | "drop" | "grant" | "revoke" | "comment" | "security" | "reassign" | "import" => Some(ddl()),
         "vacuum" | "analyze" | "analyse" | "cluster" | "reindex" | "checkpoint" => Some(maintenance()),
         "refresh" => Some(refresh(&stmt)),
         "lock" => Some(lock(&stmt)),
-        "do" => Some(StmtClass::write(WriteReason::Do, Tables::Unknown, Tables::Unknown)),
+        "do" => Some(do_block(&stmt)),
         "call" => Some(StmtClass::write(WriteReason::Call, Tables::Unknown, Tables::Unknown)),
         _ => None,
     };
     decided.unwrap_or_else(StmtClass::unparsed)
-}
-
-/// `TABLE [ONLY] name [*]`, which sqlparser does not read.
-fn table_shorthand(stmt: &Stmt<'_>) -> Option<StmtClass> {
-    let i = if stmt.kw(1, "only") { 2 } else { 1 };
-    let (name, mut j) = stmt.name_at(i)?;
-    if stmt.punct(j, b'*') {
-        j += 1;
-    }
-    (j == stmt.toks.len() && !stmt.suspect()).then(|| StmtClass {
-        tables: Tables::Known(vec![name]),
-        ..StmtClass::read()
-    })
 }
 
 /// A comma-separated list of `[ONLY] name [*]` from `i`; the names and the index after the list.
@@ -279,250 +263,53 @@ fn unlisten(stmt: &Stmt<'_>) -> Option<StmtClass> {
     Some(StmtClass::write(WriteReason::Listen, Tables::empty(), Tables::empty()).with_effects(effects))
 }
 
-/// `EXPLAIN [(options)] | [ANALYZE] [VERBOSE] statement`.
-fn explain(ctx: &Ctx<'_>, stmt: &Stmt<'_>, depth: u8) -> Option<StmtClass> {
-    let mut analyze = false;
-    let mut i = 1;
-    if stmt.punct(1, b'(') {
-        let close = stmt.closing_paren(1)?;
-        let mut k = 2;
-        while k < close {
-            let option_start = k;
-            while k < close && !stmt.punct(k, b',') {
-                k += 1;
-            }
-            if stmt.kw(option_start, "analyze") || stmt.kw(option_start, "analyse") {
-                // Anything but an explicit false value runs the statement.
-                let value = stmt.toks.get(option_start + 1).filter(|_| option_start + 1 < k);
-                let off = value.is_some_and(|t| {
-                    let text = string_value(stmt.src, t).unwrap_or_else(|| stmt.tok_text(option_start + 1).to_owned());
-                    set::parse_bool(&text.to_ascii_lowercase()) == Some(false)
-                });
-                analyze = !off;
-            }
-            k += 1;
-        }
-        i = close + 1;
-    } else {
-        if stmt.kw(i, "analyze") || stmt.kw(i, "analyse") {
-            analyze = true;
-            i += 1;
-        }
-        if stmt.kw(i, "verbose") {
-            i += 1;
-        }
-    }
-    if i >= stmt.toks.len() {
-        return None;
-    }
-    let mut inner = classify_stmt(ctx, stmt.from(i), depth + 1);
-    if analyze {
-        if inner.write.is_some() {
-            inner.write = Some(WriteReason::ExplainAnalyzeWrite);
-        }
-        return Some(inner);
-    }
-    // Nothing executes: a read (of the tables the statement would touch), whatever it explains.
-    Some(StmtClass {
-        tables: inner.tables,
-        ..StmtClass::read()
-    })
-}
-
-/// `DECLARE name [BINARY] [ASENSITIVE|INSENSITIVE] [[NO] SCROLL] CURSOR [WITH[OUT] HOLD] FOR query`.
-fn declare(ctx: &Ctx<'_>, stmt: &Stmt<'_>, depth: u8) -> Option<StmtClass> {
-    let t = stmt.toks.get(1).filter(|t| t.is_name())?;
-    let name = ident_value(stmt.src, t);
-    let mut i = 2;
-    while ["binary", "asensitive", "insensitive", "no", "scroll"]
+/// `DO [LANGUAGE l] 'body'`: a write of unknown tables. Its body runs in the session, so state it
+/// can leave behind is looked for in the body's own tokens: session-level SET (or set_config, or
+/// dynamic EXECUTE, which may be anything) cannot be re-applied elsewhere and pins, as do temp
+/// tables, advisory locks and LISTEN. A body in another language pins unconditionally.
+fn do_block(stmt: &Stmt<'_>) -> StmtClass {
+    let class = StmtClass::write(WriteReason::Do, Tables::Unknown, Tables::Unknown);
+    let body = stmt
+        .toks
         .iter()
-        .any(|w| stmt.kw(i, w))
-    {
-        i += 1;
-    }
-    if !stmt.kw(i, "cursor") {
-        return None;
-    }
-    i += 1;
-    let hold = stmt.kw(i, "with") && stmt.kw(i + 1, "hold");
-    if hold || (stmt.kw(i, "without") && stmt.kw(i + 1, "hold")) {
-        i += 2;
-    }
-    if !stmt.kw(i, "for") {
-        return None;
-    }
-    let mut inner = classify_stmt(ctx, stmt.from(i + 1), depth + 1);
-    inner.tx = None;
-    if hold {
-        inner.session.extend([
-            SessionEffect::Pin(PinReason::HoldCursor),
-            SessionEffect::DeclareHoldCursor { name },
-        ]);
-    }
-    Some(inner)
-}
-
-/// `PREPARE name [(types)] AS statement`: the access of its statement, nothing executed yet.
-fn prepare(ctx: &Ctx<'_>, stmt: &Stmt<'_>, depth: u8) -> Option<StmtClass> {
-    let t = stmt.toks.get(1).filter(|t| t.is_name())?;
-    let name = ident_value(stmt.src, t);
-    let mut i = 2;
-    if stmt.punct(i, b'(') {
-        i = stmt.closing_paren(i)? + 1;
-    }
-    if !stmt.kw(i, "as") {
-        return None;
-    }
-    let inner = classify_stmt(ctx, stmt.from(i + 1), depth + 1);
-    let effects = vec![
-        SessionEffect::Pin(PinReason::SqlPrepare),
-        SessionEffect::Prepare { name },
-    ];
-    Some(
-        StmtClass {
-            write: inner.write,
-            tables: inner.tables,
-            parsed: inner.parsed,
-            ..StmtClass::read()
-        }
-        .with_effects(effects),
-    )
-}
-
-/// `COPY [BINARY] table [(cols)] | (query)  FROM | TO  target …`.
-fn copy(ctx: &Ctx<'_>, stmt: &Stmt<'_>, depth: u8) -> Option<StmtClass> {
-    let mut i = if stmt.kw(1, "binary") { 2 } else { 1 };
-    let source = if stmt.punct(i, b'(') {
-        let close = stmt.closing_paren(i)?;
-        let inner = classify_stmt(ctx, stmt.range(i + 1, close), depth + 1);
-        i = close + 1;
-        Err(inner)
-    } else {
-        let (name, mut j) = stmt.name_at(i)?;
-        if stmt.punct(j, b'(') {
-            j = stmt.closing_paren(j)? + 1;
-        }
-        i = j;
-        Ok(name)
+        .find(|t| matches!(t.kind, Kind::Str | Kind::Dollar | Kind::EStr));
+    let language = (0..stmt.toks.len())
+        .find(|&i| stmt.kw(i, "language"))
+        .map(|i| stmt.tok_text(i + 1).to_ascii_lowercase());
+    let body = match (body.and_then(|t| string_value(stmt.src, t)), language.as_deref()) {
+        (Some(body), None | Some("plpgsql")) => body,
+        _ => return class.with_effects(vec![SessionEffect::Pin(PinReason::UntrackableSet)]),
     };
-    let to_stdout = stmt.kw(i, "to") && stmt.kw(i + 1, "stdout");
-    match (source, stmt.kw(i, "from")) {
-        (Ok(table), true) => {
-            let tables = Tables::Known(vec![table]);
-            Some(StmtClass::write(WriteReason::Copy, tables.clone(), tables))
+    let inner = Stmt {
+        src: &body,
+        toks: &lex::Lexer::new(&body).collect::<Vec<_>>(),
+        truncated: false,
+    };
+    let mut effects = Vec::new();
+    let mut pin = |reason| {
+        if !effects.contains(&SessionEffect::Pin(reason)) {
+            effects.push(SessionEffect::Pin(reason));
         }
-        (Ok(table), false) if stmt.kw(i, "to") => {
-            let tables = Tables::Known(vec![table]);
-            Some(if to_stdout {
-                StmtClass {
-                    tables,
-                    ..StmtClass::read()
-                }
-            } else {
-                copy_to_file(tables, Tables::empty())
-            })
-        }
-        (Err(inner), false) if to_stdout => Some(inner),
-        (Err(inner), false) if stmt.kw(i, "to") => Some(StmtClass {
-            session: inner.session,
-            ..copy_to_file(inner.tables, inner.written)
-        }),
-        _ => None,
-    }
-}
-
-fn copy_to_file(tables: Tables, written: Tables) -> StmtClass {
-    StmtClass::write(WriteReason::Copy, tables, written)
-}
-
-/// Write evidence found in the tokens of a SELECT-family statement.
-#[derive(Debug, Default)]
-pub(crate) struct Evidence {
-    pub locking: bool,
-    /// INSERT/UPDATE/DELETE/MERGE outside parentheses (the main statement after WITH).
-    pub dml_top: bool,
-    /// … inside parentheses (a data-modifying CTE).
-    pub dml_nested: bool,
-    /// `INTO [TEMP|TEMPORARY|UNLOGGED] [TABLE] name`: (temporary, name).
-    pub into: Option<(bool, Option<String>)>,
-    /// Byte ranges to blank before sqlparser sees the text (`NO KEY` of `FOR NO KEY UPDATE`,
-    /// `KEY` of `FOR KEY SHARE`): same lock strength for routing, a form sqlparser reads.
-    pub blank: Vec<(usize, usize)>,
-}
-
-impl Evidence {
-    pub(crate) fn reason(&self) -> Option<WriteReason> {
-        if self.dml_top {
-            Some(WriteReason::Dml)
-        } else if self.dml_nested {
-            Some(WriteReason::DataModifyingCte)
-        } else if self.into.is_some() {
-            Some(WriteReason::SelectInto)
-        } else if self.locking {
-            Some(WriteReason::LockingClause)
-        } else {
-            None
+    };
+    for i in 0..inner.toks.len() {
+        let statement_start =
+            i == 0 || inner.punct(i - 1, b';') || ["begin", "then", "else", "loop"].iter().any(|w| inner.kw(i - 1, w));
+        let word = |w: &str| inner.toks[i].is_name() && inner.tok_text(i).eq_ignore_ascii_case(w);
+        if (statement_start && inner.kw(i, "set") && !inner.kw(i + 1, "local")) || word("set_config") || word("execute")
+        {
+            pin(PinReason::UntrackableSet);
+        } else if word("temp") || word("temporary") {
+            pin(PinReason::TempTable);
+        } else if inner.tok_text(i).to_ascii_lowercase().starts_with("pg_advisory_lock")
+            || inner
+                .tok_text(i)
+                .to_ascii_lowercase()
+                .starts_with("pg_try_advisory_lock")
+        {
+            pin(PinReason::AdvisoryLock);
+        } else if statement_start && inner.kw(i, "listen") {
+            pin(PinReason::Listen);
         }
     }
-}
-
-pub(crate) fn evidence(stmt: &Stmt<'_>) -> Evidence {
-    let mut ev = Evidence::default();
-    let mut depth = 0i64;
-    let mut skip_until = 0usize;
-    for i in 0..stmt.toks.len() {
-        if stmt.punct(i, b'(') {
-            depth += 1;
-        } else if stmt.punct(i, b')') {
-            depth -= 1;
-        }
-        if i < skip_until || stmt.toks[i].kind != Kind::Word {
-            continue;
-        }
-        if stmt.kw(i, "for") {
-            let (lock_len, blank_len) = if stmt.kw(i + 1, "update") || stmt.kw(i + 1, "share") {
-                (1, 0)
-            } else if stmt.kw(i + 1, "no") && stmt.kw(i + 2, "key") && stmt.kw(i + 3, "update") {
-                (3, 2)
-            } else if stmt.kw(i + 1, "key") && stmt.kw(i + 2, "share") {
-                (2, 1)
-            } else {
-                (0, 0)
-            };
-            if lock_len > 0 {
-                ev.locking = true;
-                if blank_len > 0 {
-                    ev.blank.push((stmt.toks[i + 1].start, stmt.toks[i + blank_len].end));
-                }
-                skip_until = i + 1 + lock_len;
-            }
-            continue;
-        }
-        let qualified =
-            (i > 0 && stmt.punct(i - 1, b'.')) || stmt.punct(i + 1, b'.') || (i > 0 && stmt.kw(i - 1, "as"));
-        if ["insert", "update", "delete", "merge"].iter().any(|w| stmt.kw(i, w)) && !qualified {
-            if depth <= 0 {
-                ev.dml_top = true;
-            } else {
-                ev.dml_nested = true;
-            }
-            if stmt.kw(i + 1, "into") {
-                skip_until = i + 2;
-            }
-        } else if stmt.kw(i, "into") && !qualified {
-            let mut j = i + 1;
-            if stmt.kw(j, "local") || stmt.kw(j, "global") {
-                j += 1;
-            }
-            let temp = stmt.kw(j, "temp") || stmt.kw(j, "temporary");
-            if temp || stmt.kw(j, "unlogged") {
-                j += 1;
-            }
-            if stmt.kw(j, "table") {
-                j += 1;
-            }
-            ev.into.get_or_insert((temp, stmt.name_at(j).map(|(name, _)| name)));
-        }
-    }
-    ev
+    class.with_effects(effects)
 }

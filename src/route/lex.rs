@@ -152,7 +152,7 @@ fn block_comment(bytes: &[u8], start: usize) -> (usize, bool) {
             depth += 1;
             i += 2;
         } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
-            depth -= 1;
+            depth = depth.saturating_sub(1);
             i += 2;
             if depth == 0 {
                 return (i, true);
@@ -298,7 +298,15 @@ impl<'a> Stmt<'a> {
 
     /// Whether token `i` is the unquoted keyword `kw` (given in lower case).
     pub(crate) fn kw(&self, i: usize, kw: &str) -> bool {
-        self.toks.get(i).is_some_and(|t| t.kind == Kind::Word) && self.tok_text(i).eq_ignore_ascii_case(kw)
+        // Hot: called for many keywords per token. Length first, bytes (no char-boundary checks).
+        match self.toks.get(i) {
+            Some(t) if t.kind == Kind::Word && t.end - t.start == kw.len() => self
+                .src
+                .as_bytes()
+                .get(t.start..t.end)
+                .is_some_and(|w| w.eq_ignore_ascii_case(kw.as_bytes())),
+            _ => false,
+        }
     }
 
     pub(crate) fn punct(&self, i: usize, b: u8) -> bool {

@@ -1,8 +1,8 @@
 //! SELECT-family statements and DML. Access comes from the tokens: the write evidence of
-//! [`evidence`](crate::route::fast::evidence) (locking clause, INTO, DML words) and the call scan
+//! [`evidence`](crate::route::evidence) (locking clause, INTO, DML words) and the call scan
 //! of [`functions`](crate::route::functions); a statement with none of them, that PostgreSQL
 //! accepts, cannot write. Tables come from the token reader of
-//! [`relations`](crate::route::relations), or — when it is unsure — from sqlparser
+//! [`relations`], or — when it is unsure — from sqlparser
 //! (PostgreSQL dialect) and the AST walk of [`walk`](crate::route::walk), whose verdict on DML,
 //! INTO and locking is added to the evidence. A SELECT neither can read is a write (unparsed).
 
@@ -10,7 +10,8 @@ use sqlparser::ast::Statement;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use crate::route::fast::{Ctx, StmtClass, evidence};
+use crate::route::evidence::evidence;
+use crate::route::fast::{Ctx, StmtClass};
 use crate::route::functions::scan_calls;
 use crate::route::lex::{Kind, Stmt};
 use crate::route::relations;
@@ -60,7 +61,7 @@ fn parse(ctx: &Ctx<'_>, stmt: &Stmt<'_>, blank: &[(usize, usize)], limit: usize)
         let mut bytes = text.as_bytes().to_vec();
         for &(from, to) in blank {
             // Ranges are ASCII keyword tokens, so blanking keeps the text UTF-8.
-            for b in bytes.get_mut(from - stmt.start()..to - stmt.start())? {
+            for b in bytes.get_mut(from.checked_sub(stmt.start())?..to.checked_sub(stmt.start())?)? {
                 *b = b' ';
             }
         }
@@ -89,10 +90,18 @@ fn find_tables(ctx: &Ctx<'_>, stmt: &Stmt<'_>, blank: &[(usize, usize)], limit: 
         read.extend(written.iter().cloned());
         read.sort_unstable();
         read.dedup();
-        return Some(Found { tables: Tables::Known(read), written: Tables::Known(written), ast_reason: None });
+        return Some(Found {
+            tables: Tables::Known(read),
+            written: Tables::Known(written),
+            ast_reason: None,
+        });
     }
     let facts = walk(&parse(ctx, stmt, blank, limit)?);
-    Some(Found { tables: facts.tables(), written: facts.written(), ast_reason: facts.reason() })
+    Some(Found {
+        tables: facts.tables(),
+        written: facts.written(),
+        ast_reason: facts.reason(),
+    })
 }
 
 /// A DML statement always writes something: an empty target list means it was not understood.
@@ -114,7 +123,11 @@ pub(crate) fn query(ctx: &Ctx<'_>, stmt: &Stmt<'_>) -> StmtClass {
         .reason()
         .or_else(|| found.as_ref().and_then(|f| f.ast_reason.clone()))
         .or_else(|| calls.write.clone().map(WriteReason::WritingFunction));
-    if reason.is_none() && found.as_ref().is_some_and(|f| matches!(&f.written, Tables::Known(w) if !w.is_empty())) {
+    if reason.is_none()
+        && found
+            .as_ref()
+            .is_some_and(|f| matches!(&f.written, Tables::Known(w) if !w.is_empty()))
+    {
         // The reader saw a DML target the evidence missed: trust the more careful answer.
         reason = Some(WriteReason::Dml);
     }
@@ -139,14 +152,32 @@ pub(crate) fn query(ctx: &Ctx<'_>, stmt: &Stmt<'_>) -> StmtClass {
     tables.union(written.clone());
     if stmt.suspect() {
         // Literals may end elsewhere for the server: nothing found here is certain.
-        let session = if session.is_empty() { session } else { vec![SessionEffect::Pin(PinReason::UntrackableSet)] };
+        let session = if session.is_empty() {
+            session
+        } else {
+            vec![SessionEffect::Pin(PinReason::UntrackableSet)]
+        };
         let reason = reason.unwrap_or(WriteReason::Unparsed);
-        return StmtClass { session, parsed: false, ..StmtClass::write(reason, Tables::Unknown, Tables::Unknown) };
+        return StmtClass {
+            session,
+            parsed: false,
+            ..StmtClass::write(reason, Tables::Unknown, Tables::Unknown)
+        };
     }
     match reason {
-        Some(reason) => StmtClass { session, ..StmtClass::write(reason, tables, written) },
-        None if parsed => StmtClass { session, tables, ..StmtClass::read() },
-        None => StmtClass { session, ..StmtClass::unparsed() },
+        Some(reason) => StmtClass {
+            session,
+            ..StmtClass::write(reason, tables, written)
+        },
+        None if parsed => StmtClass {
+            session,
+            tables,
+            ..StmtClass::read()
+        },
+        None => StmtClass {
+            session,
+            ..StmtClass::unparsed()
+        },
     }
 }
 
@@ -155,13 +186,19 @@ pub(crate) fn dml(ctx: &Ctx<'_>, stmt: &Stmt<'_>) -> StmtClass {
     let calls = scan_calls(ctx.lists, stmt);
     let (mut tables, mut written) = match find_tables(ctx, stmt, &only_blanks(stmt), DML_PARSE_LEN) {
         Some(found) => (found.tables, dml_written(found.written)),
-        None => (Tables::Unknown, target_from_tokens(stmt).map_or(Tables::Unknown, |t| Tables::Known(vec![t]))),
+        None => (
+            Tables::Unknown,
+            target_from_tokens(stmt).map_or(Tables::Unknown, |t| Tables::Known(vec![t])),
+        ),
     };
     if let Some(calls_written) = calls.written {
         tables.union(calls_written.clone());
         written.union(calls_written);
     }
-    StmtClass { session: calls.effects, ..StmtClass::write(WriteReason::Dml, tables, written) }
+    StmtClass {
+        session: calls.effects,
+        ..StmtClass::write(WriteReason::Dml, tables, written)
+    }
 }
 
 /// The target of `INSERT INTO t`, `UPDATE [ONLY] t`, `DELETE FROM [ONLY] t`, `MERGE INTO [ONLY] t`.
@@ -175,7 +212,6 @@ fn target_from_tokens(stmt: &Stmt<'_>) -> Option<String> {
     }
     stmt.name_at(i).map(|(name, _)| name)
 }
-
 
 /// Tables by the AST path alone (for tests comparing it with the token reader).
 #[cfg(test)]

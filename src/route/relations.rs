@@ -13,12 +13,14 @@ use crate::route::lex::{Kind, Stmt, ident_value};
 const MAX_DEPTH: usize = 256;
 
 /// Words that close a FROM list at their level (ON does not: `a JOIN b ON …, c` goes on).
+#[rustfmt::skip]
 const FROM_END: &[&str] = &[
     "where", "group", "having", "window", "order", "limit", "offset", "fetch", "for", "union", "intersect", "except",
     "returning", "set", "when", "select", "values",
 ];
 
 /// Words that cannot name a table: one in table position means the text is not understood.
+#[rustfmt::skip]
 const RESERVED: &[&str] = &[
     "select", "from", "where", "group", "having", "order", "limit", "offset", "union", "intersect", "except", "join",
     "on", "using", "set", "values", "with", "as", "and", "or", "not", "case", "when", "then", "else", "end", "into",
@@ -27,6 +29,7 @@ const RESERVED: &[&str] = &[
 ];
 
 /// Words a statement cannot end with: such a text is cut short, left to sqlparser to refuse.
+#[rustfmt::skip]
 const DANGLING: &[&str] = &[
     "select", "from", "where", "and", "or", "not", "join", "on", "using", "by", "group", "order", "having", "limit",
     "offset", "union", "intersect", "except", "all", "distinct", "as", "set", "values", "with", "into", "in", "is",
@@ -85,7 +88,13 @@ pub(crate) fn extract(stmt: &Stmt<'_>) -> Option<(Vec<String>, Vec<String>)> {
     if stmt.suspect() {
         return None;
     }
-    let mut r = Reader { stmt, stack: vec![Frame::new(Level::Query)], read: Vec::new(), written: Vec::new(), pending: None };
+    let mut r = Reader {
+        stmt,
+        stack: vec![Frame::new(Level::Query)],
+        read: Vec::new(),
+        written: Vec::new(),
+        pending: None,
+    };
     let mut i = 0;
     while i < stmt.toks.len() {
         i = match r.pending.take() {
@@ -93,7 +102,11 @@ pub(crate) fn extract(stmt: &Stmt<'_>) -> Option<(Vec<String>, Vec<String>)> {
             None => r.token(i)?,
         };
     }
-    let dangling = stmt.toks.len().checked_sub(1).is_some_and(|last| DANGLING.iter().any(|w| stmt.kw(last, w)));
+    let dangling = stmt
+        .toks
+        .len()
+        .checked_sub(1)
+        .is_some_and(|last| DANGLING.iter().any(|w| stmt.kw(last, w)));
     (r.stack.len() == 1 && r.pending.is_none() && !dangling).then_some((r.read, r.written))
 }
 
@@ -181,9 +194,9 @@ impl Reader<'_, '_> {
             return Some(i + 1);
         }
         if starts {
-            let (skip, target) = if stmt.kw(i, "insert") && stmt.kw(i + 1, "into") {
-                (2, Some(true))
-            } else if stmt.kw(i, "delete") && stmt.kw(i + 1, "from") {
+            let (skip, target) = if (stmt.kw(i, "insert") && stmt.kw(i + 1, "into"))
+                || (stmt.kw(i, "delete") && stmt.kw(i + 1, "from"))
+            {
                 (2, Some(true))
             } else if stmt.kw(i, "merge") && stmt.kw(i + 1, "into") {
                 frame.merge = true;

@@ -6,7 +6,7 @@
 use crate::route::fast::StmtClass;
 use crate::route::lex::{Kind, Lexer, Stmt, ident_value};
 use crate::route::tx::{last_name, modes};
-use crate::route::{PinReason, SessionEffect, TxControl, WriteReason};
+use crate::route::{Isolation, PinReason, SessionEffect, TxControl, WriteReason};
 
 /// Parameters whose list elements `SET` quotes as identifiers (GUC_LIST_QUOTE): a `set_config`
 /// value for them must be re-applied as an identifier list, not as one string.
@@ -107,9 +107,10 @@ pub(crate) fn set(stmt: &Stmt<'_>) -> Option<StmtClass> {
     }
     if stmt.kw(i, "transaction") {
         if stmt.kw(i + 1, "snapshot") {
-            return Some(transaction(None));
+            return Some(transaction(None, None));
         }
-        return Some(transaction(modes(stmt, i + 1)?.read_only));
+        let m = modes(stmt, i + 1)?;
+        return Some(transaction(m.read_only, m.isolation));
     }
     if stmt.kw(i, "session")
         && stmt.kw(i + 1, "characteristics")
@@ -126,7 +127,7 @@ pub(crate) fn set(stmt: &Stmt<'_>) -> Option<StmtClass> {
             })
         };
         if let Some(level) = m.isolation {
-            push("default_transaction_isolation", &format!("'{level}'"));
+            push("default_transaction_isolation", &format!("'{}'", level.as_str()));
         }
         if let Some(ro) = m.read_only {
             push("default_transaction_read_only", if ro { "on" } else { "off" });
@@ -183,12 +184,16 @@ pub(crate) fn set(stmt: &Stmt<'_>) -> Option<StmtClass> {
         name.as_str(),
         "transaction_read_only" | "transaction_isolation" | "transaction_deferrable"
     ) {
-        let read_only = (name == "transaction_read_only")
-            .then(|| {
-                value_text(stmt, value_at).and_then(|v| parse_bool(v.trim_matches('\'').to_ascii_lowercase().as_str()))
-            })
-            .flatten();
-        return Some(transaction(read_only));
+        let value = value_text(stmt, value_at);
+        let read_only = value
+            .as_deref()
+            .filter(|_| name == "transaction_read_only")
+            .and_then(|v| parse_bool(v.trim_matches('\'').to_ascii_lowercase().as_str()));
+        let isolation = value
+            .as_deref()
+            .filter(|_| name == "transaction_isolation")
+            .and_then(Isolation::parse);
+        return Some(transaction(read_only, isolation));
     }
     Some(with(vec![set_or_reset(name, stmt, value_at, local)]))
 }
@@ -203,7 +208,7 @@ fn pinning(effect: SessionEffect, reason: PinReason, local: bool) -> Vec<Session
     }
 }
 
-fn transaction(read_only: Option<bool>) -> StmtClass {
+fn transaction(read_only: Option<bool>, isolation: Option<Isolation>) -> StmtClass {
     let mut class = if read_only == Some(false) {
         StmtClass::write(
             WriteReason::SetTransactionReadWrite,
@@ -213,7 +218,7 @@ fn transaction(read_only: Option<bool>) -> StmtClass {
     } else {
         StmtClass::read()
     };
-    class.tx = Some(TxControl::SetTransaction { read_only });
+    class.tx = Some(TxControl::SetTransaction { read_only, isolation });
     class
 }
 

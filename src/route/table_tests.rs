@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use crate::route::fast::Ctx;
 use crate::route::functions::FunctionLists;
 use crate::route::{
-    Access, Classification, Classifier, ClassifierSettings, SessionEffect, Tables, TxControl, WriteReason, lex, parsed,
-    relations,
+    Access, Classification, Classifier, ClassifierSettings, Isolation, SessionEffect, Tables, TxControl, WriteReason,
+    lex, parsed, relations,
 };
 
 /// `R` or `W(reason)`, then ` tx=…`, ` end`, ` t=…` (tables, omitted when none, `?` unknown),
@@ -22,14 +22,25 @@ fn render(c: &Classification) -> String {
         (a, r) => format!("INCONSISTENT({a:?},{r:?})"),
     };
     if let Some(tx) = &c.transaction {
-        let ro = |r: &Option<bool>| match r {
-            Some(true) => "(ro)",
-            Some(false) => "(rw)",
-            None => "",
+        let modes = |r: &Option<bool>, i: &Option<Isolation>| {
+            let mut parts: Vec<String> = Vec::new();
+            match r {
+                Some(true) => parts.push("ro".into()),
+                Some(false) => parts.push("rw".into()),
+                None => {}
+            }
+            if let Some(i) = i {
+                parts.push(i.as_str().replace(' ', "_"));
+            }
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!("({})", parts.join(","))
+            }
         };
         let text = match tx {
-            TxControl::Begin { read_only } => format!("begin{}", ro(read_only)),
-            TxControl::SetTransaction { read_only } => format!("set_tx{}", ro(read_only)),
+            TxControl::Begin { read_only, isolation } => format!("begin{}", modes(read_only, isolation)),
+            TxControl::SetTransaction { read_only, isolation } => format!("set_tx{}", modes(read_only, isolation)),
             TxControl::Commit { chain } => if *chain { "commit(chain)" } else { "commit" }.to_owned(),
             TxControl::Rollback { chain } => if *chain { "rollback(chain)" } else { "rollback" }.to_owned(),
             TxControl::Savepoint { name } => format!("savepoint({name})"),
@@ -882,17 +893,23 @@ WHERE seq.oid           = dep.objid
     ("BEGIN WORK", "R tx=begin"),
     ("BEGIN TRANSACTION", "R tx=begin"),
     ("BEGIN TRANSACTION READ WRITE", "R tx=begin(rw)"),
-    ("BEGIN ISOLATION LEVEL SERIALIZABLE", "R tx=begin"),
-    ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "R tx=begin(ro)"),
-    ("BEGIN READ ONLY ISOLATION LEVEL READ COMMITTED", "R tx=begin(ro)"),
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE", "R tx=begin(serializable)"),
+    (
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        "R tx=begin(ro,repeatable_read)",
+    ),
+    (
+        "BEGIN READ ONLY ISOLATION LEVEL READ COMMITTED",
+        "R tx=begin(ro,read_committed)",
+    ),
     ("START TRANSACTION", "R tx=begin"),
     (
         "START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE",
-        "R tx=begin(ro)",
+        "R tx=begin(ro,serializable)",
     ),
     (
         "START TRANSACTION ISOLATION LEVEL READ UNCOMMITTED, READ WRITE",
-        "R tx=begin(rw)",
+        "R tx=begin(rw,read_uncommitted)",
     ),
     ("start transaction read only", "R tx=begin(ro)"),
     ("BEGIN READ ONLY GARBAGE", "W(unparsed) t=? w=? unparsed"),
@@ -922,13 +939,20 @@ WHERE seq.oid           = dep.objid
         "SET TRANSACTION READ WRITE",
         "W(set_transaction_read_write) tx=set_tx(rw)",
     ),
-    ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", "R tx=set_tx"),
+    (
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        "R tx=set_tx(repeatable_read)",
+    ),
     (
         "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
-        "R tx=set_tx(ro)",
+        "R tx=set_tx(ro,serializable)",
     ),
     ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", "R tx=set_tx"),
     ("SET transaction_read_only = on", "R tx=set_tx(ro)"),
+    (
+        "SET transaction_isolation = 'serializable'",
+        "R tx=set_tx(serializable)",
+    ),
     (
         "SET LOCAL transaction_read_only TO 'off'",
         "W(set_transaction_read_write) tx=set_tx(rw)",
@@ -1310,6 +1334,36 @@ WHERE seq.oid           = dep.objid
     ("LOCK t1, ONLY t2 NOWAIT", "W(lock) t=t1,t2"),
     ("DO $$BEGIN UPDATE t SET x = 1; END$$", "W(do) t=? w=?"),
     (
+        "DO $$BEGIN SET search_path TO evil; END$$",
+        "W(do) t=? w=? s=pin(untrackable_set)",
+    ),
+    ("DO $$BEGIN SET LOCAL work_mem = '1GB'; END$$", "W(do) t=? w=?"),
+    (
+        "DO $$BEGIN PERFORM set_config('app.x', '1', false); END$$",
+        "W(do) t=? w=? s=pin(untrackable_set)",
+    ),
+    (
+        "DO $$BEGIN EXECUTE 'SET role ' || quote_ident('x'); END$$",
+        "W(do) t=? w=? s=pin(untrackable_set)",
+    ),
+    (
+        "DO $$BEGIN CREATE TEMP TABLE scratch(id int); END$$",
+        "W(do) t=? w=? s=pin(temp_table)",
+    ),
+    (
+        "DO $$BEGIN PERFORM pg_advisory_lock(42); END$$",
+        "W(do) t=? w=? s=pin(advisory_lock)",
+    ),
+    (
+        "DO $$BEGIN IF true THEN LISTEN jobs; END IF; END$$",
+        "W(do) t=? w=? s=pin(listen)",
+    ),
+    (
+        "DO LANGUAGE plpython3u $$ plpy.execute('SET search_path TO x') $$",
+        "W(do) t=? w=? s=pin(untrackable_set)",
+    ),
+    ("DO 'BEGIN RAISE NOTICE ''set''; END'", "W(do) t=? w=?"),
+    (
         "DO LANGUAGE plpgsql $body$ BEGIN PERFORM pg_sleep(1); END $body$",
         "W(do) t=? w=?",
     ),
@@ -1462,10 +1516,7 @@ WHERE seq.oid           = dep.objid
         "INSERT INTO t VALUES (1) RETURNING pg_advisory_lock(id)",
         "W(dml) t=t w=t s=pin(advisory_lock)",
     ),
-    (
-        "UPDATE t SET x = (1 WHERE id = 2",
-        "W(dml) t=? w=t",
-    ),
+    ("UPDATE t SET x = (1 WHERE id = 2", "W(dml) t=? w=t"),
     (
         "INSERT INTO \"Weird\"\"Name\" VALUES (1)",
         "W(dml) t=Weird\"Name w=Weird\"Name",
@@ -1507,6 +1558,34 @@ fn classification_table() {
         CASES.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn classifier_is_shareable() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<Classifier>();
+    shareable::<Classification>();
+}
+
+#[test]
+fn replica_eligible_transactions() {
+    let c = classifier(&[], &[]);
+    let eligible = |sql: &str| {
+        c.classify(sql)
+            .transaction
+            .as_ref()
+            .is_some_and(TxControl::replica_eligible)
+    };
+    assert!(eligible("BEGIN READ ONLY"));
+    assert!(eligible("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"));
+    assert!(eligible("SET TRANSACTION READ ONLY"));
+    // A hot standby refuses serializable mode even for read-only transactions.
+    assert!(!eligible(
+        "START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE"
+    ));
+    assert!(!eligible("BEGIN"));
+    assert!(!eligible("BEGIN READ WRITE"));
+    assert!(!eligible("COMMIT"));
 }
 
 #[test]
@@ -1594,7 +1673,10 @@ fn bounded_work_on_huge_or_deep_inputs() {
     // stack, even in a debug build.
     let chain_ok = format!("SELECT {} FROM t", vec!["a"; crate::route::MAX_OPERATORS].join(" + "));
     let lists = FunctionLists::default();
-    let ctx = Ctx { lists: &lists, parse_allowed: true };
+    let ctx = Ctx {
+        lists: &lists,
+        parse_allowed: true,
+    };
     let mut ast = None;
     lex::for_each_statement(&chain_ok, |stmt| ast = parsed::ast_tables(&ctx, &stmt));
     assert_eq!(ast, Some((Tables::Known(vec!["t".into()]), Tables::empty())));
@@ -1611,6 +1693,16 @@ fn bounded_work_on_huge_or_deep_inputs() {
     assert!(!c.classify(&explains).is_read());
     let many = "SELECT 1;".repeat(50_000);
     assert_eq!(c.classify(&many).statements, 50_000);
+    // Effects and tables are capped per text.
+    let sets = "SET a.b = 1;".repeat(10_000);
+    let class = c.classify(&sets);
+    assert_eq!(class.session.len(), crate::route::MAX_EFFECTS + 1);
+    assert_eq!(
+        class.session.last(),
+        Some(&SessionEffect::Pin(crate::route::PinReason::UntrackableSet))
+    );
+    let tables: String = (0..5_000).map(|i| format!("SELECT * FROM t{i};")).collect();
+    assert_eq!(c.classify(&tables).tables, Tables::Unknown);
     let tokens = format!("UPDATE t SET x = 1 WHERE id IN ({})", vec!["1"; 300_000].join(","));
     assert_eq!(render(&c.classify(&tokens)), "W(dml) t=? w=t");
 }
@@ -1619,12 +1711,19 @@ fn bounded_work_on_huge_or_deep_inputs() {
 #[test]
 fn token_reader_matches_the_ast() {
     let lists = FunctionLists::default();
-    let ctx = Ctx { lists: &lists, parse_allowed: true };
+    let ctx = Ctx {
+        lists: &lists,
+        parse_allowed: true,
+    };
     let (mut compared, mut reader_only) = (0, Vec::new());
     for sql in CASES.iter().map(|(s, _)| *s).chain(EXTRA_TABLE_CASES.iter().copied()) {
         lex::for_each_statement(sql, |stmt| {
             let first = stmt.tok_text(0).to_ascii_lowercase();
-            if !["select", "with", "values", "table", "(", "insert", "update", "delete", "merge"].contains(&first.as_str()) {
+            if ![
+                "select", "with", "values", "table", "(", "insert", "update", "delete", "merge",
+            ]
+            .contains(&first.as_str())
+            {
                 return;
             }
             let reader = relations::extract(&stmt).map(|(mut read, mut written)| {

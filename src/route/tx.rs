@@ -6,14 +6,13 @@
 
 use crate::route::fast::StmtClass;
 use crate::route::lex::{Kind, Stmt, ident_value, string_value};
-use crate::route::{Tables, TxControl, WriteReason};
+use crate::route::{Isolation, Tables, TxControl, WriteReason};
 
 /// Transaction modes (`ISOLATION LEVEL …`, `READ ONLY|WRITE`, `[NOT] DEFERRABLE`).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Modes {
     pub read_only: Option<bool>,
-    /// Lower-case level, as `default_transaction_isolation` spells it.
-    pub isolation: Option<&'static str>,
+    pub isolation: Option<Isolation>,
     pub deferrable: Option<bool>,
 }
 
@@ -24,13 +23,13 @@ pub(crate) fn modes(stmt: &Stmt<'_>, mut i: usize) -> Option<Modes> {
     while i < n {
         if stmt.kw(i, "isolation") && stmt.kw(i + 1, "level") {
             let (level, len) = if stmt.kw(i + 2, "serializable") {
-                ("serializable", 1)
+                (Isolation::Serializable, 1)
             } else if stmt.kw(i + 2, "repeatable") && stmt.kw(i + 3, "read") {
-                ("repeatable read", 2)
+                (Isolation::RepeatableRead, 2)
             } else if stmt.kw(i + 2, "read") && stmt.kw(i + 3, "committed") {
-                ("read committed", 2)
+                (Isolation::ReadCommitted, 2)
             } else if stmt.kw(i + 2, "read") && stmt.kw(i + 3, "uncommitted") {
-                ("read uncommitted", 2)
+                (Isolation::ReadUncommitted, 2)
             } else {
                 return None;
             };
@@ -94,7 +93,10 @@ pub(crate) fn begin(stmt: &Stmt<'_>) -> Option<StmtClass> {
         noise(stmt, 1)
     };
     let m = modes(stmt, i)?;
-    Some(control(TxControl::Begin { read_only: m.read_only }))
+    Some(control(TxControl::Begin {
+        read_only: m.read_only,
+        isolation: m.isolation,
+    }))
 }
 
 /// `[AND [NO] CHAIN]` at `i` up to the end: `Some(chain)`.
