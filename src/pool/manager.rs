@@ -41,7 +41,7 @@ impl Manager for ServerManager {
         if self.lifetime.is_some_and(|lifetime| metrics.age() >= lifetime) {
             return Err(RecycleError::message("server_lifetime reached"));
         }
-        if !conn.is_idle() || !conn.probe_alive() {
+        if !conn.is_reusable() || !conn.probe_alive() {
             return Err(RecycleError::message("connection closed or not idle"));
         }
         Ok(())

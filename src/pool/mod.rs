@@ -295,7 +295,7 @@ impl DerefMut for Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         let Some(mut object) = self.object.take() else { return };
-        if object.is_idle() {
+        if object.is_reusable() {
             object.released_at = Instant::now();
             drop(object);
         } else {

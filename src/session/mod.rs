@@ -1,11 +1,13 @@
 //! One client connection from accept to close: the opening handshake, login, then the
 //! session loop that borrows server connections from the pools.
 
+mod carried;
 mod client;
 mod handshake;
 mod local;
 mod login;
 mod options;
+mod prepared;
 mod pump;
 mod run;
 
@@ -30,6 +32,8 @@ use run::Session;
 pub(crate) struct Traffic {
     pub queries: u64,
     pub transactions: u64,
+    /// Server-side prepared statements closed to stay within max_prepared_statements.
+    pub evictions: u64,
 }
 
 /// How long pgrelay tries to deliver a last error to a client that is being refused.

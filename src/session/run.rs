@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::carried::Carried;
 use super::client::ClientConn;
 use super::local::{Answer, LocalState, LocalTx};
 use super::login::LoggedIn;
-use super::pump::{Pump, PumpExit};
+use super::pump::{Pump, PumpExit, PumpMode};
 use super::{ClientSlot, Traffic};
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::config::PoolMode;
@@ -47,8 +48,8 @@ pub(crate) struct Session {
     pools: Arc<UserPools>,
     cancel: CancelHandle,
     _slot: ClientSlot,
-    /// Settings the client wants on whatever server it uses.
-    wanted: SessionParams,
+    /// Settings and prepared statements carried from server to server.
+    carried: Carried,
     local: LocalState,
     /// The server kept between messages: for the whole session in session mode.
     server: Option<Checkout>,
@@ -75,7 +76,11 @@ impl Session {
             pools,
             cancel,
             _slot: slot,
-            wanted: logged_in.wanted,
+            carried: Carried {
+                startup: logged_in.wanted.clone(),
+                wanted: logged_in.wanted,
+                statements: Default::default(),
+            },
             local: LocalState::new(),
             server: None,
             traffic: Traffic::default(),
@@ -144,8 +149,12 @@ impl Session {
             }
             let Some(mut server) = self.server.take() else { continue };
             self.prepare(&mut server);
-            let statement_mode = self.database.mode() == PoolMode::Statement;
-            let exit = Pump::new(client, &mut server, &mut self.wanted, statement_mode, &mut self.traffic)
+            let mode = PumpMode {
+                statement_mode: self.database.mode() == PoolMode::Statement,
+                manage_statements: self.database.mode() != PoolMode::Session,
+                max_prepared_statements: self.database.pool.max_prepared_statements,
+            };
+            let exit = Pump::new(client, &mut server, &mut self.carried, &mut self.traffic, mode)
                 .run()
                 .await;
             if let Some(end) = self.after_pump(client, server, exit).await {
@@ -246,11 +255,11 @@ impl Session {
     /// Brings the server's settings in line with the client's and points the client's
     /// cancel key at it.
     fn prepare(&mut self, server: &mut Checkout) {
-        if let Some(diff) = ParamDiff::between(&self.wanted, &server.params)
+        if let Some(diff) = ParamDiff::between(&self.carried.wanted, &server.params)
             && postgres_protocol::message::frontend::query(&diff.sql, &mut server.outbuf).is_ok()
         {
             server.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
-            server.params = self.wanted.clone();
+            server.params = self.carried.wanted.clone();
         }
         self.cancel.attach(CancelTarget {
             addr: server.addr.clone(),

@@ -62,6 +62,8 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         copy_in: false,
         status: TxStatus::Idle,
         params: SessionParams::default(),
+        statements: super::ServerStatements::default(),
+        retire: false,
         reported: Vec::new(),
         key: BackendKey {
             process_id: 0,

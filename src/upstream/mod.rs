@@ -6,6 +6,7 @@ mod connect;
 pub mod expect;
 mod own_query;
 mod params;
+mod statements;
 mod stream;
 
 use std::io;
@@ -14,9 +15,10 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 pub use connect::{ConnectSpec, ServerCredentials, connect};
-pub use expect::{Expect, Recipient, ResponseQueue};
+pub use expect::{Expect, FailedAt, Recipient, ResponseQueue, Routing, Synthetic};
 pub use own_query::OwnQueryOutcome;
 pub use params::{ParamDiff, SessionParams};
+pub use statements::ServerStatements;
 pub use stream::ServerStream;
 
 use crate::protocol::TxStatus;
@@ -79,6 +81,10 @@ pub struct ServerConn {
     pub(crate) status: TxStatus,
     /// Settings pgrelay has applied on behalf of clients.
     pub(crate) params: SessionParams,
+    /// Prepared statements held for clients (transaction and statement mode).
+    pub(crate) statements: ServerStatements,
+    /// The connection works but must not be reused (a stale plan cache, a reload).
+    pub(crate) retire: bool,
     /// Values the server reported in ParameterStatus (server_version, …).
     pub(crate) reported: Vec<(String, String)>,
     pub(crate) key: BackendKey,
@@ -112,6 +118,11 @@ impl ServerConn {
             && !self.unsynced
             && self.status == TxStatus::Idle
             && self.outbuf.is_empty()
+    }
+
+    /// Idle, and not retired: it may go back to the pool.
+    pub fn is_reusable(&self) -> bool {
+        self.is_idle() && !self.retire
     }
 
     /// Marks the connection as not to be reused.

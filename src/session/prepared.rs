@@ -1,0 +1,201 @@
+//! Named prepared statements in transaction and statement mode.
+//!
+//! A client's statement names mean nothing on the server it happens to get next, so
+//! pgrelay owns the server-side names: each (query text, parameter types) pair gets a
+//! name derived from a hash of both, the same on every server connection. A client's
+//! Parse maps its name to that statement; Bind and Describe are rewritten to the
+//! server-side name, with a Parse injected first on a server that lacks it; a client's
+//! Close only forgets its name, the server keeps the statement cached for others.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+use crate::protocol::views::{BindView, ParseView};
+
+/// A statement as pgrelay prepares it on servers.
+#[derive(Debug)]
+pub(crate) struct PreparedStatement {
+    pub server_name: Arc<str>,
+    /// The Parse message with the server-side name, ready to send to any server.
+    pub parse: Bytes,
+}
+
+/// One client's protocol-level statement names.
+#[derive(Debug, Default)]
+pub(crate) struct ClientStatements {
+    by_name: HashMap<String, Arc<PreparedStatement>>,
+}
+
+impl ClientStatements {
+    /// Records the client's Parse; a name parsed again is redefined.
+    pub fn define(&mut self, parse: &ParseView<'_>) -> Arc<PreparedStatement> {
+        let server_name = server_name(parse.query, parse.param_types);
+        let statement = match self.by_name.get(parse.name) {
+            Some(known) if known.server_name == server_name => known.clone(),
+            _ => Arc::new(PreparedStatement {
+                parse: parse_message(&server_name, parse.query, parse.param_types),
+                server_name,
+            }),
+        };
+        self.by_name.insert(parse.name.to_owned(), statement.clone());
+        statement
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<PreparedStatement>> {
+        self.by_name.get(name).cloned()
+    }
+
+    /// Forgets a name; false if the client never defined it.
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.by_name.remove(name).is_some()
+    }
+
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+}
+
+/// `pgrelay_` and 128 bits of SHA-256 over the text and the parameter types: equal
+/// statements share a name on every server, different ones never collide in practice.
+fn server_name(query: &str, param_types: &[u8]) -> Arc<str> {
+    let mut hasher = Sha256::new();
+    hasher.update((query.len() as u64).to_be_bytes());
+    hasher.update(query.as_bytes());
+    hasher.update(param_types);
+    let digest = hasher.finalize();
+    let mut name = String::with_capacity(40);
+    name.push_str("pgrelay_");
+    for byte in &digest[..16] {
+        let _ = write!(name, "{byte:02x}");
+    }
+    Arc::from(name)
+}
+
+fn parse_message(name: &str, query: &str, param_types: &[u8]) -> Bytes {
+    let mut body = BytesMut::with_capacity(name.len() + query.len() + param_types.len() + 2);
+    put_cstr(&mut body, name);
+    put_cstr(&mut body, query);
+    body.put_slice(param_types);
+    message(b'P', &body)
+}
+
+/// The client's Bind with the statement name replaced.
+pub(crate) fn rewrite_bind(bind: &BindView<'_>, server_name: &str) -> Bytes {
+    let mut body = BytesMut::with_capacity(bind.portal.len() + server_name.len() + bind.rest.len() + 2);
+    put_cstr(&mut body, bind.portal);
+    put_cstr(&mut body, server_name);
+    body.put_slice(bind.rest);
+    message(b'B', &body)
+}
+
+/// A Describe of a statement, by its server-side name.
+pub(crate) fn describe_statement(server_name: &str) -> Bytes {
+    let mut body = BytesMut::with_capacity(server_name.len() + 2);
+    body.put_u8(b'S');
+    put_cstr(&mut body, server_name);
+    message(b'D', &body)
+}
+
+/// A Close of a statement, by its server-side name.
+pub(crate) fn close_statement(server_name: &str) -> Bytes {
+    let mut body = BytesMut::with_capacity(server_name.len() + 2);
+    body.put_u8(b'S');
+    put_cstr(&mut body, server_name);
+    message(b'C', &body)
+}
+
+fn put_cstr(buf: &mut BytesMut, text: &str) {
+    buf.put_slice(text.as_bytes());
+    buf.put_u8(0);
+}
+
+fn message(tag: u8, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.put_u8(tag);
+    out.put_u32((body.len() + 4) as u32);
+    out.put_slice(body);
+    out.freeze()
+}
+
+/// A DEALLOCATE the client sends as SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Deallocate {
+    One(String),
+    All,
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name | ALL` (one statement, identifier folded to
+/// lower case unless quoted, as PostgreSQL does).
+pub(crate) fn parse_deallocate(sql: &str) -> Option<Deallocate> {
+    let sql = sql.trim().trim_end_matches(';').trim();
+    let rest = strip_keyword(sql, "deallocate")?;
+    let rest = strip_keyword(rest, "prepare").unwrap_or(rest);
+    if rest.contains(';') || rest.is_empty() {
+        return None;
+    }
+    if rest.eq_ignore_ascii_case("all") {
+        return Some(Deallocate::All);
+    }
+    if let Some(quoted) = rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        return Some(Deallocate::One(quoted.replace("\"\"", "\"")));
+    }
+    if rest.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$') {
+        return Some(Deallocate::One(rest.to_lowercase()));
+    }
+    None
+}
+
+fn strip_keyword<'a>(text: &'a str, keyword: &str) -> Option<&'a str> {
+    let head = text.get(..keyword.len())?;
+    let rest = &text[keyword.len()..];
+    (head.eq_ignore_ascii_case(keyword) && rest.starts_with(char::is_whitespace)).then(|| rest.trim_start())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_statements_share_a_server_name_and_different_ones_do_not() {
+        let a = server_name("SELECT $1", b"\0\x01\0\0\0\x17");
+        assert_eq!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17"));
+        assert_ne!(a, server_name("SELECT $1", b"\0\0"));
+        assert_ne!(a, server_name("SELECT $2", b"\0\x01\0\0\0\x17"));
+        assert_eq!(a.len(), 40);
+    }
+
+    #[test]
+    fn rewritten_messages_read_back() {
+        let bind = BindView::read(b"portal\0s1\0\0\0\0\0\0\0").unwrap();
+        let rewritten = rewrite_bind(&bind, "pgrelay_x");
+        let view = BindView::read(&rewritten[5..]).unwrap();
+        assert_eq!(
+            (view.portal, view.statement, view.rest),
+            ("portal", "pgrelay_x", bind.rest)
+        );
+        let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
+        let mut statements = ClientStatements::default();
+        let statement = statements.define(&parse);
+        let view = ParseView::read(&statement.parse[5..]).unwrap();
+        assert_eq!((view.name, view.query), (&*statement.server_name, "SELECT 1"));
+    }
+
+    #[test]
+    fn recognises_deallocate() {
+        assert_eq!(parse_deallocate("DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(
+            parse_deallocate("deallocate prepare S_1;"),
+            Some(Deallocate::One("s_1".into()))
+        );
+        assert_eq!(
+            parse_deallocate("DEALLOCATE \"S_1\""),
+            Some(Deallocate::One("S_1".into()))
+        );
+        assert_eq!(parse_deallocate("DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(parse_deallocate("SELECT 1"), None);
+    }
+}

@@ -1,0 +1,279 @@
+//! What the pump does with each message from the client: record the reply it expects,
+//! and in transaction and statement mode map prepared-statement names to the ones
+//! pgrelay owns on the server, preparing them first where the server lacks them.
+
+use std::sync::Arc;
+
+use bytes::Buf;
+
+use super::{HIGH_WATER, Pump, PumpExit, move_bytes};
+use crate::protocol::views::{BindView, ObjectKind, ObjectRef, ParseView, query_text};
+use crate::protocol::{FrontendTag, Header, ProtocolError};
+use crate::session::prepared::{
+    Deallocate, PreparedStatement, close_statement, describe_statement, parse_deallocate, rewrite_bind,
+};
+use crate::upstream::{Expect, Recipient, ServerConn, Synthetic};
+
+/// What becomes of one client message.
+enum Disposition {
+    /// Sent to the server unchanged.
+    Forward,
+    /// Handled: whatever replaces it is already in the server's output.
+    Consumed,
+}
+
+impl Pump<'_> {
+    /// Handles every whole client message in the input buffer (and the start of a large
+    /// CopyData), forwarding them to the server.
+    pub(super) fn on_client_input(&mut self) -> Result<(), PumpExit> {
+        // Bytes at the front of the client input that go to the server unchanged.
+        let mut run = 0;
+        let result = loop {
+            if self.client_passthrough > 0 {
+                let n = self.client_passthrough.min(self.client.inbuf.len() - run);
+                if n == 0 {
+                    break Ok(());
+                }
+                self.client_passthrough -= n;
+                run += n;
+                continue;
+            }
+            if self.server.outbuf.len() + run >= HIGH_WATER {
+                break Ok(());
+            }
+            let rest = &self.client.inbuf[run..];
+            let header = match Header::peek(rest) {
+                Ok(Some(header)) => header,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(PumpExit::ClientBroke(error)),
+            };
+            if header.len > self.client.max_message {
+                break Err(PumpExit::ClientBroke(ProtocolError::TooLarge {
+                    tag: header.tag,
+                    len: header.len,
+                    limit: self.client.max_message,
+                }));
+            }
+            let Some(tag) = FrontendTag::from_byte(header.tag) else {
+                break Err(PumpExit::ClientBroke(ProtocolError::UnexpectedTag(header.tag)));
+            };
+            if tag == FrontendTag::CopyData && self.server.copy_in && header.len > rest.len() {
+                self.client_passthrough = header.len;
+                continue;
+            }
+            if header.len > rest.len() {
+                self.client.inbuf.reserve(header.len - rest.len());
+                break Ok(());
+            }
+            if self.mode.manage_statements && rewrites(tag) {
+                // Anything pgrelay injects must follow what the client sent before.
+                move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
+                run = 0;
+            }
+            let disposition = match self.plan(tag, run, header.len) {
+                Ok(disposition) => disposition,
+                Err(exit) => break Err(exit),
+            };
+            match disposition {
+                Disposition::Forward => run += header.len,
+                Disposition::Consumed => {
+                    move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
+                    self.client.inbuf.advance(header.len);
+                    run = 0;
+                }
+            }
+            if self.server.expect.has_synthetic_head() {
+                move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
+                run = 0;
+                self.emit_synthetic();
+            }
+        };
+        move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
+        result
+    }
+
+    /// Decides about the message at `start..start + len` of the client input.
+    fn plan(&mut self, tag: FrontendTag, start: usize, len: usize) -> Result<Disposition, PumpExit> {
+        let body = &self.client.inbuf[start + crate::protocol::HEADER_LEN..start + len];
+        let server = &mut *self.server;
+        let manage = self.mode.manage_statements;
+        let malformed = |error: ProtocolError| PumpExit::ClientBroke(error);
+        Ok(match tag {
+            FrontendTag::Query => {
+                self.traffic.queries += 1;
+                if manage
+                    && let Some(Deallocate::One(name)) = parse_deallocate(query_text(body).map_err(malformed)?)
+                    && self.carried.statements.remove(&name)
+                {
+                    server
+                        .expect
+                        .push(Expect::Synthetic(Synthetic::QueryDone("DEALLOCATE")), Recipient::Client);
+                    return Ok(Disposition::Consumed);
+                }
+                server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
+                Disposition::Forward
+            }
+            FrontendTag::FunctionCall => {
+                server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
+                Disposition::Forward
+            }
+            FrontendTag::Parse => {
+                server.unsynced = true;
+                let parse = ParseView::read(body).map_err(malformed)?;
+                if !manage || parse.name.is_empty() {
+                    server
+                        .expect
+                        .push(Expect::ParseComplete { statement: None }, Recipient::Client);
+                    return Ok(Disposition::Forward);
+                }
+                let statement = self.carried.statements.define(&parse);
+                if server.statements.contains(&statement.server_name) {
+                    server.statements.touch(&statement.server_name);
+                    server
+                        .expect
+                        .push(Expect::Synthetic(Synthetic::ParseComplete), Recipient::Client);
+                } else {
+                    prepare(
+                        server,
+                        &statement,
+                        Recipient::Client,
+                        self.mode.max_prepared_statements,
+                        self.traffic,
+                    );
+                }
+                Disposition::Consumed
+            }
+            FrontendTag::Bind => {
+                server.unsynced = true;
+                let bind = BindView::read(body).map_err(malformed)?;
+                let statement = (manage && !bind.statement.is_empty())
+                    .then(|| self.carried.statements.get(bind.statement))
+                    .flatten();
+                let Some(statement) = statement else {
+                    server
+                        .expect
+                        .push(Expect::BindComplete { statement: None }, Recipient::Client);
+                    return Ok(Disposition::Forward);
+                };
+                ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.traffic);
+                server
+                    .outbuf
+                    .extend_from_slice(&rewrite_bind(&bind, &statement.server_name));
+                server.expect.push(
+                    Expect::BindComplete {
+                        statement: Some(statement.server_name.clone()),
+                    },
+                    Recipient::Client,
+                );
+                Disposition::Consumed
+            }
+            FrontendTag::Describe => {
+                server.unsynced = true;
+                server.expect.push(Expect::Description, Recipient::Client);
+                let object = ObjectRef::read(body).map_err(malformed)?;
+                match self.managed_statement(object) {
+                    Some(statement) => {
+                        let server = &mut *self.server;
+                        ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.traffic);
+                        server
+                            .outbuf
+                            .extend_from_slice(&describe_statement(&statement.server_name));
+                        Disposition::Consumed
+                    }
+                    None => Disposition::Forward,
+                }
+            }
+            FrontendTag::Close => {
+                server.unsynced = true;
+                let object = ObjectRef::read(body).map_err(malformed)?;
+                if manage && object.kind == ObjectKind::Statement && !object.name.is_empty() {
+                    // The server keeps the statement for other clients; the client only
+                    // loses its name for it. Closing an unknown name is no error.
+                    self.carried.statements.remove(object.name);
+                    self.server
+                        .expect
+                        .push(Expect::Synthetic(Synthetic::CloseComplete), Recipient::Client);
+                    return Ok(Disposition::Consumed);
+                }
+                server.expect.push(Expect::CloseComplete, Recipient::Client);
+                Disposition::Forward
+            }
+            FrontendTag::Execute => {
+                self.traffic.queries += 1;
+                server.unsynced = true;
+                server.expect.push(Expect::ExecuteResult, Recipient::Client);
+                Disposition::Forward
+            }
+            FrontendTag::Sync => {
+                server.unsynced = false;
+                server.expect.push(Expect::Ready, Recipient::Client);
+                Disposition::Forward
+            }
+            FrontendTag::Flush => Disposition::Forward,
+            // After a failed COPY the client may still send the rest of its data, which
+            // PostgreSQL itself ignores too.
+            FrontendTag::CopyData | FrontendTag::CopyDone | FrontendTag::CopyFail => {
+                if server.copy_in {
+                    Disposition::Forward
+                } else {
+                    Disposition::Consumed
+                }
+            }
+            FrontendTag::Terminate => return Err(PumpExit::ClientGone),
+            FrontendTag::Password => return Err(PumpExit::ClientBroke(ProtocolError::UnexpectedTag(tag.byte()))),
+        })
+    }
+
+    /// The statement a Describe names, if pgrelay manages it.
+    fn managed_statement(&self, object: ObjectRef<'_>) -> Option<Arc<PreparedStatement>> {
+        if !self.mode.manage_statements || object.kind != ObjectKind::Statement || object.name.is_empty() {
+            return None;
+        }
+        self.carried.statements.get(object.name)
+    }
+}
+
+/// Messages that may be rewritten or replaced when pgrelay manages prepared statements.
+fn rewrites(tag: FrontendTag) -> bool {
+    matches!(
+        tag,
+        FrontendTag::Query | FrontendTag::Parse | FrontendTag::Bind | FrontendTag::Describe | FrontendTag::Close
+    )
+}
+
+/// Prepares `statement` on the server first if it does not hold it yet; the reply is
+/// pgrelay's own.
+fn ensure_prepared(server: &mut ServerConn, statement: &PreparedStatement, limit: usize, traffic: &mut super::Traffic) {
+    if server.statements.contains(&statement.server_name) {
+        server.statements.touch(&statement.server_name);
+    } else {
+        prepare(server, statement, Recipient::Pgrelay, limit, traffic);
+    }
+}
+
+/// Sends the Parse of `statement`, closing first a stale copy of it and the least
+/// recently used statement if the server holds `limit` already.
+fn prepare(
+    server: &mut ServerConn,
+    statement: &PreparedStatement,
+    recipient: Recipient,
+    limit: usize,
+    traffic: &mut super::Traffic,
+) {
+    if let Some(stale) = server.statements.take_stale(&statement.server_name) {
+        server.outbuf.extend_from_slice(&close_statement(&stale));
+        server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
+    }
+    if let Some(evicted) = server.statements.insert(statement.server_name.clone(), limit) {
+        server.outbuf.extend_from_slice(&close_statement(&evicted));
+        server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
+        traffic.evictions += 1;
+    }
+    server.outbuf.extend_from_slice(&statement.parse);
+    server.expect.push(
+        Expect::ParseComplete {
+            statement: Some(statement.server_name.clone()),
+        },
+        recipient,
+    );
+}

@@ -1,0 +1,205 @@
+//! What the pump does with each message from the server: forward what belongs to the
+//! client, swallow the replies to pgrelay's own messages, and track the server's state
+//! (transaction status, settings, COPY, prepared statements that went stale).
+
+use bytes::Buf;
+
+use super::{Pump, PumpExit, move_bytes};
+use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
+use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
+use crate::upstream::{FailedAt, Recipient, Routing, SessionParams};
+
+/// Largest server message pgrelay buffers whole (DataRow and CopyData are streamed).
+const SERVER_MESSAGE_LIMIT: usize = 256 * 1024 * 1024;
+
+/// SQLSTATEs of a Bind that show the server-side statement itself is unusable: a
+/// cached plan whose result type changed after DDL (0A000), or a statement the server
+/// no longer has (26000).
+const STALE_STATEMENT_CODES: &[&str] = &["0A000", "26000"];
+
+impl Pump<'_> {
+    /// Handles the server's input: forwards what belongs to the client, swallows the
+    /// replies to pgrelay's own messages, and tracks the server's state.
+    pub(super) fn on_server_input(&mut self) -> Result<(), PumpExit> {
+        // Bytes at the front of the server input that go to the client unchanged.
+        let mut run = 0;
+        let result = loop {
+            let server = &mut *self.server;
+            if server.passthrough > 0 {
+                let n = server.passthrough.min(server.inbuf.len() - run);
+                if n == 0 {
+                    break Ok(());
+                }
+                server.passthrough -= n;
+                if server.passthrough_to_client {
+                    run += n;
+                } else {
+                    move_bytes(&mut server.inbuf, run, &mut self.client.outbuf);
+                    server.inbuf.advance(n);
+                    run = 0;
+                }
+                continue;
+            }
+            let rest = &server.inbuf[run..];
+            let header = match Header::peek(rest) {
+                Ok(Some(header)) => header,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(self.server_broke(error.to_string())),
+            };
+            let Some(tag) = BackendTag::from_byte(header.tag) else {
+                break Err(self.server_broke(format!("unknown message type {}", header.tag)));
+            };
+            if tag.is_streamable() && header.len > rest.len() {
+                match server.expect.on_message(tag) {
+                    Ok(routing) => {
+                        server.passthrough = header.len;
+                        server.passthrough_to_client = routing.recipient == Recipient::Client;
+                        continue;
+                    }
+                    Err(error) => break Err(self.server_broke(error.to_string())),
+                }
+            }
+            if header.len > rest.len() {
+                if header.len > SERVER_MESSAGE_LIMIT {
+                    break Err(self.server_broke(format!("message of {} bytes", header.len)));
+                }
+                server.inbuf.reserve(header.len - rest.len());
+                break Ok(());
+            }
+            let routing = match server.expect.on_message(tag) {
+                Ok(routing) => routing,
+                // A server that is being shut down or terminated says so with a FATAL
+                // error while idle, then closes: remember why.
+                Err(_) if tag == BackendTag::ErrorResponse && server.expect.is_empty() => Routing {
+                    recipient: Recipient::Pgrelay,
+                    ready: false,
+                    failed_statement: None,
+                },
+                Err(error) => break Err(self.server_broke(error.to_string())),
+            };
+            let to_client = match self.inspect(tag, run, header.len, &routing) {
+                Ok(to_client) => to_client,
+                Err(exit) => {
+                    move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+                    self.server.inbuf.advance(header.len);
+                    run = 0;
+                    break Err(exit);
+                }
+            };
+            if to_client {
+                run += header.len;
+            } else {
+                move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+                self.server.inbuf.advance(header.len);
+                run = 0;
+            }
+            if self.server.expect.has_synthetic_head() {
+                move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+                run = 0;
+                self.emit_synthetic();
+            }
+        };
+        move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+        result
+    }
+
+    /// Looks at one whole server message (at `start..start + len` of the input) and
+    /// updates state; true if it goes to the client.
+    fn inspect(&mut self, tag: BackendTag, start: usize, len: usize, routing: &Routing) -> Result<bool, PumpExit> {
+        let server = &mut *self.server;
+        let body = &server.inbuf[start + HEADER_LEN..start + len];
+        let to_client = routing.recipient == Recipient::Client;
+        match tag {
+            BackendTag::ReadyForQuery => {
+                let Ok(status) = ready_status(body) else {
+                    return Err(self.server_broke("bad ReadyForQuery".to_owned()));
+                };
+                server.status = status;
+                if to_client && status == TxStatus::Idle {
+                    self.traffic.transactions += 1;
+                }
+                if to_client && self.mode.statement_mode && status != TxStatus::Idle {
+                    return Err(PumpExit::TransactionInStatementMode);
+                }
+                Ok(to_client)
+            }
+            BackendTag::ErrorResponse => {
+                let fields = ErrorFields::read(body).unwrap_or_default();
+                server.copy_in = false;
+                if fields.is_fatal() {
+                    // The server closes right after; the client hears of it once, as
+                    // the failure of its server connection.
+                    server.broken = true;
+                    server.fatal = Some((fields.code.to_owned(), fields.message.to_owned()));
+                    return Ok(false);
+                }
+                match &routing.failed_statement {
+                    Some((FailedAt::Parse, name)) => server.statements.mark_stale(name.clone()),
+                    Some((FailedAt::Bind, name)) if STALE_STATEMENT_CODES.contains(&fields.code) => {
+                        server.statements.mark_stale(name.clone());
+                    }
+                    _ => {}
+                }
+                if !to_client {
+                    if server.expect.is_empty() {
+                        return Err(self.server_broke("error outside any request".to_owned()));
+                    }
+                    tracing::warn!(server = %server.addr(), sqlstate = fields.code, message = fields.message,
+                        "a statement pgrelay sent on its own failed");
+                }
+                Ok(to_client)
+            }
+            BackendTag::CommandComplete => {
+                server.copy_in = false;
+                if to_client && let Ok(tag) = command_tag(body) {
+                    match tag {
+                        // Every prepared statement and setting of the server is gone.
+                        "DISCARD ALL" => {
+                            server.statements.clear();
+                            server.params = SessionParams::default();
+                            self.carried.statements.clear();
+                            self.carried.wanted = self.carried.startup.clone();
+                        }
+                        "DEALLOCATE ALL" => {
+                            server.statements.clear();
+                            self.carried.statements.clear();
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(to_client)
+            }
+            BackendTag::ParameterStatus => {
+                if let Ok((name, value)) = parameter_status(body) {
+                    let (name, value) = (name.to_owned(), value.to_owned());
+                    server.note_parameter(&name, &value);
+                    server.params.set(&name, &value);
+                    if to_client {
+                        self.carried.wanted.set(&name, &value);
+                    }
+                }
+                Ok(to_client)
+            }
+            BackendTag::CopyInResponse | BackendTag::CopyBothResponse => {
+                server.copy_in = true;
+                Ok(to_client)
+            }
+            BackendTag::Authentication | BackendTag::BackendKeyData | BackendTag::NegotiateProtocolVersion => Ok(false),
+            BackendTag::NotificationResponse
+            | BackendTag::NoticeResponse
+            | BackendTag::BindComplete
+            | BackendTag::CloseComplete
+            | BackendTag::CopyData
+            | BackendTag::CopyDone
+            | BackendTag::CopyOutResponse
+            | BackendTag::DataRow
+            | BackendTag::EmptyQueryResponse
+            | BackendTag::FunctionCallResponse
+            | BackendTag::NoData
+            | BackendTag::ParameterDescription
+            | BackendTag::ParseComplete
+            | BackendTag::PortalSuspended
+            | BackendTag::RowDescription => Ok(to_client),
+        }
+    }
+}

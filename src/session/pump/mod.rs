@@ -1,0 +1,210 @@
+//! Forwarding between a client and the server it is attached to, in both directions at
+//! once, until the server owes nothing and is outside a transaction.
+//!
+//! Messages are read in place and forwarded as the original bytes; only the ones that
+//! change state are looked at. Large DataRow and CopyData messages are forwarded as
+//! they arrive, never buffered whole. Each direction stops reading while the other
+//! side's output is backed up, so a slow reader cannot make pgrelay buffer without
+//! bound. `from_client` and `from_server` hold what is done with each message.
+
+mod from_client;
+mod from_server;
+
+use std::future::poll_fn;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio_util::io::poll_read_buf;
+
+use super::Traffic;
+use super::carried::Carried;
+use super::client::{ClientConn, poll_write_buffer, reserve_for_read};
+use crate::protocol::ProtocolError;
+use crate::protocol::compose;
+use crate::upstream::{ServerConn, Synthetic, UpstreamError};
+
+/// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// Why forwarding stopped.
+#[derive(Debug)]
+pub(super) enum PumpExit {
+    /// The server owes nothing and is outside a transaction block.
+    ServerIdle,
+    /// Statement mode: the client opened a transaction block. The ReadyForQuery that
+    /// says so was not forwarded.
+    TransactionInStatementMode,
+    /// The client closed its connection or sent Terminate.
+    ClientGone,
+    /// The client broke the protocol.
+    ClientBroke(ProtocolError),
+    /// The server connection failed; it must not be reused.
+    ServerFailed(UpstreamError),
+}
+
+/// How the attached server is shared, which decides what the pump must take care of.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PumpMode {
+    /// Statement mode: a transaction block is refused.
+    pub statement_mode: bool,
+    /// Transaction and statement mode: prepared statements are renamed and re-prepared.
+    pub manage_statements: bool,
+    pub max_prepared_statements: usize,
+}
+
+pub(super) struct Pump<'a> {
+    client: &'a mut ClientConn,
+    server: &'a mut ServerConn,
+    carried: &'a mut Carried,
+    traffic: &'a mut Traffic,
+    mode: PumpMode,
+    /// Bytes of a large client CopyData still to be forwarded as they arrive.
+    client_passthrough: usize,
+}
+
+impl<'a> Pump<'a> {
+    pub fn new(
+        client: &'a mut ClientConn,
+        server: &'a mut ServerConn,
+        carried: &'a mut Carried,
+        traffic: &'a mut Traffic,
+        mode: PumpMode,
+    ) -> Self {
+        Pump {
+            client,
+            server,
+            carried,
+            traffic,
+            mode,
+            client_passthrough: 0,
+        }
+    }
+
+    pub async fn run(mut self) -> PumpExit {
+        if let Err(exit) = self.on_client_input() {
+            return exit;
+        }
+        if self.server.is_idle() {
+            return PumpExit::ServerIdle;
+        }
+        poll_fn(|cx| self.poll(cx)).await
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<PumpExit> {
+        loop {
+            let mut progress = false;
+
+            match poll_write_buffer(&mut self.server.stream, &mut self.server.outbuf, cx) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
+                Poll::Pending => {}
+            }
+            match self.client.poll_write_out(cx) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
+                Poll::Pending => {}
+            }
+
+            if self.client.outbuf.len() < HIGH_WATER {
+                reserve_for_read(&mut self.server.inbuf);
+                match poll_read_buf(std::pin::Pin::new(&mut self.server.stream), cx, &mut self.server.inbuf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(self.server_closed()),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Err(exit) = self.on_server_input() {
+                            return Poll::Ready(exit);
+                        }
+                        if self.server.is_idle() {
+                            return Poll::Ready(PumpExit::ServerIdle);
+                        }
+                    }
+                    Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
+                    Poll::Pending => {}
+                }
+            }
+
+            if self.server.outbuf.len() < HIGH_WATER {
+                if !self.client.inbuf.is_empty() {
+                    let before = self.server.outbuf.len();
+                    if let Err(exit) = self.on_client_input() {
+                        return Poll::Ready(exit);
+                    }
+                    progress |= self.server.outbuf.len() != before;
+                }
+                match self.client.poll_read_more(cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Err(exit) = self.on_client_input() {
+                            return Poll::Ready(exit);
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Sends the replies pgrelay gives itself that are now due: every one at the head
+    /// of the queue, since everything before them has been forwarded.
+    fn emit_synthetic(&mut self) {
+        while let Some(synthetic) = self.server.expect.pop_synthetic() {
+            let out = &mut self.client.outbuf;
+            match synthetic {
+                Synthetic::ParseComplete => compose::parse_complete(out),
+                Synthetic::CloseComplete => compose::close_complete(out),
+                Synthetic::QueryDone(tag) => {
+                    compose::command_complete(out, tag);
+                    compose::ready_for_query(out, self.server.status);
+                }
+            }
+        }
+    }
+
+    fn server_closed(&mut self) -> PumpExit {
+        self.server.mark_broken();
+        let addr = self.server.addr().to_owned();
+        PumpExit::ServerFailed(match self.server.fatal.take() {
+            Some((sqlstate, message)) => UpstreamError::Terminated {
+                addr,
+                sqlstate,
+                message,
+            },
+            None => UpstreamError::Closed { addr },
+        })
+    }
+
+    fn server_io_failed(&mut self, source: std::io::Error) -> PumpExit {
+        self.server.mark_broken();
+        PumpExit::ServerFailed(UpstreamError::Io {
+            addr: self.server.addr().to_owned(),
+            source,
+        })
+    }
+
+    fn server_broke(&mut self, reason: String) -> PumpExit {
+        self.server.mark_broken();
+        PumpExit::ServerFailed(UpstreamError::Protocol {
+            addr: self.server.addr().to_owned(),
+            reason,
+        })
+    }
+}
+
+/// Moves the first `n` bytes of `from` to the end of `to`, without copying when `to`
+/// is empty.
+fn move_bytes(from: &mut BytesMut, n: usize, to: &mut BytesMut) {
+    if n == 0 {
+        return;
+    }
+    if to.is_empty() {
+        *to = from.split_to(n);
+    } else {
+        to.extend_from_slice(&from[..n]);
+        from.advance(n);
+    }
+}

@@ -1,0 +1,210 @@
+//! End-to-end: what drivers do through a transaction-mode pool that is smaller than the
+//! number of clients: named prepared statements, settings, cancels.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proxy, config_for, first_value, run_tool, shared_cluster, sqlstate};
+use tokio_postgres::NoTls;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_prepare_statements_through_a_small_pool() {
+    let cluster = shared_cluster();
+    let config = config_for(cluster, "size = 5\nmax_prepared_statements = 10")
+        .replace("client_login_timeout = \"5s\"", "client_login_timeout = \"60s\"");
+    let proxy = Proxy::start(&config).await;
+    let mut tasks = Vec::new();
+    for client_index in 0..100i32 {
+        let url = proxy.url("app_t7", "app_t7", "app");
+        tasks.push(tokio::spawn(async move {
+            let client = common::connect(&url).await.unwrap();
+            // The same text for everyone, plus statements of their own: 30 distinct
+            // statements over all clients, more than a server may hold.
+            let shared = client.prepare("SELECT $1::int * 2").await.unwrap();
+            let own = client
+                .prepare(&format!("SELECT $1::int + {}", client_index % 30))
+                .await
+                .unwrap();
+            for round in 0..5i32 {
+                let doubled: i32 = client.query_one(&shared, &[&round]).await.unwrap().get(0);
+                assert_eq!(doubled, round * 2);
+                let added: i32 = client.query_one(&own, &[&round]).await.unwrap().get(0);
+                assert_eq!(added, round + client_index % 30);
+                let held: i64 = client
+                    .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert!(held <= 10, "a server holds {held} statements");
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_deallocate_and_discard_all_behave_as_on_a_direct_connection() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 2")).await;
+    let client = proxy.app().await;
+    let statement = client.prepare("SELECT 'still here'").await.unwrap();
+    let value: String = client.query_one(&statement, &[]).await.unwrap().get(0);
+    assert_eq!(value, "still here");
+    // tokio-postgres closes its statement on drop; the name is then unknown.
+    drop(statement);
+    let again = client.prepare("SELECT 'again'").await.unwrap();
+    assert_eq!(
+        client.query_one(&again, &[]).await.unwrap().get::<_, String>(0),
+        "again"
+    );
+    client.batch_execute("DISCARD ALL").await.unwrap();
+    // After DISCARD ALL the client's statements are gone, as on PostgreSQL.
+    let error = client.query_one(&again, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "26000", "{error:?}");
+    let fresh = client.prepare("SELECT 'fresh'").await.unwrap();
+    assert_eq!(
+        client.query_one(&fresh, &[]).await.unwrap().get::<_, String>(0),
+        "fresh"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cached_plan_after_ddl_fails_once_then_recovers() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 1")).await;
+    let client = proxy.app().await;
+    let table = format!("plan_{}", std::process::id());
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let select = client.prepare(&format!("SELECT * FROM {table}")).await.unwrap();
+    assert_eq!(client.query(&select, &[]).await.unwrap().len(), 1);
+    client
+        .batch_execute(&format!("ALTER TABLE {table} ADD COLUMN b int"))
+        .await
+        .unwrap();
+    let error = client.query(&select, &[]).await.unwrap_err();
+    assert!(
+        common::message(&error).contains("cached plan must not change result type"),
+        "{error:?}"
+    );
+    // The driver prepares the statement again; the server's stale copy is replaced.
+    let select = client.prepare(&format!("SELECT * FROM {table}")).await.unwrap();
+    let rows = client.query(&select, &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    client.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_never_hits_the_next_client_on_the_same_server() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 1")).await;
+    let first = proxy.app().await;
+    let second = proxy.app().await;
+    let first_pid = first_value(&first.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let late_cancel = first.cancel_token();
+    // The second client now runs on the same (only) server connection.
+    let running = tokio::spawn(async move {
+        let rows = second.simple_query("SELECT pg_backend_pid(), pg_sleep(1)").await;
+        (second, rows)
+    });
+    let observer = common::direct(&cluster.primary().addr(), "app").await;
+    common::wait_until("the second client's query runs", Duration::from_secs(10), || {
+        let observer = &observer;
+        async move {
+            let n: i64 = observer
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(1)%' AND state = 'active' AND pid <> pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n == 1
+        }
+    })
+    .await;
+    late_cancel.cancel_query(NoTls).await.unwrap();
+    let (_second, rows) = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = rows.expect("the second client's query was not cancelled");
+    assert_eq!(
+        first_value(&rows),
+        first_pid,
+        "both clients used the same server connection"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_mode_through_a_pool_of_five() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 5")).await;
+    let port = proxy.port().to_string();
+    let (ok, _, stderr) = run_tool(
+        "pgbench",
+        "app_t8",
+        &[
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app_t8",
+            "app",
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "pgbench -i: {stderr}");
+    // Select-only: pgbench prepares a statement synchronously the first time each
+    // client runs it, blocking its whole thread; with multi-statement transactions and
+    // fewer servers than clients, one thread's clients can then hold every server while
+    // it waits for another. That deadlock is pgbench's, through any pooler.
+    for script in ["-S"] {
+        let (ok, stdout, stderr) = run_tool(
+            "pgbench",
+            "app_t8",
+            &[
+                "-M",
+                "prepared",
+                script,
+                "-c",
+                "30",
+                "-j",
+                "2",
+                "-T",
+                "3",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "app_t8",
+                "app",
+            ],
+            "",
+        )
+        .await;
+        assert!(ok, "pgbench {script}: {stdout}\n{stderr}");
+        assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    }
+    proxy.shutdown().await;
+}
