@@ -3,6 +3,7 @@
 pub mod app;
 pub mod auth;
 pub mod cancel;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod net;
 pub mod pool;
 pub mod protocol;
 pub mod route;
+pub mod router;
 pub mod runtime;
 pub mod session;
 pub mod upstream;

@@ -9,10 +9,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::auth::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
-use crate::config::{AuthMethod, Config, DatabaseConfig, PoolConfig, PoolMode, RoutingConfig};
+use crate::cluster::HostHealth;
+use crate::config::{AuthMethod, Config, DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig};
 use crate::pool::{PoolLimits, ServerPool};
+use crate::route::{Classifier, ClassifierSettings};
 use crate::upstream::{ConnectSpec, ServerCredentials};
 
 /// Limits that apply to every client connection.
@@ -47,6 +51,9 @@ pub struct UserPools {
     pub replicas: Vec<Arc<ServerPool>>,
 }
 
+/// Statements whose classification each database remembers.
+const CLASSIFICATION_CACHE: usize = 10_000;
+
 /// Most distinct startup-parameter values remembered as accepted by the servers.
 const KNOWN_PARAMS_LIMIT: usize = 4096;
 
@@ -62,6 +69,12 @@ pub struct DatabaseEntry {
     pub primary: Arc<str>,
     pub replicas: Vec<Arc<str>>,
     pools: DashMap<String, Arc<UserPools>>,
+    /// Reads the statements clients send, for routing and session tracking.
+    pub classifier: Classifier,
+    /// The standing of each replica, in the order of `replicas`.
+    pub replica_health: Vec<Arc<HostHealth>>,
+    /// Where round-robin load balancing starts next.
+    next_replica: AtomicUsize,
     /// Startup parameters the servers accepted, with the value they reported back for
     /// them (None when the parameter is not reported).
     known_params: Mutex<HashMap<(String, String), Option<String>>>,
@@ -77,8 +90,54 @@ impl DatabaseEntry {
             primary: Arc::from(config.primary.as_str()),
             replicas: config.replicas.iter().map(|addr| Arc::from(addr.as_str())).collect(),
             pools: DashMap::new(),
+            classifier: Classifier::new(ClassifierSettings {
+                write_functions: config.routing.write_functions.clone(),
+                read_only_functions: config.routing.read_only_functions.clone(),
+                cache_capacity: CLASSIFICATION_CACHE,
+            }),
+            replica_health: config
+                .replicas
+                .iter()
+                .map(|addr| Arc::new(HostHealth::new(Arc::from(addr.as_str()))))
+                .collect(),
+            next_replica: AtomicUsize::new(0),
             known_params: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether some replica may take reads now.
+    pub fn replica_usable(&self) -> bool {
+        self.replica_health.iter().any(|health| health.usable())
+    }
+
+    /// The usable replicas of `pools` in the order load balancing prefers them.
+    pub fn replicas_to_try(&self, pools: &UserPools) -> Vec<usize> {
+        let mut usable: Vec<usize> = (0..self.replica_health.len().min(pools.replicas.len()))
+            .filter(|&index| self.replica_health[index].usable())
+            .collect();
+        if usable.len() < 2 {
+            return usable;
+        }
+        match self.routing.load_balance {
+            LoadBalance::RoundRobin => {
+                let start = self.next_replica.fetch_add(1, Ordering::Relaxed) % usable.len();
+                usable.rotate_left(start);
+            }
+            LoadBalance::Random => {
+                let start = rand::random_range(0..usable.len());
+                usable.rotate_left(start);
+            }
+            LoadBalance::LeastConnections => {
+                // Ties are broken round robin so equal replicas share the load.
+                let start = self.next_replica.fetch_add(1, Ordering::Relaxed) % usable.len();
+                usable.rotate_left(start);
+                usable.sort_by_key(|&index| {
+                    let status = pools.replicas[index].status();
+                    status.active + status.waiting
+                });
+            }
+        }
+        usable
     }
 
     pub fn mode(&self) -> PoolMode {

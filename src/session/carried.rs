@@ -1,15 +1,162 @@
 //! What a client's session carries from one server connection to the next: the
-//! settings it wants and its prepared statements.
+//! settings it wants, its prepared statements, and the state that pins it to its
+//! server.
+
+use std::collections::HashSet;
 
 use super::prepared::ClientStatements;
+use crate::route::{PinReason, SessionEffect};
 use crate::upstream::SessionParams;
 
 #[derive(Debug, Default)]
 pub(crate) struct Carried {
     /// Settings the client wants on whatever server it uses.
     pub wanted: SessionParams,
-    /// The settings of its startup packet: what RESET ALL and DISCARD ALL return to.
+    /// The settings of its startup packet: what RESET and DISCARD ALL return to.
     pub startup: SessionParams,
     /// Its protocol-level prepared statements (transaction and statement mode).
     pub statements: ClientStatements,
+    /// Server-side state that cannot move to another server.
+    pub pins: Pins,
+}
+
+impl Carried {
+    /// Records the effect of a statement that completed. `server` is the settings
+    /// pgrelay knows the attached server to have.
+    pub fn apply(&mut self, effect: &SessionEffect, server: &mut SessionParams) {
+        match effect {
+            SessionEffect::Set { local: true, .. } => {}
+            SessionEffect::Set { name, value, .. } if value.eq_ignore_ascii_case("default") => {
+                self.wanted.reset_to(name, &self.startup);
+                server.remove(name);
+            }
+            SessionEffect::Set { name, value, .. } => {
+                self.wanted.set_sql(name, value);
+                server.set_sql(name, value);
+            }
+            SessionEffect::Reset { name } => {
+                self.wanted.reset_to(name, &self.startup);
+                server.remove(name);
+            }
+            SessionEffect::ResetAll | SessionEffect::DiscardAll => {
+                self.wanted = self.startup.clone();
+                *server = SessionParams::default();
+            }
+            _ => {}
+        }
+        self.pins.apply(effect);
+    }
+}
+
+/// Why a client keeps its server, with the names that keep each reason alive.
+#[derive(Debug, Default)]
+pub(crate) struct Pins {
+    reasons: HashSet<PinReason>,
+    listening: HashSet<String>,
+    hold_cursors: HashSet<String>,
+    sql_prepared: HashSet<String>,
+}
+
+impl Pins {
+    pub fn is_pinned(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+
+    pub fn apply(&mut self, effect: &SessionEffect) {
+        match effect {
+            SessionEffect::Pin(reason) => {
+                self.reasons.insert(*reason);
+            }
+            SessionEffect::Unpin(reason) => {
+                self.reasons.remove(reason);
+                match reason {
+                    PinReason::Listen => self.listening.clear(),
+                    PinReason::HoldCursor => self.hold_cursors.clear(),
+                    PinReason::SqlPrepare => self.sql_prepared.clear(),
+                    _ => {}
+                }
+            }
+            SessionEffect::Listen { channel } => {
+                self.listening.insert(channel.clone());
+            }
+            SessionEffect::Unlisten { channel: Some(channel) } => {
+                forget(&mut self.listening, &mut self.reasons, channel, PinReason::Listen);
+            }
+            SessionEffect::DeclareHoldCursor { name } => {
+                self.hold_cursors.insert(name.clone());
+            }
+            SessionEffect::CloseCursor { name: Some(name) } => {
+                forget(&mut self.hold_cursors, &mut self.reasons, name, PinReason::HoldCursor);
+            }
+            SessionEffect::Prepare { name } => {
+                self.sql_prepared.insert(name.clone());
+            }
+            SessionEffect::Deallocate { name: Some(name) } => {
+                forget(&mut self.sql_prepared, &mut self.reasons, name, PinReason::SqlPrepare);
+            }
+            SessionEffect::Deallocate { name: None } => {
+                self.sql_prepared.clear();
+                self.reasons.remove(&PinReason::SqlPrepare);
+            }
+            SessionEffect::DiscardAll => *self = Pins::default(),
+            _ => {}
+        }
+    }
+}
+
+/// Drops one name; the reason goes with the last one.
+fn forget(names: &mut HashSet<String>, reasons: &mut HashSet<PinReason>, name: &str, reason: PinReason) {
+    names.remove(name);
+    if names.is_empty() {
+        reasons.remove(&reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_end_with_the_last_name() {
+        let mut pins = Pins::default();
+        pins.apply(&SessionEffect::Listen { channel: "a".into() });
+        pins.apply(&SessionEffect::Pin(PinReason::Listen));
+        pins.apply(&SessionEffect::Listen { channel: "b".into() });
+        pins.apply(&SessionEffect::Unlisten {
+            channel: Some("a".into()),
+        });
+        assert!(pins.is_pinned());
+        pins.apply(&SessionEffect::Unlisten {
+            channel: Some("b".into()),
+        });
+        assert!(!pins.is_pinned());
+        pins.apply(&SessionEffect::Pin(PinReason::TempTable));
+        pins.apply(&SessionEffect::DiscardAll);
+        assert!(!pins.is_pinned());
+    }
+
+    #[test]
+    fn settings_follow_set_and_reset() {
+        let mut carried = Carried::default();
+        carried.startup.set("application_name", "app");
+        carried.wanted = carried.startup.clone();
+        let mut server = SessionParams::default();
+        carried.apply(
+            &SessionEffect::Set {
+                name: "application_name".into(),
+                value: "'other'".into(),
+                local: false,
+            },
+            &mut server,
+        );
+        assert_eq!(carried.wanted.get("application_name"), Some("'other'"));
+        carried.apply(
+            &SessionEffect::Reset {
+                name: "application_name".into(),
+            },
+            &mut server,
+        );
+        assert_eq!(carried.wanted.get("application_name"), Some("app"));
+        assert!(server.get("application_name").is_none());
+    }
 }

@@ -8,6 +8,7 @@ use crate::error::{ClientError, Side, sqlstate};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ObjectKind, ObjectRef, ParseView, query_text};
 use crate::protocol::{Frame, FrontendTag, TxStatus};
+use crate::route::{Classifier, TxControl};
 
 /// The client's transaction state while no server is attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub(super) enum LocalTx {
     /// error in a transaction block, statements are refused until the client ends the
     /// block. The first refusal is the failure itself if the client has not heard of it.
     Aborted { failure: ClientError, reported: bool },
+    /// `transactions = "first_statement"`: the client's BEGIN was answered by pgrelay
+    /// and is held back, to be sent with the first statement to wherever that goes.
+    DeferredBegin { sql: String },
 }
 
 /// What the session should do with the client's next message.
@@ -57,16 +61,30 @@ impl LocalState {
         match self.tx {
             LocalTx::Idle => TxStatus::Idle,
             LocalTx::Aborted { .. } => TxStatus::Failed,
+            LocalTx::DeferredBegin { .. } => TxStatus::InTransaction,
         }
     }
 
     /// Looks at the first whole message of `inbuf` (the caller made sure it is there)
     /// and answers it if no server is needed, consuming it.
-    pub fn answer(&mut self, tag: FrontendTag, inbuf: &mut BytesMut, out: &mut BytesMut) -> Answer {
+    /// With `defer_begin`, a lone BEGIN is answered here and held back
+    /// (`transactions = "first_statement"`).
+    pub fn answer(
+        &mut self,
+        tag: FrontendTag,
+        inbuf: &mut BytesMut,
+        out: &mut BytesMut,
+        defer_begin: Option<&Classifier>,
+    ) -> Answer {
         match tag {
             FrontendTag::Terminate => return Answer::Terminate,
             FrontendTag::Password => {
                 return Answer::Broke(ClientError::protocol_violation("unexpected password message"));
+            }
+            FrontendTag::Query if !self.skipping_to_sync => {
+                if let Some(answer) = self.answer_deferred(inbuf, out, defer_begin) {
+                    return answer;
+                }
             }
             _ => {}
         }
@@ -142,6 +160,53 @@ impl LocalState {
         Answer::Answered
     }
 
+    /// Holds back a lone BEGIN, or ends a held-back transaction that never ran anything.
+    fn answer_deferred(
+        &mut self,
+        inbuf: &mut BytesMut,
+        out: &mut BytesMut,
+        defer_begin: Option<&Classifier>,
+    ) -> Option<Answer> {
+        let header = crate::protocol::Header::peek(inbuf).ok()??;
+        let sql = query_text(inbuf.get(crate::protocol::HEADER_LEN..header.len)?).ok()?;
+        match (&self.tx, defer_begin) {
+            (LocalTx::Idle, Some(classifier)) => {
+                let class = classifier.classify(sql);
+                let lone_begin = class.statements == 1
+                    && class.session.is_empty()
+                    && matches!(
+                        class.transaction,
+                        Some(TxControl::Begin {
+                            read_only: None | Some(false),
+                            ..
+                        })
+                    );
+                if !lone_begin {
+                    return None;
+                }
+                self.tx = LocalTx::DeferredBegin { sql: sql.to_owned() };
+                take_frame(inbuf);
+                compose::command_complete(out, "BEGIN");
+                compose::ready_for_query(out, TxStatus::InTransaction);
+                Some(Answer::Answered)
+            }
+            (LocalTx::DeferredBegin { .. }, _) if ends_transaction(sql) => {
+                let first = sql.trim_start().get(..5).unwrap_or_default().to_ascii_lowercase();
+                let tag = if first.starts_with("rollb") || first.starts_with("abort") {
+                    "ROLLBACK"
+                } else {
+                    "COMMIT"
+                };
+                self.tx = LocalTx::Idle;
+                take_frame(inbuf);
+                compose::command_complete(out, tag);
+                compose::ready_for_query(out, TxStatus::Idle);
+                Some(Answer::Answered)
+            }
+            _ => None,
+        }
+    }
+
     /// Reports `error` for the first message of the input, which could not be served,
     /// and drops it (or, for the extended protocol, its whole batch up to Sync).
     pub fn fail_first(&mut self, tag: FrontendTag, inbuf: &mut BytesMut, out: &mut BytesMut, error: &ClientError) {
@@ -169,7 +234,7 @@ impl LocalState {
                     failure.message
                 ),
             ),
-            LocalTx::Idle => return,
+            LocalTx::Idle | LocalTx::DeferredBegin { .. } => return,
         };
         compose::error(out, Severity::Error, &error.sqlstate, &error.message);
     }

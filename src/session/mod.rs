@@ -9,6 +9,7 @@ mod login;
 mod options;
 mod prepared;
 mod pump;
+mod routing;
 mod run;
 
 use std::net::SocketAddr;

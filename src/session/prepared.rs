@@ -15,11 +15,14 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::protocol::views::{BindView, ParseView};
+use crate::route::{Classification, Classifier};
 
 /// A statement as pgrelay prepares it on servers.
 #[derive(Debug)]
 pub(crate) struct PreparedStatement {
     pub server_name: Arc<str>,
+    /// What the statement does, for routing the batches that execute it.
+    pub class: Arc<Classification>,
     /// The Parse message with the server-side name, ready to send to any server.
     pub parse: Bytes,
 }
@@ -32,12 +35,13 @@ pub(crate) struct ClientStatements {
 
 impl ClientStatements {
     /// Records the client's Parse; a name parsed again is redefined.
-    pub fn define(&mut self, parse: &ParseView<'_>) -> Arc<PreparedStatement> {
+    pub fn define(&mut self, parse: &ParseView<'_>, classifier: &Classifier) -> Arc<PreparedStatement> {
         let server_name = server_name(parse.query, parse.param_types);
         let statement = match self.by_name.get(parse.name) {
             Some(known) if known.server_name == server_name => known.clone(),
             _ => Arc::new(PreparedStatement {
                 parse: parse_message(&server_name, parse.query, parse.param_types),
+                class: classifier.classify(parse.query),
                 server_name,
             }),
         };
@@ -179,7 +183,7 @@ mod tests {
         );
         let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
         let mut statements = ClientStatements::default();
-        let statement = statements.define(&parse);
+        let statement = statements.define(&parse, &Classifier::new(Default::default()));
         let view = ParseView::read(&statement.parse[5..]).unwrap();
         assert_eq!((view.name, view.query), (&*statement.server_name, "SELECT 1"));
     }

@@ -10,13 +10,15 @@ use super::client::ClientConn;
 use super::local::{Answer, LocalState, LocalTx};
 use super::login::LoggedIn;
 use super::pump::{Pump, PumpExit, PumpMode};
+use super::routing;
 use super::{ClientSlot, Traffic};
 use crate::cancel::{CancelHandle, CancelTarget};
-use crate::config::PoolMode;
+use crate::config::{PoolMode, RoutingTarget, TransactionRouting};
 use crate::error::{ClientError, Side, sqlstate};
 use crate::pool::Checkout;
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::{FrontendTag, Header, ProtocolError, TxStatus};
+use crate::router::{self, Decision, Reason, Target};
 use crate::runtime::{DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
 use crate::upstream::{Expect, ParamDiff, Recipient, SessionParams};
 
@@ -51,8 +53,11 @@ pub(crate) struct Session {
     /// Settings and prepared statements carried from server to server.
     carried: Carried,
     local: LocalState,
-    /// The server kept between messages: for the whole session in session mode.
+    /// The server kept between messages: for the whole session in session mode, or
+    /// while the client is pinned.
     server: Option<Checkout>,
+    /// The attached server is a replica.
+    on_replica: bool,
     traffic: Traffic,
     idle_timeout: Option<Duration>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
@@ -79,8 +84,9 @@ impl Session {
             carried: Carried {
                 startup: logged_in.wanted.clone(),
                 wanted: logged_in.wanted,
-                statements: Default::default(),
+                ..Carried::default()
             },
+            on_replica: false,
             local: LocalState::new(),
             server: None,
             traffic: Traffic::default(),
@@ -135,7 +141,13 @@ impl Session {
                 Err(end) => return end,
             };
             if self.server.is_none() {
-                match self.local.answer(tag, &mut client.inbuf, &mut client.outbuf) {
+                let defer_begin = (self.database.routing.transactions == TransactionRouting::FirstStatement
+                    && self.database.mode() == PoolMode::Transaction)
+                    .then_some(&self.database.classifier);
+                match self
+                    .local
+                    .answer(tag, &mut client.inbuf, &mut client.outbuf, defer_begin)
+                {
                     Answer::Answered => continue,
                     Answer::Terminate => return End::ClientLeft,
                     Answer::Broke(error) => return End::ClientBroke(error),
@@ -153,10 +165,19 @@ impl Session {
                 statement_mode: self.database.mode() == PoolMode::Statement,
                 manage_statements: self.database.mode() != PoolMode::Session,
                 max_prepared_statements: self.database.pool.max_prepared_statements,
+                single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
             };
-            let exit = Pump::new(client, &mut server, &mut self.carried, &mut self.traffic, mode)
-                .run()
-                .await;
+            let classifier = &self.database.classifier;
+            let exit = Pump::new(
+                client,
+                &mut server,
+                &mut self.carried,
+                &mut self.traffic,
+                mode,
+                classifier,
+            )
+            .run()
+            .await;
             if let Some(end) = self.after_pump(client, server, exit).await {
                 return end;
             }
@@ -223,13 +244,21 @@ impl Session {
     /// Waits for a server for the message at the front of the input. On failure the
     /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
     async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
-        let pool = self.pools.primary.clone();
-        let checkout = pool.checkout();
+        let decision = self.route(client);
+        let database = self.database.clone();
+        let pools = self.pools.clone();
+        let checkout = async move {
+            let (checkout, target) = routing::checkout_for(decision, &database, &pools).await?;
+            Ok::<_, crate::pool::PoolError>((checkout, target))
+        };
         tokio::pin!(checkout);
         loop {
             tokio::select! {
                 result = &mut checkout => {
-                    return result.map_err(|error| {
+                    return result.map(|(checkout, target)| {
+                        self.on_replica = target == Target::Replica;
+                        checkout
+                    }).map_err(|error| {
                         let error = ClientError::from_pool(&error, &self.database.name);
                         tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                             sqlstate = %error.sqlstate, error = %error.message, "no server for client");
@@ -252,14 +281,46 @@ impl Session {
         }
     }
 
-    /// Brings the server's settings in line with the client's and points the client's
-    /// cancel key at it.
+    /// Where the batch at the front of the input goes.
+    fn route(&self, client: &ClientConn) -> Decision {
+        let routing = &self.database.routing;
+        if self.database.mode() == PoolMode::Session {
+            // The whole session runs on one server.
+            let target = if routing.target == RoutingTarget::Replica {
+                Target::Replica
+            } else {
+                Target::Primary
+            };
+            let reason = if target == Target::Replica {
+                Reason::Read
+            } else {
+                Reason::Write
+            };
+            return Decision { target, reason };
+        }
+        let batch = routing::plan_batch(
+            &client.inbuf,
+            &self.carried.statements,
+            &self.database.classifier,
+            &self.local.tx,
+        );
+        router::decide(&batch, routing, self.database.replica_usable())
+    }
+
+    /// Brings the server's settings in line with the client's, sends a held-back BEGIN,
+    /// and points the client's cancel key at the server.
     fn prepare(&mut self, server: &mut Checkout) {
         if let Some(diff) = ParamDiff::between(&self.carried.wanted, &server.params)
             && postgres_protocol::message::frontend::query(&diff.sql, &mut server.outbuf).is_ok()
         {
             server.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
             server.params = self.carried.wanted.clone();
+        }
+        if let LocalTx::DeferredBegin { sql } = &self.local.tx
+            && postgres_protocol::message::frontend::query(sql, &mut server.outbuf).is_ok()
+        {
+            server.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
+            self.local.tx = LocalTx::Idle;
         }
         self.cancel.attach(CancelTarget {
             addr: server.addr.clone(),
@@ -270,7 +331,7 @@ impl Session {
     async fn after_pump(&mut self, client: &mut ClientConn, mut server: Checkout, exit: PumpExit) -> Option<End> {
         match exit {
             PumpExit::ServerIdle => {
-                if self.database.mode() == PoolMode::Session {
+                if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
                     self.server = Some(server);
                 } else {
                     self.cancel.detach().await;

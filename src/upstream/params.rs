@@ -7,7 +7,16 @@ use std::fmt::Write as _;
 /// Settings by name, compared case-insensitively as PostgreSQL does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionParams {
-    entries: Vec<(String, String)>,
+    entries: Vec<(String, String, Form)>,
+}
+
+/// How a setting's value was given, which decides how it is written in a SET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// The value itself (startup packet, ParameterStatus): written as a string literal.
+    Literal,
+    /// SQL text as it followed `TO` in the client's own SET (`'UTC'`, `a, b`, `DEFAULT`).
+    Sql,
 }
 
 /// Parameters a server reports but that no client can set: never tracked or applied.
@@ -22,35 +31,65 @@ const NOT_SETTABLE: &[&str] = &[
 ];
 
 impl SessionParams {
+    /// The value of a setting, however it was given.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.entries
-            .iter()
-            .find(|(known, _)| known.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        self.entry(name).map(|(value, _)| value)
     }
 
-    /// Records a setting; false (and nothing recorded) for read-only parameters.
+    fn entry(&self, name: &str) -> Option<(&str, Form)> {
+        self.entries
+            .iter()
+            .find(|(known, _, _)| known.eq_ignore_ascii_case(name))
+            .map(|(_, value, form)| (value.as_str(), *form))
+    }
+
+    /// Records a literal value; false (and nothing recorded) for read-only parameters.
     pub fn set(&mut self, name: &str, value: &str) -> bool {
+        self.set_as(name, value, Form::Literal)
+    }
+
+    /// Records a value given as SQL text after `TO`.
+    pub fn set_sql(&mut self, name: &str, value: &str) -> bool {
+        self.set_as(name, value, Form::Sql)
+    }
+
+    fn set_as(&mut self, name: &str, value: &str, form: Form) -> bool {
         if NOT_SETTABLE.iter().any(|fixed| fixed.eq_ignore_ascii_case(name)) {
             return false;
         }
         match self
             .entries
             .iter_mut()
-            .find(|(known, _)| known.eq_ignore_ascii_case(name))
+            .find(|(known, _, _)| known.eq_ignore_ascii_case(name))
         {
-            Some((_, known_value)) => value.clone_into(known_value),
-            None => self.entries.push((name.to_owned(), value.to_owned())),
+            Some((_, known_value, known_form)) => {
+                value.clone_into(known_value);
+                *known_form = form;
+            }
+            None => self.entries.push((name.to_owned(), value.to_owned(), form)),
         }
         true
     }
 
+    /// Makes `name` what it is in `defaults`, or absent if `defaults` lacks it.
+    pub fn reset_to(&mut self, name: &str, defaults: &SessionParams) {
+        match defaults.entry(name) {
+            Some((value, form)) => {
+                let value = value.to_owned();
+                self.set_as(name, &value, form);
+            }
+            None => self.remove(name),
+        }
+    }
+
     pub fn remove(&mut self, name: &str) {
-        self.entries.retain(|(known, _)| !known.eq_ignore_ascii_case(name));
+        self.entries.retain(|(known, _, _)| !known.eq_ignore_ascii_case(name));
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.entries.iter().map(|(name, value)| (name.as_str(), value.as_str()))
+        self.entries
+            .iter()
+            .map(|(name, value, _)| (name.as_str(), value.as_str()))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,13 +107,17 @@ impl ParamDiff {
     /// `None` when the server already has exactly what the client wants.
     pub fn between(wanted: &SessionParams, applied: &SessionParams) -> Option<ParamDiff> {
         let mut sql = String::new();
-        for (name, value) in wanted.iter() {
-            if applied.get(name) != Some(value) {
-                let _ = write!(sql, "SET {} TO {};", quote_name(name), quote_literal(value));
+        for (name, value, form) in &wanted.entries {
+            if applied.entry(name) != Some((value.as_str(), *form)) {
+                let value = match form {
+                    Form::Literal => quote_literal(value),
+                    Form::Sql => value.clone(),
+                };
+                let _ = write!(sql, "SET {} TO {};", quote_name(name), value);
             }
         }
         for (name, _) in applied.iter() {
-            if wanted.get(name).is_none() {
+            if wanted.entry(name).is_none() {
                 let _ = write!(sql, "RESET {};", quote_name(name));
             }
         }
@@ -127,6 +170,17 @@ mod tests {
     fn quoting_survives_hostile_values() {
         assert_eq!(quote_literal("a$pgrelay$b"), "$pgrelayx$a$pgrelay$b$pgrelayx$");
         assert_eq!(quote_name("my.\"odd\""), "\"my\".\"\"\"odd\"\"\"");
+    }
+
+    #[test]
+    fn sql_values_are_written_as_given() {
+        let mut wanted = SessionParams::default();
+        wanted.set_sql("search_path", "\"MySchema\", public");
+        let diff = ParamDiff::between(&wanted, &SessionParams::default()).unwrap();
+        assert_eq!(diff.sql, "SET \"search_path\" TO \"MySchema\", public;");
+        let mut literal = SessionParams::default();
+        literal.set("search_path", "\"MySchema\", public");
+        assert!(ParamDiff::between(&wanted, &literal).is_some());
     }
 
     #[test]

@@ -186,6 +186,20 @@ primary = "{primary}"
     )
 }
 
+/// `config_for` with the shared cluster's replica added to database `app`, and extra
+/// lines for `[databases.app.routing]`.
+pub fn config_with_replica(cluster: &LocalCluster, pool: &str, routing: &str) -> String {
+    let replicas: Vec<String> = cluster.replicas().iter().map(|r| format!("\"{}\"", r.addr())).collect();
+    let primary = format!("[databases.app]\nprimary = \"{}\"\n", cluster.primary().addr());
+    config_for(cluster, pool).replace(
+        &primary,
+        &format!(
+            "{primary}replicas = [{}]\n\n[databases.app.routing]\n{routing}\n",
+            replicas.join(", ")
+        ),
+    )
+}
+
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
 where

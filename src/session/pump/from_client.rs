@@ -29,6 +29,9 @@ impl Pump<'_> {
         // Bytes at the front of the client input that go to the server unchanged.
         let mut run = 0;
         let result = loop {
+            if self.hold {
+                break Ok(());
+            }
             if self.client_passthrough > 0 {
                 let n = self.client_passthrough.min(self.client.inbuf.len() - run);
                 if n == 0 {
@@ -124,9 +127,18 @@ impl Pump<'_> {
                     server
                         .expect
                         .push(Expect::ParseComplete { statement: None }, Recipient::Client);
+                    let class = self.classifier.classify(parse.query);
+                    if !class.session.is_empty() {
+                        self.note_effects(&class.session);
+                    }
                     return Ok(Disposition::Forward);
                 }
-                let statement = self.carried.statements.define(&parse);
+                let statement = self.carried.statements.define(&parse, self.classifier);
+                if !statement.class.session.is_empty() {
+                    let effects = statement.class.session.clone();
+                    self.note_effects(&effects);
+                }
+                let server = &mut *self.server;
                 if server.statements.contains(&statement.server_name) {
                     server.statements.touch(&statement.server_name);
                     server
@@ -205,6 +217,7 @@ impl Pump<'_> {
                 Disposition::Forward
             }
             FrontendTag::Sync => {
+                self.hold = self.mode.single_unit;
                 server.unsynced = false;
                 server.expect.push(Expect::Ready, Recipient::Client);
                 Disposition::Forward

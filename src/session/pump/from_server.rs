@@ -117,6 +117,7 @@ impl Pump<'_> {
                 server.status = status;
                 if to_client && status == TxStatus::Idle {
                     self.traffic.transactions += 1;
+                    self.settle_effects();
                 }
                 if to_client && self.mode.statement_mode && status != TxStatus::Idle {
                     return Err(PumpExit::TransactionInStatementMode);
@@ -132,6 +133,9 @@ impl Pump<'_> {
                     server.broken = true;
                     server.fatal = Some((fields.code.to_owned(), fields.message.to_owned()));
                     return Ok(false);
+                }
+                if to_client {
+                    self.pending_failed = true;
                 }
                 match &routing.failed_statement {
                     Some((FailedAt::Parse, name)) => server.statements.mark_stale(name.clone()),
@@ -159,6 +163,11 @@ impl Pump<'_> {
                             server.params = SessionParams::default();
                             self.carried.statements.clear();
                             self.carried.wanted = self.carried.startup.clone();
+                        }
+                        // Nothing the transaction did to the session survives.
+                        "ROLLBACK" => {
+                            self.pending.clear();
+                            self.pending_failed = false;
                         }
                         "DEALLOCATE ALL" => {
                             server.statements.clear();

@@ -21,6 +21,7 @@ use super::carried::Carried;
 use super::client::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::protocol::ProtocolError;
 use crate::protocol::compose;
+use crate::route::{Classifier, SessionEffect};
 use crate::upstream::{ServerConn, Synthetic, UpstreamError};
 
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
@@ -50,6 +51,9 @@ pub(super) struct PumpMode {
     /// Transaction and statement mode: prepared statements are renamed and re-prepared.
     pub manage_statements: bool,
     pub max_prepared_statements: usize,
+    /// Attached to a replica: forward one batch, then let the session route the next
+    /// one (unless the batch opened a transaction, which stays on this server).
+    pub single_unit: bool,
 }
 
 pub(super) struct Pump<'a> {
@@ -58,8 +62,15 @@ pub(super) struct Pump<'a> {
     carried: &'a mut Carried,
     traffic: &'a mut Traffic,
     mode: PumpMode,
+    classifier: &'a Classifier,
     /// Bytes of a large client CopyData still to be forwarded as they arrive.
     client_passthrough: usize,
+    /// No more client messages are taken until the server has answered (single_unit).
+    hold: bool,
+    /// Session effects of forwarded statements, applied once they have succeeded.
+    pending: Vec<SessionEffect>,
+    /// An error was reported since `pending` began.
+    pending_failed: bool,
 }
 
 impl<'a> Pump<'a> {
@@ -69,6 +80,7 @@ impl<'a> Pump<'a> {
         carried: &'a mut Carried,
         traffic: &'a mut Traffic,
         mode: PumpMode,
+        classifier: &'a Classifier,
     ) -> Self {
         Pump {
             client,
@@ -76,7 +88,11 @@ impl<'a> Pump<'a> {
             carried,
             traffic,
             mode,
+            classifier,
             client_passthrough: 0,
+            hold: false,
+            pending: Vec::new(),
+            pending_failed: false,
         }
     }
 
@@ -123,7 +139,11 @@ impl<'a> Pump<'a> {
                 }
             }
 
-            if self.server.outbuf.len() < HIGH_WATER {
+            if self.hold && self.server.expect.is_empty() && self.server.status != crate::protocol::TxStatus::Idle {
+                // The batch opened a transaction: it continues on this server.
+                self.hold = false;
+            }
+            if self.server.outbuf.len() < HIGH_WATER && !self.hold {
                 if !self.client.inbuf.is_empty() {
                     let before = self.server.outbuf.len();
                     if let Err(exit) = self.on_client_input() {
@@ -147,6 +167,28 @@ impl<'a> Pump<'a> {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Notes what a forwarded statement does to the session: pins take effect at once
+    /// (keeping a server too long is harmless), the rest once the statement succeeds.
+    fn note_effects(&mut self, effects: &[SessionEffect]) {
+        for effect in effects {
+            if matches!(effect, SessionEffect::Pin(_)) {
+                self.carried.pins.apply(effect);
+            }
+        }
+        self.pending.extend_from_slice(effects);
+    }
+
+    /// Applies or drops the pending effects at the end of a transaction.
+    fn settle_effects(&mut self) {
+        if !self.pending_failed {
+            for effect in std::mem::take(&mut self.pending) {
+                self.carried.apply(&effect, &mut self.server.params);
+            }
+        }
+        self.pending.clear();
+        self.pending_failed = false;
     }
 
     /// Sends the replies pgrelay gives itself that are now due: every one at the head

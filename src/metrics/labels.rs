@@ -1,0 +1,230 @@
+//! The fixed label values of SPEC.md as enums, so no caller can invent a new series by typo
+//! and handles can live in arrays indexed by the enum instead of maps keyed by strings.
+
+/// `role` label: which side of a database a server connection or a statement went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl Role {
+    pub const ALL: [Role; 2] = [Role::Primary, Role::Replica];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Role::Primary => 0,
+            Role::Replica => 1,
+        }
+    }
+}
+
+/// `state` label of `pgrelay_clients`: what a logged-in client is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientState {
+    /// Linked to a server connection (inside a transaction, or for the whole session in
+    /// session mode).
+    Active,
+    /// Wants a server connection and is queued for one.
+    Waiting,
+    /// Logged in, holds no server connection and wants none.
+    Idle,
+}
+
+impl ClientState {
+    pub const ALL: [ClientState; 3] = [ClientState::Active, ClientState::Waiting, ClientState::Idle];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientState::Active => "active",
+            ClientState::Waiting => "waiting",
+            ClientState::Idle => "idle",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            ClientState::Active => 0,
+            ClientState::Waiting => 1,
+            ClientState::Idle => 2,
+        }
+    }
+}
+
+/// `state` label of `pgrelay_servers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ServerState {
+    Active,
+    Idle,
+    Login,
+}
+
+impl ServerState {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ServerState::Active => "active",
+            ServerState::Idle => "idle",
+            ServerState::Login => "login",
+        }
+    }
+}
+
+/// `reason` label of `pgrelay_pinned_sessions`: session state that cannot follow a client to
+/// another server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PinReason {
+    TempTable,
+    AdvisoryLock,
+    Listen,
+    HoldCursor,
+    /// SQL-level `PREPARE` (protocol-level statements are mapped, not pinned).
+    SqlPrepare,
+}
+
+impl PinReason {
+    pub const ALL: [PinReason; 5] = [
+        PinReason::TempTable,
+        PinReason::AdvisoryLock,
+        PinReason::Listen,
+        PinReason::HoldCursor,
+        PinReason::SqlPrepare,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PinReason::TempTable => "temp_table",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::Listen => "listen",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::SqlPrepare => "sql_prepare",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            PinReason::TempTable => 0,
+            PinReason::AdvisoryLock => 1,
+            PinReason::Listen => 2,
+            PinReason::HoldCursor => 3,
+            PinReason::SqlPrepare => 4,
+        }
+    }
+}
+
+/// `reason` label of `pgrelay_routing_decisions_total`: why a statement or transaction went
+/// where it went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteReason {
+    /// A write (or anything not known to be read-only): primary.
+    Write,
+    /// Known read-only: a replica, or the primary when splitting is off.
+    Read,
+    /// Follows the explicit transaction it is part of (`BEGIN READ ONLY`, `first_statement`).
+    Transaction,
+    /// A `/* pgrelay: primary|replica */` comment, or a `target = …` alias.
+    Hint,
+    /// The classifier could not read it: primary.
+    Unparsed,
+    /// A read sent to the primary because every replica lags more than `max_replica_lag`.
+    Lag,
+    /// A read sent to the primary because no replica has replayed what the client must see
+    /// (`session` / `causal` consistency).
+    Consistency,
+    /// A read sent to the primary because no replica is configured or healthy.
+    NoReplica,
+}
+
+impl RouteReason {
+    pub const ALL: [RouteReason; 8] = [
+        RouteReason::Write,
+        RouteReason::Read,
+        RouteReason::Transaction,
+        RouteReason::Hint,
+        RouteReason::Unparsed,
+        RouteReason::Lag,
+        RouteReason::Consistency,
+        RouteReason::NoReplica,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RouteReason::Write => "write",
+            RouteReason::Read => "read",
+            RouteReason::Transaction => "transaction",
+            RouteReason::Hint => "hint",
+            RouteReason::Unparsed => "unparsed",
+            RouteReason::Lag => "lag",
+            RouteReason::Consistency => "consistency",
+            RouteReason::NoReplica => "no_replica",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            RouteReason::Write => 0,
+            RouteReason::Read => 1,
+            RouteReason::Transaction => 2,
+            RouteReason::Hint => 3,
+            RouteReason::Unparsed => 4,
+            RouteReason::Lag => 5,
+            RouteReason::Consistency => 6,
+            RouteReason::NoReplica => 7,
+        }
+    }
+}
+
+/// `result` label of `pgrelay_config_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReloadOutcome {
+    /// The new file was valid and is now in force.
+    Ok,
+    /// The file was unreadable or invalid; the running configuration did not change.
+    Error,
+}
+
+impl ReloadOutcome {
+    pub const ALL: [ReloadOutcome; 2] = [ReloadOutcome::Ok, ReloadOutcome::Error];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ReloadOutcome::Ok => "ok",
+            ReloadOutcome::Error => "error",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            ReloadOutcome::Ok => 0,
+            ReloadOutcome::Error => 1,
+        }
+    }
+}
+
+/// The SQLSTATEs SPEC.md's "Errors clients see" lists. Their series exist (at 0) as soon as a
+/// database is known, so `increase()` sees the first error instead of a series appearing at 1.
+pub(crate) const KNOWN_SQLSTATES: [&str; 6] = ["28P01", "3D000", "53300", "08006", "08P01", "42501"];
+
+/// The label value for a SQLSTATE that is not five digits or upper-case letters. pgrelay only
+/// passes its own constants, so this guards the label set rather than reporting anything.
+pub(crate) const INVALID_SQLSTATE: &str = "other";
+
+/// `sqlstate` as a label value: itself when it is a well-formed SQLSTATE, else [`INVALID_SQLSTATE`].
+pub(crate) fn sqlstate_label(sqlstate: &str) -> &str {
+    let well_formed = sqlstate.len() == 5
+        && sqlstate
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || byte.is_ascii_uppercase());
+    if well_formed { sqlstate } else { INVALID_SQLSTATE }
+}
+
+/// The `database` label of client errors sent before the client named a database that
+/// pgrelay serves (bad startup packet, unknown database, too many clients). A fixed value,
+/// not the name the client sent: clients must not be able to create series.
+pub const NO_DATABASE: &str = "";
