@@ -9,12 +9,15 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::Config;
+use crate::metrics::{Metrics, MetricsError, PoolState, Role, StateSink};
 use crate::net::{self, Listener};
 use crate::runtime::{BuildError, Shared, Snapshot};
 use crate::session;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error("invalid listen address {addr}: {reason}")]
@@ -27,6 +30,7 @@ pub enum AppError {
 #[derive(Debug)]
 pub struct Running {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -36,6 +40,11 @@ impl Running {
     /// The address clients connect to (useful when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTP endpoint, if metrics_listen is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -65,8 +74,16 @@ pub async fn start(config: Config) -> Result<Running, AppError> {
             reason: error.to_string(),
         })?;
     let shutdown_timeout = config.server.shutdown_timeout;
-    let snapshot = Snapshot::build(config)?;
-    let shared = Shared::new(snapshot);
+    let metrics_listen = config.server.metrics_listen.clone().filter(|addr| !addr.is_empty());
+    let metrics = Arc::new(Metrics::new()?);
+    let snapshot = Snapshot::build(config, &metrics)?;
+    let shared = Shared::new(snapshot, metrics.clone());
+    let weak = Arc::downgrade(&shared);
+    metrics.set_state_source(move |sink| {
+        if let Some(shared) = weak.upgrade() {
+            report_state(&shared, sink);
+        }
+    });
     let listener = net::bind(addr).map_err(|source| AppError::Listen {
         addr: listen.clone(),
         source,
@@ -74,15 +91,72 @@ pub async fn start(config: Config) -> Result<Running, AppError> {
     let local_addr = listener
         .local_addr()
         .map_err(|source| AppError::Listen { addr: listen, source })?;
+    let metrics_addr = match metrics_listen {
+        Some(metrics_listen) => Some(start_metrics_endpoint(&metrics_listen, &shared).await?),
+        None => None,
+    };
     let (stop, stopped) = watch::channel(false);
+    shared.set_accepting(true);
     let task = tokio::spawn(serve(listener, shared.clone(), stopped, shutdown_timeout));
-    tracing::info!(%local_addr, "pgrelay is accepting clients");
+    tracing::info!(%local_addr, metrics = ?metrics_addr, "pgrelay is accepting clients");
     Ok(Running {
         local_addr,
+        metrics_addr,
         shared,
         stop,
         task,
     })
+}
+
+/// Binds the HTTP endpoint for /metrics, /healthz and /readyz; it runs until the process
+/// exits, so /healthz answers for as long as pgrelay runs.
+async fn start_metrics_endpoint(addr: &str, shared: &Arc<Shared>) -> Result<SocketAddr, AppError> {
+    let listen_error = |source| AppError::Listen {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    let weak = Arc::downgrade(shared);
+    let ready = move || weak.upgrade().is_some_and(|shared| shared.is_ready());
+    let metrics = shared.metrics.clone();
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics,
+        Arc::new(ready),
+        std::future::pending::<()>(),
+    ));
+    Ok(local)
+}
+
+/// Pool and server state for a scrape, read from the running snapshot.
+fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
+    for database in shared.snapshot().all_databases() {
+        for (user, pools) in database.all_pools() {
+            let hosts = std::iter::once((Role::Primary, &pools.primary))
+                .chain(pools.replicas.iter().map(|pool| (Role::Replica, pool)));
+            for (role, pool) in hosts {
+                let status = pool.status();
+                sink.pool(
+                    &database.name,
+                    &user,
+                    role,
+                    pool.addr(),
+                    PoolState {
+                        max_size: status.max_size,
+                        active: status.active,
+                        idle: status.idle,
+                        login: status.logins,
+                        max_wait: pool.counters().max_wait(),
+                    },
+                );
+            }
+        }
+        sink.backend(&database.name, Role::Primary, &database.primary, true);
+        for health in &database.replica_health {
+            sink.backend(&database.name, Role::Replica, &health.addr, health.usable());
+        }
+    }
 }
 
 async fn serve(

@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod localpg;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;

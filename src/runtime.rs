@@ -15,6 +15,7 @@ use crate::auth::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
 use crate::cluster::HostHealth;
 use crate::config::{AuthMethod, Config, DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig};
+use crate::metrics::Metrics;
 use crate::pool::{PoolLimits, ServerPool};
 use crate::route::{Classifier, ClassifierSettings};
 use crate::upstream::{ConnectSpec, ServerCredentials};
@@ -69,6 +70,7 @@ pub struct DatabaseEntry {
     pub primary: Arc<str>,
     pub replicas: Vec<Arc<str>>,
     pools: DashMap<String, Arc<UserPools>>,
+    metrics: Arc<Metrics>,
     /// Reads the statements clients send, for routing and session tracking.
     pub classifier: Classifier,
     /// The standing of each replica, in the order of `replicas`.
@@ -81,8 +83,9 @@ pub struct DatabaseEntry {
 }
 
 impl DatabaseEntry {
-    fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig) -> Self {
+    fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig, metrics: &Arc<Metrics>) -> Self {
         DatabaseEntry {
+            metrics: metrics.clone(),
             name: name.to_owned(),
             server_dbname: config.server_dbname(name).to_owned(),
             pool: config.pool(defaults),
@@ -160,6 +163,7 @@ impl DatabaseEntry {
                             credentials: user.server_credentials.clone(),
                         },
                         self.limits(),
+                        Some(self.metrics.server_connect_errors(&self.name, addr)),
                     )
                 };
                 Arc::new(UserPools {
@@ -235,6 +239,7 @@ pub struct Snapshot {
     /// The `"*"` entry: databases not listed are created from it on first use.
     fallback: Option<DatabaseConfig>,
     dynamic: DashMap<String, Arc<DatabaseEntry>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The name of the admin console's database.
@@ -242,7 +247,7 @@ pub const ADMIN_DATABASE: &str = "pgrelay";
 
 impl Snapshot {
     /// Builds users and databases; pools are created when first used.
-    pub fn build(config: Config) -> Result<Snapshot, BuildError> {
+    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Snapshot, BuildError> {
         let users = config
             .users
             .iter()
@@ -252,7 +257,12 @@ impl Snapshot {
             .databases
             .iter()
             .filter(|(name, _)| name.as_str() != "*")
-            .map(|(name, database)| (name.clone(), Arc::new(DatabaseEntry::new(name, database, &config.pool))))
+            .map(|(name, database)| {
+                (
+                    name.clone(),
+                    Arc::new(DatabaseEntry::new(name, database, &config.pool, metrics)),
+                )
+            })
             .collect();
         let fallback = config.databases.get("*").cloned();
         let client_limits = ClientLimits {
@@ -268,6 +278,7 @@ impl Snapshot {
             databases,
             fallback,
             dynamic: DashMap::new(),
+            metrics: metrics.clone(),
         })
     }
 
@@ -287,7 +298,7 @@ impl Snapshot {
         Some(
             self.dynamic
                 .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(DatabaseEntry::new(name, fallback, &self.config.pool)))
+                .or_insert_with(|| Arc::new(DatabaseEntry::new(name, fallback, &self.config.pool, &self.metrics)))
                 .clone(),
         )
     }
@@ -361,16 +372,20 @@ pub struct Shared {
     pub mock_secret: [u8; 32],
     /// Turns true when pgrelay starts shutting down.
     shutting_down: tokio::sync::watch::Sender<bool>,
+    accepting: std::sync::atomic::AtomicBool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Shared> {
         Arc::new(Shared {
+            metrics,
             snapshot: ArcSwap::from_pointee(snapshot),
             cancel: Arc::new(CancelRegistry::default()),
             clients: std::sync::atomic::AtomicUsize::new(0),
             mock_secret: rand::random(),
             shutting_down: tokio::sync::watch::Sender::new(false),
+            accepting: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -380,7 +395,17 @@ impl Shared {
 
     /// Tells every session to end once its client is outside a transaction.
     pub fn begin_shutdown(&self) {
+        self.accepting.store(false, std::sync::atomic::Ordering::Release);
         self.shutting_down.send_replace(true);
+    }
+
+    pub fn set_accepting(&self, accepting: bool) {
+        self.accepting.store(accepting, std::sync::atomic::Ordering::Release);
+    }
+
+    /// What /readyz reports: accepting clients (and not shutting down).
+    pub fn is_ready(&self) -> bool {
+        self.accepting.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Resolves when shutdown begins.

@@ -76,6 +76,23 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
         .simple_query("DELETE FROM items WHERE owner = 'routing-prepared'")
         .await
         .unwrap();
+    // Pipelined: a read then a write sent before either is answered. The read runs on
+    // the replica; the write must not follow it there.
+    for _ in 0..10 {
+        let (read, write) = tokio::join!(
+            client.query_typed("SELECT pg_is_in_recovery()", &[]),
+            client.query_typed(
+                "INSERT INTO items (owner, value) VALUES ('pipelined', 1) RETURNING value",
+                &[]
+            ),
+        );
+        assert!(read.unwrap()[0].get::<_, bool>(0));
+        assert_eq!(write.unwrap()[0].get::<_, i32>(0), 1);
+    }
+    client
+        .simple_query("DELETE FROM items WHERE owner = 'pipelined'")
+        .await
+        .unwrap();
     proxy.shutdown().await;
 }
 

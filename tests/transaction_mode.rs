@@ -208,3 +208,84 @@ async fn pgbench_prepared_mode_through_a_pool_of_five() {
     }
     proxy.shutdown().await;
 }
+
+async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
+    first_value(&client.simple_query(&format!("SHOW {setting}")).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_their_client_and_never_reach_another() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 1")).await;
+    let a = proxy.connect("app_t6", "app_t6", "app").await.unwrap();
+    let b = proxy.connect("app_t6", "app_t6", "app").await.unwrap();
+    let b_defaults = (show(&b, "search_path").await, show(&b, "TimeZone").await);
+    a.simple_query("SET search_path TO pg_catalog, public").await.unwrap();
+    a.simple_query("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    a.simple_query("SELECT set_config('statement_timeout', '4321', false)")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        // Both clients share the only server connection, one transaction at a time.
+        assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+        assert_eq!(show(&a, "TimeZone").await, "Asia/Tokyo");
+        assert_eq!(show(&a, "statement_timeout").await, "4321ms");
+        assert_eq!((show(&b, "search_path").await, show(&b, "TimeZone").await), b_defaults);
+        assert_eq!(show(&b, "statement_timeout").await, "0");
+    }
+    // A SET in a transaction that rolls back leaves nothing behind; RESET restores.
+    a.simple_query("BEGIN; SET work_mem = '9MB'; ROLLBACK").await.unwrap();
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "work_mem").await, "4MB");
+    a.simple_query("RESET statement_timeout").await.unwrap();
+    assert_eq!(show(&b, "TimeZone").await, b_defaults.1);
+    assert_eq!(show(&a, "statement_timeout").await, "0");
+    assert_eq!(show(&a, "TimeZone").await, "Asia/Tokyo");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_tables_and_advisory_locks_pin_the_client_to_its_server() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 2")).await;
+    let a = proxy.connect("app_t5", "app_t5", "app").await.unwrap();
+    let b = proxy.connect("app_t5", "app_t5", "app").await.unwrap();
+    a.simple_query("CREATE TEMP TABLE scratch (a int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    a.simple_query("SELECT pg_advisory_lock(7)").await.unwrap();
+    let pid = first_value(&a.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    for _ in 0..5 {
+        assert_eq!(
+            first_value(&a.simple_query("SELECT count(*) FROM scratch").await.unwrap()),
+            "1"
+        );
+        assert_eq!(
+            first_value(&a.simple_query("SELECT pg_backend_pid()").await.unwrap()),
+            pid
+        );
+        // The other client never gets the pinned server, nor its lock.
+        assert_ne!(
+            first_value(&b.simple_query("SELECT pg_backend_pid()").await.unwrap()),
+            pid
+        );
+        assert_eq!(
+            first_value(&b.simple_query("SELECT pg_try_advisory_lock(7)").await.unwrap()),
+            "f"
+        );
+    }
+    let scrape = proxy.running().shared().metrics.render().unwrap();
+    let scrape = String::from_utf8(scrape).unwrap();
+    assert!(
+        scrape.contains("pgrelay_pinned_sessions{database=\"app\",reason=\"temp_table\"} 1"),
+        "{scrape}"
+    );
+    a.simple_query("SELECT pg_advisory_unlock_all()").await.unwrap();
+    a.simple_query("DISCARD TEMP").await.unwrap();
+    let scrape = String::from_utf8(proxy.running().shared().metrics.render().unwrap()).unwrap();
+    assert!(
+        scrape.contains("pgrelay_pinned_sessions{database=\"app\",reason=\"temp_table\"} 0"),
+        "{scrape}"
+    );
+    proxy.shutdown().await;
+}

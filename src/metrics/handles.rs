@@ -20,7 +20,7 @@ pub(crate) struct DatabaseHandles {
     name: Box<str>,
     pub(crate) query_duration: [Histogram; 2],
     pub(crate) routing: [[IntCounter; 8]; 2],
-    pub(crate) pinned: [IntGauge; 5],
+    pub(crate) pinned: [IntGauge; PinReason::ALL.len()],
     pub(crate) evictions: IntCounter,
     known_errors: [IntCounter; KNOWN_SQLSTATES.len()],
     /// For SQLSTATEs outside [`KNOWN_SQLSTATES`].

@@ -86,15 +86,19 @@ pub enum PinReason {
     HoldCursor,
     /// SQL-level `PREPARE` (protocol-level statements are mapped, not pinned).
     SqlPrepare,
+    /// State SPEC.md has no label for: LOAD, SET ROLE, SET SESSION AUTHORIZATION, a
+    /// set_config() whose arguments are not literals.
+    Other,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 5] = [
+    pub const ALL: [PinReason; 6] = [
         PinReason::TempTable,
         PinReason::AdvisoryLock,
         PinReason::Listen,
         PinReason::HoldCursor,
         PinReason::SqlPrepare,
+        PinReason::Other,
     ];
 
     pub fn label(self) -> &'static str {
@@ -104,6 +108,7 @@ impl PinReason {
             PinReason::Listen => "listen",
             PinReason::HoldCursor => "hold_cursor",
             PinReason::SqlPrepare => "sql_prepare",
+            PinReason::Other => "other",
         }
     }
 
@@ -114,6 +119,7 @@ impl PinReason {
             PinReason::Listen => 2,
             PinReason::HoldCursor => 3,
             PinReason::SqlPrepare => 4,
+            PinReason::Other => 5,
         }
     }
 }

@@ -15,29 +15,35 @@ pub struct ServerManager {
     pub(super) counters: Arc<PoolCounters>,
     /// Connections older than this are closed instead of reused.
     pub(super) lifetime: Option<Duration>,
+    pub(super) connect_errors: Option<prometheus::IntCounter>,
 }
 
 impl Manager for ServerManager {
-    type Type = ServerConn;
+    /// Boxed so a checkout (and a session holding one) is a pointer, not the whole
+    /// connection state.
+    type Type = Box<ServerConn>;
     type Error = UpstreamError;
 
-    async fn create(&self) -> Result<ServerConn, UpstreamError> {
+    async fn create(&self) -> Result<Box<ServerConn>, UpstreamError> {
         self.counters.logins.fetch_add(1, Ordering::Relaxed);
         // Decremented even if the connect future is dropped by a timeout.
         let _login = scopeguard(|| {
             self.counters.logins.fetch_sub(1, Ordering::Relaxed);
         });
-        let result = upstream::connect(&self.spec).await;
+        let result = upstream::connect(&self.spec).await.map(Box::new);
         match &result {
             Ok(conn) => self.counters.remember_server_params(conn.reported_params()),
             Err(_) => {
                 self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(counter) = &self.connect_errors {
+                    counter.inc();
+                }
             }
         }
         result
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<UpstreamError> {
+    async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<UpstreamError> {
         if self.lifetime.is_some_and(|lifetime| metrics.age() >= lifetime) {
             return Err(RecycleError::message("server_lifetime reached"));
         }

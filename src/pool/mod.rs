@@ -54,11 +54,46 @@ pub struct PoolCounters {
     /// Clients waiting for a connection right now.
     pub waiting: AtomicUsize,
     pub connect_errors: AtomicU64,
+    /// When each waiting client started waiting, by ticket: the oldest gives maxwait.
+    waiters: Mutex<WaitList>,
     /// ParameterStatus values of the newest connection: what clients are told at login.
     server_params: Mutex<Option<ServerParams>>,
 }
 
+#[derive(Debug, Default)]
+struct WaitList {
+    next_ticket: u64,
+    since: std::collections::BTreeMap<u64, Instant>,
+}
+
 impl PoolCounters {
+    fn start_waiting(&self) -> u64 {
+        match self.waiters.lock() {
+            Ok(mut list) => {
+                list.next_ticket += 1;
+                let ticket = list.next_ticket;
+                list.since.insert(ticket, Instant::now());
+                ticket
+            }
+            Err(_) => 0,
+        }
+    }
+
+    fn stop_waiting(&self, ticket: u64) {
+        if let Ok(mut list) = self.waiters.lock() {
+            list.since.remove(&ticket);
+        }
+    }
+
+    /// How long the longest-waiting client has waited so far.
+    pub fn max_wait(&self) -> Duration {
+        self.waiters
+            .lock()
+            .ok()
+            .and_then(|list| list.since.values().next().map(Instant::elapsed))
+            .unwrap_or_default()
+    }
+
     fn remember_server_params(&self, params: &[(String, String)]) {
         if let Ok(mut known) = self.server_params.lock() {
             *known = Some(Arc::new(params.to_vec()));
@@ -94,7 +129,12 @@ pub struct ServerPool {
 
 impl ServerPool {
     /// Creates the pool and starts its janitor; needs a running tokio runtime.
-    pub fn new(spec: ConnectSpec, limits: PoolLimits) -> Arc<ServerPool> {
+    /// `connect_errors` counts failed connection attempts (a metric handle).
+    pub fn new(
+        spec: ConnectSpec,
+        limits: PoolLimits,
+        connect_errors: Option<prometheus::IntCounter>,
+    ) -> Arc<ServerPool> {
         let spec = Arc::new(spec);
         let counters = Arc::new(PoolCounters::default());
         let build = |max_size: usize| {
@@ -102,6 +142,7 @@ impl ServerPool {
                 spec: spec.clone(),
                 counters: counters.clone(),
                 lifetime: limits.lifetime,
+                connect_errors: connect_errors.clone(),
             };
             managed::Pool::builder(manager)
                 .max_size(max_size)
@@ -151,7 +192,9 @@ impl ServerPool {
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
         let limits = self.limits.load();
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let ticket = self.counters.start_waiting();
         let _waiting = scopeguard(|| {
+            self.counters.stop_waiting(ticket);
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
         });
         let wait = self.wait_for_connection(limits.reserve_timeout);

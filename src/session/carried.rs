@@ -48,9 +48,15 @@ impl Carried {
     }
 }
 
-/// Why a client keeps its server, with the names that keep each reason alive.
+/// Why a client keeps its server, with the names that keep each reason alive. Most
+/// clients never pin: they pay for one empty pointer.
 #[derive(Debug, Default)]
 pub(crate) struct Pins {
+    held: Option<Box<PinSet>>,
+}
+
+#[derive(Debug, Default)]
+struct PinSet {
     reasons: HashSet<PinReason>,
     listening: HashSet<String>,
     hold_cursors: HashSet<String>,
@@ -59,10 +65,46 @@ pub(crate) struct Pins {
 
 impl Pins {
     pub fn is_pinned(&self) -> bool {
-        !self.reasons.is_empty()
+        self.held.as_ref().is_some_and(|held| held.is_pinned())
+    }
+
+    pub fn reasons(&self) -> impl Iterator<Item = PinReason> + '_ {
+        self.held.iter().flat_map(|held| held.reasons.iter().copied())
     }
 
     pub fn apply(&mut self, effect: &SessionEffect) {
+        // Only an effect that creates pinning state needs the set to exist.
+        let creates = matches!(
+            effect,
+            SessionEffect::Pin(_)
+                | SessionEffect::Listen { .. }
+                | SessionEffect::DeclareHoldCursor { .. }
+                | SessionEffect::Prepare { .. }
+        );
+        if self.held.is_none() && !creates {
+            return;
+        }
+        let held = self.held.get_or_insert_with(Box::default);
+        held.apply(effect);
+        if held.is_empty() {
+            self.held = None;
+        }
+    }
+}
+
+impl PinSet {
+    fn is_empty(&self) -> bool {
+        self.reasons.is_empty()
+            && self.listening.is_empty()
+            && self.hold_cursors.is_empty()
+            && self.sql_prepared.is_empty()
+    }
+
+    fn is_pinned(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+
+    fn apply(&mut self, effect: &SessionEffect) {
         match effect {
             SessionEffect::Pin(reason) => {
                 self.reasons.insert(*reason);
@@ -98,7 +140,7 @@ impl Pins {
                 self.sql_prepared.clear();
                 self.reasons.remove(&PinReason::SqlPrepare);
             }
-            SessionEffect::DiscardAll => *self = Pins::default(),
+            SessionEffect::DiscardAll => *self = PinSet::default(),
             _ => {}
         }
     }

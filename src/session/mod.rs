@@ -28,15 +28,6 @@ use handshake::{HandshakeError, Opening};
 use login::LoginError;
 use run::Session;
 
-/// Statements and transactions a session forwarded since it last published them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Traffic {
-    pub queries: u64,
-    pub transactions: u64,
-    /// Server-side prepared statements closed to stay within max_prepared_statements.
-    pub evictions: u64,
-}
-
 /// How long pgrelay tries to deliver a last error to a client that is being refused.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -46,7 +37,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let limits = snapshot.client_limits.clone();
     let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, limits.max_message_size);
     let started = match limits.login_timeout {
-        Some(limit) => match tokio::time::timeout(limit, start(&mut client, &shared, &snapshot)).await {
+        // Boxed: the login future is large and must not make every idle session's task
+        // that large too.
+        Some(limit) => match tokio::time::timeout(limit, Box::pin(start(&mut client, &shared, &snapshot))).await {
             Ok(started) => started,
             Err(_) => Err(Some(ClientError::new(
                 Side::Client,
@@ -57,13 +50,14 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 ),
             ))),
         },
-        None => start(&mut client, &shared, &snapshot).await,
+        None => Box::pin(start(&mut client, &shared, &snapshot)).await,
     };
     match started {
         Ok(Some(session)) => session.run(client).await,
         Ok(None) => {}
         Err(Some(error)) => {
             tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused");
+            shared.metrics.client_error(None, &error.sqlstate);
             compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
         }
@@ -76,7 +70,7 @@ async fn start(
     client: &mut ClientConn,
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
-) -> Result<Option<Session>, LoginError> {
+) -> Result<Option<Box<Session>>, LoginError> {
     let opening = handshake::open(&mut client.stream).await.map_err(|error| match error {
         HandshakeError::Closed | HandshakeError::Io(_) => None,
         HandshakeError::Startup(error) => Some(ClientError::protocol_violation(error.to_string())),
@@ -99,7 +93,13 @@ async fn start(
     let cancel = shared.cancel.register();
     let logged_in = login::login(client, shared, snapshot, minor_version, params, &cancel).await?;
     tracing::info!(client = %client.peer, database = %logged_in.database.name, user = %logged_in.user.name, "client connected");
-    Ok(Some(Session::new(shared.clone(), snapshot, logged_in, cancel, slot)))
+    Ok(Some(Box::new(Session::new(
+        shared.clone(),
+        snapshot,
+        logged_in,
+        cancel,
+        slot,
+    ))))
 }
 
 /// One of max_client_conn places, held for the life of a session.

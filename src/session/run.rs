@@ -5,19 +5,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ClientSlot;
 use super::carried::Carried;
 use super::client::ClientConn;
 use super::local::{Answer, LocalState, LocalTx};
 use super::login::LoggedIn;
 use super::pump::{Pump, PumpExit, PumpMode};
 use super::routing;
-use super::{ClientSlot, Traffic};
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::config::{PoolMode, RoutingTarget, TransactionRouting};
 use crate::error::{ClientError, Side, sqlstate};
+use crate::metrics::{
+    ClientState, ClientStateGauge, PinReason as MetricsPin, PinnedGauge, Role, RouteReason, SessionMetrics,
+};
 use crate::pool::Checkout;
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::{FrontendTag, Header, ProtocolError, TxStatus};
+use crate::route::PinReason;
 use crate::router::{self, Decision, Reason, Target};
 use crate::runtime::{DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
 use crate::upstream::{Expect, ParamDiff, Recipient, SessionParams};
@@ -58,7 +62,11 @@ pub(crate) struct Session {
     server: Option<Checkout>,
     /// The attached server is a replica.
     on_replica: bool,
-    traffic: Traffic,
+    metrics: SessionMetrics,
+    /// Counts this client in pgrelay_clients{state}.
+    client_state: ClientStateGauge,
+    /// Counts this client's pins in pgrelay_pinned_sessions.
+    pinned: PinnedGauge,
     idle_timeout: Option<Duration>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
 }
@@ -72,6 +80,7 @@ impl Session {
         slot: ClientSlot,
     ) -> Session {
         let pools = logged_in.database.pools(&logged_in.user);
+        let metrics = shared.metrics.session(&logged_in.database.name, &logged_in.user.name);
         Session {
             shutting_down: shared.shutting_down(),
             shared,
@@ -89,11 +98,14 @@ impl Session {
             on_replica: false,
             local: LocalState::new(),
             server: None,
-            traffic: Traffic::default(),
+            client_state: metrics.client_state(ClientState::Idle),
+            pinned: metrics.pins(),
+            metrics,
         }
     }
 
-    pub(super) async fn run(mut self, mut client: ClientConn) {
+    /// Runs the session; boxed so that the task of an idle client stays small.
+    pub(super) async fn run(mut self: Box<Self>, mut client: ClientConn) {
         let end = self.serve(&mut client).await;
         let farewell = match &end {
             End::ClientLeft => None,
@@ -114,10 +126,11 @@ impl Session {
         };
         if let Some(error) = &farewell {
             compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
+            self.metrics.client_error(&error.sqlstate);
         }
         let _ = tokio::time::timeout(super::FAREWELL_TIMEOUT, client.flush()).await;
         if let Some(server) = self.server.take() {
-            self.clean_up(server).await;
+            Box::pin(self.clean_up(server)).await;
         }
         tracing::info!(
             client = %client.peer,
@@ -140,48 +153,50 @@ impl Session {
                 Ok(tag) => tag,
                 Err(end) => return end,
             };
-            if self.server.is_none() {
-                let defer_begin = (self.database.routing.transactions == TransactionRouting::FirstStatement
-                    && self.database.mode() == PoolMode::Transaction)
-                    .then_some(&self.database.classifier);
-                match self
-                    .local
-                    .answer(tag, &mut client.inbuf, &mut client.outbuf, defer_begin)
-                {
-                    Answer::Answered => continue,
-                    Answer::Terminate => return End::ClientLeft,
-                    Answer::Broke(error) => return End::ClientBroke(error),
-                    Answer::NeedsServer => {}
-                }
-                match self.acquire(client, tag).await {
-                    Ok(server) => self.server = Some(server),
-                    Err(Some(end)) => return end,
-                    Err(None) => continue,
-                }
-            }
-            let Some(mut server) = self.server.take() else { continue };
-            self.prepare(&mut server);
-            let mode = PumpMode {
-                statement_mode: self.database.mode() == PoolMode::Statement,
-                manage_statements: self.database.mode() != PoolMode::Session,
-                max_prepared_statements: self.database.pool.max_prepared_statements,
-                single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
-            };
-            let classifier = &self.database.classifier;
-            let exit = Pump::new(
-                client,
-                &mut server,
-                &mut self.carried,
-                &mut self.traffic,
-                mode,
-                classifier,
-            )
-            .run()
-            .await;
-            if let Some(end) = self.after_pump(client, server, exit).await {
+            // Boxed: serving one batch needs a large future (waiting for a server,
+            // forwarding), while an idle session should cost little memory.
+            if let Some(end) = Box::pin(self.exchange(client, tag)).await {
                 return end;
             }
         }
+    }
+
+    /// Serves the message at the front of the input: answers it, or gets a server and
+    /// forwards until the server is idle again. `Some` ends the session.
+    async fn exchange(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Option<End> {
+        if self.server.is_none() {
+            let defer_begin = (self.database.routing.transactions == TransactionRouting::FirstStatement
+                && self.database.mode() == PoolMode::Transaction)
+                .then_some(&self.database.classifier);
+            match self
+                .local
+                .answer(tag, &mut client.inbuf, &mut client.outbuf, defer_begin)
+            {
+                Answer::Answered => return None,
+                Answer::Terminate => return Some(End::ClientLeft),
+                Answer::Broke(error) => return Some(End::ClientBroke(error)),
+                Answer::NeedsServer => {}
+            }
+            match self.acquire(client, tag).await {
+                Ok(server) => self.server = Some(server),
+                Err(Some(end)) => return Some(end),
+                Err(None) => return None,
+            }
+        }
+        let mut server = self.server.take()?;
+        self.prepare(&mut server);
+        let mode = PumpMode {
+            statement_mode: self.database.mode() == PoolMode::Statement,
+            manage_statements: self.database.mode() != PoolMode::Session,
+            max_prepared_statements: self.database.pool.max_prepared_statements,
+            single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
+            role: if self.on_replica { Role::Replica } else { Role::Primary },
+        };
+        let classifier = &self.database.classifier;
+        let exit = Pump::new(client, &mut server, &mut self.carried, &self.metrics, mode, classifier)
+            .run()
+            .await;
+        self.after_pump(client, server, exit).await
     }
 
     /// Waits until the input holds a whole message (or, with a server attached, the
@@ -245,6 +260,7 @@ impl Session {
     /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
     async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
         let decision = self.route(client);
+        self.client_state.set(ClientState::Waiting);
         let database = self.database.clone();
         let pools = self.pools.clone();
         let checkout = async move {
@@ -257,17 +273,23 @@ impl Session {
                 result = &mut checkout => {
                     return result.map(|(checkout, target)| {
                         self.on_replica = target == Target::Replica;
+                        self.client_state.set(ClientState::Active);
+                        self.count_route(decision, target);
                         checkout
                     }).map_err(|error| {
+                        self.client_state.set(ClientState::Idle);
                         let error = ClientError::from_pool(&error, &self.database.name);
                         tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                             sqlstate = %error.sqlstate, error = %error.message, "no server for client");
+                        self.metrics.client_error(&error.sqlstate);
                         self.local.fail_first(tag, &mut client.inbuf, &mut client.outbuf, &error);
                         None
                     });
                 }
                 () = self.cancel.cancelled_while_waiting() => {
                     let error = ClientError::new(Side::Client, sqlstate::QUERY_CANCELED, "canceling statement due to user request");
+                    self.client_state.set(ClientState::Idle);
+                    self.report(&error);
                     self.local.fail_first(tag, &mut client.inbuf, &mut client.outbuf, &error);
                     return Err(None);
                 }
@@ -277,6 +299,62 @@ impl Session {
                         return Err(Some(End::ClientLeft));
                     }
                 }
+            }
+        }
+    }
+
+    fn report(&self, error: &ClientError) {
+        self.metrics.client_error(&error.sqlstate);
+    }
+
+    /// Counts a routing decision by where the batch really went: a read meant for a
+    /// replica that ended on the primary counts as no_replica.
+    fn count_route(&self, decision: Decision, target: Target) {
+        let reason = if decision.target == Target::Replica && target == Target::Primary {
+            RouteReason::NoReplica
+        } else {
+            match decision.reason {
+                Reason::Write => RouteReason::Write,
+                Reason::Read => RouteReason::Read,
+                Reason::Transaction => RouteReason::Transaction,
+                Reason::Hint => RouteReason::Hint,
+                Reason::Unparsed => RouteReason::Unparsed,
+                Reason::Lag => RouteReason::Lag,
+                Reason::Consistency => RouteReason::Consistency,
+                Reason::NoReplica => RouteReason::NoReplica,
+            }
+        };
+        let role = if target == Target::Replica {
+            Role::Replica
+        } else {
+            Role::Primary
+        };
+        self.metrics.route(role, reason);
+    }
+
+    /// Makes pgrelay_pinned_sessions show this client's pins.
+    fn sync_pins(&mut self) {
+        let mut held = [false; MetricsPin::ALL.len()];
+        for reason in self.carried.pins.reasons() {
+            let label = match reason {
+                PinReason::TempTable => MetricsPin::TempTable,
+                PinReason::AdvisoryLock => MetricsPin::AdvisoryLock,
+                PinReason::Listen => MetricsPin::Listen,
+                PinReason::HoldCursor => MetricsPin::HoldCursor,
+                PinReason::SqlPrepare => MetricsPin::SqlPrepare,
+                PinReason::Load | PinReason::SetRole | PinReason::SessionAuthorization | PinReason::UntrackableSet => {
+                    MetricsPin::Other
+                }
+            };
+            if let Some(index) = MetricsPin::ALL.iter().position(|known| *known == label) {
+                held[index] = true;
+            }
+        }
+        for (label, held) in MetricsPin::ALL.into_iter().zip(held) {
+            if held {
+                self.pinned.insert(label);
+            } else {
+                self.pinned.remove(label);
             }
         }
     }
@@ -310,6 +388,9 @@ impl Session {
     /// Brings the server's settings in line with the client's, sends a held-back BEGIN,
     /// and points the client's cancel key at the server.
     fn prepare(&mut self, server: &mut Checkout) {
+        if self.database.mode() == PoolMode::Session {
+            server.holds_client_state = true;
+        }
         if let Some(diff) = ParamDiff::between(&self.carried.wanted, &server.params)
             && postgres_protocol::message::frontend::query(&diff.sql, &mut server.outbuf).is_ok()
         {
@@ -329,13 +410,18 @@ impl Session {
     }
 
     async fn after_pump(&mut self, client: &mut ClientConn, mut server: Checkout, exit: PumpExit) -> Option<End> {
+        self.sync_pins();
         match exit {
             PumpExit::ServerIdle => {
                 if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
+                    server.holds_client_state = true;
                     self.server = Some(server);
                 } else {
+                    // Unpinned again: what the client left on the server was released.
+                    server.holds_client_state = false;
                     self.cancel.detach().await;
                     drop(server);
+                    self.client_state.set(ClientState::Idle);
                 }
                 None
             }
@@ -343,11 +429,13 @@ impl Session {
                 let owed = server.expect.readies_owed_to_client();
                 self.cancel.detach().await;
                 server.discard();
+                self.client_state.set(ClientState::Idle);
                 let error = ClientError::new(
                     Side::Client,
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "transaction blocks are not allowed in statement pooling mode",
                 );
+                self.report(&error);
                 for _ in 0..=owed {
                     compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
                     compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
@@ -368,7 +456,9 @@ impl Session {
                 self.cancel.detach().await;
                 server.mark_broken();
                 server.discard();
+                self.client_state.set(ClientState::Idle);
                 let error = ClientError::from_upstream(&failure, &self.database.name);
+                self.report(&error);
                 tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                     error = %failure, "server failed during a session");
                 if self.database.mode() == PoolMode::Session {
@@ -411,14 +501,22 @@ impl Session {
             server.discard();
             return;
         }
-        if self.database.mode() == PoolMode::Session
-            && let Some(reset) = self.database.pool.server_reset_query.clone()
-        {
-            if !self.run_cleanup_query(&mut server, &reset).await {
-                server.discard();
-                return;
+        if server.holds_client_state {
+            // Session mode runs the configured reset query; a client pinned in
+            // transaction mode left state that only DISCARD ALL is sure to remove.
+            let reset = match self.database.mode() {
+                PoolMode::Session => self.database.pool.server_reset_query.clone(),
+                PoolMode::Transaction | PoolMode::Statement => Some("DISCARD ALL".to_owned()),
+            };
+            if let Some(reset) = reset {
+                if !self.run_cleanup_query(&mut server, &reset).await {
+                    server.discard();
+                    return;
+                }
+                server.params = SessionParams::default();
+                server.statements.clear();
             }
-            server.params = SessionParams::default();
+            server.holds_client_state = false;
         }
         drop(server);
     }

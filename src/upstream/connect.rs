@@ -64,6 +64,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         params: SessionParams::default(),
         statements: super::ServerStatements::default(),
         retire: false,
+        holds_client_state: false,
         reported: Vec::new(),
         key: BackendKey {
             process_id: 0,

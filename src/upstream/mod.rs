@@ -85,6 +85,9 @@ pub struct ServerConn {
     pub(crate) statements: ServerStatements,
     /// The connection works but must not be reused (a stale plan cache, a reload).
     pub(crate) retire: bool,
+    /// A client's session state is on it (session mode, or a pinned client): it may
+    /// only go back to the pool after a reset.
+    pub(crate) holds_client_state: bool,
     /// Values the server reported in ParameterStatus (server_version, …).
     pub(crate) reported: Vec<(String, String)>,
     pub(crate) key: BackendKey,
@@ -122,7 +125,7 @@ impl ServerConn {
 
     /// Idle, and not retired: it may go back to the pool.
     pub fn is_reusable(&self) -> bool {
-        self.is_idle() && !self.retire
+        self.is_idle() && !self.retire && !self.holds_client_state
     }
 
     /// Marks the connection as not to be reused.

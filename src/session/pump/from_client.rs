@@ -12,6 +12,9 @@ use crate::protocol::{FrontendTag, Header, ProtocolError};
 use crate::session::prepared::{
     Deallocate, PreparedStatement, close_statement, describe_statement, parse_deallocate, rewrite_bind,
 };
+use std::time::Instant;
+
+use crate::metrics::SessionMetrics;
 use crate::upstream::{Expect, Recipient, ServerConn, Synthetic};
 
 /// What becomes of one client message.
@@ -103,9 +106,11 @@ impl Pump<'_> {
         let malformed = |error: ProtocolError| PumpExit::ClientBroke(error);
         Ok(match tag {
             FrontendTag::Query => {
-                self.traffic.queries += 1;
+                self.unit_started.get_or_insert_with(Instant::now);
+                self.hold = self.mode.single_unit;
+                let sql = query_text(body).map_err(malformed)?;
                 if manage
-                    && let Some(Deallocate::One(name)) = parse_deallocate(query_text(body).map_err(malformed)?)
+                    && let Some(Deallocate::One(name)) = parse_deallocate(sql)
                     && self.carried.statements.remove(&name)
                 {
                     server
@@ -114,9 +119,14 @@ impl Pump<'_> {
                     return Ok(Disposition::Consumed);
                 }
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
+                let class = self.classifier.classify(sql);
+                if !class.session.is_empty() {
+                    self.note_effects(&class.session);
+                }
                 Disposition::Forward
             }
             FrontendTag::FunctionCall => {
+                self.hold = self.mode.single_unit;
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
                 Disposition::Forward
             }
@@ -150,7 +160,7 @@ impl Pump<'_> {
                         &statement,
                         Recipient::Client,
                         self.mode.max_prepared_statements,
-                        self.traffic,
+                        self.metrics,
                     );
                 }
                 Disposition::Consumed
@@ -167,7 +177,7 @@ impl Pump<'_> {
                         .push(Expect::BindComplete { statement: None }, Recipient::Client);
                     return Ok(Disposition::Forward);
                 };
-                ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.traffic);
+                ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.metrics);
                 server
                     .outbuf
                     .extend_from_slice(&rewrite_bind(&bind, &statement.server_name));
@@ -186,7 +196,7 @@ impl Pump<'_> {
                 match self.managed_statement(object) {
                     Some(statement) => {
                         let server = &mut *self.server;
-                        ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.traffic);
+                        ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.metrics);
                         server
                             .outbuf
                             .extend_from_slice(&describe_statement(&statement.server_name));
@@ -211,7 +221,7 @@ impl Pump<'_> {
                 Disposition::Forward
             }
             FrontendTag::Execute => {
-                self.traffic.queries += 1;
+                self.unit_started.get_or_insert_with(Instant::now);
                 server.unsynced = true;
                 server.expect.push(Expect::ExecuteResult, Recipient::Client);
                 Disposition::Forward
@@ -256,11 +266,11 @@ fn rewrites(tag: FrontendTag) -> bool {
 
 /// Prepares `statement` on the server first if it does not hold it yet; the reply is
 /// pgrelay's own.
-fn ensure_prepared(server: &mut ServerConn, statement: &PreparedStatement, limit: usize, traffic: &mut super::Traffic) {
+fn ensure_prepared(server: &mut ServerConn, statement: &PreparedStatement, limit: usize, metrics: &SessionMetrics) {
     if server.statements.contains(&statement.server_name) {
         server.statements.touch(&statement.server_name);
     } else {
-        prepare(server, statement, Recipient::Pgrelay, limit, traffic);
+        prepare(server, statement, Recipient::Pgrelay, limit, metrics);
     }
 }
 
@@ -271,7 +281,7 @@ fn prepare(
     statement: &PreparedStatement,
     recipient: Recipient,
     limit: usize,
-    traffic: &mut super::Traffic,
+    metrics: &SessionMetrics,
 ) {
     if let Some(stale) = server.statements.take_stale(&statement.server_name) {
         server.outbuf.extend_from_slice(&close_statement(&stale));
@@ -280,7 +290,7 @@ fn prepare(
     if let Some(evicted) = server.statements.insert(statement.server_name.clone(), limit) {
         server.outbuf.extend_from_slice(&close_statement(&evicted));
         server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
-        traffic.evictions += 1;
+        metrics.prepared_statements_evicted(1);
     }
     server.outbuf.extend_from_slice(&statement.parse);
     server.expect.push(

@@ -115,8 +115,11 @@ impl Pump<'_> {
                     return Err(self.server_broke("bad ReadyForQuery".to_owned()));
                 };
                 server.status = status;
+                if to_client {
+                    self.finish_unit();
+                }
                 if to_client && status == TxStatus::Idle {
-                    self.traffic.transactions += 1;
+                    self.metrics.transaction(self.mode.role);
                     self.settle_effects();
                 }
                 if to_client && self.mode.statement_mode && status != TxStatus::Idle {

@@ -16,13 +16,14 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio_util::io::poll_read_buf;
 
-use super::Traffic;
 use super::carried::Carried;
 use super::client::{ClientConn, poll_write_buffer, reserve_for_read};
+use crate::metrics::{Role, SessionMetrics};
 use crate::protocol::ProtocolError;
 use crate::protocol::compose;
 use crate::route::{Classifier, SessionEffect};
 use crate::upstream::{ServerConn, Synthetic, UpstreamError};
+use std::time::Instant;
 
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
 const HIGH_WATER: usize = 256 * 1024;
@@ -54,13 +55,15 @@ pub(super) struct PumpMode {
     /// Attached to a replica: forward one batch, then let the session route the next
     /// one (unless the batch opened a transaction, which stays on this server).
     pub single_unit: bool,
+    /// Which side the attached server is on, for the metrics.
+    pub role: Role,
 }
 
 pub(super) struct Pump<'a> {
     client: &'a mut ClientConn,
     server: &'a mut ServerConn,
     carried: &'a mut Carried,
-    traffic: &'a mut Traffic,
+    metrics: &'a SessionMetrics,
     mode: PumpMode,
     classifier: &'a Classifier,
     /// Bytes of a large client CopyData still to be forwarded as they arrive.
@@ -71,6 +74,8 @@ pub(super) struct Pump<'a> {
     pending: Vec<SessionEffect>,
     /// An error was reported since `pending` began.
     pending_failed: bool,
+    /// When the batch now in flight was sent, for the latency histogram.
+    unit_started: Option<Instant>,
 }
 
 impl<'a> Pump<'a> {
@@ -78,7 +83,7 @@ impl<'a> Pump<'a> {
         client: &'a mut ClientConn,
         server: &'a mut ServerConn,
         carried: &'a mut Carried,
-        traffic: &'a mut Traffic,
+        metrics: &'a SessionMetrics,
         mode: PumpMode,
         classifier: &'a Classifier,
     ) -> Self {
@@ -86,7 +91,8 @@ impl<'a> Pump<'a> {
             client,
             server,
             carried,
-            traffic,
+            metrics,
+            unit_started: None,
             mode,
             classifier,
             client_passthrough: 0,
@@ -167,6 +173,16 @@ impl<'a> Pump<'a> {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// A batch was answered with ReadyForQuery.
+    fn finish_unit(&mut self) {
+        let elapsed = self
+            .unit_started
+            .take()
+            .map(|started| started.elapsed())
+            .unwrap_or_default();
+        self.metrics.query(self.mode.role, elapsed);
     }
 
     /// Notes what a forwarded statement does to the session: pins take effect at once
