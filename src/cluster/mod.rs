@@ -1,5 +1,29 @@
-//! What pgrelay knows of the health of each server of a database: a replica that
-//! refused a connection is set aside for a while so reads go elsewhere.
+//! What pgrelay knows of each server of a database: whether it answers, whether it is the
+//! primary or a replica, how far it has replayed the primary's WAL and how stale that makes
+//! it. A [`ClusterMonitor`] per database keeps this current from side connections and
+//! publishes it as a [`ClusterView`] that routing loads once per transaction. [`HostHealth`]
+//! is the routing side's own note: a replica that refused a connection is set aside for a
+//! while so reads go elsewhere (the monitor lifts it when a down host answers again).
+//!
+//! Files: `lsn` (WAL positions), `view` (the published snapshot), `state` (the bookkeeping:
+//! primary discovery, split brain, lag; no I/O), `probe` (one side connection and its query),
+//! `monitor` (the tasks and the handle).
+
+mod error;
+mod lsn;
+mod monitor;
+mod probe;
+mod state;
+mod view;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ClusterError;
+pub use lsn::Lsn;
+pub use monitor::{ClusterMonitor, DEFAULT_LSN_POLL_INTERVAL, MonitorSettings};
+pub use probe::APPLICATION_NAME;
+pub use view::{ClusterView, HostView, Role};
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -47,7 +71,7 @@ impl HostHealth {
 }
 
 #[cfg(test)]
-mod tests {
+mod health_tests {
     use super::*;
 
     #[test]
