@@ -11,7 +11,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsError, PoolState, Role, StateSink};
 use crate::net::{self, Listener};
-use crate::runtime::{BuildError, Shared, Snapshot};
+use crate::registry::Registry;
+use crate::runtime::{BuildError, Observers, Shared, Snapshot};
 use crate::session;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,11 @@ impl Running {
 
 /// Builds everything from `config` and starts accepting clients.
 pub async fn start(config: Config) -> Result<Running, AppError> {
+    start_with_file(config, None).await
+}
+
+/// Like [`start`], remembering the file the config came from so it can be reloaded.
+pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, AppError> {
     let listen = config.server.listen.clone();
     let addr: SocketAddr = listen
         .parse()
@@ -76,8 +82,12 @@ pub async fn start(config: Config) -> Result<Running, AppError> {
     let shutdown_timeout = config.server.shutdown_timeout;
     let metrics_listen = config.server.metrics_listen.clone().filter(|addr| !addr.is_empty());
     let metrics = Arc::new(Metrics::new()?);
-    let snapshot = Snapshot::build(config, &metrics)?;
-    let shared = Shared::new(snapshot, metrics.clone());
+    let observers = Observers {
+        metrics: metrics.clone(),
+        registry: Arc::new(Registry::default()),
+    };
+    let snapshot = Snapshot::build(config, &observers)?;
+    let shared = Shared::new(snapshot, observers, path);
     let weak = Arc::downgrade(&shared);
     metrics.set_state_source(move |sink| {
         if let Some(shared) = weak.upgrade() {
@@ -211,24 +221,37 @@ async fn serve(
     }
 }
 
-/// Runs pgrelay until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run(config: Config) -> Result<(), AppError> {
-    let running = start(config).await?;
-    wait_for_stop_signal().await;
+/// Runs pgrelay until SIGTERM, SIGINT or the admin console's SHUTDOWN, then shuts
+/// down gracefully. SIGHUP reloads the file.
+pub async fn run(config: Config, path: std::path::PathBuf) -> Result<(), AppError> {
+    let running = start_with_file(config, Some(path)).await?;
+    let shared = running.shared.clone();
+    wait_for_stop(&shared).await;
     running.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+async fn wait_for_stop(shared: &Shared) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop pgrelay with SIGKILL");
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => return tracing::info!("SIGINT received"),
+            () = shared.shutdown_requested() => return tracing::info!("SHUTDOWN requested on the admin console"),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                // Failures are logged and counted by reload itself; nothing changes then.
+                let _ = crate::reload::reload(shared);
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! pgrelay: a PostgreSQL connection pooler and read/write-splitting proxy.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
@@ -12,6 +13,8 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;
+pub mod registry;
+pub mod reload;
 pub mod route;
 pub mod router;
 pub mod runtime;

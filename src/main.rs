@@ -53,10 +53,10 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => match pgrelay::config::load(&config) {
-            Ok(config) => run_async(pgrelay::app::run(config)),
+        Command::Run { config: path } => match pgrelay::config::load(&path) {
+            Ok(config) => run_async(pgrelay::app::run(config, path)),
             Err(errors) => {
-                eprintln!("{}: invalid configuration:\n{errors}", config.display());
+                eprintln!("{}: invalid configuration:\n{errors}", path.display());
                 ExitCode::FAILURE
             }
         },

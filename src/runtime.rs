@@ -16,7 +16,8 @@ use crate::cancel::CancelRegistry;
 use crate::cluster::HostHealth;
 use crate::config::{AuthMethod, Config, DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig};
 use crate::metrics::Metrics;
-use crate::pool::{PoolLimits, ServerPool};
+use crate::pool::{PoolLimits, PoolObservers, ServerPool};
+use crate::registry::Registry;
 use crate::route::{Classifier, ClassifierSettings};
 use crate::upstream::{ConnectSpec, ServerCredentials};
 
@@ -71,10 +72,14 @@ pub struct DatabaseEntry {
     pub replicas: Vec<Arc<str>>,
     pools: DashMap<String, Arc<UserPools>>,
     metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
     /// Reads the statements clients send, for routing and session tracking.
     pub classifier: Classifier,
     /// The standing of each replica, in the order of `replicas`.
     pub replica_health: Vec<Arc<HostHealth>>,
+    /// PAUSE: while true, new transactions wait. Shared with the entry that replaces
+    /// this one at a reload, so a reload does not resume a paused database.
+    paused: Arc<tokio::sync::watch::Sender<bool>>,
     /// Where round-robin load balancing starts next.
     next_replica: AtomicUsize,
     /// Startup parameters the servers accepted, with the value they reported back for
@@ -83,9 +88,10 @@ pub struct DatabaseEntry {
 }
 
 impl DatabaseEntry {
-    fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig, metrics: &Arc<Metrics>) -> Self {
+    fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig, observers: &Observers) -> Self {
         DatabaseEntry {
-            metrics: metrics.clone(),
+            metrics: observers.metrics.clone(),
+            registry: observers.registry.clone(),
             name: name.to_owned(),
             server_dbname: config.server_dbname(name).to_owned(),
             pool: config.pool(defaults),
@@ -104,7 +110,69 @@ impl DatabaseEntry {
                 .map(|addr| Arc::new(HostHealth::new(Arc::from(addr.as_str()))))
                 .collect(),
             next_replica: AtomicUsize::new(0),
+            paused: Arc::new(tokio::sync::watch::Sender::new(false)),
             known_params: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Returns once the database is not paused.
+    pub async fn wait_resumed(&self) {
+        let mut paused = self.paused.subscribe();
+        let _ = paused.wait_for(|paused| !*paused).await;
+    }
+
+    /// Closes every idle server connection of this database (KILL).
+    pub fn close_idle(&self) {
+        for (_, pools) in self.all_pools() {
+            pools.primary.close_idle();
+            for replica in &pools.replicas {
+                replica.close_idle();
+            }
+        }
+    }
+
+    /// Server connections in use, over every pool of this database.
+    pub fn active_servers(&self) -> usize {
+        self.all_pools()
+            .iter()
+            .map(|(_, pools)| {
+                pools.primary.status().active + pools.replicas.iter().map(|pool| pool.status().active).sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Takes over what `old` (the same database before a reload) has that is still
+    /// valid: the paused state always; the pools and replica standing when the servers
+    /// are the same, for every user whose server credentials did not change. Pools get
+    /// the new limits in place: a smaller size closes surplus connections when they are
+    /// released, never while in use.
+    fn carry_over(&mut self, old: &DatabaseEntry, users: &HashMap<String, Arc<UserEntry>>) {
+        self.paused = old.paused.clone();
+        let same_servers =
+            self.primary == old.primary && self.replicas == old.replicas && self.server_dbname == old.server_dbname;
+        if !same_servers {
+            return;
+        }
+        self.replica_health = old.replica_health.clone();
+        let limits = self.limits();
+        for (user_name, pools) in old.all_pools() {
+            let Some(user) = users.get(&user_name) else { continue };
+            if *pools.primary.credentials() != *user.server_credentials {
+                continue;
+            }
+            pools.primary.set_limits(limits.clone());
+            for replica in &pools.replicas {
+                replica.set_limits(limits.clone());
+            }
+            self.pools.insert(user_name, pools);
         }
     }
 
@@ -163,7 +231,10 @@ impl DatabaseEntry {
                             credentials: user.server_credentials.clone(),
                         },
                         self.limits(),
-                        Some(self.metrics.server_connect_errors(&self.name, addr)),
+                        PoolObservers {
+                            connect_errors: Some(self.metrics.server_connect_errors(&self.name, addr)),
+                            registry: Some((self.registry.clone(), self.name.clone())),
+                        },
                     )
                 };
                 Arc::new(UserPools {
@@ -222,6 +293,13 @@ impl DatabaseEntry {
     }
 }
 
+/// What outlives a config: metrics and the registry of connections.
+#[derive(Debug, Clone)]
+pub struct Observers {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+}
+
 /// Why a config could not be turned into a running state.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -239,7 +317,7 @@ pub struct Snapshot {
     /// The `"*"` entry: databases not listed are created from it on first use.
     fallback: Option<DatabaseConfig>,
     dynamic: DashMap<String, Arc<DatabaseEntry>>,
-    metrics: Arc<Metrics>,
+    observers: Observers,
 }
 
 /// The name of the admin console's database.
@@ -247,7 +325,7 @@ pub const ADMIN_DATABASE: &str = "pgrelay";
 
 impl Snapshot {
     /// Builds users and databases; pools are created when first used.
-    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Snapshot, BuildError> {
+    pub fn build(config: Config, observers: &Observers) -> Result<Snapshot, BuildError> {
         let users = config
             .users
             .iter()
@@ -260,7 +338,7 @@ impl Snapshot {
             .map(|(name, database)| {
                 (
                     name.clone(),
-                    Arc::new(DatabaseEntry::new(name, database, &config.pool, metrics)),
+                    Arc::new(DatabaseEntry::new(name, database, &config.pool, observers)),
                 )
             })
             .collect();
@@ -278,8 +356,30 @@ impl Snapshot {
             databases,
             fallback,
             dynamic: DashMap::new(),
-            metrics: metrics.clone(),
+            observers: observers.clone(),
         })
+    }
+
+    /// Takes over from the snapshot this one replaces whatever is still valid (see
+    /// [`DatabaseEntry::carry_over`]). Call before the snapshot is shared.
+    pub fn carry_over(&mut self, old: &Snapshot) {
+        for (name, entry) in self.databases.iter_mut() {
+            if let (Some(old_entry), Some(entry)) = (old.databases.get(name), Arc::get_mut(entry)) {
+                entry.carry_over(old_entry, &self.users);
+            }
+        }
+        if self.fallback == old.fallback {
+            for old_entry in old.dynamic.iter() {
+                if self.databases.contains_key(old_entry.key()) {
+                    continue;
+                }
+                if let Some(fallback) = &self.fallback {
+                    let mut entry = DatabaseEntry::new(old_entry.key(), fallback, &self.config.pool, &self.observers);
+                    entry.carry_over(old_entry.value(), &self.users);
+                    self.dynamic.insert(old_entry.key().clone(), Arc::new(entry));
+                }
+            }
+        }
     }
 
     pub fn user(&self, name: &str) -> Option<Arc<UserEntry>> {
@@ -298,7 +398,7 @@ impl Snapshot {
         Some(
             self.dynamic
                 .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(DatabaseEntry::new(name, fallback, &self.config.pool, &self.metrics)))
+                .or_insert_with(|| Arc::new(DatabaseEntry::new(name, fallback, &self.config.pool, &self.observers)))
                 .clone(),
         )
     }
@@ -374,12 +474,21 @@ pub struct Shared {
     shutting_down: tokio::sync::watch::Sender<bool>,
     accepting: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// Connected clients and server connections, for the admin console.
+    pub registry: Arc<Registry>,
+    /// The file a reload reads, if pgrelay was started from one.
+    config_path: Option<std::path::PathBuf>,
+    /// The admin console's SHUTDOWN.
+    shutdown_requested: tokio::sync::Notify,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Shared> {
+    pub fn new(snapshot: Snapshot, observers: Observers, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
         Arc::new(Shared {
-            metrics,
+            config_path,
+            shutdown_requested: tokio::sync::Notify::new(),
+            metrics: observers.metrics,
+            registry: observers.registry,
             snapshot: ArcSwap::from_pointee(snapshot),
             cancel: Arc::new(CancelRegistry::default()),
             clients: std::sync::atomic::AtomicUsize::new(0),
@@ -397,6 +506,27 @@ impl Shared {
     pub fn begin_shutdown(&self) {
         self.accepting.store(false, std::sync::atomic::Ordering::Release);
         self.shutting_down.send_replace(true);
+    }
+
+    pub fn config_path(&self) -> Option<std::path::PathBuf> {
+        self.config_path.clone()
+    }
+
+    pub fn observers(&self) -> Observers {
+        Observers {
+            metrics: self.metrics.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+
+    /// Asks the app to shut down gracefully (admin SHUTDOWN).
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.notify_one();
+    }
+
+    /// Resolves when a shutdown was requested through [`Shared::request_shutdown`].
+    pub async fn shutdown_requested(&self) {
+        self.shutdown_requested.notified().await;
     }
 
     pub fn set_accepting(&self, accepting: bool) {

@@ -84,7 +84,8 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
     let listen = socket_addr("server.listen", &server.listen, "127.0.0.1:6432", out);
     if let Some(metrics) = &server.metrics_listen {
         let metrics = socket_addr("server.metrics_listen", metrics, "127.0.0.1:9930", out);
-        if metrics.is_some() && metrics == listen {
+        // Port 0 means "any free port": two of those never collide.
+        if metrics.is_some() && metrics == listen && metrics.is_some_and(|addr| addr.port() != 0) {
             push(
                 out,
                 "server.metrics_listen".to_owned(),

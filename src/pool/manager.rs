@@ -15,7 +15,7 @@ pub struct ServerManager {
     pub(super) counters: Arc<PoolCounters>,
     /// Connections older than this are closed instead of reused.
     pub(super) lifetime: Option<Duration>,
-    pub(super) connect_errors: Option<prometheus::IntCounter>,
+    pub(super) observers: super::PoolObservers,
 }
 
 impl Manager for ServerManager {
@@ -31,16 +31,27 @@ impl Manager for ServerManager {
             self.counters.logins.fetch_sub(1, Ordering::Relaxed);
         });
         let result = upstream::connect(&self.spec).await.map(Box::new);
-        match &result {
-            Ok(conn) => self.counters.remember_server_params(conn.reported_params()),
-            Err(_) => {
+        match result {
+            Ok(mut conn) => {
+                self.counters.remember_server_params(conn.reported_params());
+                if let Some((registry, database)) = &self.observers.registry {
+                    conn.registration = Some(registry.add_server(
+                        self.spec.addr.clone(),
+                        database,
+                        &self.spec.credentials.user,
+                        conn.key().process_id,
+                    ));
+                }
+                Ok(conn)
+            }
+            Err(error) => {
                 self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(counter) = &self.connect_errors {
+                if let Some(counter) = &self.observers.connect_errors {
                     counter.inc();
                 }
+                Err(error)
             }
         }
-        result
     }
 
     async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<UpstreamError> {

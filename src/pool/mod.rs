@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use deadpool::managed::{self, Object, TimeoutType, Timeouts};
 
+use crate::registry::{LinkState, Registry};
 use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
 use manager::{ServerManager, scopeguard};
 
@@ -101,6 +102,15 @@ impl PoolCounters {
     }
 }
 
+/// Who is told about a pool's connections.
+#[derive(Debug, Clone, Default)]
+pub struct PoolObservers {
+    /// Counts failed connection attempts (a metric handle).
+    pub connect_errors: Option<prometheus::IntCounter>,
+    /// Lists the connections for SHOW SERVERS, under this database name.
+    pub registry: Option<(Arc<Registry>, String)>,
+}
+
 /// A snapshot of a pool's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolStatus {
@@ -130,11 +140,7 @@ pub struct ServerPool {
 impl ServerPool {
     /// Creates the pool and starts its janitor; needs a running tokio runtime.
     /// `connect_errors` counts failed connection attempts (a metric handle).
-    pub fn new(
-        spec: ConnectSpec,
-        limits: PoolLimits,
-        connect_errors: Option<prometheus::IntCounter>,
-    ) -> Arc<ServerPool> {
+    pub fn new(spec: ConnectSpec, limits: PoolLimits, observers: PoolObservers) -> Arc<ServerPool> {
         let spec = Arc::new(spec);
         let counters = Arc::new(PoolCounters::default());
         let build = |max_size: usize| {
@@ -142,7 +148,7 @@ impl ServerPool {
                 spec: spec.clone(),
                 counters: counters.clone(),
                 lifetime: limits.lifetime,
-                connect_errors: connect_errors.clone(),
+                observers: observers.clone(),
             };
             managed::Pool::builder(manager)
                 .max_size(max_size)
@@ -172,6 +178,11 @@ impl ServerPool {
 
     pub fn addr(&self) -> &str {
         &self.spec.addr
+    }
+
+    /// Whom this pool logs in as.
+    pub fn credentials(&self) -> &crate::upstream::ServerCredentials {
+        &self.spec.credentials
     }
 
     pub fn limits(&self) -> Arc<PoolLimits> {
@@ -204,6 +215,9 @@ impl ServerPool {
                 .map_err(|_| PoolError::WaitTimeout)?,
             None => wait.await,
         }?;
+        if let Some(registration) = &object.registration {
+            registration.entry().set_state(LinkState::Active);
+        }
         Ok(Checkout { object: Some(object) })
     }
 
@@ -260,6 +274,13 @@ impl ServerPool {
             reserve.resize(limits.reserve_size);
         }
         self.limits.store(Arc::new(limits));
+    }
+
+    /// Closes the idle connections now; the pool goes on serving (new connections).
+    pub fn close_idle(&self) {
+        for (deadpool, _) in self.deadpools() {
+            deadpool.retain(|_, _| false);
+        }
     }
 
     /// Stops handing out connections: idle ones close now, busy ones when released.
@@ -340,6 +361,9 @@ impl Drop for Checkout {
         let Some(mut object) = self.object.take() else { return };
         if object.is_reusable() {
             object.released_at = Instant::now();
+            if let Some(registration) = &object.registration {
+                registration.entry().set_state(LinkState::Idle);
+            }
             drop(object);
         } else {
             drop(Object::take(object));

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use super::client::ClientConn;
 use super::options::parse_startup_options;
 use crate::auth::{self, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
 use crate::error::{ClientError, Side, sqlstate};
+use crate::net::ClientConn;
 use crate::protocol::{FrontendTag, TxStatus, compose, views};
-use crate::runtime::{ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry};
+use crate::runtime::{ADMIN_DATABASE, ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry};
 use crate::upstream::{ParamDiff, SessionParams};
 
 /// Who logged in, where, and with which settings.
@@ -18,6 +18,13 @@ pub(super) struct LoggedIn {
     pub user: Arc<UserEntry>,
     pub database: Arc<DatabaseEntry>,
     pub wanted: SessionParams,
+}
+
+/// Where a client logged in to.
+pub(super) enum Destination {
+    Database(LoggedIn),
+    /// The admin console (database "pgrelay").
+    Admin(Arc<UserEntry>),
 }
 
 /// The part of a refused login the client is told; `None` when the client is gone.
@@ -33,7 +40,7 @@ pub(super) async fn login(
     minor_version: u16,
     params: Vec<(String, String)>,
     cancel: &CancelHandle,
-) -> Result<LoggedIn, LoginError> {
+) -> Result<Destination, LoginError> {
     let param = |name: &str| {
         params
             .iter()
@@ -89,6 +96,10 @@ pub(super) async fn login(
     };
     compose::auth_ok(&mut client.outbuf);
 
+    if database_name == ADMIN_DATABASE {
+        greet_admin(client, cancel);
+        return Ok(Destination::Admin(user));
+    }
     let Some(database) = snapshot.database(database_name) else {
         return Err(Some(ClientError::new(
             Side::Client,
@@ -98,7 +109,28 @@ pub(super) async fn login(
     };
     let reported = check_settings(&database, &user, &wanted).await.map_err(Some)?;
     greet(client, &reported, &wanted, &database, cancel);
-    Ok(LoggedIn { user, database, wanted })
+    Ok(Destination::Database(LoggedIn { user, database, wanted }))
+}
+
+/// What a client of the admin console is told after AuthenticationOk.
+fn greet_admin(client: &mut ClientConn, cancel: &CancelHandle) {
+    for (name, value) in [
+        (
+            "server_version",
+            concat!("15.0 (pgrelay ", env!("CARGO_PKG_VERSION"), ")"),
+        ),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", "pgrelay"),
+    ] {
+        compose::parameter_status(&mut client.outbuf, name, value);
+    }
+    compose::backend_key_data(&mut client.outbuf, cancel.process_id(), cancel.secret());
+    compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
 }
 
 /// Makes sure the servers accept the client's settings (the first time each value is
@@ -227,8 +259,8 @@ async fn read_password_message(client: &mut ClientConn) -> Result<Vec<u8>, Login
     client.flush().await.map_err(|_| None)?;
     let frame = match client.next_frame().await {
         Ok(Some(frame)) => frame,
-        Ok(None) | Err(super::client::ClientReadError::Io(_)) => return Err(None),
-        Err(super::client::ClientReadError::Protocol(error)) => {
+        Ok(None) | Err(crate::net::ClientReadError::Io(_)) => return Err(None),
+        Err(crate::net::ClientReadError::Protocol(error)) => {
             return Err(Some(ClientError::protocol_violation(error.to_string())));
         }
     };

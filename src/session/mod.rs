@@ -2,7 +2,6 @@
 //! session loop that borrows server connections from the pools.
 
 mod carried;
-mod client;
 mod handshake;
 mod local;
 mod login;
@@ -20,12 +19,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::error::{ClientError, Side, sqlstate};
+use crate::net::ClientConn;
 use crate::net::ClientStream;
 use crate::protocol::compose::{self, Severity};
 use crate::runtime::{Shared, Snapshot};
-use client::ClientConn;
 use handshake::{HandshakeError, Opening};
-use login::LoginError;
+use login::{Destination, LoginError};
 use run::Session;
 
 /// How long pgrelay tries to deliver a last error to a client that is being refused.
@@ -53,7 +52,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         None => Box::pin(start(&mut client, &shared, &snapshot)).await,
     };
     match started {
-        Ok(Some(session)) => session.run(client).await,
+        Ok(Some(Started::Session(session))) => session.run(client).await,
+        Ok(Some(Started::Admin(admin))) => admin.run(client).await,
         Ok(None) => {}
         Err(Some(error)) => {
             tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused");
@@ -70,7 +70,7 @@ async fn start(
     client: &mut ClientConn,
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
-) -> Result<Option<Box<Session>>, LoginError> {
+) -> Result<Option<Started>, LoginError> {
     let opening = handshake::open(&mut client.stream).await.map_err(|error| match error {
         HandshakeError::Closed | HandshakeError::Io(_) => None,
         HandshakeError::Startup(error) => Some(ClientError::protocol_violation(error.to_string())),
@@ -91,20 +91,38 @@ async fn start(
         ))
     })?;
     let cancel = shared.cancel.register();
-    let logged_in = login::login(client, shared, snapshot, minor_version, params, &cancel).await?;
+    let logged_in = match login::login(client, shared, snapshot, minor_version, params, &cancel).await? {
+        Destination::Database(logged_in) => logged_in,
+        Destination::Admin(user) => {
+            tracing::info!(client = %client.peer, user = %user.name, "admin console client connected");
+            return Ok(Some(Started::Admin(crate::admin::AdminSession::new(
+                shared.clone(),
+                &user.name,
+                slot,
+                cancel,
+            ))));
+        }
+    };
     tracing::info!(client = %client.peer, database = %logged_in.database.name, user = %logged_in.user.name, "client connected");
-    Ok(Some(Box::new(Session::new(
+    Ok(Some(Started::Session(Box::new(Session::new(
         shared.clone(),
         snapshot,
         logged_in,
+        client.peer,
         cancel,
         slot,
-    ))))
+    )))))
+}
+
+/// A logged-in connection: a pooled session or the admin console.
+enum Started {
+    Session(Box<Session>),
+    Admin(crate::admin::AdminSession),
 }
 
 /// One of max_client_conn places, held for the life of a session.
 #[derive(Debug)]
-pub(crate) struct ClientSlot {
+pub struct ClientSlot {
     shared: Arc<Shared>,
 }
 

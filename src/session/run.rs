@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use super::ClientSlot;
 use super::carried::Carried;
-use super::client::ClientConn;
 use super::local::{Answer, LocalState, LocalTx};
 use super::login::LoggedIn;
 use super::pump::{Pump, PumpExit, PumpMode};
@@ -18,9 +17,11 @@ use crate::error::{ClientError, Side, sqlstate};
 use crate::metrics::{
     ClientState, ClientStateGauge, PinReason as MetricsPin, PinnedGauge, Role, RouteReason, SessionMetrics,
 };
+use crate::net::ClientConn;
 use crate::pool::Checkout;
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::{FrontendTag, Header, ProtocolError, TxStatus};
+use crate::registry::{ClientRegistration, LinkState};
 use crate::route::PinReason;
 use crate::router::{self, Decision, Reason, Target};
 use crate::runtime::{DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
@@ -42,12 +43,13 @@ enum End {
     IdleTimeout(Duration),
     /// pgrelay is shutting down and the client is outside a transaction.
     Shutdown,
+    /// The admin console killed the client's database.
+    Killed,
     /// Session mode: the client's server failed, and its session state with it.
     ServerLost(ClientError),
 }
 
 pub(crate) struct Session {
-    #[allow(dead_code)]
     shared: Arc<Shared>,
     database: Arc<DatabaseEntry>,
     user: Arc<UserEntry>,
@@ -67,6 +69,8 @@ pub(crate) struct Session {
     client_state: ClientStateGauge,
     /// Counts this client's pins in pgrelay_pinned_sessions.
     pinned: PinnedGauge,
+    /// This client in SHOW CLIENTS; KILL reaches the session through it.
+    registration: ClientRegistration,
     idle_timeout: Option<Duration>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
 }
@@ -76,11 +80,18 @@ impl Session {
         shared: Arc<Shared>,
         snapshot: &Snapshot,
         logged_in: LoggedIn,
+        peer: std::net::SocketAddr,
         cancel: CancelHandle,
         slot: ClientSlot,
     ) -> Session {
         let pools = logged_in.database.pools(&logged_in.user);
         let metrics = shared.metrics.session(&logged_in.database.name, &logged_in.user.name);
+        let registration = shared.registry.add_client(
+            peer,
+            &logged_in.database.name,
+            &logged_in.user.name,
+            logged_in.wanted.get("application_name").unwrap_or_default(),
+        );
         Session {
             shutting_down: shared.shutting_down(),
             shared,
@@ -99,6 +110,7 @@ impl Session {
             local: LocalState::new(),
             server: None,
             client_state: metrics.client_state(ClientState::Idle),
+            registration,
             pinned: metrics.pins(),
             metrics,
         }
@@ -110,6 +122,11 @@ impl Session {
         let farewell = match &end {
             End::ClientLeft => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
+            End::Killed => Some(ClientError::new(
+                Side::Pgrelay,
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command (KILL)",
+            )),
             End::Shutdown => Some(ClientError::new(
                 Side::Pgrelay,
                 sqlstate::ADMIN_SHUTDOWN,
@@ -142,6 +159,14 @@ impl Session {
     }
 
     async fn serve(&mut self, client: &mut ClientConn) -> End {
+        let registration = self.registration.entry().clone();
+        tokio::select! {
+            end = self.serve_until_end(client) => end,
+            () = registration.killed() => End::Killed,
+        }
+    }
+
+    async fn serve_until_end(&mut self, client: &mut ClientConn) -> End {
         loop {
             if client.flush().await.is_err() {
                 return End::ClientLeft;
@@ -177,6 +202,7 @@ impl Session {
                 Answer::Broke(error) => return Some(End::ClientBroke(error)),
                 Answer::NeedsServer => {}
             }
+            self.follow_reload();
             match self.acquire(client, tag).await {
                 Ok(server) => self.server = Some(server),
                 Err(Some(end)) => return Some(end),
@@ -260,10 +286,12 @@ impl Session {
     /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
     async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
         let decision = self.route(client);
-        self.client_state.set(ClientState::Waiting);
+        self.set_state(ClientState::Waiting);
         let database = self.database.clone();
         let pools = self.pools.clone();
         let checkout = async move {
+            // PAUSE holds new transactions here until RESUME.
+            database.wait_resumed().await;
             let (checkout, target) = routing::checkout_for(decision, &database, &pools).await?;
             Ok::<_, crate::pool::PoolError>((checkout, target))
         };
@@ -273,11 +301,11 @@ impl Session {
                 result = &mut checkout => {
                     return result.map(|(checkout, target)| {
                         self.on_replica = target == Target::Replica;
-                        self.client_state.set(ClientState::Active);
+                        self.set_state(ClientState::Active);
                         self.count_route(decision, target);
                         checkout
                     }).map_err(|error| {
-                        self.client_state.set(ClientState::Idle);
+                        self.set_state(ClientState::Idle);
                         let error = ClientError::from_pool(&error, &self.database.name);
                         tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                             sqlstate = %error.sqlstate, error = %error.message, "no server for client");
@@ -288,7 +316,7 @@ impl Session {
                 }
                 () = self.cancel.cancelled_while_waiting() => {
                     let error = ClientError::new(Side::Client, sqlstate::QUERY_CANCELED, "canceling statement due to user request");
-                    self.client_state.set(ClientState::Idle);
+                    self.set_state(ClientState::Idle);
                     self.report(&error);
                     self.local.fail_first(tag, &mut client.inbuf, &mut client.outbuf, &error);
                     return Err(None);
@@ -301,6 +329,33 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// After a reload, takes the database's new entry (new settings, new pools where
+    /// the servers changed). A database or user the reload removed keeps serving this
+    /// client as before; only new clients are refused.
+    fn follow_reload(&mut self) {
+        let snapshot = self.shared.snapshot();
+        let Some(database) = snapshot.database(&self.database.name) else {
+            return;
+        };
+        if Arc::ptr_eq(&database, &self.database) {
+            return;
+        }
+        let user = snapshot.user(&self.user.name).unwrap_or_else(|| self.user.clone());
+        self.pools = database.pools(&user);
+        self.database = database;
+        self.user = user;
+    }
+
+    /// Moves the client to `state` in the metrics and in SHOW CLIENTS.
+    fn set_state(&mut self, state: ClientState) {
+        self.client_state.set(state);
+        self.registration.entry().set_state(match state {
+            ClientState::Idle => LinkState::Idle,
+            ClientState::Waiting => LinkState::Waiting,
+            ClientState::Active => LinkState::Active,
+        });
     }
 
     fn report(&self, error: &ClientError) {
@@ -421,7 +476,7 @@ impl Session {
                     server.holds_client_state = false;
                     self.cancel.detach().await;
                     drop(server);
-                    self.client_state.set(ClientState::Idle);
+                    self.set_state(ClientState::Idle);
                 }
                 None
             }
@@ -429,7 +484,7 @@ impl Session {
                 let owed = server.expect.readies_owed_to_client();
                 self.cancel.detach().await;
                 server.discard();
-                self.client_state.set(ClientState::Idle);
+                self.set_state(ClientState::Idle);
                 let error = ClientError::new(
                     Side::Client,
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -456,7 +511,7 @@ impl Session {
                 self.cancel.detach().await;
                 server.mark_broken();
                 server.discard();
-                self.client_state.set(ClientState::Idle);
+                self.set_state(ClientState::Idle);
                 let error = ClientError::from_upstream(&failure, &self.database.name);
                 self.report(&error);
                 tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,

@@ -65,6 +65,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         statements: super::ServerStatements::default(),
         retire: false,
         holds_client_state: false,
+        registration: None,
         reported: Vec::new(),
         key: BackendKey {
             process_id: 0,

@@ -88,6 +88,8 @@ pub struct ServerConn {
     /// A client's session state is on it (session mode, or a pinned client): it may
     /// only go back to the pool after a reset.
     pub(crate) holds_client_state: bool,
+    /// Its entry in SHOW SERVERS, when pgrelay keeps a registry.
+    pub(crate) registration: Option<crate::registry::ServerRegistration>,
     /// Values the server reported in ParameterStatus (server_version, …).
     pub(crate) reported: Vec<(String, String)>,
     pub(crate) key: BackendKey,

@@ -17,8 +17,8 @@ use bytes::{Buf, BytesMut};
 use tokio_util::io::poll_read_buf;
 
 use super::carried::Carried;
-use super::client::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::metrics::{Role, SessionMetrics};
+use crate::net::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::protocol::ProtocolError;
 use crate::protocol::compose;
 use crate::route::{Classifier, SessionEffect};

@@ -20,7 +20,7 @@ use crate::protocol::{Frame, ProtocolError};
 const READ_CHUNK: usize = 8 * 1024;
 
 #[derive(Debug)]
-pub(crate) struct ClientConn {
+pub struct ClientConn {
     pub stream: ClientStream,
     pub inbuf: BytesMut,
     pub outbuf: BytesMut,
@@ -89,21 +89,21 @@ impl ClientConn {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ClientReadError {
+pub enum ClientReadError {
     #[error(transparent)]
     Io(#[from] io::Error),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
 }
 
-pub(crate) fn reserve_for_read(buf: &mut BytesMut) {
+pub fn reserve_for_read(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
 }
 
 /// Writes as much of `buf` as `stream` takes without waiting for more room.
-pub(crate) fn poll_write_buffer<S: tokio::io::AsyncWrite + Unpin>(
+pub fn poll_write_buffer<S: tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,

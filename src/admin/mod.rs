@@ -1,0 +1,159 @@
+//! The admin console: clients connected to database "pgrelay" run SHOW commands and
+//! control commands (RELOAD, PAUSE, RESUME, KILL, SHUTDOWN) as simple queries. Admin
+//! users may run everything, stats users only SHOW, anyone else nothing (42501).
+
+mod control;
+mod show;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::cancel::CancelHandle;
+use crate::error::sqlstate;
+use crate::net::{ClientConn, ClientReadError};
+use crate::protocol::compose::{self, Severity};
+use crate::protocol::views::query_text;
+use crate::protocol::{FrontendTag, TxStatus};
+use crate::runtime::Shared;
+use crate::session::ClientSlot;
+
+/// What a console user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Stats,
+    Nobody,
+}
+
+/// One connection to the admin console, after login.
+pub struct AdminSession {
+    shared: Arc<Shared>,
+    user: String,
+    role: Role,
+    _slot: ClientSlot,
+    _cancel: CancelHandle,
+}
+
+/// A command's answer, or the reason it was refused.
+type Outcome = Result<(), (&'static str, String)>;
+
+impl AdminSession {
+    pub fn new(shared: Arc<Shared>, user: &str, slot: ClientSlot, cancel: CancelHandle) -> Self {
+        let snapshot = shared.snapshot();
+        let role = if snapshot.is_admin(user) {
+            Role::Admin
+        } else if snapshot.is_stats_user(user) {
+            Role::Stats
+        } else {
+            Role::Nobody
+        };
+        AdminSession {
+            shared,
+            user: user.to_owned(),
+            role,
+            _slot: slot,
+            _cancel: cancel,
+        }
+    }
+
+    pub async fn run(self, mut client: ClientConn) {
+        let mut skipping_to_sync = false;
+        loop {
+            if client.flush().await.is_err() {
+                return;
+            }
+            let frame = match client.next_frame().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(ClientReadError::Io(_)) => return,
+                Err(ClientReadError::Protocol(error)) => {
+                    compose::error(
+                        &mut client.outbuf,
+                        Severity::Fatal,
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &error.to_string(),
+                    );
+                    let _ = client.flush().await;
+                    return;
+                }
+            };
+            match FrontendTag::from_byte(frame.tag()) {
+                Some(FrontendTag::Terminate) | None => return,
+                Some(FrontendTag::Query) => {
+                    let text = query_text(frame.body()).unwrap_or_default().to_owned();
+                    let outcome = self.execute(&text, &mut client.outbuf).await;
+                    if let Err((code, message)) = outcome {
+                        compose::error(&mut client.outbuf, Severity::Error, code, &message);
+                    }
+                    compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
+                }
+                Some(FrontendTag::Sync) => {
+                    skipping_to_sync = false;
+                    compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
+                }
+                Some(_) if skipping_to_sync => {}
+                Some(_) => {
+                    compose::error(
+                        &mut client.outbuf,
+                        Severity::Error,
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "the admin console accepts simple queries only",
+                    );
+                    skipping_to_sync = true;
+                }
+            }
+        }
+    }
+
+    /// Runs one command text, writing its result set (or nothing) to `out`.
+    async fn execute(&self, text: &str, out: &mut BytesMut) -> Outcome {
+        let command = text.trim().trim_end_matches(';').trim();
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let Some(verb) = words.first().map(|word| word.to_ascii_uppercase()) else {
+            compose::empty_query_response(out);
+            return Ok(());
+        };
+        let refuse = || {
+            Err((
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "user \"{}\" may not run \"{}\" on the admin console",
+                    self.user, command
+                ),
+            ))
+        };
+        let is_show = verb == "SHOW";
+        match self.role {
+            Role::Nobody => return refuse(),
+            Role::Stats if !is_show => return refuse(),
+            Role::Admin | Role::Stats => {}
+        }
+        let argument = words.get(1).copied();
+        if words.len() > 2 {
+            return Err(unknown(command));
+        }
+        match verb.as_str() {
+            "SHOW" => show::show(&self.shared, argument.unwrap_or_default(), out).ok_or_else(|| unknown(command)),
+            "RELOAD" if argument.is_none() => control::reload(&self.shared, out),
+            "PAUSE" => control::pause(&self.shared, argument, out).await,
+            "RESUME" => control::resume(&self.shared, argument, out),
+            "KILL" => match argument {
+                Some(database) => control::kill(&self.shared, database, out),
+                None => Err((sqlstate::SYNTAX_ERROR, "KILL needs a database name".to_owned())),
+            },
+            "SHUTDOWN" if argument.is_none() => {
+                self.shared.request_shutdown();
+                compose::command_complete(out, "SHUTDOWN");
+                Ok(())
+            }
+            _ => Err(unknown(command)),
+        }
+    }
+}
+
+fn unknown(command: &str) -> (&'static str, String) {
+    (
+        sqlstate::SYNTAX_ERROR,
+        format!("unknown admin console command \"{command}\"; SHOW HELP lists them"),
+    )
+}

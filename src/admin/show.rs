@@ -1,0 +1,389 @@
+//! The admin console's SHOW commands: result sets read from the running snapshot, the
+//! registry of connections and the metrics, never from the hot path's locks.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+
+use crate::config::format_limit;
+use crate::protocol::compose;
+use crate::runtime::Shared;
+
+/// Writes the result set of `SHOW <what>`; `None` for an unknown subject.
+pub(super) fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Option<()> {
+    let (columns, rows): (&[&str], Vec<Vec<String>>) = match what.to_ascii_uppercase().as_str() {
+        "POOLS" => (POOL_COLUMNS, pools(shared)),
+        "STATS" => (STATS_COLUMNS, stats(shared)),
+        "CLIENTS" => (CLIENT_COLUMNS, clients(shared)),
+        "SERVERS" => (SERVER_COLUMNS, servers(shared)),
+        "DATABASES" => (DATABASE_COLUMNS, databases(shared)),
+        "CONFIG" => (&["key", "value"], config(shared)),
+        "VERSION" => (
+            &["version"],
+            vec![vec![format!("pgrelay {}", env!("CARGO_PKG_VERSION"))]],
+        ),
+        "HELP" => (&["command", "description"], help()),
+        _ => return None,
+    };
+    compose::row_description(out, columns);
+    for row in &rows {
+        compose::data_row(out, row.iter().map(|value| Some(value.as_str())));
+    }
+    compose::command_complete(out, "SHOW");
+    Some(())
+}
+
+const POOL_COLUMNS: &[&str] = &[
+    "database",
+    "user",
+    "cl_active",
+    "cl_waiting",
+    "sv_active",
+    "sv_idle",
+    "sv_used",
+    "sv_login",
+    "maxwait",
+    "maxwait_us",
+    "pool_mode",
+    "role",
+    "host",
+];
+
+fn pools(shared: &Shared) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for database in shared.snapshot().all_databases() {
+        let mut users = database.all_pools();
+        users.sort_by(|a, b| a.0.cmp(&b.0));
+        for (user, pools) in users {
+            let hosts =
+                std::iter::once(("primary", &pools.primary)).chain(pools.replicas.iter().map(|pool| ("replica", pool)));
+            for (role, pool) in hosts {
+                let status = pool.status();
+                let wait = pool.counters().max_wait();
+                rows.push(vec![
+                    database.name.clone(),
+                    user.clone(),
+                    status.active.to_string(),
+                    status.waiting.to_string(),
+                    status.active.to_string(),
+                    status.idle.to_string(),
+                    "0".to_owned(),
+                    status.logins.to_string(),
+                    wait.as_secs().to_string(),
+                    wait.subsec_micros().to_string(),
+                    database.mode().to_string(),
+                    role.to_owned(),
+                    pool.addr().to_owned(),
+                ]);
+            }
+        }
+    }
+    rows
+}
+
+const STATS_COLUMNS: &[&str] = &[
+    "database",
+    "total_xact_count",
+    "total_query_count",
+    "total_query_time",
+    "total_wait_time",
+    "avg_query_time",
+    "avg_wait_time",
+];
+
+/// Totals per database from the Prometheus counters and histograms (times in µs, as in
+/// PgBouncer).
+fn stats(shared: &Shared) -> Vec<Vec<String>> {
+    #[derive(Default)]
+    struct Totals {
+        transactions: f64,
+        queries: f64,
+        query_time: f64,
+        wait_time: f64,
+        waits: f64,
+    }
+    let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
+    for database in shared.snapshot().all_databases() {
+        totals.entry(database.name.clone()).or_default();
+    }
+    for family in shared.metrics.gather() {
+        for metric in family.get_metric() {
+            let Some(database) = metric
+                .get_label()
+                .iter()
+                .find(|label| label.name() == "database")
+                .map(|label| label.value().to_owned())
+            else {
+                continue;
+            };
+            let entry = totals.entry(database).or_default();
+            match family.name() {
+                "pgrelay_transactions_total" => entry.transactions += metric.get_counter().get_value(),
+                "pgrelay_queries_total" => entry.queries += metric.get_counter().get_value(),
+                "pgrelay_query_duration_seconds" => entry.query_time += metric.get_histogram().get_sample_sum(),
+                "pgrelay_pool_wait_seconds" => {
+                    entry.wait_time += metric.get_histogram().get_sample_sum();
+                    entry.waits += metric.get_histogram().get_sample_count() as f64;
+                }
+                _ => {}
+            }
+        }
+    }
+    let micros = |seconds: f64| format!("{:.0}", seconds * 1e6);
+    totals
+        .into_iter()
+        .filter(|(database, _)| !database.is_empty())
+        .map(|(database, t)| {
+            vec![
+                database,
+                format!("{:.0}", t.transactions),
+                format!("{:.0}", t.queries),
+                micros(t.query_time),
+                micros(t.wait_time),
+                micros(if t.queries > 0.0 { t.query_time / t.queries } else { 0.0 }),
+                micros(if t.waits > 0.0 { t.wait_time / t.waits } else { 0.0 }),
+            ]
+        })
+        .collect()
+}
+
+const CLIENT_COLUMNS: &[&str] = &[
+    "type",
+    "user",
+    "database",
+    "state",
+    "addr",
+    "port",
+    "connect_time",
+    "application_name",
+    "id",
+];
+
+fn clients(shared: &Shared) -> Vec<Vec<String>> {
+    shared
+        .registry
+        .clients()
+        .into_iter()
+        .map(|client| {
+            vec![
+                "C".to_owned(),
+                client.user.clone(),
+                client.database.clone(),
+                client.state().as_str().to_owned(),
+                client.addr.ip().to_string(),
+                client.addr.port().to_string(),
+                timestamp(client.connected_at),
+                client.application_name.clone(),
+                client.id.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const SERVER_COLUMNS: &[&str] = &[
+    "type",
+    "user",
+    "database",
+    "state",
+    "addr",
+    "port",
+    "connect_time",
+    "remote_pid",
+    "id",
+];
+
+fn servers(shared: &Shared) -> Vec<Vec<String>> {
+    shared
+        .registry
+        .servers()
+        .into_iter()
+        .map(|server| {
+            let (host, port) = server.addr.rsplit_once(':').unwrap_or((&server.addr, ""));
+            vec![
+                "S".to_owned(),
+                server.user.clone(),
+                server.database.clone(),
+                server.state().as_str().to_owned(),
+                host.to_owned(),
+                port.to_owned(),
+                timestamp(server.connected_at),
+                server.backend_pid.to_string(),
+                server.id.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const DATABASE_COLUMNS: &[&str] = &[
+    "name",
+    "host",
+    "database",
+    "replicas",
+    "pool_size",
+    "min_pool_size",
+    "reserve_pool",
+    "pool_mode",
+    "current_connections",
+    "paused",
+];
+
+fn databases(shared: &Shared) -> Vec<Vec<String>> {
+    shared
+        .snapshot()
+        .all_databases()
+        .into_iter()
+        .map(|database| {
+            let connections: usize = database
+                .all_pools()
+                .iter()
+                .map(|(_, pools)| {
+                    pools.primary.status().size + pools.replicas.iter().map(|pool| pool.status().size).sum::<usize>()
+                })
+                .sum();
+            vec![
+                database.name.clone(),
+                database.primary.to_string(),
+                database.server_dbname.clone(),
+                database
+                    .replicas
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                database.pool.size.to_string(),
+                database.pool.min_size.to_string(),
+                database.pool.reserve_size.to_string(),
+                database.mode().to_string(),
+                connections.to_string(),
+                if database.is_paused() { "1" } else { "0" }.to_owned(),
+            ]
+        })
+        .collect()
+}
+
+/// The effective settings of `[server]` and `[pool]` (no secrets).
+fn config(shared: &Shared) -> Vec<Vec<String>> {
+    let snapshot = shared.snapshot();
+    let config = &snapshot.config;
+    let server = &config.server;
+    let pool = &config.pool;
+    let row = |key: &str, value: String| vec![key.to_owned(), value];
+    vec![
+        row("server.listen", server.listen.clone()),
+        row("server.max_client_conn", server.max_client_conn.to_string()),
+        row("server.admin_users", server.admin_users.join(",")),
+        row("server.stats_users", server.stats_users.join(",")),
+        row(
+            "server.metrics_listen",
+            server.metrics_listen.clone().unwrap_or_default(),
+        ),
+        row("server.shutdown_timeout", format_limit(server.shutdown_timeout)),
+        row("server.client_login_timeout", format_limit(server.client_login_timeout)),
+        row("server.client_idle_timeout", format_limit(server.client_idle_timeout)),
+        row(
+            "server.max_message_size",
+            crate::config::format_size(server.max_message_size as u64),
+        ),
+        row("server.tls", if server.tls.is_some() { "on" } else { "off" }.to_owned()),
+        row("pool.mode", pool.mode.to_string()),
+        row("pool.size", pool.size.to_string()),
+        row("pool.min_size", pool.min_size.to_string()),
+        row("pool.reserve_size", pool.reserve_size.to_string()),
+        row("pool.reserve_timeout", format_limit(pool.reserve_timeout)),
+        row("pool.query_wait_timeout", format_limit(pool.query_wait_timeout)),
+        row("pool.server_connect_timeout", format_limit(pool.server_connect_timeout)),
+        row("pool.server_idle_timeout", format_limit(pool.server_idle_timeout)),
+        row("pool.server_lifetime", format_limit(pool.server_lifetime)),
+        row(
+            "pool.server_reset_query",
+            pool.server_reset_query.clone().unwrap_or_default(),
+        ),
+        row("pool.max_prepared_statements", pool.max_prepared_statements.to_string()),
+        row(
+            "databases",
+            config.databases.keys().cloned().collect::<Vec<_>>().join(","),
+        ),
+        row(
+            "users",
+            config
+                .users
+                .iter()
+                .map(|user| user.name.clone())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    ]
+}
+
+fn help() -> Vec<Vec<String>> {
+    [
+        (
+            "SHOW POOLS",
+            "pools per database, user and host: clients and servers by state, longest wait",
+        ),
+        (
+            "SHOW STATS",
+            "totals per database: transactions, statements, time spent",
+        ),
+        ("SHOW CLIENTS", "every client connection"),
+        ("SHOW SERVERS", "every server connection"),
+        ("SHOW DATABASES", "configured databases and their pool settings"),
+        ("SHOW CONFIG", "effective settings"),
+        ("SHOW VERSION", "pgrelay's version"),
+        ("SHOW HELP", "this list"),
+        ("RELOAD", "re-read the configuration file (admin)"),
+        (
+            "PAUSE [db]",
+            "hold new transactions, wait for running ones to end (admin)",
+        ),
+        ("RESUME [db]", "end a PAUSE or KILL (admin)"),
+        (
+            "KILL db",
+            "drop every client and server connection of a database (admin)",
+        ),
+        ("SHUTDOWN", "stop gracefully, as on SIGTERM (admin)"),
+    ]
+    .into_iter()
+    .map(|(command, description)| vec![command.to_owned(), description.to_owned()])
+    .collect()
+}
+
+/// Seconds since the epoch as an ISO-8601 UTC time, without a date library.
+fn timestamp(time: SystemTime) -> String {
+    let seconds = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        (rest % 3600) / 60,
+        rest % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_dates() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01 00:00:00");
+        let later = UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        assert_eq!(timestamp(later), "2026-11-18 09:46:40");
+    }
+}

@@ -1,0 +1,316 @@
+//! End-to-end: the Prometheus endpoint, the health endpoints and the admin console
+//! report what the pools really do.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proxy, config_for, config_with_replica, first_value, shared_cluster, sqlstate, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` from the metrics endpoint: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The scrape, parsed by a Prometheus text-format parser.
+async fn scrape(proxy: &Proxy) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(proxy.running().metrics_addr().unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("a valid scrape")
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == name)
+        .filter(|sample| labels.iter().all(|(key, value)| sample.labels.get(key) == Some(*value)))
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn with_metrics(config: String) -> String {
+    config.replace(
+        "metrics_listen = \"\"",
+        "metrics_listen = \"127.0.0.1:0\"\nadmin_users = [\"app\"]\nstats_users = [\"app_t2\"]",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_shows_in_the_metrics_and_in_show_pools() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&with_metrics(config_for(
+        cluster,
+        "size = 2\nquery_wait_timeout = \"0\"",
+    )))
+    .await;
+    let (status, _) = http_get(proxy.running().metrics_addr().unwrap(), "/healthz").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_get(proxy.running().metrics_addr().unwrap(), "/readyz").await;
+    assert_eq!(status, 200);
+
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(proxy.connect("app_t1", "app_t1", "app").await.unwrap());
+    }
+    let mut holders = Vec::new();
+    for client in clients {
+        holders.push(tokio::spawn(async move {
+            client.simple_query("BEGIN").await.unwrap();
+            client
+        }));
+    }
+    let labels = [("database", "app"), ("user", "app_t1")];
+    wait_until("18 clients wait", Duration::from_secs(20), || async {
+        value(
+            &scrape(&proxy).await,
+            "pgrelay_clients",
+            &[labels[0], labels[1], ("state", "waiting")],
+        ) == 18.0
+    })
+    .await;
+    let first = scrape(&proxy).await;
+    assert_eq!(
+        value(&first, "pgrelay_clients", &[labels[0], labels[1], ("state", "active")]),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &first,
+            "pgrelay_pool_saturation",
+            &[labels[0], labels[1], ("role", "primary")]
+        ),
+        1.0
+    );
+    let first_wait = value(&first, "pgrelay_pool_max_wait_seconds", &labels);
+    wait_until("the longest wait grows", Duration::from_secs(10), || async {
+        value(&scrape(&proxy).await, "pgrelay_pool_max_wait_seconds", &labels) > first_wait
+    })
+    .await;
+    // SHOW POOLS says the same.
+    let admin = proxy.connect("app", "app", "pgrelay").await.unwrap();
+    let rows = admin.simple_query("SHOW POOLS").await.unwrap();
+    let pool = rows
+        .iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) if row.get("user") == Some("app_t1") => Some(row),
+            _ => None,
+        })
+        .expect("a SHOW POOLS row for app_t1");
+    assert_eq!(pool.get("cl_waiting"), Some("18"));
+    assert_eq!(pool.get("sv_active"), Some("2"));
+    assert_eq!(pool.get("pool_mode"), Some("transaction"));
+    assert_eq!(pool.get("role"), Some("primary"));
+
+    // Each transaction ends with a COMMIT; the waiting ones then get a server in turn.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut pending = holders;
+    let mut done = Vec::new();
+    while !pending.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transactions did not get their turn"
+        );
+        match pending.iter().position(|holder| holder.is_finished()) {
+            Some(index) => {
+                let client = pending.swap_remove(index).await.unwrap();
+                client.simple_query("COMMIT").await.unwrap();
+                done.push(client);
+            }
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    wait_until("nobody waits any more", Duration::from_secs(20), || async {
+        let scrape = scrape(&proxy).await;
+        value(
+            &scrape,
+            "pgrelay_clients",
+            &[labels[0], labels[1], ("state", "waiting")],
+        ) == 0.0
+            && value(&scrape, "pgrelay_pool_max_wait_seconds", &labels) == 0.0
+            && value(
+                &scrape,
+                "pgrelay_pool_saturation",
+                &[labels[0], labels[1], ("role", "primary")],
+            ) == 0.0
+    })
+    .await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_are_counted_exactly_and_by_role() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&with_metrics(config_with_replica(
+        cluster,
+        "size = 2",
+        "consistency = \"eventual\"",
+    )))
+    .await;
+    let client = proxy.connect("app_t3", "app_t3", "app").await.unwrap();
+    let labels = |role| [("database", "app"), ("user", "app_t3"), ("role", role)];
+    let before = scrape(&proxy).await;
+    let (primary_before, replica_before) = (
+        value(&before, "pgrelay_queries_total", &labels("primary")),
+        value(&before, "pgrelay_queries_total", &labels("replica")),
+    );
+    for _ in 0..7 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    for _ in 0..3 {
+        client.simple_query("SELECT nextval('items_id_seq')").await.unwrap();
+    }
+    let after = scrape(&proxy).await;
+    assert_eq!(
+        value(&after, "pgrelay_queries_total", &labels("replica")) - replica_before,
+        7.0
+    );
+    assert_eq!(
+        value(&after, "pgrelay_queries_total", &labels("primary")) - primary_before,
+        3.0
+    );
+    assert!(
+        value(
+            &after,
+            "pgrelay_routing_decisions_total",
+            &[("database", "app"), ("role", "replica"), ("reason", "read")]
+        ) >= 7.0
+    );
+    // Every family of the contract is there, with its type.
+    for (family, kind) in [
+        ("pgrelay_clients", "gauge"),
+        ("pgrelay_servers", "gauge"),
+        ("pgrelay_pool_size", "gauge"),
+        ("pgrelay_pool_saturation", "gauge"),
+        ("pgrelay_pool_wait_seconds", "histogram"),
+        ("pgrelay_pool_max_wait_seconds", "gauge"),
+        ("pgrelay_queries_total", "counter"),
+        ("pgrelay_transactions_total", "counter"),
+        ("pgrelay_query_duration_seconds", "histogram"),
+        ("pgrelay_routing_decisions_total", "counter"),
+        ("pgrelay_backend_up", "gauge"),
+        ("pgrelay_server_connect_errors_total", "counter"),
+        ("pgrelay_client_errors_total", "counter"),
+        ("pgrelay_pinned_sessions", "gauge"),
+        ("pgrelay_prepared_statements_evictions_total", "counter"),
+        ("pgrelay_build_info", "gauge"),
+    ] {
+        let (_, body) = http_get(proxy.running().metrics_addr().unwrap(), "/metrics").await;
+        let name = family.trim_end_matches("_total");
+        assert!(
+            body.contains(&format!("# TYPE {name} {kind}")) || body.contains(&format!("# TYPE {family} {kind}")),
+            "{family} {kind}"
+        );
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_console_checks_who_may_do_what() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&with_metrics(config_for(cluster, "size = 2"))).await;
+    let admin = proxy.connect("app", "app", "pgrelay").await.unwrap();
+    for command in [
+        "SHOW STATS",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW DATABASES",
+        "SHOW CONFIG",
+        "SHOW VERSION",
+        "SHOW HELP",
+    ] {
+        admin
+            .simple_query(command)
+            .await
+            .unwrap_or_else(|e| panic!("{command}: {e:?}"));
+    }
+    assert!(first_value(&admin.simple_query("SHOW VERSION").await.unwrap()).starts_with("pgrelay "));
+    let stats = proxy.connect("app_t2", "app_t2", "pgrelay").await.unwrap();
+    stats.simple_query("SHOW POOLS").await.unwrap();
+    let error = stats.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42501");
+    let nobody = proxy.connect("app_t4", "app_t4", "pgrelay").await.unwrap();
+    for command in ["SHOW POOLS", "RELOAD", "KILL app", "SHUTDOWN"] {
+        let error = nobody.simple_query(command).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "42501", "{command}");
+    }
+    let error = admin.simple_query("SHOW NONSENSE").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42601");
+
+    // PAUSE waits for the running transaction, then holds new ones until RESUME.
+    let busy = proxy.connect("app_t4", "app_t4", "app").await.unwrap();
+    busy.simple_query("BEGIN").await.unwrap();
+    let pausing = tokio::spawn(async move {
+        admin.simple_query("PAUSE app").await.unwrap();
+        admin
+    });
+    let paused_database = proxy.running().shared().snapshot().database("app").unwrap();
+    wait_until("PAUSE has begun", Duration::from_secs(10), || {
+        let paused = paused_database.is_paused();
+        async move { paused }
+    })
+    .await;
+    assert!(!pausing.is_finished(), "PAUSE returned while a transaction was running");
+    busy.simple_query("COMMIT").await.unwrap();
+    let admin = tokio::time::timeout(Duration::from_secs(10), pausing)
+        .await
+        .unwrap()
+        .unwrap();
+    let held = tokio::spawn(async move {
+        busy.simple_query("SELECT 'after resume'")
+            .await
+            .map(|rows| first_value(&rows))
+    });
+    wait_until("the new transaction waits", Duration::from_secs(10), || async {
+        proxy
+            .running()
+            .shared()
+            .registry
+            .clients()
+            .iter()
+            .any(|c| c.state() == pgrelay::registry::LinkState::Waiting)
+    })
+    .await;
+    admin.simple_query("RESUME app").await.unwrap();
+    let value = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(value, "after resume");
+
+    // KILL drops the database's clients; RESUME lets new ones in.
+    let victim = proxy.connect("app_t4", "app_t4", "app").await.unwrap();
+    admin.simple_query("KILL app").await.unwrap();
+    wait_until("the client is dropped", Duration::from_secs(10), || {
+        let closed = victim.is_closed();
+        async move { closed }
+    })
+    .await;
+    admin.simple_query("RESUME app").await.unwrap();
+    let fresh = proxy.connect("app_t4", "app_t4", "app").await.unwrap();
+    fresh.simple_query("SELECT 1").await.unwrap();
+    proxy.shutdown().await;
+}
