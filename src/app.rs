@@ -27,6 +27,9 @@ pub enum AppError {
     Listen { addr: String, source: std::io::Error },
 }
 
+/// How long startup waits for the first health check of each database's servers.
+const FIRST_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A running pgrelay: its address and the handle to stop it.
 #[derive(Debug)]
 pub struct Running {
@@ -86,7 +89,16 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         metrics: metrics.clone(),
         registry: Arc::new(Registry::default()),
     };
-    let snapshot = Snapshot::build(config, &observers)?;
+    let mut snapshot = Snapshot::build(config, &observers)?;
+    snapshot.start_monitors();
+    // Routing starts from a checked picture of the servers, not from "nothing known".
+    for database in snapshot.all_databases() {
+        if let Some(monitor) = &database.monitor
+            && !monitor.first_check(FIRST_CHECK_TIMEOUT).await
+        {
+            tracing::warn!(database = %database.name, "servers not checked yet: starting without them");
+        }
+    }
     let shared = Shared::new(snapshot, observers, path);
     let weak = Arc::downgrade(&shared);
     metrics.set_state_source(move |sink| {
@@ -142,15 +154,20 @@ async fn start_metrics_endpoint(addr: &str, shared: &Arc<Shared>) -> Result<Sock
 /// Pool and server state for a scrape, read from the running snapshot.
 fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
     for database in shared.snapshot().all_databases() {
+        let role = |index: usize| {
+            if database.is_primary(index) {
+                Role::Primary
+            } else {
+                Role::Replica
+            }
+        };
         for (user, pools) in database.all_pools() {
-            let hosts = std::iter::once((Role::Primary, &pools.primary))
-                .chain(pools.replicas.iter().map(|pool| (Role::Replica, pool)));
-            for (role, pool) in hosts {
+            for (index, pool) in pools.hosts.iter().enumerate() {
                 let status = pool.status();
                 sink.pool(
                     &database.name,
                     &user,
-                    role,
+                    role(index),
                     pool.addr(),
                     PoolState {
                         max_size: status.max_size,
@@ -162,9 +179,17 @@ fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
                 );
             }
         }
-        sink.backend(&database.name, Role::Primary, &database.primary, true);
-        for health in &database.replica_health {
-            sink.backend(&database.name, Role::Replica, &health.addr, health.usable());
+        let view = database.view();
+        for (index, addr) in database.hosts.iter().enumerate() {
+            let host = view.as_ref().and_then(|view| view.hosts.get(index));
+            let up = host.is_none_or(|host| host.up) && database.host_health[index].usable();
+            sink.backend(&database.name, role(index), addr, up);
+            if let Some(lag) = host.filter(|_| !database.is_primary(index)).and_then(|host| host.lag) {
+                sink.replica_lag(&database.name, addr, lag);
+            }
+        }
+        if let Some(limit) = database.routing.max_replica_lag {
+            sink.max_replica_lag(&database.name, limit);
         }
     }
 }

@@ -58,6 +58,7 @@ fn reload_from(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     }
     let mut next = Snapshot::build(config, &shared.observers())?;
     next.carry_over(&old);
+    next.start_monitors();
     shared.swap(next);
     Ok(Reloaded { needs_restart })
 }

@@ -3,7 +3,7 @@
 //! reason (which is also the metric label).
 
 use crate::config::{RoutingConfig, RoutingTarget, TransactionRouting};
-use crate::route::{Classification, Hint, TxControl};
+use crate::route::{Classification, Hint, Tables, TxControl};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -76,6 +76,8 @@ pub struct Batch {
     pub statements_after_begin: bool,
     /// Statements added so far.
     pub seen: usize,
+    /// The tables the statements touch.
+    pub tables: Tables,
 }
 
 impl Batch {
@@ -100,6 +102,7 @@ impl Batch {
         if self.transaction.is_none() {
             self.transaction = class.transaction.clone();
         }
+        self.tables.union(class.tables.clone());
         self.all_read &= class.is_read();
         self.unparsed |= !class.parsed;
         self.pins |= class.pins();
@@ -109,6 +112,7 @@ impl Batch {
     /// an unknown statement): the batch may write.
     pub fn add_unknown(&mut self) {
         self.all_read = false;
+        self.tables = Tables::Unknown;
     }
 }
 

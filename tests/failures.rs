@@ -186,7 +186,7 @@ async fn a_cancel_while_waiting_for_a_server_ends_the_wait() {
         let waiting: usize = database
             .all_pools()
             .iter()
-            .map(|(_, pools)| pools.primary.status().waiting)
+            .map(|(_, pools)| pools.hosts[0].status().waiting)
             .sum();
         async move { waiting == 1 }
     })

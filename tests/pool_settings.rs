@@ -108,7 +108,7 @@ async fn waiting_clients_are_served_first_come_first_served() {
             let waiting: usize = database
                 .all_pools()
                 .iter()
-                .map(|(_, pools)| pools.primary.status().waiting)
+                .map(|(_, pools)| pools.hosts[0].status().waiting)
                 .sum();
             async move { waiting == position }
         })

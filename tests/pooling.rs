@@ -47,7 +47,7 @@ async fn transaction_mode_shares_few_servers_and_releases_only_after_commit() {
         let waiting: usize = pool
             .all_pools()
             .iter()
-            .map(|(_, pools)| pools.primary.status().waiting)
+            .map(|(_, pools)| pools.hosts[0].status().waiting)
             .sum();
         async move { waiting == 1 }
     })

@@ -56,9 +56,12 @@ fn pools(shared: &Shared) -> Vec<Vec<String>> {
         let mut users = database.all_pools();
         users.sort_by(|a, b| a.0.cmp(&b.0));
         for (user, pools) in users {
-            let hosts =
-                std::iter::once(("primary", &pools.primary)).chain(pools.replicas.iter().map(|pool| ("replica", pool)));
-            for (role, pool) in hosts {
+            for (index, pool) in pools.hosts.iter().enumerate() {
+                let role = if database.is_primary(index) {
+                    "primary"
+                } else {
+                    "replica"
+                };
                 let status = pool.status();
                 let wait = pool.counters().max_wait();
                 rows.push(vec![
@@ -237,20 +240,21 @@ fn databases(shared: &Shared) -> Vec<Vec<String>> {
             let connections: usize = database
                 .all_pools()
                 .iter()
-                .map(|(_, pools)| {
-                    pools.primary.status().size + pools.replicas.iter().map(|pool| pool.status().size).sum::<usize>()
-                })
+                .flat_map(|(_, pools)| pools.hosts.iter().map(|pool| pool.status().size))
                 .sum();
+            let primary = database.primary_index();
+            let replicas: Vec<String> = database
+                .hosts
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| *index != primary)
+                .map(|(_, host)| host.to_string())
+                .collect();
             vec![
                 database.name.clone(),
-                database.primary.to_string(),
+                database.hosts[primary].to_string(),
                 database.server_dbname.clone(),
-                database
-                    .replicas
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                replicas.join(","),
                 database.pool.size.to_string(),
                 database.pool.min_size.to_string(),
                 database.pool.reserve_size.to_string(),
@@ -384,6 +388,6 @@ mod tests {
     fn timestamps_are_utc_dates() {
         assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01 00:00:00");
         let later = UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-        assert_eq!(timestamp(later), "2026-11-18 09:46:40");
+        assert_eq!(timestamp(later), "2026-11-18 11:06:40");
     }
 }

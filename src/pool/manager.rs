@@ -33,6 +33,7 @@ impl Manager for ServerManager {
         let result = upstream::connect(&self.spec).await.map(Box::new);
         match result {
             Ok(mut conn) => {
+                conn.pool_generation = self.counters.generation.load(Ordering::Acquire);
                 self.counters.remember_server_params(conn.reported_params());
                 if let Some((registry, database)) = &self.observers.registry {
                     conn.registration = Some(registry.add_server(
@@ -57,6 +58,9 @@ impl Manager for ServerManager {
     async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<UpstreamError> {
         if self.lifetime.is_some_and(|lifetime| metrics.age() >= lifetime) {
             return Err(RecycleError::message("server_lifetime reached"));
+        }
+        if conn.pool_generation != self.counters.generation.load(Ordering::Acquire) {
+            return Err(RecycleError::message("retired: the server changed its part"));
         }
         if !conn.is_reusable() || !conn.probe_alive() {
             return Err(RecycleError::message("connection closed or not idle"));

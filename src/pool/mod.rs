@@ -55,6 +55,8 @@ pub struct PoolCounters {
     /// Clients waiting for a connection right now.
     pub waiting: AtomicUsize,
     pub connect_errors: AtomicU64,
+    /// Bumped to retire every connection opened before (the server changed its part).
+    pub generation: AtomicU64,
     /// When each waiting client started waiting, by ticket: the oldest gives maxwait.
     waiters: Mutex<WaitList>,
     /// ParameterStatus values of the newest connection: what clients are told at login.
@@ -218,7 +220,10 @@ impl ServerPool {
         if let Some(registration) = &object.registration {
             registration.entry().set_state(LinkState::Active);
         }
-        Ok(Checkout { object: Some(object) })
+        Ok(Checkout {
+            object: Some(object),
+            counters: self.counters.clone(),
+        })
     }
 
     async fn wait_for_connection(&self, reserve_after: Option<Duration>) -> Result<Object<ServerManager>, PoolError> {
@@ -247,7 +252,10 @@ impl ServerPool {
             recycle: None,
         };
         let object = self.main.timeout_get(&no_wait).await.map_err(map_error)?;
-        Ok(Checkout { object: Some(object) })
+        Ok(Checkout {
+            object: Some(object),
+            counters: self.counters.clone(),
+        })
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -274,6 +282,13 @@ impl ServerPool {
             reserve.resize(limits.reserve_size);
         }
         self.limits.store(Arc::new(limits));
+    }
+
+    /// Retires every connection opened so far: idle ones close now, busy ones when they
+    /// are released. New connections replace them.
+    pub fn retire_connections(&self) {
+        self.counters.generation.fetch_add(1, Ordering::AcqRel);
+        self.close_idle();
     }
 
     /// Closes the idle connections now; the pool goes on serving (new connections).
@@ -324,6 +339,7 @@ fn map_error(error: managed::PoolError<UpstreamError>) -> PoolError {
 #[derive(Debug)]
 pub struct Checkout {
     object: Option<Object<ServerManager>>,
+    counters: Arc<PoolCounters>,
 }
 
 impl Checkout {
@@ -359,7 +375,8 @@ impl DerefMut for Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         let Some(mut object) = self.object.take() else { return };
-        if object.is_reusable() {
+        let current = object.pool_generation == self.counters.generation.load(Ordering::Acquire);
+        if object.is_reusable() && current {
             object.released_at = Instant::now();
             if let Some(registration) = &object.registration {
                 registration.entry().set_state(LinkState::Idle);

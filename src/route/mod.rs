@@ -406,6 +406,12 @@ pub enum Tables {
     Unknown,
 }
 
+impl Default for Tables {
+    fn default() -> Self {
+        Tables::empty()
+    }
+}
+
 impl Tables {
     pub fn empty() -> Self {
         Tables::Known(Vec::new())

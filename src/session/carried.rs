@@ -18,6 +18,9 @@ pub(crate) struct Carried {
     pub statements: ClientStatements,
     /// Server-side state that cannot move to another server.
     pub pins: Pins,
+    /// The WAL position of this client's last committed write: its reads go to a
+    /// replica only once that replica has replayed it.
+    pub write_fence: Option<crate::cluster::Lsn>,
 }
 
 impl Carried {

@@ -144,11 +144,10 @@ async fn check_settings(
     let unknown = wanted
         .iter()
         .any(|(name, value)| database.known_param(name, value).is_none());
-    if let (Some(reported), false) = (pools.primary.server_params(), unknown) {
+    if let (Some(reported), false) = (pools.hosts[database.primary_index()].server_params(), unknown) {
         return Ok(reported.as_ref().clone());
     }
-    let mut server = pools
-        .primary
+    let mut server = pools.hosts[database.primary_index()]
         .checkout()
         .await
         .map_err(|error| ClientError::from_pool(&error, &database.name))?;

@@ -6,11 +6,12 @@
 use super::local::LocalTx;
 use super::prepared::ClientStatements;
 use crate::cluster::BAN_DURATION;
+use crate::cluster::Lsn;
 use crate::pool::{Checkout, PoolError};
 use crate::protocol::views::{BindView, ParseView, query_text};
 use crate::protocol::{FrontendTag, HEADER_LEN, Header};
 use crate::route::Classifier;
-use crate::router::{Batch, Decision, Target};
+use crate::router::{Batch, Decision, Reason, Target};
 use crate::runtime::{DatabaseEntry, UserPools};
 
 /// Reads the batch at the front of the client's input without consuming it.
@@ -64,35 +65,62 @@ pub(super) fn plan_batch(inbuf: &[u8], statements: &ClientStatements, classifier
     }
 }
 
-/// A server connection for a routing decision: a replica in load-balancing order, with
-/// a replica that cannot be reached set aside and the next one tried, then the primary.
-/// Returns the connection and whether it is a replica.
+/// Where a batch ended up: the host, whether it is a replica, and why.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Placement {
+    pub target: Target,
+    pub reason: Reason,
+}
+
+/// A server connection for a routing decision: a replica that can serve the read
+/// (healthy, within max_replica_lag, past `fence`), in load-balancing order, with one
+/// that cannot be reached set aside and the next tried; else the primary.
 pub(super) async fn checkout_for(
     decision: Decision,
+    fence: Option<Lsn>,
     database: &DatabaseEntry,
     pools: &UserPools,
-) -> Result<(Checkout, Target), PoolError> {
+) -> Result<(Checkout, Placement), PoolError> {
+    let mut reason = decision.reason;
     if decision.target == Target::Replica {
-        for index in database.replicas_to_try(pools) {
-            match pools.replicas[index].checkout().await {
-                Ok(checkout) => return Ok((checkout, Target::Replica)),
-                Err(PoolError::Connect(error)) => {
-                    tracing::warn!(database = %database.name, replica = %pools.replicas[index].addr(), %error,
-                        "replica refused a connection: set aside, reads go elsewhere");
-                    database.replica_health[index].ban(BAN_DURATION);
+        match database.read_candidates(pools, fence) {
+            Ok(candidates) => {
+                for index in candidates {
+                    let pool = &pools.hosts[index];
+                    match pool.checkout().await {
+                        Ok(checkout) => {
+                            return Ok((
+                                checkout,
+                                Placement {
+                                    target: Target::Replica,
+                                    reason,
+                                },
+                            ));
+                        }
+                        Err(PoolError::Connect(error)) => {
+                            tracing::warn!(database = %database.name, replica = %pool.addr(), %error,
+                                "replica refused a connection: set aside, reads go elsewhere");
+                            database.host_health[index].ban(BAN_DURATION);
+                        }
+                        Err(PoolError::ConnectTimeout) => {
+                            tracing::warn!(database = %database.name, replica = %pool.addr(),
+                                "replica did not answer within server_connect_timeout: set aside, reads go elsewhere");
+                            database.host_health[index].ban(BAN_DURATION);
+                        }
+                        Err(other) => return Err(other),
+                    }
                 }
-                Err(PoolError::ConnectTimeout) => {
-                    tracing::warn!(database = %database.name, replica = %pools.replicas[index].addr(),
-                        "replica did not answer within server_connect_timeout: set aside, reads go elsewhere");
-                    database.replica_health[index].ban(BAN_DURATION);
-                }
-                Err(other) => return Err(other),
+                reason = Reason::NoReplica;
             }
+            Err(why) => reason = why.reason(),
         }
     }
-    pools
-        .primary
-        .checkout()
-        .await
-        .map(|checkout| (checkout, Target::Primary))
+    let checkout = pools.hosts[database.primary_index()].checkout().await?;
+    Ok((
+        checkout,
+        Placement {
+            target: Target::Primary,
+            reason,
+        },
+    ))
 }

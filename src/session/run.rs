@@ -10,8 +10,10 @@ use super::carried::Carried;
 use super::local::{Answer, LocalState, LocalTx};
 use super::login::LoggedIn;
 use super::pump::{Pump, PumpExit, PumpMode};
-use super::routing;
+use super::routing::{self, Placement};
 use crate::cancel::{CancelHandle, CancelTarget};
+use crate::cluster::Lsn;
+use crate::config::Consistency;
 use crate::config::{PoolMode, RoutingTarget, TransactionRouting};
 use crate::error::{ClientError, Side, sqlstate};
 use crate::metrics::{
@@ -218,10 +220,17 @@ impl Session {
             single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
             role: if self.on_replica { Role::Replica } else { Role::Primary },
         };
+        let capture_fences = self.database.routing.consistency != Consistency::Eventual
+            && self.database.has_replicas()
+            && !self.on_replica;
         let classifier = &self.database.classifier;
-        let exit = Pump::new(client, &mut server, &mut self.carried, &self.metrics, mode, classifier)
-            .run()
-            .await;
+        let pump = Pump::new(client, &mut server, &mut self.carried, &self.metrics, mode, classifier);
+        let pump = if capture_fences {
+            pump.capturing_fences(&self.database.fences)
+        } else {
+            pump
+        };
+        let exit = pump.run().await;
         self.after_pump(client, server, exit).await
     }
 
@@ -285,24 +294,23 @@ impl Session {
     /// Waits for a server for the message at the front of the input. On failure the
     /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
     async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
-        let decision = self.route(client);
+        let (decision, fence) = self.route(client);
         self.set_state(ClientState::Waiting);
         let database = self.database.clone();
         let pools = self.pools.clone();
         let checkout = async move {
             // PAUSE holds new transactions here until RESUME.
             database.wait_resumed().await;
-            let (checkout, target) = routing::checkout_for(decision, &database, &pools).await?;
-            Ok::<_, crate::pool::PoolError>((checkout, target))
+            routing::checkout_for(decision, fence, &database, &pools).await
         };
         tokio::pin!(checkout);
         loop {
             tokio::select! {
                 result = &mut checkout => {
-                    return result.map(|(checkout, target)| {
-                        self.on_replica = target == Target::Replica;
+                    return result.map(|(checkout, placement)| {
+                        self.on_replica = placement.target == Target::Replica;
                         self.set_state(ClientState::Active);
-                        self.count_route(decision, target);
+                        self.count_route(placement);
                         checkout
                     }).map_err(|error| {
                         self.set_state(ClientState::Idle);
@@ -364,22 +372,18 @@ impl Session {
 
     /// Counts a routing decision by where the batch really went: a read meant for a
     /// replica that ended on the primary counts as no_replica.
-    fn count_route(&self, decision: Decision, target: Target) {
-        let reason = if decision.target == Target::Replica && target == Target::Primary {
-            RouteReason::NoReplica
-        } else {
-            match decision.reason {
-                Reason::Write => RouteReason::Write,
-                Reason::Read => RouteReason::Read,
-                Reason::Transaction => RouteReason::Transaction,
-                Reason::Hint => RouteReason::Hint,
-                Reason::Unparsed => RouteReason::Unparsed,
-                Reason::Lag => RouteReason::Lag,
-                Reason::Consistency => RouteReason::Consistency,
-                Reason::NoReplica => RouteReason::NoReplica,
-            }
+    fn count_route(&self, placement: Placement) {
+        let reason = match placement.reason {
+            Reason::Write => RouteReason::Write,
+            Reason::Read => RouteReason::Read,
+            Reason::Transaction => RouteReason::Transaction,
+            Reason::Hint => RouteReason::Hint,
+            Reason::Unparsed => RouteReason::Unparsed,
+            Reason::Lag => RouteReason::Lag,
+            Reason::Consistency => RouteReason::Consistency,
+            Reason::NoReplica => RouteReason::NoReplica,
         };
-        let role = if target == Target::Replica {
+        let role = if placement.target == Target::Replica {
             Role::Replica
         } else {
             Role::Primary
@@ -415,7 +419,9 @@ impl Session {
     }
 
     /// Where the batch at the front of the input goes.
-    fn route(&self, client: &ClientConn) -> Decision {
+    /// Where the batch at the front of the input goes, and for a read the WAL position a
+    /// replica must have replayed to serve it.
+    fn route(&self, client: &ClientConn) -> (Decision, Option<Lsn>) {
         let routing = &self.database.routing;
         if self.database.mode() == PoolMode::Session {
             // The whole session runs on one server.
@@ -429,7 +435,7 @@ impl Session {
             } else {
                 Reason::Write
             };
-            return Decision { target, reason };
+            return (Decision { target, reason }, None);
         }
         let batch = routing::plan_batch(
             &client.inbuf,
@@ -437,7 +443,16 @@ impl Session {
             &self.database.classifier,
             &self.local.tx,
         );
-        router::decide(&batch, routing, self.database.replica_usable())
+        let decision = router::decide(&batch, routing, self.database.has_replicas());
+        let fence = match routing.consistency {
+            Consistency::Eventual => None,
+            Consistency::Session => self.carried.write_fence,
+            Consistency::Causal => self
+                .carried
+                .write_fence
+                .max(self.database.fences.fence_for(&batch.tables)),
+        };
+        (decision, fence)
     }
 
     /// Brings the server's settings in line with the client's, sends a held-back BEGIN,

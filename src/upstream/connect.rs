@@ -64,6 +64,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         params: SessionParams::default(),
         statements: super::ServerStatements::default(),
         retire: false,
+        pool_generation: 0,
         holds_client_state: false,
         registration: None,
         reported: Vec::new(),

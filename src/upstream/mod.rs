@@ -85,6 +85,8 @@ pub struct ServerConn {
     pub(crate) statements: ServerStatements,
     /// The connection works but must not be reused (a stale plan cache, a reload).
     pub(crate) retire: bool,
+    /// The pool's generation when this connection was opened; an older one is retired.
+    pub(crate) pool_generation: u64,
     /// A client's session state is on it (session mode, or a pinned client): it may
     /// only go back to the pool after a reset.
     pub(crate) holds_client_state: bool,

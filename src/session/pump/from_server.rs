@@ -4,6 +4,7 @@
 
 use bytes::Buf;
 
+use super::FenceCapture;
 use super::{Pump, PumpExit, move_bytes};
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
 use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
@@ -115,17 +116,24 @@ impl Pump<'_> {
                     return Err(self.server_broke("bad ReadyForQuery".to_owned()));
                 };
                 server.status = status;
-                if to_client {
-                    self.finish_unit();
+                if !to_client {
+                    if self.fence != FenceCapture::None && routing.ready {
+                        self.fence_captured();
+                    }
+                    return Ok(false);
                 }
-                if to_client && status == TxStatus::Idle {
-                    self.metrics.transaction(self.mode.role);
-                    self.settle_effects();
-                }
-                if to_client && self.mode.statement_mode && status != TxStatus::Idle {
+                self.finish_unit();
+                if self.mode.statement_mode && status != TxStatus::Idle {
                     return Err(PumpExit::TransactionInStatementMode);
                 }
-                Ok(to_client)
+                if status == TxStatus::Idle {
+                    self.metrics.transaction(self.mode.role);
+                    self.settle_effects();
+                    if self.transaction_ended() {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
             }
             BackendTag::ErrorResponse => {
                 let fields = ErrorFields::read(body).unwrap_or_default();
@@ -192,6 +200,12 @@ impl Pump<'_> {
                 }
                 Ok(to_client)
             }
+            BackendTag::DataRow if !to_client => {
+                if let FenceCapture::Awaiting { lsn, .. } = &mut self.fence {
+                    *lsn = first_text_value(body).and_then(|text| text.parse().ok());
+                }
+                Ok(false)
+            }
             BackendTag::CopyInResponse | BackendTag::CopyBothResponse => {
                 server.copy_in = true;
                 Ok(to_client)
@@ -214,4 +228,11 @@ impl Pump<'_> {
             | BackendTag::RowDescription => Ok(to_client),
         }
     }
+}
+
+/// The first column of a DataRow as text.
+fn first_text_value(body: &[u8]) -> Option<&str> {
+    let len = body.get(2..6).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))?;
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(body.get(6..6 + len)?).ok()
 }

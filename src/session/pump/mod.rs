@@ -17,13 +17,20 @@ use bytes::{Buf, BytesMut};
 use tokio_util::io::poll_read_buf;
 
 use super::carried::Carried;
+use crate::cluster::Lsn;
 use crate::metrics::{Role, SessionMetrics};
 use crate::net::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::protocol::ProtocolError;
+use crate::protocol::TxStatus;
 use crate::protocol::compose;
-use crate::route::{Classifier, SessionEffect};
+use crate::route::{Classification, Classifier, SessionEffect, Tables};
+use crate::runtime::Fences;
 use crate::upstream::{ServerConn, Synthetic, UpstreamError};
 use std::time::Instant;
+
+/// Asks the primary where its WAL is: every commit visible there is before it, even
+/// one made with synchronous_commit = off.
+const FENCE_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
 const HIGH_WATER: usize = 256 * 1024;
@@ -76,6 +83,27 @@ pub(super) struct Pump<'a> {
     pending_failed: bool,
     /// When the batch now in flight was sent, for the latency histogram.
     unit_started: Option<Instant>,
+    /// Where commit positions of writes are recorded (consistency session or causal,
+    /// on the primary); `None`: not captured.
+    fences: Option<&'a Fences>,
+    /// The transaction in progress wrote (or may have written).
+    tx_wrote: bool,
+    /// The tables it wrote.
+    tx_written: Tables,
+    /// A commit position is being asked for.
+    fence: FenceCapture,
+}
+
+/// Asking the primary for the WAL position after a write committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FenceCapture {
+    None,
+    /// The query is on its way; `held` is the client's ReadyForQuery, withheld until
+    /// the fence is in place so the client's next statement already sees it.
+    Awaiting {
+        held: Option<TxStatus>,
+        lsn: Option<Lsn>,
+    },
 }
 
 impl<'a> Pump<'a> {
@@ -99,7 +127,18 @@ impl<'a> Pump<'a> {
             hold: false,
             pending: Vec::new(),
             pending_failed: false,
+            fences: None,
+            tx_wrote: false,
+            tx_written: Tables::empty(),
+            fence: FenceCapture::None,
         }
+    }
+
+    /// Records the commit position of each write transaction in `fences` and in the
+    /// client's own fence before the client hears of the commit.
+    pub fn capturing_fences(mut self, fences: &'a Fences) -> Self {
+        self.fences = Some(fences);
+        self
     }
 
     pub async fn run(mut self) -> PumpExit {
@@ -194,6 +233,57 @@ impl<'a> Pump<'a> {
             }
         }
         self.pending.extend_from_slice(effects);
+    }
+
+    /// Notes what a forwarded statement may write.
+    fn note_access(&mut self, class: &Classification) {
+        if !class.is_read() {
+            self.tx_wrote = true;
+            self.tx_written.union(class.written_tables.clone());
+        }
+    }
+
+    /// A transaction ended with ReadyForQuery `status` for the client. Returns whether
+    /// that ReadyForQuery must be withheld while the commit position is fetched.
+    fn transaction_ended(&mut self) -> bool {
+        let wrote = std::mem::take(&mut self.tx_wrote);
+        if !wrote || self.fences.is_none() || self.fence != FenceCapture::None {
+            self.tx_written = Tables::empty();
+            return false;
+        }
+        let mut query = bytes::BytesMut::new();
+        if postgres_protocol::message::frontend::query(FENCE_QUERY, &mut query).is_err() {
+            return false;
+        }
+        self.server.outbuf.extend_from_slice(&query);
+        // Withhold the client's ReadyForQuery only if nothing else of the client's is in
+        // flight: pipelined statements run on this same server anyway.
+        let hold = self.server.expect.is_empty();
+        self.server.expect.push(
+            crate::upstream::Expect::ResultsUntilReady,
+            crate::upstream::Recipient::Pgrelay,
+        );
+        self.fence = FenceCapture::Awaiting {
+            held: hold.then_some(TxStatus::Idle),
+            lsn: None,
+        };
+        hold
+    }
+
+    /// The commit position arrived (or not): record it, release the withheld
+    /// ReadyForQuery.
+    fn fence_captured(&mut self) {
+        let FenceCapture::Awaiting { held, lsn } = std::mem::replace(&mut self.fence, FenceCapture::None) else {
+            return;
+        };
+        let written = std::mem::take(&mut self.tx_written);
+        if let (Some(lsn), Some(fences)) = (lsn, self.fences) {
+            self.carried.write_fence = self.carried.write_fence.max(Some(lsn));
+            fences.record(&written, lsn);
+        }
+        if let Some(status) = held {
+            compose::ready_for_query(&mut self.client.outbuf, status);
+        }
     }
 
     /// Applies or drops the pending effects at the end of a transaction.

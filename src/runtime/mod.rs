@@ -2,24 +2,25 @@
 //! `ArcSwap` so a reload replaces it in one step. Sessions load it once per connection
 //! and keep what they resolved (their database, user and pools) for their lifetime.
 
+mod consistency;
+mod database;
+
+pub use consistency::Fences;
+pub use database::{DatabaseEntry, NoReplica, UserPools};
+
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use crate::auth::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
-use crate::cluster::HostHealth;
-use crate::config::{AuthMethod, Config, DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig};
+use crate::config::{AuthMethod, Config, DatabaseConfig};
 use crate::metrics::Metrics;
-use crate::pool::{PoolLimits, PoolObservers, ServerPool};
 use crate::registry::Registry;
-use crate::route::{Classifier, ClassifierSettings};
-use crate::upstream::{ConnectSpec, ServerCredentials};
+use crate::upstream::ServerCredentials;
 
 /// Limits that apply to every client connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,253 +45,6 @@ pub struct UserEntry {
     pub name: String,
     pub auth: ClientAuth,
     pub server_credentials: Arc<ServerCredentials>,
-}
-
-/// The server connections of one user in one database.
-#[derive(Debug)]
-pub struct UserPools {
-    pub primary: Arc<ServerPool>,
-    pub replicas: Vec<Arc<ServerPool>>,
-}
-
-/// Statements whose classification each database remembers.
-const CLASSIFICATION_CACHE: usize = 10_000;
-
-/// Most distinct startup-parameter values remembered as accepted by the servers.
-const KNOWN_PARAMS_LIMIT: usize = 4096;
-
-/// A database clients can connect to.
-#[derive(Debug)]
-pub struct DatabaseEntry {
-    /// The name clients use.
-    pub name: String,
-    /// The name on the servers.
-    pub server_dbname: String,
-    pub pool: PoolConfig,
-    pub routing: RoutingConfig,
-    pub primary: Arc<str>,
-    pub replicas: Vec<Arc<str>>,
-    pools: DashMap<String, Arc<UserPools>>,
-    metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
-    /// Reads the statements clients send, for routing and session tracking.
-    pub classifier: Classifier,
-    /// The standing of each replica, in the order of `replicas`.
-    pub replica_health: Vec<Arc<HostHealth>>,
-    /// PAUSE: while true, new transactions wait. Shared with the entry that replaces
-    /// this one at a reload, so a reload does not resume a paused database.
-    paused: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Where round-robin load balancing starts next.
-    next_replica: AtomicUsize,
-    /// Startup parameters the servers accepted, with the value they reported back for
-    /// them (None when the parameter is not reported).
-    known_params: Mutex<HashMap<(String, String), Option<String>>>,
-}
-
-impl DatabaseEntry {
-    fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig, observers: &Observers) -> Self {
-        DatabaseEntry {
-            metrics: observers.metrics.clone(),
-            registry: observers.registry.clone(),
-            name: name.to_owned(),
-            server_dbname: config.server_dbname(name).to_owned(),
-            pool: config.pool(defaults),
-            routing: config.routing.clone(),
-            primary: Arc::from(config.primary.as_str()),
-            replicas: config.replicas.iter().map(|addr| Arc::from(addr.as_str())).collect(),
-            pools: DashMap::new(),
-            classifier: Classifier::new(ClassifierSettings {
-                write_functions: config.routing.write_functions.clone(),
-                read_only_functions: config.routing.read_only_functions.clone(),
-                cache_capacity: CLASSIFICATION_CACHE,
-            }),
-            replica_health: config
-                .replicas
-                .iter()
-                .map(|addr| Arc::new(HostHealth::new(Arc::from(addr.as_str()))))
-                .collect(),
-            next_replica: AtomicUsize::new(0),
-            paused: Arc::new(tokio::sync::watch::Sender::new(false)),
-            known_params: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.send_replace(paused);
-    }
-
-    pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
-    }
-
-    /// Returns once the database is not paused.
-    pub async fn wait_resumed(&self) {
-        let mut paused = self.paused.subscribe();
-        let _ = paused.wait_for(|paused| !*paused).await;
-    }
-
-    /// Closes every idle server connection of this database (KILL).
-    pub fn close_idle(&self) {
-        for (_, pools) in self.all_pools() {
-            pools.primary.close_idle();
-            for replica in &pools.replicas {
-                replica.close_idle();
-            }
-        }
-    }
-
-    /// Server connections in use, over every pool of this database.
-    pub fn active_servers(&self) -> usize {
-        self.all_pools()
-            .iter()
-            .map(|(_, pools)| {
-                pools.primary.status().active + pools.replicas.iter().map(|pool| pool.status().active).sum::<usize>()
-            })
-            .sum()
-    }
-
-    /// Takes over what `old` (the same database before a reload) has that is still
-    /// valid: the paused state always; the pools and replica standing when the servers
-    /// are the same, for every user whose server credentials did not change. Pools get
-    /// the new limits in place: a smaller size closes surplus connections when they are
-    /// released, never while in use.
-    fn carry_over(&mut self, old: &DatabaseEntry, users: &HashMap<String, Arc<UserEntry>>) {
-        self.paused = old.paused.clone();
-        let same_servers =
-            self.primary == old.primary && self.replicas == old.replicas && self.server_dbname == old.server_dbname;
-        if !same_servers {
-            return;
-        }
-        self.replica_health = old.replica_health.clone();
-        let limits = self.limits();
-        for (user_name, pools) in old.all_pools() {
-            let Some(user) = users.get(&user_name) else { continue };
-            if *pools.primary.credentials() != *user.server_credentials {
-                continue;
-            }
-            pools.primary.set_limits(limits.clone());
-            for replica in &pools.replicas {
-                replica.set_limits(limits.clone());
-            }
-            self.pools.insert(user_name, pools);
-        }
-    }
-
-    /// Whether some replica may take reads now.
-    pub fn replica_usable(&self) -> bool {
-        self.replica_health.iter().any(|health| health.usable())
-    }
-
-    /// The usable replicas of `pools` in the order load balancing prefers them.
-    pub fn replicas_to_try(&self, pools: &UserPools) -> Vec<usize> {
-        let mut usable: Vec<usize> = (0..self.replica_health.len().min(pools.replicas.len()))
-            .filter(|&index| self.replica_health[index].usable())
-            .collect();
-        if usable.len() < 2 {
-            return usable;
-        }
-        match self.routing.load_balance {
-            LoadBalance::RoundRobin => {
-                let start = self.next_replica.fetch_add(1, Ordering::Relaxed) % usable.len();
-                usable.rotate_left(start);
-            }
-            LoadBalance::Random => {
-                let start = rand::random_range(0..usable.len());
-                usable.rotate_left(start);
-            }
-            LoadBalance::LeastConnections => {
-                // Ties are broken round robin so equal replicas share the load.
-                let start = self.next_replica.fetch_add(1, Ordering::Relaxed) % usable.len();
-                usable.rotate_left(start);
-                usable.sort_by_key(|&index| {
-                    let status = pools.replicas[index].status();
-                    status.active + status.waiting
-                });
-            }
-        }
-        usable
-    }
-
-    pub fn mode(&self) -> PoolMode {
-        self.pool.mode
-    }
-
-    /// The pools of `user` in this database, created on first use.
-    pub fn pools(&self, user: &UserEntry) -> Arc<UserPools> {
-        if let Some(pools) = self.pools.get(&user.name) {
-            return pools.clone();
-        }
-        self.pools
-            .entry(user.name.clone())
-            .or_insert_with(|| {
-                let pool = |addr: &Arc<str>| {
-                    ServerPool::new(
-                        ConnectSpec {
-                            addr: addr.clone(),
-                            database: self.server_dbname.clone(),
-                            credentials: user.server_credentials.clone(),
-                        },
-                        self.limits(),
-                        PoolObservers {
-                            connect_errors: Some(self.metrics.server_connect_errors(&self.name, addr)),
-                            registry: Some((self.registry.clone(), self.name.clone())),
-                        },
-                    )
-                };
-                Arc::new(UserPools {
-                    primary: pool(&self.primary),
-                    replicas: self.replicas.iter().map(pool).collect(),
-                })
-            })
-            .clone()
-    }
-
-    /// Every pool created so far, with its user.
-    pub fn all_pools(&self) -> Vec<(String, Arc<UserPools>)> {
-        self.pools
-            .iter()
-            .map(|entry| (entry.key().clone(), entry.value().clone()))
-            .collect()
-    }
-
-    fn limits(&self) -> PoolLimits {
-        PoolLimits {
-            size: self.pool.size,
-            min_size: self.pool.min_size,
-            reserve_size: self.pool.reserve_size,
-            reserve_timeout: self.pool.reserve_timeout,
-            query_wait_timeout: self.pool.query_wait_timeout,
-            connect_timeout: self.pool.server_connect_timeout,
-            idle_timeout: self.pool.server_idle_timeout,
-            lifetime: self.pool.server_lifetime,
-        }
-    }
-
-    /// The reported value of a startup parameter the servers already accepted, or
-    /// `None` if it was never checked.
-    pub fn known_param(&self, name: &str, value: &str) -> Option<Option<String>> {
-        let known = self.known_params.lock().ok()?;
-        known.get(&(name.to_ascii_lowercase(), value.to_owned())).cloned()
-    }
-
-    pub fn remember_param(&self, name: &str, value: &str, reported: Option<String>) {
-        if let Ok(mut known) = self.known_params.lock() {
-            if known.len() >= KNOWN_PARAMS_LIMIT {
-                known.clear();
-            }
-            known.insert((name.to_ascii_lowercase(), value.to_owned()), reported);
-        }
-    }
-
-    /// Stops every pool: idle connections close now, busy ones when released.
-    pub fn close(&self) {
-        for entry in self.pools.iter() {
-            entry.primary.close();
-            for replica in &entry.replicas {
-                replica.close();
-            }
-        }
-    }
 }
 
 /// What outlives a config: metrics and the registry of connections.
@@ -380,6 +134,37 @@ impl Snapshot {
                 }
             }
         }
+    }
+
+    /// Starts the health monitor of every configured database that has none yet (one
+    /// carried over from before a reload is kept). Its side connections log in as the
+    /// first user with a plaintext password; without one, hosts are only set aside when
+    /// they refuse connections. Call before the snapshot is shared.
+    pub fn start_monitors(&mut self) {
+        let monitor_user = self
+            .config
+            .users
+            .iter()
+            .filter_map(|user| self.users.get(&user.name))
+            .find(|user| user.server_credentials.password.is_some())
+            .cloned();
+        for entry in self.databases.values_mut() {
+            if let Some(database) = Arc::get_mut(entry)
+                && database.monitor.is_none()
+            {
+                match &monitor_user {
+                    Some(user) => database.start_monitor(user),
+                    None => tracing::warn!(database = %database.name,
+                        "no user with a plaintext password: servers are not health-checked"),
+                }
+            }
+            entry.watch_generations();
+        }
+    }
+
+    /// Every configured primary answers its health check (true for unmonitored ones).
+    pub fn primaries_reachable(&self) -> bool {
+        self.databases.values().all(|database| database.primary_reachable())
     }
 
     pub fn user(&self, name: &str) -> Option<Arc<UserEntry>> {
@@ -533,9 +318,10 @@ impl Shared {
         self.accepting.store(accepting, std::sync::atomic::Ordering::Release);
     }
 
-    /// What /readyz reports: accepting clients (and not shutting down).
+    /// What /readyz reports: accepting clients (not shutting down) and every primary
+    /// reachable.
     pub fn is_ready(&self) -> bool {
-        self.accepting.load(std::sync::atomic::Ordering::Acquire)
+        self.accepting.load(std::sync::atomic::Ordering::Acquire) && self.snapshot().primaries_reachable()
     }
 
     /// Resolves when shutdown begins.
