@@ -188,6 +188,9 @@ fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
                 sink.replica_lag(&database.name, addr, lag);
             }
         }
+        if let Some(view) = &view {
+            sink.split_brain(&database.name, view.split_brain);
+        }
         if let Some(limit) = database.routing.max_replica_lag {
             sink.max_replica_lag(&database.name, limit);
         }

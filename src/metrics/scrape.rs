@@ -87,6 +87,14 @@ impl StateSink<'_> {
     /// A database's configured `max_replica_lag`, so alerts and dashboards can compare
     /// `pgrelay_replica_lag_seconds` with the limit in force. Leave it out when there is no
     /// limit (`"0"`).
+    /// Whether two hosts of `database` claim to be primary right now.
+    pub fn split_brain(&mut self, database: &str, split: bool) {
+        self.families
+            .split_brain
+            .with_label_values(&[database])
+            .set(i64::from(split));
+    }
+
     pub fn max_replica_lag(&mut self, database: &str, limit: Duration) {
         self.families
             .max_replica_lag
@@ -119,6 +127,7 @@ pub(crate) struct ScrapeFamilies {
     backend_up: IntGaugeVec,
     replica_lag: GaugeVec,
     max_replica_lag: GaugeVec,
+    split_brain: IntGaugeVec,
 }
 
 impl ScrapeFamilies {
@@ -174,11 +183,18 @@ impl ScrapeFamilies {
                 ),
                 &["database"],
             )?,
+            split_brain: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_split_brain",
+                    "1 while two hosts of a database both claim to be primary (writes stay on the one pgrelay had).",
+                ),
+                &["database"],
+            )?,
         })
     }
 
     /// Every family, for describing, resetting and collecting them alike.
-    fn all(&self) -> [&dyn ScrapeFamily; 7] {
+    fn all(&self) -> [&dyn ScrapeFamily; 8] {
         [
             &self.servers,
             &self.pool_size,
@@ -187,6 +203,7 @@ impl ScrapeFamilies {
             &self.backend_up,
             &self.replica_lag,
             &self.max_replica_lag,
+            &self.split_brain,
         ]
     }
 }
