@@ -19,6 +19,8 @@ pub fn shared_cluster() -> &'static LocalCluster {
     CLUSTER.get_or_init(|| {
         let cluster = LocalCluster::new(ClusterOptions {
             setup_sql: vec![
+                // pgbench's tables for the operations tests, apart from the others'.
+                "CREATE DATABASE ops OWNER app".to_owned(),
                 "\\c app".to_owned(),
                 "CREATE TABLE IF NOT EXISTS items (id serial PRIMARY KEY, owner text, value int)".to_owned(),
                 "GRANT ALL ON items TO PUBLIC".to_owned(),
