@@ -28,7 +28,8 @@ pub async fn run(port: Option<u16>) -> Result<(), DemoError> {
     println!("Starting a throwaway PostgreSQL primary and streaming replica (this takes a few seconds)...");
     let cluster = tokio::task::spawn_blocking(|| LocalCluster::new(ClusterOptions::default())).await??;
     let port = port.unwrap_or_else(|| free_port_or_any(6432));
-    let text = demo_config(&cluster, port);
+    let metrics_port = free_port_or_any(9930);
+    let text = demo_config(&cluster, port, metrics_port);
     let config_path = cluster.dir().join("pgrelay.toml");
     std::fs::write(&config_path, &text)?;
     let config = config::parse(&text)?;
@@ -43,6 +44,16 @@ pub async fn run(port: Option<u16>) -> Result<(), DemoError> {
     println!();
     println!("Connect with:");
     println!("  psql \"postgres://app:app@{}:{}/app\"", addr.ip(), addr.port());
+    println!("Admin console:");
+    println!(
+        "  psql \"postgres://admin:admin@{}:{}/pgrelay\"   (SHOW POOLS, SHOW HELP)",
+        addr.ip(),
+        addr.port()
+    );
+    if let Some(metrics) = running.metrics_addr() {
+        println!("Metrics:");
+        println!("  http://{metrics}/metrics");
+    }
     println!("The configuration in use is {}", config_path.display());
     println!("Press Ctrl-C to stop pgrelay and remove the cluster.");
     wait_for_ctrl_c().await;
@@ -53,13 +64,28 @@ pub async fn run(port: Option<u16>) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// The demo's configuration: database `app` on the cluster, user `app`/`app`.
-fn demo_config(cluster: &LocalCluster, port: u16) -> String {
+/// The demo's configuration: database `app` on the cluster's primary and replicas, user
+/// `app`/`app`, admin `admin`/`admin`.
+fn demo_config(cluster: &LocalCluster, port: u16, metrics_port: u16) -> String {
+    let replicas: Vec<String> = cluster
+        .replicas()
+        .iter()
+        .map(|replica| format!("\"{}\"", replica.addr()))
+        .collect();
     let mut text = String::new();
-    let _ = writeln!(text, "[server]\nlisten = \"127.0.0.1:{port}\"\n");
+    let _ = writeln!(
+        text,
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nadmin_users = [\"admin\"]\n"
+    );
     let _ = writeln!(text, "[pool]\nmode = \"transaction\"\nsize = 10\n");
     let _ = writeln!(text, "[[users]]\nname = \"app\"\npassword = \"app\"\n");
-    let _ = writeln!(text, "[databases.app]\nprimary = \"{}\"", cluster.primary().addr());
+    let _ = writeln!(text, "[[users]]\nname = \"admin\"\npassword = \"admin\"\n");
+    let _ = writeln!(
+        text,
+        "[databases.app]\nprimary = \"{}\"\nreplicas = [{}]",
+        cluster.primary().addr(),
+        replicas.join(", ")
+    );
     text
 }
 

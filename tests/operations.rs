@@ -196,7 +196,7 @@ struct Process {
 impl Process {
     fn start(config: &Path) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_pgrelay"))
-            .args(["run", "-c"])
+            .args(["--log-format", "json", "run", "-c"])
             .arg(config)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -271,6 +271,22 @@ async fn sighup_reloads_and_sigterm_lets_transactions_finish() {
     process.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, stderr) = process.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "pgrelay exited with {status}: {stderr}");
+    // Machine-readable logs: one JSON object per line, connects with who and where.
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let connected = events
+        .iter()
+        .find(|event| event["fields"]["message"] == "client connected")
+        .expect("a client connected line");
+    assert_eq!(connected["fields"]["database"], "ops");
+    assert_eq!(connected["fields"]["user"], "app");
+    assert!(
+        connected["fields"]["client"]
+            .as_str()
+            .is_some_and(|addr| addr.starts_with("127.0.0.1:"))
+    );
     assert!(
         stopping.elapsed() < Duration::from_secs(21),
         "not within shutdown_timeout"
