@@ -104,6 +104,10 @@ impl CancelRegistry {
 
 /// Sends a CancelRequest to the server and waits until the server closes the socket,
 /// which it does after it has signalled the backend.
+///
+/// Always in plaintext, even to servers reached over TLS: PostgreSQL takes a
+/// CancelRequest before any encryption or pg_hba check (hostssl-only servers included),
+/// and libpq before 17 never sends it any other way. It carries only the key.
 async fn deliver(target: &CancelTarget) {
     let result: std::io::Result<()> = async {
         let mut stream = TcpStream::connect(&*target.addr).await?;

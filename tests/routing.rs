@@ -127,7 +127,7 @@ async fn a_replica_only_alias_and_a_switched_off_split() {
     let cluster = shared_cluster();
     let replica = cluster.replicas()[0].addr();
     let config = format!(
-        "{}\n[databases.app_ro]\ndbname = \"app\"\nprimary = \"{}\"\nreplicas = [\"{replica}\"]\nrouting = {{ target = \"replica\" }}\n\n[databases.app_rw]\ndbname = \"app\"\nprimary = \"{}\"\nreplicas = [\"{replica}\"]\nrouting = {{ read_write_split = false }}\n",
+        "{}\n[databases.app_ro]\ndbname = \"app\"\nprimary = \"{}\"\nreplicas = [\"{replica}\"]\nrouting = {{ target = \"replica\", max_replica_lag = \"0\" }}\n\n[databases.app_rw]\ndbname = \"app\"\nprimary = \"{}\"\nreplicas = [\"{replica}\"]\nrouting = {{ read_write_split = false }}\n",
         common::config_for(cluster, "size = 2"),
         cluster.primary().addr(),
         cluster.primary().addr(),
@@ -157,7 +157,7 @@ async fn pgbench_select_only_runs_on_the_replica_and_tpcb_on_the_primary() {
     // pgbench's tables live in database "other" (see the pooling tests); the select-only
     // script goes through a database entry of its own.
     let config = format!(
-        "{}\n[databases.bench]\ndbname = \"other\"\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ consistency = \"eventual\" }}\n",
+        "{}\n[databases.bench]\ndbname = \"other\"\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ consistency = \"eventual\", max_replica_lag = \"0\" }}\n",
         config_with_replica(cluster, "size = 5", "consistency = \"eventual\""),
         cluster.primary().addr(),
         cluster.replicas()[0].addr()
@@ -266,7 +266,7 @@ async fn reads_move_to_the_primary_when_the_replica_stops() {
         .unwrap()
         .unwrap();
     let config = format!(
-        "[server]\nlisten = \"LISTEN\"\nmetrics_listen = \"\"\n\n[pool]\nsize = 2\nserver_connect_timeout = \"1s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n\n[databases.app]\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ consistency = \"eventual\" }}\n",
+        "[server]\nlisten = \"LISTEN\"\nmetrics_listen = \"\"\n\n[pool]\nsize = 2\nserver_connect_timeout = \"1s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n\n[databases.app]\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ consistency = \"eventual\", max_replica_lag = \"0\" }}\n",
         cluster.primary().addr(),
         cluster.replicas()[0].addr()
     );

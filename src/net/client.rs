@@ -121,5 +121,12 @@ pub fn poll_write_buffer<S: tokio::io::AsyncWrite + Unpin>(
             Poll::Pending => return Poll::Pending,
         }
     }
-    Poll::Ready(Ok(wrote))
+    // A TLS stream may have taken the plaintext while part of its ciphertext still waits
+    // for room in the socket; only a flush sends it (a no-op for plain TCP).
+    match Pin::new(&mut *stream).poll_flush(cx) {
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(wrote)),
+        Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+        Poll::Pending if wrote => Poll::Ready(Ok(true)),
+        Poll::Pending => Poll::Pending,
+    }
 }

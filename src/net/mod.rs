@@ -1,9 +1,12 @@
-//! The client-facing network side: the listener and the client byte stream.
+//! The network side: the listener, the client byte stream, and TLS towards clients and
+//! servers.
 
 mod client;
 mod listener;
 mod stream;
+mod tls;
 
 pub use client::{ClientConn, ClientReadError, poll_write_buffer, reserve_for_read};
 pub use listener::{Listener, bind};
 pub use stream::ClientStream;
+pub use tls::{ClientTls, ServerTls, TlsError};

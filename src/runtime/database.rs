@@ -13,6 +13,7 @@ use super::{Observers, UserEntry};
 use crate::cluster::{ClusterMonitor, ClusterView, HostHealth, Lsn, MonitorSettings, Role as HostRole};
 use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig};
 use crate::metrics::Metrics;
+use crate::net::ServerTls;
 use crate::pool::{PoolLimits, PoolObservers, ServerPool};
 use crate::registry::Registry;
 use crate::route::{Classifier, ClassifierSettings};
@@ -77,6 +78,8 @@ pub struct DatabaseEntry {
     /// PAUSE: while true, new transactions wait. Shared with the entry that replaces
     /// this one at a reload, so a reload does not resume a paused database.
     paused: Arc<tokio::sync::watch::Sender<bool>>,
+    /// TLS towards this database's servers, shared by all its pools.
+    server_tls: Arc<ServerTls>,
     /// Where round-robin load balancing starts next.
     next_replica: AtomicUsize,
     /// Startup parameters the servers accepted, with the value they reported back for
@@ -85,12 +88,19 @@ pub struct DatabaseEntry {
 }
 
 impl DatabaseEntry {
-    pub(super) fn new(name: &str, config: &DatabaseConfig, defaults: &PoolConfig, observers: &Observers) -> Self {
+    pub(super) fn new(
+        name: &str,
+        config: &DatabaseConfig,
+        defaults: &PoolConfig,
+        observers: &Observers,
+        server_tls: Arc<ServerTls>,
+    ) -> Self {
         let hosts: Vec<Arc<str>> = std::iter::once(&config.primary)
             .chain(&config.replicas)
             .map(|addr| Arc::from(addr.as_str()))
             .collect();
         DatabaseEntry {
+            server_tls,
             metrics: observers.metrics.clone(),
             registry: observers.registry.clone(),
             name: name.to_owned(),
@@ -324,6 +334,10 @@ impl DatabaseEntry {
             }
             self.monitor = old.monitor.clone();
         }
+        // Pools keep the server connections they opened with the old TLS settings.
+        if self.server_tls.config() != old.server_tls.config() {
+            return;
+        }
         let limits = self.limits();
         for (user_name, pools) in old.all_pools() {
             let Some(user) = users.get(&user_name) else { continue };
@@ -355,6 +369,7 @@ impl DatabaseEntry {
                             addr: addr.clone(),
                             database: self.server_dbname.clone(),
                             credentials: user.server_credentials.clone(),
+                            tls: self.server_tls.clone(),
                         },
                         self.limits(),
                         PoolObservers {

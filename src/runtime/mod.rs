@@ -19,6 +19,7 @@ use crate::auth::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
 use crate::config::{AuthMethod, Config, DatabaseConfig};
 use crate::metrics::Metrics;
+use crate::net::{ClientTls, ServerTls, TlsError};
 use crate::registry::Registry;
 use crate::upstream::ServerCredentials;
 
@@ -59,6 +60,8 @@ pub struct Observers {
 pub enum BuildError {
     #[error("users.{user}: {reason}")]
     User { user: String, reason: String },
+    #[error("{key}: {source}")]
+    Tls { key: String, source: TlsError },
 }
 
 /// One consistent view of users, databases and pools.
@@ -66,10 +69,15 @@ pub enum BuildError {
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub client_limits: ClientLimits,
+    /// `[server.tls]`, its files read when the snapshot is built (so a reload reads them
+    /// again); `None`: SSLRequest is answered 'N'.
+    pub client_tls: Option<ClientTls>,
     users: HashMap<String, Arc<UserEntry>>,
     databases: HashMap<String, Arc<DatabaseEntry>>,
     /// The `"*"` entry: databases not listed are created from it on first use.
     fallback: Option<DatabaseConfig>,
+    /// The `"*"` entry's server TLS, built once for every database made from it.
+    fallback_tls: Arc<ServerTls>,
     dynamic: DashMap<String, Arc<DatabaseEntry>>,
     observers: Observers,
 }
@@ -90,13 +98,29 @@ impl Snapshot {
             .iter()
             .filter(|(name, _)| name.as_str() != "*")
             .map(|(name, database)| {
-                (
+                let tls = build_server_tls(name, database)?;
+                Ok((
                     name.clone(),
-                    Arc::new(DatabaseEntry::new(name, database, &config.pool, observers)),
-                )
+                    Arc::new(DatabaseEntry::new(name, database, &config.pool, observers, tls)),
+                ))
             })
-            .collect();
+            .collect::<Result<HashMap<_, _>, BuildError>>()?;
         let fallback = config.databases.get("*").cloned();
+        let fallback_tls = match &fallback {
+            Some(database) => build_server_tls("*", database)?,
+            None => Arc::new(ServerTls::disabled()),
+        };
+        let client_tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(ClientTls::load)
+            .transpose()
+            .map_err(|source| BuildError::Tls {
+                key: "server.tls".to_owned(),
+                source,
+            })?
+            .flatten();
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -106,9 +130,11 @@ impl Snapshot {
         Ok(Snapshot {
             config: Arc::new(config),
             client_limits,
+            client_tls,
             users,
             databases,
             fallback,
+            fallback_tls,
             dynamic: DashMap::new(),
             observers: observers.clone(),
         })
@@ -128,7 +154,13 @@ impl Snapshot {
                     continue;
                 }
                 if let Some(fallback) = &self.fallback {
-                    let mut entry = DatabaseEntry::new(old_entry.key(), fallback, &self.config.pool, &self.observers);
+                    let mut entry = DatabaseEntry::new(
+                        old_entry.key(),
+                        fallback,
+                        &self.config.pool,
+                        &self.observers,
+                        self.fallback_tls.clone(),
+                    );
                     entry.carry_over(old_entry.value(), &self.users);
                     self.dynamic.insert(old_entry.key().clone(), Arc::new(entry));
                 }
@@ -183,7 +215,15 @@ impl Snapshot {
         Some(
             self.dynamic
                 .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(DatabaseEntry::new(name, fallback, &self.config.pool, &self.observers)))
+                .or_insert_with(|| {
+                    Arc::new(DatabaseEntry::new(
+                        name,
+                        fallback,
+                        &self.config.pool,
+                        &self.observers,
+                        self.fallback_tls.clone(),
+                    ))
+                })
                 .clone(),
         )
     }
@@ -203,6 +243,15 @@ impl Snapshot {
     pub fn is_stats_user(&self, user: &str) -> bool {
         self.config.server.stats_users.iter().any(|stats| stats == user)
     }
+}
+
+fn build_server_tls(name: &str, database: &DatabaseConfig) -> Result<Arc<ServerTls>, BuildError> {
+    ServerTls::build(&database.server_tls)
+        .map(Arc::new)
+        .map_err(|source| BuildError::Tls {
+            key: format!("databases.{name}.server_tls"),
+            source,
+        })
 }
 
 fn build_user(user: &crate::config::UserConfig) -> Result<UserEntry, BuildError> {

@@ -71,11 +71,24 @@ async fn start(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
 ) -> Result<Option<Started>, LoginError> {
-    let opening = handshake::open(&mut client.stream).await.map_err(|error| match error {
-        HandshakeError::Closed | HandshakeError::Io(_) => None,
-        HandshakeError::Startup(error) => Some(ClientError::protocol_violation(error.to_string())),
-        HandshakeError::TooManyRequests => Some(ClientError::protocol_violation(error.to_string())),
-    })?;
+    let opening = handshake::open(&mut client.stream, snapshot.client_tls.as_ref())
+        .await
+        .map_err(|error| match error {
+            HandshakeError::Closed | HandshakeError::Io(_) => None,
+            HandshakeError::Tls(ref source) => {
+                tracing::info!(client = %client.peer, error = %source, "TLS handshake failed");
+                None
+            }
+            HandshakeError::Startup(error) => Some(ClientError::protocol_violation(error.to_string())),
+            HandshakeError::TooManyRequests | HandshakeError::PlaintextAfterSslRequest => {
+                Some(ClientError::protocol_violation(error.to_string()))
+            }
+            HandshakeError::TlsRequired => Some(ClientError::new(
+                Side::Client,
+                sqlstate::INVALID_AUTHORIZATION,
+                error.to_string(),
+            )),
+        })?;
     let (minor_version, params) = match opening {
         Opening::Cancel(key) => {
             shared.cancel.cancel(&key);

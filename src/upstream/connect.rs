@@ -1,7 +1,9 @@
-//! Opening a server connection: TCP, the startup message, authentication with whatever
-//! method the server asks for (SCRAM-SHA-256, md5, cleartext, trust), and reading the
-//! server's parameters and cancel key up to the first ReadyForQuery.
+//! Opening a server connection: TCP, TLS as the database's `server_tls` says, the startup
+//! message, authentication with whatever method the server asks for (SCRAM-SHA-256, md5,
+//! cleartext, trust), and reading the server's parameters and cancel key up to the first
+//! ReadyForQuery.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{BackendKey, ResponseQueue, ServerConn, ServerStream, SessionParams, UpstreamError};
+use crate::config::ServerTlsMode;
+use crate::net::ServerTls;
 use crate::protocol::views::{ErrorFields, auth_request, backend_key, parameter_status, ready_status};
 use crate::protocol::{BackendTag, Frame, TxStatus, frame::split_frame};
 
@@ -26,6 +30,8 @@ pub struct ConnectSpec {
     pub addr: Arc<str>,
     pub database: String,
     pub credentials: Arc<ServerCredentials>,
+    /// Built once per database; shared by its pools.
+    pub tls: Arc<ServerTls>,
 }
 
 /// What pgrelay can prove to a server about a user.
@@ -51,8 +57,9 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
             source,
         })?;
     tcp.set_nodelay(true).map_err(io_error)?;
+    let stream = negotiate_tls(tcp, spec).await?;
     let mut conn = ServerConn {
-        stream: ServerStream::Tcp(tcp),
+        stream,
         inbuf: BytesMut::with_capacity(8192),
         outbuf: BytesMut::with_capacity(8192),
         expect: ResponseQueue::default(),
@@ -83,7 +90,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         ("database", spec.database.as_str()),
     ];
     frontend::startup_message(params, &mut out).map_err(io_error)?;
-    conn.stream.write_all(&out).await.map_err(io_error)?;
+    write_out(&mut conn.stream, &out).await.map_err(io_error)?;
 
     let mut login = Login {
         credentials: &spec.credentials,
@@ -103,7 +110,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
                 out.clear();
                 login.answer(code, data, &mut out)?;
                 if !out.is_empty() {
-                    conn.stream.write_all(&out).await.map_err(io_error)?;
+                    write_out(&mut conn.stream, &out).await.map_err(io_error)?;
                 }
             }
             Some(BackendTag::ParameterStatus) => {
@@ -138,6 +145,78 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
             }
         }
     }
+}
+
+/// The SSLRequest code (1234, 5679).
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Asks the server for TLS as `spec.tls` says and starts it, before the startup message.
+async fn negotiate_tls(mut tcp: TcpStream, spec: &ConnectSpec) -> Result<ServerStream, UpstreamError> {
+    let Some(connector) = spec.tls.connector() else {
+        return Ok(ServerStream::Tcp(tcp));
+    };
+    let mode = spec.tls.mode();
+    let failed = |source: io::Error| UpstreamError::Connect {
+        addr: spec.addr.to_string(),
+        source,
+    };
+    let refused = |reason: String| failed(io::Error::other(reason));
+    tcp.write_all(&SSL_REQUEST).await.map_err(failed)?;
+    // Exactly one byte: whatever follows it must go to rustls.
+    let mut answer = [0u8; 1];
+    match tcp.read_exact(&mut answer).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(UpstreamError::Closed {
+                addr: spec.addr.to_string(),
+            });
+        }
+        Err(error) => return Err(failed(error)),
+    }
+    match answer[0] {
+        b'S' => {}
+        b'N' if mode == ServerTlsMode::Prefer => return Ok(ServerStream::Tcp(tcp)),
+        b'N' => {
+            return Err(refused(format!(
+                "the server does not accept TLS connections (server_tls mode = \"{mode}\")"
+            )));
+        }
+        other => {
+            return Err(UpstreamError::Protocol {
+                addr: spec.addr.to_string(),
+                reason: format!(
+                    "unexpected answer '{}' to SSLRequest",
+                    char::from(other).escape_default()
+                ),
+            });
+        }
+    }
+    // The server speaks next only after our ClientHello: bytes already here were not sent
+    // by it over TLS, and must not be taken as if they were (CVE-2021-23222).
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(&tcp).peek(&mut byte) {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+        Err(error) => return Err(failed(error)),
+        Ok(_) => {
+            return Err(UpstreamError::Protocol {
+                addr: spec.addr.to_string(),
+                reason: "received unencrypted data after SSL response".to_owned(),
+            });
+        }
+    }
+    let name = ServerTls::server_name(&spec.addr).map_err(&refused)?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|error| refused(format!("TLS handshake failed: {error}")))?;
+    Ok(ServerStream::Tls(Box::new(tls)))
+}
+
+/// Writes a whole message and flushes it: under TLS the last record may otherwise stay
+/// in rustls when the socket was briefly full.
+async fn write_out(stream: &mut ServerStream, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// Reads one whole message during startup, when nothing else is in flight.

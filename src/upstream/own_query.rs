@@ -44,6 +44,8 @@ impl ServerConn {
         postgres_protocol::message::frontend::query(sql, &mut message).map_err(io)?;
         self.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
         self.stream.write_all(&message).await.map_err(io)?;
+        // Under TLS, write_all can leave the last record in rustls.
+        self.stream.flush().await.map_err(io)?;
         let mut outcome = OwnQueryOutcome::default();
         while !self.expect.is_empty() {
             let Some(frame) =

@@ -1,33 +1,82 @@
-//! The byte stream to a server: plain TCP (TLS towards servers is negotiated here too).
+//! The byte stream to a server: plain TCP or TLS (negotiated in `connect`).
 
-use std::io;
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 #[derive(Debug)]
 pub enum ServerStream {
     Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl ServerStream {
     /// True unless the peer has closed or reset the socket. Never waits.
     pub fn probe_alive(&mut self) -> bool {
-        let ServerStream::Tcp(tcp) = self;
-        let mut byte = [0u8; 1];
-        match tcp.try_read(&mut byte) {
-            Err(error) => error.kind() == io::ErrorKind::WouldBlock,
-            // Either EOF or bytes nobody asked for (a FATAL before closing): not reusable.
-            Ok(_) => false,
+        match self {
+            ServerStream::Tcp(tcp) => {
+                let mut byte = [0u8; 1];
+                match tcp.try_read(&mut byte) {
+                    Err(error) => error.kind() == io::ErrorKind::WouldBlock,
+                    // Either EOF or bytes nobody asked for (a FATAL before closing): not reusable.
+                    Ok(_) => false,
+                }
+            }
+            ServerStream::Tls(tls) => {
+                let (tcp, connection) = tls.get_ref();
+                // Decrypted bytes nobody read, or the server's close_notify.
+                if !connection.wants_read() {
+                    return false;
+                }
+                // Peeked, not read: bytes taken from under rustls would break the TLS
+                // stream. Any record (a FATAL, an alert) or EOF means the same as above.
+                let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+                match socket2::SockRef::from(tcp).peek(&mut byte) {
+                    Err(error) => error.kind() == io::ErrorKind::WouldBlock,
+                    Ok(_) => false,
+                }
+            }
         }
     }
 
     /// Writes what the socket takes without waiting; used for courtesy messages only.
     pub fn try_write_now(&mut self, bytes: &[u8]) {
-        let ServerStream::Tcp(tcp) = self;
-        let _ = tcp.try_write(bytes);
+        match self {
+            ServerStream::Tcp(tcp) => {
+                let _ = tcp.try_write(bytes);
+            }
+            ServerStream::Tls(tls) => {
+                let (tcp, connection) = tls.get_mut();
+                if connection.writer().write_all(bytes).is_err() {
+                    return;
+                }
+                let mut socket = NoWait(tcp);
+                while connection.wants_write() {
+                    match connection.write_tls(&mut socket) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A socket as a blocking-style writer that never blocks: WouldBlock instead.
+struct NoWait<'a>(&'a TcpStream);
+
+impl Write for NoWait<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -35,6 +84,7 @@ impl AsyncRead for ServerStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -43,18 +93,23 @@ impl AsyncWrite for ServerStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
         }
     }
 
+    /// For TLS this also writes out records rustls still holds: a write may take
+    /// plaintext while the socket cannot take all of its ciphertext yet.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
     }
 }

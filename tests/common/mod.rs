@@ -191,6 +191,14 @@ primary = "{primary}"
 /// `config_for` with the shared cluster's replica added to database `app`, and extra
 /// lines for `[databases.app.routing]`.
 pub fn config_with_replica(cluster: &LocalCluster, pool: &str, routing: &str) -> String {
+    // Other tests write to the shared cluster at the same time; unless a test is about
+    // lag, a replica a moment behind must still take its reads.
+    let routing = if routing.contains("max_replica_lag") {
+        routing.to_owned()
+    } else {
+        format!("{routing}\nmax_replica_lag = \"0\"")
+    };
+    let routing = routing.as_str();
     let replicas: Vec<String> = cluster.replicas().iter().map(|r| format!("\"{}\"", r.addr())).collect();
     let primary = format!("[databases.app]\nprimary = \"{}\"\n", cluster.primary().addr());
     config_for(cluster, pool).replace(

@@ -1,0 +1,310 @@
+//! TLS with rustls (ring provider): the acceptor for clients, built from `[server.tls]`, and
+//! the connector towards PostgreSQL, built from each database's `server_tls`.
+//!
+//! Both are built when a config is turned into a running state (at startup and at every
+//! reload), so a missing or unreadable file is reported then, with its path, and never
+//! when a client or server connection is opened.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring};
+use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode};
+
+/// The ALPN protocol name PostgreSQL 17 registered. Offered on both sides: a client or
+/// server that offers no ALPN is unaffected, and one that insists on it (direct TLS
+/// negotiation in PostgreSQL 17) finds it.
+const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// Why TLS settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+impl TlsError {
+    fn file(path: &Path, reason: impl fmt::Display) -> Self {
+        TlsError::File {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// Client-facing TLS: what to answer an `SSLRequest` with, and whether plaintext clients
+/// are refused.
+#[derive(Clone)]
+pub struct ClientTls {
+    acceptor: TlsAcceptor,
+    required: bool,
+}
+
+impl ClientTls {
+    /// Reads the certificate chain and key of `[server.tls]`. `None` for `mode = "disable"`:
+    /// `SSLRequest` is then answered 'N' and the files are not read.
+    pub fn load(config: &ClientTlsConfig) -> Result<Option<ClientTls>, TlsError> {
+        if config.mode == ClientTlsMode::Disable {
+            return Ok(None);
+        }
+        let certs = read_certificates(&config.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|error| match error {
+            pem::Error::NoItemsFound => TlsError::file(&config.key, "no PEM private key found"),
+            error => TlsError::file(&config.key, error),
+        })?;
+        let mut server_config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|error| {
+                TlsError::file(
+                    &config.key,
+                    format!("cannot be used with {}: {error}", config.cert.display()),
+                )
+            })?;
+        server_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+        Ok(Some(ClientTls {
+            acceptor: TlsAcceptor::from(Arc::new(server_config)),
+            required: config.mode == ClientTlsMode::Require,
+        }))
+    }
+
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// `mode = "require"`: clients that do not use TLS are refused.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls").field("required", &self.required).finish()
+    }
+}
+
+/// TLS towards the servers of one database, with libpq's `sslmode` meanings.
+pub struct ServerTls {
+    config: ServerTlsConfig,
+    /// `None` for `disable`.
+    connector: Option<TlsConnector>,
+}
+
+impl ServerTls {
+    /// Builds the connector; for `verify-full` reads the CA file.
+    pub fn build(config: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
+        let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+        let client_config = match (config.mode, &config.ca) {
+            (ServerTlsMode::Disable, _) => None,
+            (ServerTlsMode::VerifyFull, Some(ca)) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_certificates(ca)? {
+                    roots.add(cert).map_err(|error| TlsError::file(ca, error))?;
+                }
+                Some(builder.with_root_certificates(roots).with_no_client_auth())
+            }
+            // Validation makes `ca` required for verify-full; should it be missing anyway,
+            // refusing every connection is the safe reading.
+            (ServerTlsMode::VerifyFull, None) => Some(
+                builder
+                    .with_root_certificates(RootCertStore::empty())
+                    .with_no_client_auth(),
+            ),
+            // libpq's prefer and require encrypt but do not authenticate the server.
+            (ServerTlsMode::Prefer | ServerTlsMode::Require, _) => Some(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyCertificate::new()))
+                    .with_no_client_auth(),
+            ),
+        };
+        Ok(ServerTls {
+            config: config.clone(),
+            connector: client_config.map(|mut client_config| {
+                client_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+                TlsConnector::from(Arc::new(client_config))
+            }),
+        })
+    }
+
+    /// Plain TCP, whatever the server offers.
+    pub fn disabled() -> ServerTls {
+        ServerTls {
+            config: ServerTlsConfig {
+                mode: ServerTlsMode::Disable,
+                ca: None,
+            },
+            connector: None,
+        }
+    }
+
+    pub fn mode(&self) -> ServerTlsMode {
+        self.config.mode
+    }
+
+    /// The settings this was built from (a reload compares them).
+    pub fn config(&self) -> &ServerTlsConfig {
+        &self.config
+    }
+
+    /// `None` for `disable`.
+    pub fn connector(&self) -> Option<&TlsConnector> {
+        self.connector.as_ref()
+    }
+
+    /// The name a `host:port` address is checked against (`verify-full`), and sent as SNI
+    /// when it is a DNS name.
+    pub fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => addr,
+        };
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        ServerName::try_from(host.to_owned()).map_err(|error| format!("invalid server name \"{host}\": {error}"))
+    }
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls").field("config", &self.config).finish()
+    }
+}
+
+/// Every certificate of a PEM file, in order (leaf first for a chain).
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|error| TlsError::file(path, error))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::file(path, error))?;
+    if certs.is_empty() {
+        return Err(TlsError::file(path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Accepts any server certificate (libpq's `sslmode=prefer` and `require`), but still
+/// checks the handshake signatures, so the session keys belong to whoever holds the
+/// certificate's key: the connection is encrypted, only not authenticated.
+#[derive(Debug)]
+struct AnyCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl AnyCertificate {
+    fn new() -> Self {
+        AnyCertificate {
+            algorithms: ring::default_provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_from_addresses() {
+        let name = |addr: &str| ServerTls::server_name(addr).map(|name| name.to_str().into_owned());
+        assert_eq!(name("db.example.com:5432").as_deref(), Ok("db.example.com"));
+        assert_eq!(name("127.0.0.1:5432").as_deref(), Ok("127.0.0.1"));
+        assert_eq!(name("[::1]:5432").as_deref(), Ok("::1"));
+        assert_eq!(name("localhost").as_deref(), Ok("localhost"));
+        assert!(name("bad name:5432").is_err());
+    }
+
+    #[test]
+    fn missing_files_are_reported_with_their_path() {
+        let config = ClientTlsConfig {
+            cert: PathBuf::from("/nonexistent/server.crt"),
+            key: PathBuf::from("/nonexistent/server.key"),
+            mode: ClientTlsMode::Require,
+        };
+        let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            matches!(&error, Err(message) if message.starts_with("/nonexistent/server.crt: ")),
+            "{error:?}"
+        );
+        let disabled = ClientTlsConfig {
+            mode: ClientTlsMode::Disable,
+            ..config
+        };
+        assert!(matches!(ClientTls::load(&disabled), Ok(None)));
+        let server = ServerTls::build(&ServerTlsConfig {
+            mode: ServerTlsMode::VerifyFull,
+            ca: Some(PathBuf::from("/nonexistent/root.crt")),
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+        assert!(
+            matches!(&server, Err(message) if message.starts_with("/nonexistent/root.crt: ")),
+            "{server:?}"
+        );
+    }
+
+    #[test]
+    fn empty_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let config = ClientTlsConfig {
+            cert: empty.clone(),
+            key: empty.clone(),
+            mode: ClientTlsMode::Allow,
+        };
+        let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            matches!(&error, Err(message) if message.ends_with("no PEM certificate found")),
+            "{error:?}"
+        );
+    }
+}
