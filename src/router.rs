@@ -3,7 +3,7 @@
 //! reason (which is also the metric label).
 
 use crate::config::{RoutingConfig, RoutingTarget, TransactionRouting};
-use crate::route::{Classification, Hint, Tables, TxControl};
+use crate::route::{Classification, Hint, Isolation, Tables, TxControl};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -99,8 +99,17 @@ impl Batch {
         if class.transaction.is_none() || class.statements > 1 {
             self.statements_after_begin |= self.transaction.is_some() || class.transaction.is_some();
         }
-        if self.transaction.is_none() {
-            self.transaction = class.transaction.clone();
+        match (&self.transaction, &class.transaction) {
+            (None, _) => self.transaction = class.transaction.clone(),
+            // `BEGIN; SET TRANSACTION READ ONLY …` is a read-only transaction too.
+            (
+                Some(TxControl::Begin {
+                    read_only: None,
+                    isolation: None,
+                }),
+                Some(set @ TxControl::SetTransaction { .. }),
+            ) => self.transaction = Some(set.clone()),
+            _ => {}
         }
         self.tables.union(class.tables.clone());
         self.all_read &= class.is_read();
@@ -136,24 +145,29 @@ pub fn decide(batch: &Batch, routing: &RoutingConfig, replica_usable: bool) -> D
     if !routing.read_write_split {
         return Decision::primary(if batch.all_read { Reason::Read } else { Reason::Write });
     }
+    // State that pins the client must be created on the primary, whatever a hint says:
+    // the client may write later and cannot move.
+    if batch.pins {
+        return Decision::primary(Reason::Write);
+    }
     match batch.hint {
         Some(Hint::Primary) => return Decision::primary(Reason::Hint),
         Some(Hint::Replica) => return replica_or(Reason::Hint),
         None => {}
     }
-    if batch.pins {
-        return Decision::primary(Reason::Write);
-    }
     if let Some(transaction) = &batch.transaction {
         if transaction.replica_eligible() && batch.all_read && batch.complete {
             return replica_or(Reason::Transaction);
         }
+        // Only a plain BEGIN follows its first statement: READ WRITE or SERIALIZABLE
+        // would be refused by a replica.
         let by_first_statement = routing.transactions == TransactionRouting::FirstStatement
             && matches!(
                 transaction,
                 TxControl::Begin {
-                    read_only: None | Some(false),
-                    ..
+                    read_only: None,
+                    isolation: None
+                        | Some(Isolation::ReadCommitted | Isolation::ReadUncommitted | Isolation::RepeatableRead),
                 }
             )
             && batch.statements_after_begin;
@@ -270,5 +284,30 @@ mod tests {
             ..RoutingConfig::default()
         };
         assert_eq!(decide_for(&["SELECT 1"], &no_split).target, Target::Primary);
+    }
+
+    #[test]
+    fn set_transaction_read_only_after_begin_and_pins_before_hints() {
+        let routing = RoutingConfig::default();
+        assert_eq!(
+            decide_for(&["BEGIN", "SET TRANSACTION READ ONLY", "SELECT 1"], &routing).target,
+            Target::Replica
+        );
+        assert_eq!(
+            decide_for(&["/* pgrelay: replica */ CREATE TEMP TABLE x (a int)"], &routing).target,
+            Target::Primary
+        );
+        let first = RoutingConfig {
+            transactions: TransactionRouting::FirstStatement,
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            decide_for(&["BEGIN READ WRITE", "SELECT 1"], &first).target,
+            Target::Primary
+        );
+        assert_eq!(
+            decide_for(&["BEGIN ISOLATION LEVEL SERIALIZABLE", "SELECT 1"], &first).target,
+            Target::Primary
+        );
     }
 }

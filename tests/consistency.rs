@@ -130,6 +130,14 @@ async fn causal_consistency_fences_the_tables_written_through_pgrelay() {
                 .unwrap(),
         );
         assert_eq!(found, "1", "another client's committed write was not visible");
+        // The same table, named with its schema.
+        let found = first_value(
+            &reader
+                .simple_query(&format!("SELECT count(*) FROM public.rw WHERE id = {id}"))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(found, "1", "a schema-qualified read missed the write");
     }
     // A table nobody wrote is still read from the replica.
     let rows = reader

@@ -266,7 +266,9 @@ async fn reads_move_to_the_primary_when_the_replica_stops() {
         .unwrap()
         .unwrap();
     let config = format!(
-        "[server]\nlisten = \"LISTEN\"\nmetrics_listen = \"\"\n\n[pool]\nsize = 2\nserver_connect_timeout = \"1s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n\n[databases.app]\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ consistency = \"eventual\", max_replica_lag = \"0\" }}\n",
+        "[server]\nlisten = \"LISTEN\"\nmetrics_listen = \"\"\n\n[pool]\nsize = 2\nserver_connect_timeout = \"1s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n\n[databases.app]\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ consistency = \"eventual\", max_replica_lag = \"0\" }}\n\n[databases.app_ro]\ndbname = \"app\"\nprimary = \"{}\"\nreplicas = [\"{}\"]\nrouting = {{ target = \"replica\", max_replica_lag = \"0\" }}\n",
+        cluster.primary().addr(),
+        cluster.replicas()[0].addr(),
         cluster.primary().addr(),
         cluster.replicas()[0].addr()
     );
@@ -286,6 +288,14 @@ async fn reads_move_to_the_primary_when_the_replica_stops() {
     }
     let other = proxy.app().await;
     assert_eq!(in_recovery(&other, "SELECT pg_is_in_recovery()").await, "f");
+    // The read-only alias falls back to the primary for reads, and stays read-only.
+    let read_only = proxy.connect("app", "app", "app_ro").await.unwrap();
+    assert_eq!(in_recovery(&read_only, "SELECT pg_is_in_recovery()").await, "f");
+    let error = read_only
+        .simple_query("CREATE TABLE not_through_the_alias (a int)")
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&error), "25006", "{error:?}");
     proxy.shutdown().await;
     tokio::task::spawn_blocking(move || cluster.shutdown())
         .await

@@ -33,7 +33,7 @@ impl Fences {
                     tables.clear();
                 }
                 for name in names {
-                    let position = tables.entry(name.clone()).or_default();
+                    let position = tables.entry(unqualified(name).to_owned()).or_default();
                     *position = (*position).max(lsn.0);
                 }
             }
@@ -50,7 +50,7 @@ impl Fences {
             match read {
                 Tables::Known(names) => {
                     for name in names {
-                        if let Some(position) = tables.get(name) {
+                        if let Some(position) = tables.get(unqualified(name)) {
                             fence = fence.max(*position);
                         }
                     }
@@ -60,6 +60,12 @@ impl Fences {
         }
         (fence > 0).then_some(Lsn(fence))
     }
+}
+
+/// Tables are keyed by their name without schema: `public.t` and `t` are the same table
+/// under the usual search_path, and a name shared by two schemas only fences more.
+fn unqualified(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -76,6 +82,7 @@ mod tests {
         fences.record(&tables(&["t"]), Lsn(100));
         fences.record(&tables(&["u"]), Lsn(50));
         assert_eq!(fences.fence_for(&tables(&["t"])), Some(Lsn(100)));
+        assert_eq!(fences.fence_for(&tables(&["public.t"])), Some(Lsn(100)));
         assert_eq!(fences.fence_for(&tables(&["v"])), None);
         assert_eq!(fences.fence_for(&Tables::Unknown), Some(Lsn(100)));
         fences.record(&Tables::Unknown, Lsn(70));

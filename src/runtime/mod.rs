@@ -173,13 +173,7 @@ impl Snapshot {
     /// first user with a plaintext password; without one, hosts are only set aside when
     /// they refuse connections. Call before the snapshot is shared.
     pub fn start_monitors(&mut self) {
-        let monitor_user = self
-            .config
-            .users
-            .iter()
-            .filter_map(|user| self.users.get(&user.name))
-            .find(|user| user.server_credentials.password.is_some())
-            .cloned();
+        let monitor_user = self.monitor_user();
         for entry in self.databases.values_mut() {
             if let Some(database) = Arc::get_mut(entry)
                 && database.monitor.is_none()
@@ -192,6 +186,17 @@ impl Snapshot {
             }
             entry.watch_generations();
         }
+    }
+
+    /// The user the monitors' side connections log in as: the first with a plaintext
+    /// password.
+    fn monitor_user(&self) -> Option<Arc<UserEntry>> {
+        self.config
+            .users
+            .iter()
+            .filter_map(|user| self.users.get(&user.name))
+            .find(|user| user.server_credentials.password.is_some())
+            .cloned()
     }
 
     /// Every configured primary answers its health check (true for unmonitored ones).
@@ -216,13 +221,20 @@ impl Snapshot {
             self.dynamic
                 .entry(name.to_owned())
                 .or_insert_with(|| {
-                    Arc::new(DatabaseEntry::new(
+                    let mut entry = DatabaseEntry::new(
                         name,
                         fallback,
                         &self.config.pool,
                         &self.observers,
                         self.fallback_tls.clone(),
-                    ))
+                    );
+                    // Databases made from "*" are watched like configured ones.
+                    if let Some(user) = self.monitor_user() {
+                        entry.start_monitor(&user);
+                    }
+                    let entry = Arc::new(entry);
+                    entry.watch_generations();
+                    entry
                 })
                 .clone(),
         )

@@ -8,7 +8,7 @@ use crate::error::{ClientError, Side, sqlstate};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ObjectKind, ObjectRef, ParseView, query_text};
 use crate::protocol::{Frame, FrontendTag, TxStatus};
-use crate::route::{Classifier, TxControl};
+use crate::route::{Classifier, Isolation, TxControl};
 
 /// The client's transaction state while no server is attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,9 +176,14 @@ impl LocalState {
                     && class.session.is_empty()
                     && matches!(
                         class.transaction,
+                        // Only a plain BEGIN is held back: READ WRITE or SERIALIZABLE would
+                        // be refused by the replica its first statement may go to.
                         Some(TxControl::Begin {
-                            read_only: None | Some(false),
-                            ..
+                            read_only: None,
+                            isolation: None
+                                | Some(
+                                    Isolation::ReadCommitted | Isolation::ReadUncommitted | Isolation::RepeatableRead
+                                ),
                         })
                     );
                 if !lone_begin {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::options::parse_startup_options;
 use crate::auth::{self, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
+use crate::config::RoutingTarget;
 use crate::error::{ClientError, Side, sqlstate};
 use crate::net::ClientConn;
 use crate::protocol::{FrontendTag, TxStatus, compose, views};
@@ -107,6 +108,10 @@ pub(super) async fn login(
             format!("database \"{database_name}\" does not exist"),
         )));
     };
+    if database.routing.target == RoutingTarget::Replica {
+        // A read-only alias stays read-only even when its reads fall back to the primary.
+        wanted.set("default_transaction_read_only", "on");
+    }
     let reported = check_settings(&database, &user, &wanted).await.map_err(Some)?;
     greet(client, &reported, &wanted, &database, cancel);
     Ok(Destination::Database(LoggedIn { user, database, wanted }))

@@ -220,7 +220,12 @@ impl Session {
             single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
             role: if self.on_replica { Role::Replica } else { Role::Primary },
         };
-        let capture_fences = self.database.routing.consistency != Consistency::Eventual
+        // Fences only matter where reads may go to a replica.
+        let routing = &self.database.routing;
+        let capture_fences = routing.consistency != Consistency::Eventual
+            && routing.read_write_split
+            && routing.target == RoutingTarget::Auto
+            && self.database.mode() != PoolMode::Session
             && self.database.has_replicas()
             && !self.on_replica;
         let classifier = &self.database.classifier;
@@ -316,7 +321,8 @@ impl Session {
                         self.set_state(ClientState::Idle);
                         let error = ClientError::from_pool(&error, &self.database.name);
                         tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,
-                            sqlstate = %error.sqlstate, error = %error.message, "no server for client");
+                            sqlstate = %error.sqlstate, error = %error.message, side = ?error.side,
+                            retryable = error.retryable, "no server for client");
                         self.metrics.client_error(&error.sqlstate);
                         self.local.fail_first(tag, &mut client.inbuf, &mut client.outbuf, &error);
                         None
@@ -443,7 +449,20 @@ impl Session {
             &self.database.classifier,
             &self.local.tx,
         );
-        let decision = router::decide(&batch, routing, self.database.has_replicas());
+        let mut decision = router::decide(&batch, routing, self.database.has_replicas());
+        // A hot standby refuses serializable transactions, READ ONLY or not.
+        if decision.target == Target::Replica
+            && self
+                .carried
+                .wanted
+                .get("default_transaction_isolation")
+                .is_some_and(|level| level.to_ascii_lowercase().contains("serializable"))
+        {
+            decision = Decision {
+                target: Target::Primary,
+                reason: Reason::Transaction,
+            };
+        }
         let fence = match routing.consistency {
             Consistency::Eventual => None,
             Consistency::Session => self.carried.write_fence,
