@@ -203,6 +203,46 @@ impl ServerPool {
     /// Waits for a connection: from the idle ones, a new one, or after reserve_timeout
     /// one from the reserve. Gives up after query_wait_timeout.
     pub async fn checkout(&self) -> Result<Checkout, PoolError> {
+        let object = match self.try_checkout().await? {
+            Some(object) => object,
+            // Boxed: the waiting path is a large future, needed only when the pool is busy.
+            None => Box::pin(self.checkout_waiting()).await?,
+        };
+        if let Some(registration) = &object.registration {
+            registration.entry().set_state(LinkState::Active);
+        }
+        Ok(Checkout {
+            object: Some(object),
+            counters: self.counters.clone(),
+        })
+    }
+
+    /// The common case, without queueing or timers: a free slot while nobody waits (so
+    /// nobody is overtaken), served by an idle connection or a new one. `Ok(None)`: no
+    /// free slot, the caller queues. A new connection that fails is the caller's error
+    /// at once, not tried again after a wait.
+    async fn try_checkout(&self) -> Result<Option<Object<ServerManager>>, PoolError> {
+        if self.counters.waiting.load(Ordering::Acquire) > 0 {
+            return Ok(None);
+        }
+        match self.main.timeout_get(&self.without_waiting()).await {
+            Ok(object) => Ok(Some(object)),
+            Err(managed::PoolError::Timeout(TimeoutType::Wait)) => Ok(None),
+            Err(error) => Err(map_error(error)),
+        }
+    }
+
+    /// Deadpool timeouts that take a free slot or none.
+    fn without_waiting(&self) -> Timeouts {
+        Timeouts {
+            wait: Some(Duration::ZERO),
+            create: self.limits.load().connect_timeout,
+            recycle: None,
+        }
+    }
+
+    /// Queues for a connection (first come, first served), up to query_wait_timeout.
+    async fn checkout_waiting(&self) -> Result<Object<ServerManager>, PoolError> {
         let limits = self.limits.load();
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
         let ticket = self.counters.start_waiting();
@@ -211,19 +251,12 @@ impl ServerPool {
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
         });
         let wait = self.wait_for_connection(limits.reserve_timeout);
-        let object = match limits.query_wait_timeout {
+        match limits.query_wait_timeout {
             Some(limit) => tokio::time::timeout(limit, wait)
                 .await
                 .map_err(|_| PoolError::WaitTimeout)?,
             None => wait.await,
-        }?;
-        if let Some(registration) = &object.registration {
-            registration.entry().set_state(LinkState::Active);
         }
-        Ok(Checkout {
-            object: Some(object),
-            counters: self.counters.clone(),
-        })
     }
 
     async fn wait_for_connection(&self, reserve_after: Option<Duration>) -> Result<Object<ServerManager>, PoolError> {
@@ -246,12 +279,11 @@ impl ServerPool {
 
     /// An idle connection, or a new one if there is room, without queueing.
     async fn take_without_waiting(&self) -> Result<Checkout, PoolError> {
-        let no_wait = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: self.limits.load().connect_timeout,
-            recycle: None,
-        };
-        let object = self.main.timeout_get(&no_wait).await.map_err(map_error)?;
+        let object = self
+            .main
+            .timeout_get(&self.without_waiting())
+            .await
+            .map_err(map_error)?;
         Ok(Checkout {
             object: Some(object),
             counters: self.counters.clone(),
