@@ -6,6 +6,10 @@
 //! Parse maps its name to that statement; Bind and Describe are rewritten to the
 //! server-side name, with a Parse injected first on a server that lacks it; a client's
 //! Close only forgets its name, the server keeps the statement cached for others.
+//!
+//! A client's Parse always reaches a server, so it fails where it would fail on a
+//! direct connection (a table its search_path does not see, an aborted transaction):
+//! as the statement itself when the server lacks it, under a scratch name otherwise.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -27,30 +31,57 @@ pub(crate) struct PreparedStatement {
     pub parse: Bytes,
 }
 
+/// The name under which a client's Parse of a statement the server already holds is
+/// checked, and closed again at once.
+const CHECK_NAME: &str = "pgrelay_check";
+
 /// One client's protocol-level statement names.
 #[derive(Debug, Default)]
 pub(crate) struct ClientStatements {
-    by_name: HashMap<String, Arc<PreparedStatement>>,
+    by_name: HashMap<String, Defined>,
+    /// Numbers the definitions, so a failed Parse undoes its own and no later one.
+    next_definition: u64,
+}
+
+#[derive(Debug)]
+struct Defined {
+    statement: Arc<PreparedStatement>,
+    definition: u64,
 }
 
 impl ClientStatements {
-    /// Records the client's Parse; a name parsed again is redefined.
-    pub fn define(&mut self, parse: &ParseView<'_>, classifier: &Classifier) -> Arc<PreparedStatement> {
+    /// Records the client's Parse; a name parsed again is redefined. Returns the
+    /// statement and the number of this definition, for [`Self::undefine`].
+    pub fn define(&mut self, parse: &ParseView<'_>, classifier: &Classifier) -> (Arc<PreparedStatement>, u64) {
         let server_name = server_name(parse.query, parse.param_types);
         let statement = match self.by_name.get(parse.name) {
-            Some(known) if known.server_name == server_name => known.clone(),
+            Some(known) if known.statement.server_name == server_name => known.statement.clone(),
             _ => Arc::new(PreparedStatement {
                 parse: parse_message(&server_name, parse.query, parse.param_types),
                 class: classifier.classify(parse.query),
                 server_name,
             }),
         };
-        self.by_name.insert(parse.name.to_owned(), statement.clone());
-        statement
+        self.next_definition += 1;
+        let definition = self.next_definition;
+        self.by_name.insert(
+            parse.name.to_owned(),
+            Defined {
+                statement: statement.clone(),
+                definition,
+            },
+        );
+        (statement, definition)
+    }
+
+    /// The server refused the Parse of `definition`: its name is not defined, as on a
+    /// direct connection (unless the client has defined it again since).
+    pub fn undefine(&mut self, definition: u64) {
+        self.by_name.retain(|_, defined| defined.definition != definition);
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<PreparedStatement>> {
-        self.by_name.get(name).cloned()
+        self.by_name.get(name).map(|defined| defined.statement.clone())
     }
 
     /// Forgets a name; false if the client never defined it.
@@ -85,6 +116,15 @@ fn parse_message(name: &str, query: &str, param_types: &[u8]) -> Bytes {
     put_cstr(&mut body, query);
     body.put_slice(param_types);
     message(b'P', &body)
+}
+
+/// The client's Parse under pgrelay's scratch name, then a Close of that name: what
+/// the server says about the Parse is what it would say on a direct connection.
+pub(crate) fn checked_parse(parse: &ParseView<'_>) -> (Bytes, Bytes) {
+    (
+        parse_message(CHECK_NAME, parse.query, parse.param_types),
+        close_statement(CHECK_NAME),
+    )
 }
 
 /// The client's Bind with the statement name replaced.
@@ -183,9 +223,23 @@ mod tests {
         );
         let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
         let mut statements = ClientStatements::default();
-        let statement = statements.define(&parse, &Classifier::new(Default::default()));
+        let (statement, _) = statements.define(&parse, &Classifier::new(Default::default()));
         let view = ParseView::read(&statement.parse[5..]).unwrap();
         assert_eq!((view.name, view.query), (&*statement.server_name, "SELECT 1"));
+    }
+
+    #[test]
+    fn a_failed_parse_undoes_only_its_own_definition() {
+        let classifier = Classifier::new(Default::default());
+        let mut statements = ClientStatements::default();
+        let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
+        let (_, first) = statements.define(&parse, &classifier);
+        statements.undefine(first);
+        assert!(statements.get("s1").is_none());
+        let (_, second) = statements.define(&parse, &classifier);
+        let (_, _third) = statements.define(&parse, &classifier);
+        statements.undefine(second);
+        assert!(statements.get("s1").is_some());
     }
 
     #[test]

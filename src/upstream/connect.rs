@@ -67,6 +67,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         passthrough_to_client: false,
         unsynced: false,
         copy_in: false,
+        copy_from_client: false,
         status: TxStatus::Idle,
         params: SessionParams::default(),
         statements: super::ServerStatements::default(),

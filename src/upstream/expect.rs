@@ -4,8 +4,9 @@
 //! from the server is matched against the head. This is what tells pgrelay when a
 //! server is really idle (nothing owed, ReadyForQuery seen), which replies belong to
 //! messages pgrelay injected itself and must not reach the client, which replies
-//! pgrelay makes up itself (a Parse of a statement the server already has), and where
-//! an error makes the server skip ahead to the next Sync.
+//! pgrelay makes up itself (a client's Close of a statement the server keeps), where
+//! an error makes the server skip ahead to the next Sync, and which Syncs a server in
+//! COPY FROM STDIN ignores.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -16,8 +17,12 @@ use crate::protocol::BackendTag;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
     /// Parse → ParseComplete; names the server-side statement when pgrelay manages it,
-    /// so a failed Parse can be forgotten.
-    ParseComplete { statement: Option<Arc<str>> },
+    /// so a failed Parse can be forgotten, and the client's definition of its name (see
+    /// `ClientStatements`), which a failed Parse undoes as it would on a server.
+    ParseComplete {
+        statement: Option<Arc<str>>,
+        definition: Option<u64>,
+    },
     /// Bind → BindComplete; names the server-side statement when pgrelay manages it,
     /// so an error about that statement's cached plan can be traced back to it.
     BindComplete { statement: Option<Arc<str>> },
@@ -35,13 +40,15 @@ pub enum Expect {
     /// A reply pgrelay gives itself in this place of the stream; never sent by the
     /// server.
     Synthetic(Synthetic),
+    /// No reply: the client's CopyDone or CopyFail went to the server here. A COPY FROM
+    /// STDIN that starts before this point ends here, so the Syncs in between are read
+    /// in COPY mode, where the server ignores them. Dropped once it reaches the head.
+    CopyEndSent,
 }
 
 /// Replies pgrelay makes up so the client sees exactly what a server would send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synthetic {
-    /// For a Parse of a statement the server already holds.
-    ParseComplete,
     /// For a Close of a client's statement: the server-side statement stays cached.
     CloseComplete,
     /// For a simple query answered by pgrelay: CommandComplete with this tag, then
@@ -67,6 +74,20 @@ pub struct Routing {
     /// For an ErrorResponse answering a Parse or Bind of a statement pgrelay manages:
     /// where it failed and that statement's server-side name.
     pub failed_statement: Option<(FailedAt, Arc<str>)>,
+    /// For an ErrorResponse answering a client's Parse of a named statement: the
+    /// definition that did not happen.
+    pub failed_definition: Option<u64>,
+}
+
+/// What the start of a COPY FROM STDIN changed in the queue, from
+/// [`ResponseQueue::copy_started`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStart {
+    /// The client's CopyDone or CopyFail is already on its way to the server.
+    pub client_ended: bool,
+    /// The COPY runs in the extended protocol and no Sync the server will act on has
+    /// been sent after it: the server waits for one once the COPY is done.
+    pub needs_sync: bool,
 }
 
 /// The message an error answered.
@@ -87,11 +108,62 @@ pub struct OutOfOrder {
 #[derive(Debug, Default)]
 pub struct ResponseQueue {
     entries: VecDeque<(Expect, Recipient)>,
+    /// An extended-protocol error was reported before the Sync that ends its batch
+    /// was sent: the server skips every message up to that Sync, so none of them is
+    /// owed a reply.
+    skipping: bool,
 }
 
 impl ResponseQueue {
     pub fn push(&mut self, expect: Expect, recipient: Recipient) {
+        if self.skipping {
+            if expect != Expect::Ready {
+                return;
+            }
+            self.skipping = false;
+        }
+        if expect == Expect::CopyEndSent && self.entries.is_empty() {
+            return;
+        }
         self.entries.push_back((expect, recipient));
+    }
+
+    /// The server is skipping messages up to the next Sync after an error.
+    pub fn skipping_to_sync(&self) -> bool {
+        self.skipping
+    }
+
+    fn pop_front(&mut self) {
+        self.entries.pop_front();
+        while matches!(self.entries.front(), Some((Expect::CopyEndSent, _))) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// The server answered the head entry with CopyInResponse (or CopyBothResponse):
+    /// it reads the client's messages in COPY mode until a CopyDone or CopyFail and
+    /// ignores the Syncs among them, so their ReadyForQuery is not owed.
+    pub fn copy_started(&mut self) -> CopyStart {
+        let extended = matches!(self.entries.front(), Some((Expect::ExecuteResult, _)));
+        let marker = self
+            .entries
+            .iter()
+            .skip(1)
+            .position(|(expect, _)| *expect == Expect::CopyEndSent)
+            .map(|at| at + 1);
+        let in_copy = 1..marker.unwrap_or(self.entries.len());
+        let mut index = 0;
+        self.entries.retain(|(expect, _)| {
+            let ignored_sync = in_copy.contains(&index) && *expect == Expect::Ready;
+            let keep = !ignored_sync && Some(index) != marker;
+            index += 1;
+            keep
+        });
+        let ready_left = self.entries.iter().any(|(expect, _)| *expect == Expect::Ready);
+        CopyStart {
+            client_ended: marker.is_some(),
+            needs_sync: extended && !ready_left,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -114,6 +186,7 @@ impl ResponseQueue {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.skipping = false;
     }
 
     /// The head entry is a reply pgrelay gives itself.
@@ -126,7 +199,7 @@ impl ResponseQueue {
         match self.entries.front() {
             Some((Expect::Synthetic(synthetic), _)) => {
                 let synthetic = *synthetic;
-                self.entries.pop_front();
+                self.pop_front();
                 Some(synthetic)
             }
             _ => None,
@@ -148,6 +221,7 @@ impl ResponseQueue {
                 recipient,
                 ready,
                 failed_statement: None,
+                failed_definition: None,
             })
         };
         if matches!(
@@ -168,7 +242,7 @@ impl ResponseQueue {
                 Expect::ExecuteResult,
                 BackendTag::CommandComplete | BackendTag::EmptyQueryResponse | BackendTag::PortalSuspended,
             ) => {
-                self.entries.pop_front();
+                self.pop_front();
                 routing(false)
             }
             (Expect::Description, BackendTag::ParameterDescription)
@@ -182,7 +256,7 @@ impl ResponseQueue {
                 | BackendTag::CopyDone,
             ) => routing(false),
             (Expect::ResultsUntilReady | Expect::Ready, BackendTag::ReadyForQuery) => {
-                self.entries.pop_front();
+                self.pop_front();
                 routing(true)
             }
             (Expect::ResultsUntilReady, tag) if !is_startup_only(tag) => routing(false),
@@ -191,23 +265,32 @@ impl ResponseQueue {
                 expected: Some(expect.clone()),
             }),
             (_, BackendTag::ErrorResponse) => {
-                let failed_statement = match expect {
-                    Expect::ParseComplete { statement: Some(name) } => Some((FailedAt::Parse, name.clone())),
-                    Expect::BindComplete { statement: Some(name) } => Some((FailedAt::Bind, name.clone())),
-                    _ => None,
+                let (failed_statement, failed_definition) = match expect {
+                    Expect::ParseComplete { statement, definition } => {
+                        (statement.clone().map(|name| (FailedAt::Parse, name)), *definition)
+                    }
+                    Expect::BindComplete { statement: Some(name) } => (Some((FailedAt::Bind, name.clone())), None),
+                    _ => (None, None),
                 };
                 // In the extended protocol an error makes the server skip every message
-                // up to the next Sync: drop what those would have answered.
+                // up to the next Sync: drop what those would have answered, and what
+                // the client sends until it has sent that Sync.
                 while let Some((expect, _)) = self.entries.front() {
                     if *expect == Expect::Ready {
                         break;
                     }
                     self.entries.pop_front();
                 }
+                self.skipping = self.entries.is_empty();
+                // Every extended-protocol message pgrelay sends on its own (a Parse of
+                // a statement the server lacks, a Close of one it evicts) is part of a
+                // client's batch, whose messages the server now skips: the client
+                // must hear why.
                 Ok(Routing {
-                    recipient,
+                    recipient: Recipient::Client,
                     ready: false,
                     failed_statement,
+                    failed_definition,
                 })
             }
             _ => Err(OutOfOrder {
@@ -243,7 +326,13 @@ mod tests {
     fn extended_pipeline_is_matched_in_order() {
         let client = Recipient::Client;
         let mut q = queue(&[
-            (Expect::ParseComplete { statement: None }, client),
+            (
+                Expect::ParseComplete {
+                    statement: None,
+                    definition: None,
+                },
+                client,
+            ),
             (Expect::BindComplete { statement: None }, client),
             (Expect::Description, client),
             (Expect::ExecuteResult, client),
@@ -268,12 +357,19 @@ mod tests {
     fn error_skips_to_sync_and_names_the_failed_statement() {
         let statement: Arc<str> = Arc::from("pgrelay_1");
         let mut q = queue(&[
-            (Expect::ParseComplete { statement: None }, Recipient::Pgrelay),
-            (Expect::Synthetic(Synthetic::ParseComplete), Recipient::Client),
+            (
+                Expect::ParseComplete {
+                    statement: None,
+                    definition: None,
+                },
+                Recipient::Pgrelay,
+            ),
+            (Expect::BindComplete { statement: None }, Recipient::Client),
             (Expect::ExecuteResult, Recipient::Client),
             (Expect::Ready, Recipient::Client),
         ]);
-        assert_eq!(q.on_message(B::ErrorResponse).unwrap().recipient, Recipient::Pgrelay);
+        // The client's Bind and Execute are skipped: the error is the client's.
+        assert_eq!(q.on_message(B::ErrorResponse).unwrap().recipient, Recipient::Client);
         assert_eq!(q.readies_owed_to_client(), 1);
         assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
         assert!(q.is_empty());
@@ -296,14 +392,20 @@ mod tests {
     #[test]
     fn synthetic_replies_wait_for_their_turn() {
         let mut q = queue(&[
-            (Expect::ParseComplete { statement: None }, Recipient::Client),
-            (Expect::Synthetic(Synthetic::ParseComplete), Recipient::Client),
+            (
+                Expect::ParseComplete {
+                    statement: None,
+                    definition: None,
+                },
+                Recipient::Client,
+            ),
+            (Expect::Synthetic(Synthetic::CloseComplete), Recipient::Client),
             (Expect::Synthetic(Synthetic::QueryDone("DEALLOCATE")), Recipient::Client),
         ]);
         assert_eq!(q.pop_synthetic(), None);
         assert_eq!(q.readies_owed_to_client(), 1);
         q.on_message(B::ParseComplete).unwrap();
-        assert_eq!(q.pop_synthetic(), Some(Synthetic::ParseComplete));
+        assert_eq!(q.pop_synthetic(), Some(Synthetic::CloseComplete));
         assert_eq!(q.pop_synthetic(), Some(Synthetic::QueryDone("DEALLOCATE")));
         assert!(q.is_empty());
     }
@@ -329,6 +431,75 @@ mod tests {
             assert_eq!(q.on_message(tag).unwrap().recipient, Recipient::Client);
         }
         assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+    }
+
+    #[test]
+    fn an_error_before_the_sync_was_sent_skips_the_rest_of_the_batch() {
+        let mut q = queue(&[(Expect::BindComplete { statement: None }, Recipient::Client)]);
+        assert_eq!(q.on_message(B::ErrorResponse).unwrap().recipient, Recipient::Client);
+        assert!(q.skipping_to_sync());
+        q.push(Expect::ExecuteResult, Recipient::Client);
+        assert!(q.is_empty());
+        q.push(Expect::Ready, Recipient::Client);
+        assert!(!q.skipping_to_sync());
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn syncs_read_in_copy_mode_are_owed_nothing() {
+        let client = Recipient::Client;
+        // Bind, Execute, Sync, then the data, CopyDone and Sync all before the
+        // server's CopyInResponse: only the last Sync is answered.
+        let mut q = queue(&[
+            (Expect::ExecuteResult, client),
+            (Expect::Ready, client),
+            (Expect::CopyEndSent, client),
+            (Expect::Ready, client),
+            (Expect::Synthetic(Synthetic::CloseComplete), client),
+            (Expect::Ready, client),
+        ]);
+        q.on_message(B::CopyInResponse).unwrap();
+        let start = q.copy_started();
+        assert_eq!(
+            start,
+            CopyStart {
+                client_ended: true,
+                needs_sync: false
+            }
+        );
+        assert_eq!(q.readies_owed_to_client(), 2);
+        q.on_message(B::CommandComplete).unwrap();
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert_eq!(q.pop_synthetic(), Some(Synthetic::CloseComplete));
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
+
+        // The client waits for CopyInResponse before sending its data: the Sync it
+        // sent after Execute is ignored and the server will need another one.
+        let mut q = queue(&[(Expect::ExecuteResult, client), (Expect::Ready, client)]);
+        q.on_message(B::CopyInResponse).unwrap();
+        assert_eq!(
+            q.copy_started(),
+            CopyStart {
+                client_ended: false,
+                needs_sync: true
+            }
+        );
+        assert_eq!(q.readies_owed_to_client(), 0);
+
+        // A simple-query COPY whose data came right behind it.
+        let mut q = queue(&[(Expect::ResultsUntilReady, client), (Expect::CopyEndSent, client)]);
+        q.on_message(B::CopyInResponse).unwrap();
+        assert!(q.copy_started().client_ended);
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
+
+        // A COPY that failed before it started leaves its marker behind: dropped.
+        let mut q = queue(&[(Expect::ResultsUntilReady, client), (Expect::CopyEndSent, client)]);
+        q.on_message(B::ErrorResponse).unwrap();
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
     }
 
     #[test]

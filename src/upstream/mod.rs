@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 pub use connect::{ConnectSpec, ServerCredentials, connect};
-pub use expect::{Expect, FailedAt, Recipient, ResponseQueue, Routing, Synthetic};
+pub use expect::{CopyStart, Expect, FailedAt, Recipient, ResponseQueue, Routing, Synthetic};
 pub use own_query::OwnQueryOutcome;
 pub use params::{ParamDiff, SessionParams};
 pub use statements::ServerStatements;
@@ -78,6 +78,9 @@ pub struct ServerConn {
     pub(crate) unsynced: bool,
     /// The server is in COPY FROM STDIN and takes CopyData from the client.
     pub(crate) copy_in: bool,
+    /// In COPY FROM STDIN, the client has not sent its CopyDone or CopyFail yet: a Sync
+    /// it sends now is ignored by the server.
+    pub(crate) copy_from_client: bool,
     pub(crate) status: TxStatus,
     /// Settings pgrelay has applied on behalf of clients.
     pub(crate) params: SessionParams,

@@ -10,7 +10,7 @@ use super::{HIGH_WATER, Pump, PumpExit, move_bytes};
 use crate::protocol::views::{BindView, ObjectKind, ObjectRef, ParseView, query_text};
 use crate::protocol::{FrontendTag, Header, ProtocolError};
 use crate::session::prepared::{
-    Deallocate, PreparedStatement, close_statement, describe_statement, parse_deallocate, rewrite_bind,
+    Deallocate, PreparedStatement, checked_parse, close_statement, describe_statement, parse_deallocate, rewrite_bind,
 };
 use std::time::Instant;
 
@@ -63,7 +63,7 @@ impl Pump<'_> {
             let Some(tag) = FrontendTag::from_byte(header.tag) else {
                 break Err(PumpExit::ClientBroke(ProtocolError::UnexpectedTag(header.tag)));
             };
-            if tag == FrontendTag::CopyData && self.server.copy_in && header.len > rest.len() {
+            if tag == FrontendTag::CopyData && takes_copy_data(self.server) && header.len > rest.len() {
                 self.client_passthrough = header.len;
                 continue;
             }
@@ -104,6 +104,10 @@ impl Pump<'_> {
         let server = &mut *self.server;
         let manage = self.mode.manage_statements;
         let malformed = |error: ProtocolError| PumpExit::ClientBroke(error);
+        if server.expect.skipping_to_sync() && !matches!(tag, FrontendTag::Sync | FrontendTag::Terminate) {
+            // The server skips it after the error in this batch and owes no reply.
+            return Ok(Disposition::Forward);
+        }
         Ok(match tag {
             FrontendTag::Query => {
                 self.unit_started.get_or_insert_with(Instant::now);
@@ -137,9 +141,13 @@ impl Pump<'_> {
                 server.unsynced = true;
                 let parse = ParseView::read(body).map_err(malformed)?;
                 if !manage || parse.name.is_empty() {
-                    server
-                        .expect
-                        .push(Expect::ParseComplete { statement: None }, Recipient::Client);
+                    server.expect.push(
+                        Expect::ParseComplete {
+                            statement: None,
+                            definition: None,
+                        },
+                        Recipient::Client,
+                    );
                     let class = self.classifier.classify(parse.query);
                     if !class.session.is_empty() {
                         self.note_effects(&class.session);
@@ -147,22 +155,33 @@ impl Pump<'_> {
                     self.note_access(&class);
                     return Ok(Disposition::Forward);
                 }
-                let statement = self.carried.statements.define(&parse, self.classifier);
+                let (statement, definition) = self.carried.statements.define(&parse, self.classifier);
+                let checked = server
+                    .statements
+                    .contains(&statement.server_name)
+                    .then(|| checked_parse(&parse));
                 if !statement.class.session.is_empty() {
                     let effects = statement.class.session.clone();
                     self.note_effects(&effects);
                 }
                 let server = &mut *self.server;
-                if server.statements.contains(&statement.server_name) {
+                if let Some((check, close)) = checked {
                     server.statements.touch(&statement.server_name);
-                    server
-                        .expect
-                        .push(Expect::Synthetic(Synthetic::ParseComplete), Recipient::Client);
+                    server.outbuf.extend_from_slice(&check);
+                    server.expect.push(
+                        Expect::ParseComplete {
+                            statement: None,
+                            definition: Some(definition),
+                        },
+                        Recipient::Client,
+                    );
+                    server.outbuf.extend_from_slice(&close);
+                    server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
                 } else {
                     prepare(
                         server,
                         &statement,
-                        Recipient::Client,
+                        Some(definition),
                         self.mode.max_prepared_statements,
                         self.metrics,
                     );
@@ -238,15 +257,31 @@ impl Pump<'_> {
             }
             FrontendTag::Sync => {
                 self.hold = self.mode.single_unit;
+                if server.copy_from_client {
+                    // The server ignores a Sync in the middle of COPY FROM STDIN.
+                    return Ok(Disposition::Forward);
+                }
                 server.unsynced = false;
                 server.expect.push(Expect::Ready, Recipient::Client);
                 Disposition::Forward
             }
             FrontendTag::Flush => Disposition::Forward,
-            // After a failed COPY the client may still send the rest of its data, which
-            // PostgreSQL itself ignores too.
-            FrontendTag::CopyData | FrontendTag::CopyDone | FrontendTag::CopyFail => {
-                if server.copy_in {
+            // Data may come right behind the COPY statement, before the server has said
+            // it is in COPY mode; after a failed COPY the client may still send the rest
+            // of it. PostgreSQL ignores COPY messages outside COPY mode.
+            FrontendTag::CopyData => {
+                if takes_copy_data(server) {
+                    Disposition::Forward
+                } else {
+                    Disposition::Consumed
+                }
+            }
+            FrontendTag::CopyDone | FrontendTag::CopyFail => {
+                if server.copy_from_client {
+                    server.copy_from_client = false;
+                    Disposition::Forward
+                } else if takes_copy_data(server) {
+                    server.expect.push(Expect::CopyEndSent, Recipient::Client);
                     Disposition::Forward
                 } else {
                     Disposition::Consumed
@@ -266,6 +301,12 @@ impl Pump<'_> {
     }
 }
 
+/// COPY messages from the client go to the server while it is in COPY mode or may
+/// still enter it (it owes replies); otherwise they are leftovers of a failed COPY.
+fn takes_copy_data(server: &ServerConn) -> bool {
+    server.copy_in || !server.expect.is_empty()
+}
+
 /// Messages that may be rewritten or replaced when pgrelay manages prepared statements.
 fn rewrites(tag: FrontendTag) -> bool {
     matches!(
@@ -280,16 +321,17 @@ fn ensure_prepared(server: &mut ServerConn, statement: &PreparedStatement, limit
     if server.statements.contains(&statement.server_name) {
         server.statements.touch(&statement.server_name);
     } else {
-        prepare(server, statement, Recipient::Pgrelay, limit, metrics);
+        prepare(server, statement, None, limit, metrics);
     }
 }
 
 /// Sends the Parse of `statement`, closing first a stale copy of it and the least
-/// recently used statement if the server holds `limit` already.
+/// recently used statement if the server holds `limit` already. With `definition`, the
+/// Parse is the client's own and its reply goes to the client.
 fn prepare(
     server: &mut ServerConn,
     statement: &PreparedStatement,
-    recipient: Recipient,
+    definition: Option<u64>,
     limit: usize,
     metrics: &SessionMetrics,
 ) {
@@ -303,9 +345,15 @@ fn prepare(
         metrics.prepared_statements_evicted(1);
     }
     server.outbuf.extend_from_slice(&statement.parse);
+    let recipient = if definition.is_some() {
+        Recipient::Client
+    } else {
+        Recipient::Pgrelay
+    };
     server.expect.push(
         Expect::ParseComplete {
             statement: Some(statement.server_name.clone()),
+            definition,
         },
         recipient,
     );

@@ -75,6 +75,7 @@ impl Pump<'_> {
                     recipient: Recipient::Pgrelay,
                     ready: false,
                     failed_statement: None,
+                    failed_definition: None,
                 },
                 Err(error) => break Err(self.server_broke(error.to_string())),
             };
@@ -138,6 +139,7 @@ impl Pump<'_> {
             BackendTag::ErrorResponse => {
                 let fields = ErrorFields::read(body).unwrap_or_default();
                 server.copy_in = false;
+                server.copy_from_client = false;
                 if fields.is_fatal() {
                     // The server closes right after; the client hears of it once, as
                     // the failure of its server connection.
@@ -147,6 +149,9 @@ impl Pump<'_> {
                 }
                 if to_client {
                     self.pending_failed = true;
+                }
+                if let Some(definition) = routing.failed_definition {
+                    self.carried.statements.undefine(definition);
                 }
                 match &routing.failed_statement {
                     Some((FailedAt::Parse, name)) => server.statements.mark_stale(name.clone()),
@@ -166,6 +171,7 @@ impl Pump<'_> {
             }
             BackendTag::CommandComplete => {
                 server.copy_in = false;
+                server.copy_from_client = false;
                 if to_client && let Ok(tag) = command_tag(body) {
                     match tag {
                         // Every prepared statement and setting of the server is gone.
@@ -208,6 +214,11 @@ impl Pump<'_> {
             }
             BackendTag::CopyInResponse | BackendTag::CopyBothResponse => {
                 server.copy_in = true;
+                let start = server.expect.copy_started();
+                server.copy_from_client = !start.client_ended;
+                if start.needs_sync {
+                    server.unsynced = true;
+                }
                 Ok(to_client)
             }
             BackendTag::Authentication | BackendTag::BackendKeyData | BackendTag::NegotiateProtocolVersion => Ok(false),

@@ -246,11 +246,19 @@ impl<'a> Pump<'a> {
     /// A transaction ended with ReadyForQuery `status` for the client. Returns whether
     /// that ReadyForQuery must be withheld while the commit position is fetched.
     fn transaction_ended(&mut self) -> bool {
-        let wrote = std::mem::take(&mut self.tx_wrote);
-        if !wrote || self.fences.is_none() || self.fence != FenceCapture::None {
+        if !self.tx_wrote || self.fences.is_none() || self.fence != FenceCapture::None {
+            self.tx_wrote = false;
             self.tx_written = Tables::empty();
             return false;
         }
+        if self.server.unsynced {
+            // The client's next batch has begun on this server: a query now would
+            // commit its first part early. The position is asked for at the end of that
+            // batch instead (a later one covers this commit too); the server stays
+            // with this client until then, so its own reads cannot miss the write.
+            return false;
+        }
+        self.tx_wrote = false;
         let mut query = bytes::BytesMut::new();
         if postgres_protocol::message::frontend::query(FENCE_QUERY, &mut query).is_err() {
             return false;
@@ -303,7 +311,6 @@ impl<'a> Pump<'a> {
         while let Some(synthetic) = self.server.expect.pop_synthetic() {
             let out = &mut self.client.outbuf;
             match synthetic {
-                Synthetic::ParseComplete => compose::parse_complete(out),
                 Synthetic::CloseComplete => compose::close_complete(out),
                 Synthetic::QueryDone(tag) => {
                     compose::command_complete(out, tag);

@@ -1,0 +1,369 @@
+//! End-to-end, at the level of protocol messages: the corners of the extended protocol
+//! and COPY where a pooler that shares server connections easily answers differently
+//! from PostgreSQL. Each test spells out, message by message, what a direct
+//! connection answers, and checks that pgrelay answers the same.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proxy, config_for, direct, shared_cluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SCHEMA: &str = "proto_edges";
+
+/// One message from the server: its type, and the SQLSTATE or command tag it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Error(String),
+    Complete(String),
+    Ready(char),
+    Other(char),
+}
+
+/// The replies as short text: `1 2 D C:SELECT 1 Z:I E:42P01`.
+fn show(replies: &[Reply]) -> String {
+    replies
+        .iter()
+        .map(|reply| match reply {
+            Reply::Error(code) => format!("E:{code}"),
+            Reply::Complete(tag) => format!("C:{tag}"),
+            Reply::Ready(status) => format!("Z:{status}"),
+            Reply::Other(tag) => tag.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A client speaking the protocol message by message.
+struct Raw {
+    stream: TcpStream,
+    input: Vec<u8>,
+}
+
+impl Raw {
+    /// Logs in as `app_trust` (trust on both sides) to database `app`.
+    async fn connect(proxy: &Proxy) -> Raw {
+        let mut body = 196_608u32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app_trust\0database\0app\0\0");
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        let mut raw = Raw {
+            stream: TcpStream::connect(proxy.addr).await.unwrap(),
+            input: Vec::new(),
+        };
+        raw.stream.write_all(&packet).await.unwrap();
+        let login = raw.replies_until_ready(1).await;
+        assert_eq!(login.last(), Some(&Reply::Ready('I')), "{}", show(&login));
+        raw
+    }
+
+    async fn send(&mut self, messages: &[Vec<u8>]) {
+        self.stream.write_all(&messages.concat()).await.unwrap();
+    }
+
+    /// Reads replies until the `count`-th ReadyForQuery; fails after 10 s.
+    async fn replies_until_ready(&mut self, count: usize) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        let mut seen = 0;
+        while seen < count {
+            let reply = self.next_reply().await;
+            seen += usize::from(matches!(reply, Reply::Ready(_)));
+            replies.push(reply);
+        }
+        replies
+    }
+
+    /// Reads replies up to and including one of type `tag`.
+    async fn replies_until(&mut self, tag: char) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        loop {
+            let reply = self.next_reply().await;
+            let done = match &reply {
+                Reply::Error(_) => tag == 'E',
+                Reply::Complete(_) => tag == 'C',
+                Reply::Ready(_) => tag == 'Z',
+                Reply::Other(other) => *other == tag,
+            };
+            replies.push(reply);
+            if done {
+                return replies;
+            }
+        }
+    }
+
+    /// Nothing arrives within `wait`: the server owes nothing more.
+    async fn assert_quiet(&mut self, wait: Duration) {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(wait, self.stream.peek(&mut byte)).await {
+            Err(_) => {}
+            Ok(result) => assert!(
+                self.input.is_empty() && result.is_err(),
+                "unexpected reply: {:?}",
+                self.next_reply().await
+            ),
+        }
+    }
+
+    async fn next_reply(&mut self) -> Reply {
+        loop {
+            if self.input.len() >= 5 {
+                let len = u32::from_be_bytes([self.input[1], self.input[2], self.input[3], self.input[4]]) as usize;
+                if self.input.len() > len {
+                    let message: Vec<u8> = self.input.drain(..=len).collect();
+                    return parse_reply(&message);
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+                .await
+                .expect("a reply within 10 s")
+                .unwrap();
+            assert!(read > 0, "pgrelay closed the connection");
+            self.input.extend_from_slice(&chunk[..read]);
+        }
+    }
+}
+
+fn parse_reply(message: &[u8]) -> Reply {
+    let body = &message[5..];
+    match message[0] {
+        b'E' => {
+            let code = body
+                .split(|&b| b == 0)
+                .find_map(|field| field.strip_prefix(b"C"))
+                .map(|code| String::from_utf8_lossy(code).into_owned())
+                .unwrap_or_default();
+            Reply::Error(code)
+        }
+        b'C' => Reply::Complete(String::from_utf8_lossy(&body[..body.len() - 1]).into_owned()),
+        b'Z' => Reply::Ready(body[0] as char),
+        tag => Reply::Other(tag as char),
+    }
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn cstr(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(text.as_bytes());
+    out.push(0);
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, sql);
+    message(b'Q', &body)
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, name);
+    cstr(&mut body, sql);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    message(b'P', &body)
+}
+
+/// Binds the unnamed portal with text parameters.
+fn bind(statement: &str, params: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, "");
+    cstr(&mut body, statement);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for param in params {
+        body.extend_from_slice(&(param.len() as i32).to_be_bytes());
+        body.extend_from_slice(param.as_bytes());
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    message(b'B', &body)
+}
+
+fn execute() -> Vec<u8> {
+    message(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    message(b'S', b"")
+}
+
+fn close_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    cstr(&mut body, name);
+    message(b'C', &body)
+}
+
+fn copy_data(data: &str) -> Vec<u8> {
+    message(b'd', data.as_bytes())
+}
+
+fn copy_done() -> Vec<u8> {
+    message(b'c', b"")
+}
+
+/// A schema only some clients have on their search_path, with a table to read and
+/// one to copy into.
+async fn create_schema() {
+    static CREATED: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
+    let mut created = CREATED.lock().await;
+    if *created {
+        return;
+    }
+    let cluster = shared_cluster();
+    let admin = direct(&cluster.primary().addr(), "app").await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+             GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
+             CREATE TABLE IF NOT EXISTS {SCHEMA}.only_here (x int);
+             CREATE TABLE IF NOT EXISTS {SCHEMA}.copy_target (a int);
+             GRANT ALL ON ALL TABLES IN SCHEMA {SCHEMA} TO PUBLIC;"
+        ))
+        .await
+        .unwrap();
+    *created = true;
+}
+
+/// One server, room for one prepared statement on it: every client's statements meet
+/// on the same connection and push each other out.
+async fn one_server_proxy() -> Proxy {
+    create_schema().await;
+    Proxy::start(&config_for(
+        shared_cluster(),
+        "mode = \"transaction\"\nsize = 1\nmax_prepared_statements = 1",
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_fails_where_it_would_fail_on_a_direct_connection() {
+    let proxy = one_server_proxy().await;
+    let mut a = Raw::connect(&proxy).await;
+    let mut b = Raw::connect(&proxy).await;
+    let statement = "SELECT x FROM only_here";
+
+    a.send(&[query(&format!("SET search_path = {SCHEMA}, public"))]).await;
+    a.replies_until_ready(1).await;
+    a.send(&[parse("a1", statement), sync(), bind("a1", &[]), execute(), sync()])
+        .await;
+    assert_eq!(show(&a.replies_until_ready(2).await), "1 Z:I 2 C:SELECT 0 Z:I");
+
+    // The server holds the statement, but B's search_path does not see the table.
+    b.send(&[parse("b1", statement), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "E:42P01 Z:I");
+    // So B has no statement b1, as on a direct connection.
+    b.send(&[parse("b2", "SELECT 2"), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "1 Z:I");
+    b.send(&[bind("b1", &[]), execute(), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "E:26000 Z:I");
+
+    // b4 pushes b2's statement out of the server.
+    b.send(&[parse("b4", "SELECT 3"), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "1 Z:I");
+
+    // In an aborted transaction, a Parse fails even if the server holds the statement...
+    b.send(&[query("BEGIN"), query("SELECT 1/0")]).await;
+    assert_eq!(show(&b.replies_until_ready(2).await), "C:BEGIN Z:T E:22012 Z:E");
+    b.send(&[parse("b3", "SELECT 3"), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "E:25P02 Z:E");
+    // ...and the Parse pgrelay sends on its own before a Bind of b2 fails too: the
+    // client hears the server's error, not just a ReadyForQuery.
+    b.send(&[bind("b2", &[]), execute(), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "E:25P02 Z:E");
+    b.send(&[query("ROLLBACK")]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "C:ROLLBACK Z:I");
+    b.send(&[bind("b3", &[]), execute(), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "E:26000 Z:I");
+
+    // A's statement is prepared again for it on the same server and works.
+    a.send(&[bind("a1", &[]), execute(), sync()]).await;
+    assert_eq!(show(&a.replies_until_ready(1).await), "2 C:SELECT 0 Z:I");
+    b.send(&[bind("b2", &[]), execute(), sync()]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "2 D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_before_the_sync_arrives_skips_the_rest_of_the_batch() {
+    let proxy = one_server_proxy().await;
+    let mut client = Raw::connect(&proxy).await;
+    client.send(&[parse("s1", "SELECT $1::int"), sync()]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "1 Z:I");
+
+    for in_transaction in [false, true] {
+        if in_transaction {
+            client.send(&[query("BEGIN")]).await;
+            client.replies_until_ready(1).await;
+        }
+        // The Bind fails on its own; Execute and Sync follow in a later write.
+        client.send(&[bind("s1", &["oops"])]).await;
+        assert_eq!(show(&client.replies_until('E').await), "E:22P02");
+        client.send(&[execute(), sync()]).await;
+        let status = if in_transaction { "E" } else { "I" };
+        assert_eq!(show(&client.replies_until_ready(1).await), format!("Z:{status}"));
+        client.assert_quiet(Duration::from_millis(300)).await;
+        if in_transaction {
+            client.send(&[query("ROLLBACK")]).await;
+            assert_eq!(show(&client.replies_until_ready(1).await), "C:ROLLBACK Z:I");
+        }
+    }
+    client.send(&[bind("s1", &["7"]), execute(), sync()]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "2 D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_sent_right_behind_the_copy_statement_arrives() {
+    let proxy = one_server_proxy().await;
+    let mut client = Raw::connect(&proxy).await;
+    let copy = format!("COPY {SCHEMA}.copy_target (a) FROM STDIN");
+
+    // Simple query, the data in the same write (as asyncpg sends it).
+    client.send(&[query(&copy), copy_data("1\n2\n"), copy_done()]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "G C:COPY 2 Z:I");
+
+    // A COPY that fails before it starts: the data behind it is ignored.
+    client
+        .send(&[query("COPY no_such_table FROM STDIN"), copy_data("1\n"), copy_done()])
+        .await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "E:42P01 Z:I");
+    client.assert_quiet(Duration::from_millis(300)).await;
+
+    // Extended protocol with a Sync before the data and one after, all in one write:
+    // the server ignores the Sync it reads in COPY mode.
+    client
+        .send(&[
+            parse("", &copy),
+            bind("", &[]),
+            execute(),
+            sync(),
+            copy_data("3\n"),
+            copy_done(),
+            sync(),
+        ])
+        .await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "1 2 G C:COPY 1 Z:I");
+    client.assert_quiet(Duration::from_millis(300)).await;
+
+    // The same with a named statement, waiting for CopyInResponse before the data, then
+    // a Close and Sync (as tokio-postgres does).
+    client.send(&[parse("c1", &copy), sync()]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "1 Z:I");
+    client.send(&[bind("c1", &[]), execute(), sync()]).await;
+    assert_eq!(show(&client.replies_until('G').await), "2 G");
+    client.send(&[copy_data("4\n5\n"), copy_done(), sync()]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "C:COPY 2 Z:I");
+    client.send(&[close_statement("c1"), sync()]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "3 Z:I");
+
+    client.send(&[query("SELECT 1")]).await;
+    assert_eq!(show(&client.replies_until_ready(1).await), "T D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
