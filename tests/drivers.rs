@@ -1,0 +1,523 @@
+//! Driver compatibility: real client drivers through a transaction-mode pool of 3 server
+//! connections, each with more concurrent clients than that. Each driver's suite
+//! (tests/drivers/) uses named server-side prepared statements, transactions that commit
+//! and roll back, session settings, COPY in and out, and errors, and checks its results.
+//! tests/drivers/install.sh installs the drivers first; a driver that cannot be installed
+//! fails its test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Proxy, config_for, shared_cluster, sqlstate};
+use futures_util::TryStreamExt;
+use tokio_postgres::Client;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+
+/// Server connections per (database, user): fewer than every suite's concurrent clients.
+const POOL_SIZE: i64 = 3;
+/// Concurrent client connections each suite opens at once.
+const WORKERS: usize = 8;
+/// A suite that runs longer than this has hung (each passes in seconds).
+const SUITE_TIMEOUT: Duration = Duration::from_secs(100);
+/// The same for one tokio-postgres client.
+const WORKER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn drivers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("drivers")
+}
+
+/// Cargo's target directory (CARGO_TARGET_TMPDIR is its `tmp`).
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Runs tests/drivers/install.sh once per test binary; every driver test fails with its
+/// output if it failed.
+fn ensure_installed() {
+    static INSTALLED: OnceLock<Result<String, String>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        let started = Instant::now();
+        let output = Command::new("bash")
+            .arg(drivers_dir().join("install.sh"))
+            .env("CARGO_TARGET_DIR", target_dir())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|error| format!("cannot run tests/drivers/install.sh: {error}"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(format!("{text}(install.sh took {:.1?})", started.elapsed()))
+        } else {
+            Err(format!("tests/drivers/install.sh failed ({}):\n{text}", output.status))
+        }
+    });
+    match result {
+        Ok(text) => println!("{text}"),
+        Err(text) => panic!("{text}"),
+    }
+}
+
+/// The schema a suite's role owns (made by the harness), for `SET search_path`.
+fn schema_of(user: &str) -> String {
+    format!("drv_{user}")
+}
+
+/// A proxy with a transaction-mode pool of `POOL_SIZE` for the shared cluster, and the peak
+/// number of server connections `user` held on the primary while it ran, sampled every
+/// 5 ms by a direct superuser connection.
+struct Harness {
+    proxy: Proxy,
+    user: &'static str,
+    peak: Arc<AtomicI64>,
+    stop: Arc<AtomicBool>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(user: &'static str) -> Harness {
+        let cluster = shared_cluster();
+        let proxy = Proxy::start(&config_for(
+            cluster,
+            &format!("mode = \"transaction\"\nsize = {POOL_SIZE}"),
+        ))
+        .await;
+        let direct = common::direct(&cluster.primary().addr(), "app").await;
+        // Roles may not create schemas in `app`; each suite gets one it owns.
+        direct
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema} AUTHORIZATION {user}",
+                schema = schema_of(user)
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            common::backends(&direct, user).await,
+            0,
+            "{user} already has server connections"
+        );
+        let peak = Arc::new(AtomicI64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = tokio::spawn({
+            let (peak, stop) = (peak.clone(), stop.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(common::backends(&direct, user).await, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        Harness {
+            proxy,
+            user,
+            peak,
+            stop,
+            sampler,
+        }
+    }
+
+    /// The connection details every suite reads.
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("PGRELAY_HOST", "127.0.0.1".to_owned()),
+            ("PGRELAY_PORT", self.proxy.port().to_string()),
+            ("PGRELAY_USER", self.user.to_owned()),
+            ("PGRELAY_PASSWORD", self.user.to_owned()),
+            ("PGRELAY_DATABASE", "app".to_owned()),
+            ("PGRELAY_POOL_SIZE", POOL_SIZE.to_string()),
+            ("PGRELAY_WORKERS", WORKERS.to_string()),
+            ("PGRELAY_SCHEMA", schema_of(self.user)),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+    }
+
+    /// Stops sampling; asserts the pool held at most `POOL_SIZE` server connections.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler.await.unwrap();
+        let peak = self.peak.load(Ordering::Relaxed);
+        println!("peak server connections for {}: {peak}", self.user);
+        assert!(
+            (1..=POOL_SIZE).contains(&peak),
+            "{} server connections for {}, pool size {POOL_SIZE}",
+            peak,
+            self.user
+        );
+        self.proxy.shutdown().await;
+    }
+}
+
+/// Runs `program` with `args` and the harness's connection details; panics with its output
+/// unless it exits 0 within `SUITE_TIMEOUT`.
+async fn run_suite(harness: &Harness, what: &str, program: &Path, args: &[String], env: &[(&str, String)]) {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(harness.env())
+        .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env_remove("PGUSER")
+        .env_remove("PGDATABASE")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGOPTIONS")
+        .stdin(Stdio::null());
+    let (ok, status, output) = run_command(command, SUITE_TIMEOUT).await;
+    assert!(ok, "{what} suite failed ({status}):\n{output}");
+    println!("{what} suite:\n{output}");
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn read_all<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut text);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    })
+}
+
+/// Runs `command`, killing it after `timeout`; returns (success, status, stdout + stderr),
+/// with whatever it printed before a timeout.
+async fn run_command(mut command: Command, timeout: Duration) -> (bool, String, String) {
+    let description = format!("{command:?}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("spawn {description}: {error}"));
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let output = format!(
+        "--- stdout\n{}--- stderr\n{}",
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default()
+    );
+    match status {
+        Some(status) => (status.success(), status.to_string(), output),
+        None => (false, format!("killed after {timeout:?}: {description}"), output),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_prepared_statements_pipeline_copy_and_errors() {
+    tokio::task::spawn_blocking(ensure_installed).await.unwrap();
+    let harness = Harness::start("app_t1").await;
+    let python = target_dir().join("driver-venv/bin/python");
+    let script = drivers_dir().join("psycopg_suite.py");
+    run_suite(&harness, "psycopg", &python, &[script.display().to_string()], &[]).await;
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_prepared_statements_pool_copy_and_errors() {
+    tokio::task::spawn_blocking(ensure_installed).await.unwrap();
+    let harness = Harness::start("app_t2").await;
+    let python = target_dir().join("driver-venv/bin/python");
+    let script = drivers_dir().join("asyncpg_suite.py");
+    run_suite(&harness, "asyncpg", &python, &[script.display().to_string()], &[]).await;
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_named_statements_transactions_copy_and_errors() {
+    tokio::task::spawn_blocking(ensure_installed).await.unwrap();
+    let harness = Harness::start("app_t3").await;
+    let script = drivers_dir().join("node").join("suite.js");
+    let modules = target_dir().join("driver-node").join("node_modules");
+    run_suite(
+        &harness,
+        "node-postgres",
+        Path::new("node"),
+        &[script.display().to_string()],
+        &[("NODE_PATH", modules.display().to_string())],
+    )
+    .await;
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_server_prepared_statements_batches_copy_and_errors() {
+    tokio::task::spawn_blocking(ensure_installed).await.unwrap();
+    let classes = target_dir().join("driver-java");
+    std::fs::create_dir_all(&classes).unwrap();
+    let jar = "/usr/share/java/postgresql.jar";
+    let mut javac = Command::new("javac");
+    javac
+        .args(["-nowarn", "-encoding", "UTF-8", "-cp", jar, "-d"])
+        .arg(&classes)
+        .arg(drivers_dir().join("JdbcSuite.java"));
+    let (ok, status, output) = run_command(javac, Duration::from_secs(120)).await;
+    assert!(ok, "javac JdbcSuite.java failed ({status}):\n{output}");
+    let harness = Harness::start("app_t4").await;
+    let classpath = format!("{}:{jar}", classes.display());
+    run_suite(
+        &harness,
+        "pgjdbc",
+        Path::new("java"),
+        &["-cp".to_owned(), classpath, "JdbcSuite".to_owned()],
+        &[],
+    )
+    .await;
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended_and_prepared_with_more_clients_than_servers() {
+    let harness = Harness::start("app_t6").await;
+    let port = harness.proxy.port().to_string();
+    let connection = ["-h", "127.0.0.1", "-p", &port, "-U", "app_t6", "app"];
+    let mut init = vec!["-i", "-s", "1", "-q"];
+    init.extend_from_slice(&connection);
+    let (ok, stdout, stderr) = common::run_tool("pgbench", "app_t6", &init, "").await;
+    assert!(ok, "pgbench -i: {stdout}\n{stderr}");
+    for mode in ["extended", "prepared"] {
+        let clients = "12";
+        let mut args = vec!["-M", mode, "-S", "-c", clients, "-j", "2", "-t", "300", "-n"];
+        args.extend_from_slice(&connection);
+        let (ok, stdout, stderr) = common::run_tool("pgbench", "app_t6", &args, "").await;
+        assert!(ok, "pgbench -M {mode}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 3600/3600"),
+            "{stdout}\n{stderr}"
+        );
+        assert!(!stderr.contains("ERROR") && !stderr.contains("error"), "{stderr}");
+    }
+    harness.finish().await;
+}
+
+// tokio-postgres, in process: every `prepare` is a named statement ("s0", "s1", ...).
+
+const TP_USER: &str = "app_t5";
+const TP_TABLE: &str = "drv_tokio_pg";
+
+async fn show(client: &Client, setting: &str) -> String {
+    common::first_value(&client.simple_query(&format!("SHOW {setting}")).await.unwrap())
+}
+
+async fn value_of(client: &Client, id: i32) -> Option<i32> {
+    client
+        .query_opt(&format!("SELECT val FROM {TP_TABLE} WHERE id = $1"), &[&id])
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync::Barrier>) -> (Vec<i32>, i64) {
+    let schema = schema_of(TP_USER);
+    let mut client = common::connect(&url).await.unwrap();
+    // All clients are connected at once: more clients than server connections.
+    barrier.wait().await;
+    let default_app = show(&client, "application_name").await;
+    let default_path = show(&client, "search_path").await;
+    let sets_its_own = index % 2 == 0;
+    let (expect_app, expect_path) = if sets_its_own {
+        client
+            .batch_execute(&format!(
+                "SET application_name = 'tokio_pg_w{index}'; SET search_path TO {schema}, public"
+            ))
+            .await
+            .unwrap();
+        (format!("tokio_pg_w{index}"), format!("{schema}, public"))
+    } else {
+        (default_app, default_path)
+    };
+    let insert = client
+        .prepare(&format!("INSERT INTO {TP_TABLE} (id, worker, val) VALUES ($1, $2, $3)"))
+        .await
+        .unwrap();
+    let select = client
+        .prepare(&format!("SELECT val FROM {TP_TABLE} WHERE id = $1"))
+        .await
+        .unwrap();
+    let divide = client.prepare("SELECT 10 / $1::int").await.unwrap();
+    let backend_pid = client.prepare("SELECT pg_backend_pid()").await.unwrap();
+    let mut pids = Vec::new();
+    let mut written = 0i64;
+    for round in 0..6i32 {
+        let base = index * 1000 + round * 10;
+        // Commit; the transaction holds its server connection a while so they overlap.
+        let transaction = client.transaction().await.unwrap();
+        transaction.execute(&insert, &[&base, &index, &round]).await.unwrap();
+        pids.push(transaction.query_one(&backend_pid, &[]).await.unwrap().get(0));
+        transaction
+            .batch_execute("SET LOCAL statement_timeout = '5s'; SELECT pg_sleep(0.02)")
+            .await
+            .unwrap();
+        transaction.commit().await.unwrap();
+        written += 1;
+        let row = client.query_one(&select, &[&base]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), round);
+
+        // Rollback.
+        let transaction = client.transaction().await.unwrap();
+        transaction
+            .execute(&insert, &[&(base + 1), &index, &round])
+            .await
+            .unwrap();
+        assert_eq!(transaction.query(&select, &[&(base + 1)]).await.unwrap().len(), 1);
+        transaction.rollback().await.unwrap();
+        assert!(client.query(&select, &[&(base + 1)]).await.unwrap().is_empty());
+
+        // Settings hold across transactions and never leak.
+        assert_eq!(show(&client, "application_name").await, expect_app);
+        assert_eq!(show(&client, "search_path").await, expect_path);
+        assert_eq!(show(&client, "statement_timeout").await, "0");
+        let place = client.query_one("SELECT place FROM whereami", &[]).await;
+        if sets_its_own {
+            assert_eq!(place.unwrap().get::<_, String>(0), schema);
+        } else {
+            assert_eq!(sqlstate(&place.unwrap_err()), "42P01");
+        }
+
+        // A failing statement, then the same prepared statement works.
+        let error = client.query_one(&divide, &[&0i32]).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "22012", "{error:?}");
+        assert_eq!(client.query_one(&divide, &[&2i32]).await.unwrap().get::<_, i32>(0), 5);
+
+        // A unique violation.
+        let error = client.execute(&insert, &[&base, &index, &0i32]).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "23505", "{error:?}");
+
+        // An error inside a transaction, then ROLLBACK.
+        client.batch_execute("BEGIN").await.unwrap();
+        client.execute(&insert, &[&(base + 2), &index, &round]).await.unwrap();
+        let error = client.query_one(&divide, &[&0i32]).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "22012", "{error:?}");
+        let error = client.query_one(&select, &[&base]).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "25P02", "{error:?}");
+        client.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(value_of(&client, base + 2).await, None);
+        assert_eq!(client.query_one(&divide, &[&5i32]).await.unwrap().get::<_, i32>(0), 2);
+    }
+
+    // COPY in (binary), COPY out (text), then a failing COPY in.
+    let rows: Vec<(i32, i32)> = (0..200).map(|k| (100_000 + index * 1000 + k, k * k)).collect();
+    let sink = client
+        .copy_in(&format!("COPY {TP_TABLE} (id, worker, val) FROM STDIN (FORMAT BINARY)"))
+        .await
+        .unwrap();
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::INT4]));
+    for (id, val) in &rows {
+        writer.as_mut().write(&[id, &index, val]).await.unwrap();
+    }
+    assert_eq!(writer.finish().await.unwrap(), 200);
+    written += 200;
+    let copied: Vec<(i32, i32)> = client
+        .query(
+            &format!("SELECT id, val FROM {TP_TABLE} WHERE id >= 100000 AND worker = $1 ORDER BY id"),
+            &[&index],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(copied, rows);
+    let out = client
+        .copy_out(&format!(
+            "COPY (SELECT id, val FROM {TP_TABLE} WHERE worker = {index} AND id >= 100000 ORDER BY id) TO STDOUT"
+        ))
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = out.try_collect().await.unwrap();
+    let expected: String = rows.iter().map(|(id, val)| format!("{id}\t{val}\n")).collect();
+    assert_eq!(String::from_utf8(chunks.concat()).unwrap(), expected);
+    let sink = client
+        .copy_in(&format!("COPY {TP_TABLE} (id, worker, val) FROM STDIN (FORMAT BINARY)"))
+        .await
+        .unwrap();
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::INT4]));
+    writer
+        .as_mut()
+        .write(&[&(200_000 + index), &index, &0i32])
+        .await
+        .unwrap();
+    writer.as_mut().write(&[&rows[0].0, &index, &0i32]).await.unwrap();
+    let error = writer.finish().await.unwrap_err();
+    assert_eq!(sqlstate(&error), "23505", "{error:?}");
+    assert_eq!(value_of(&client, 200_000 + index).await, None);
+    assert_eq!(show(&client, "application_name").await, expect_app);
+    (pids, written)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_named_statements_transactions_copy_and_errors() {
+    let harness = Harness::start(TP_USER).await;
+    let url = harness.proxy.url(TP_USER, TP_USER, "app");
+    let schema = schema_of(TP_USER);
+    let setup = common::connect(&url).await.unwrap();
+    setup
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {TP_TABLE}; DROP TABLE IF EXISTS {schema}.whereami;
+             CREATE TABLE {TP_TABLE} (id int PRIMARY KEY, worker int NOT NULL, val int NOT NULL);
+             CREATE TABLE {schema}.whereami (place text);
+             INSERT INTO {schema}.whereami VALUES ('{schema}')"
+        ))
+        .await
+        .unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(WORKERS));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|index| {
+            tokio::spawn(tokio_postgres_worker(
+                url.clone(),
+                i32::try_from(index).unwrap(),
+                barrier.clone(),
+            ))
+        })
+        .collect();
+    let mut pids = std::collections::BTreeSet::new();
+    let mut written = 0;
+    for worker in workers {
+        let (worker_pids, worker_written) = tokio::time::timeout(WORKER_TIMEOUT, worker).await.unwrap().unwrap();
+        pids.extend(worker_pids);
+        written += worker_written;
+    }
+    println!("{WORKERS} tokio-postgres clients used server connections {pids:?}");
+    assert!(i64::try_from(pids.len()).unwrap() <= POOL_SIZE, "{pids:?}");
+    let total: i64 = setup
+        .query_one(&format!("SELECT count(*) FROM {TP_TABLE}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, written);
+    setup
+        .batch_execute(&format!("DROP TABLE {TP_TABLE}; DROP TABLE {schema}.whereami"))
+        .await
+        .unwrap();
+    drop(setup);
+    harness.finish().await;
+}

@@ -1,0 +1,277 @@
+"""asyncpg through a transaction-mode pgrelay pool smaller than the number of clients.
+
+Run by tests/drivers.rs with the connection details in PGRELAY_* variables. asyncpg
+prepares every statement it runs as a named server-side statement (its statement cache)
+and runs `executemany` as a pipeline with one Sync. Exits non-zero, with a traceback, at
+the first failed check.
+"""
+
+import asyncio
+import csv
+import io
+import os
+import sys
+import time
+import traceback
+
+import asyncpg
+
+HOST = os.environ["PGRELAY_HOST"]
+PORT = int(os.environ["PGRELAY_PORT"])
+USER = os.environ["PGRELAY_USER"]
+PASSWORD = os.environ["PGRELAY_PASSWORD"]
+DATABASE = os.environ["PGRELAY_DATABASE"]
+SCHEMA = os.environ["PGRELAY_SCHEMA"]  # owned by USER, made by the harness
+POOL_SIZE = int(os.environ["PGRELAY_POOL_SIZE"])
+WORKERS = int(os.environ.get("PGRELAY_WORKERS", "8"))
+ROUNDS = int(os.environ.get("PGRELAY_ROUNDS", "6"))
+
+TABLE = "drv_asyncpg"
+INSERT = f"INSERT INTO {TABLE} (id, worker, val) VALUES ($1, $2, $3)"
+SELECT_VAL = f"SELECT val FROM {TABLE} WHERE id = $1"
+DIVIDE = "SELECT 10 / $1::int"
+
+
+def log(message):
+    print(f"[asyncpg {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+async def connect(**kwargs):
+    return await asyncpg.connect(
+        host=HOST,
+        port=PORT,
+        user=USER,
+        password=PASSWORD,
+        database=DATABASE,
+        timeout=10,
+        command_timeout=30,
+        **kwargs,
+    )
+
+
+async def expect_error(kind, awaitable, what):
+    try:
+        await awaitable
+    except kind as error:
+        return error
+    raise AssertionError(f"{what}: expected {kind.__name__}, got no error")
+
+
+async def setup():
+    conn = await connect()
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        await conn.execute(f"DROP TABLE IF EXISTS {SCHEMA}.whereami")
+        await conn.execute(f"CREATE TABLE {TABLE} (id int PRIMARY KEY, worker int NOT NULL, val int NOT NULL)")
+        await conn.execute(f"CREATE TABLE {SCHEMA}.whereami (place text)")
+        await conn.execute(f"INSERT INTO {SCHEMA}.whereami VALUES ($1)", SCHEMA)
+    finally:
+        await conn.close()
+
+
+async def worker(index, barrier, pids):
+    sets_its_own = index % 2 == 0
+    # Odd workers set application_name at startup instead: that too must stay theirs.
+    startup_app = None if sets_its_own else f"asyncpg_startup_w{index}"
+    conn = await connect(server_settings={"application_name": startup_app} if startup_app else None)
+    await barrier.wait()  # all client connections are open at once
+    default_path = await conn.fetchval("SHOW search_path")
+    if sets_its_own:
+        await conn.execute(f"SET application_name = 'asyncpg_w{index}'")
+        await conn.execute(f"SET search_path TO {SCHEMA}, public")
+        expect_app, expect_path = f"asyncpg_w{index}", f"{SCHEMA}, public"
+    else:
+        expect_app, expect_path = startup_app, default_path
+    insert = await conn.prepare(INSERT)
+    select = await conn.prepare(SELECT_VAL)
+    divide = await conn.prepare(DIVIDE)
+    written = 0
+    for round_ in range(ROUNDS):
+        base = index * 1000 + round_ * 10
+
+        # Commit; the transaction holds its server connection a while so they overlap.
+        async with conn.transaction():
+            await insert.fetch(base, index, round_)
+            pids.add(await conn.fetchval("SELECT pg_backend_pid()"))
+            await conn.execute("SET LOCAL statement_timeout = '5s'")
+            await conn.fetchval("SELECT pg_sleep(0.02)")
+        written += 1
+        assert await select.fetchval(base) == round_, "committed row missing"
+
+        # Rollback.
+        transaction = conn.transaction()
+        await transaction.start()
+        await insert.fetch(base + 1, index, round_)
+        assert await select.fetchval(base + 1) == round_
+        await transaction.rollback()
+        assert await select.fetchval(base + 1) is None, "rolled-back row visible"
+
+        # Settings hold across transactions, SET LOCAL does not, and nothing leaks.
+        assert await conn.fetchval("SHOW application_name") == expect_app
+        assert await conn.fetchval("SHOW search_path") == expect_path
+        assert await conn.fetchval("SHOW statement_timeout") == "0"
+        if sets_its_own:
+            assert await conn.fetchval("SELECT place FROM whereami") == SCHEMA
+        else:
+            await expect_error(
+                asyncpg.UndefinedTableError, conn.fetchval("SELECT place FROM whereami"), "whereami"
+            )
+
+        # A failing statement, then the same prepared statement works.
+        await expect_error(asyncpg.DivisionByZeroError, divide.fetchval(0), "10 / 0")
+        assert await divide.fetchval(2) == 5
+
+        # A unique violation, then the connection is usable.
+        await expect_error(asyncpg.UniqueViolationError, insert.fetch(base, index, 0), "duplicate id")
+        assert await select.fetchval(base) == round_
+
+        # An error inside a transaction: aborted until ROLLBACK.
+        await conn.execute("BEGIN")
+        await insert.fetch(base + 2, index, round_)
+        await expect_error(asyncpg.DivisionByZeroError, divide.fetchval(0), "10 / 0 in a transaction")
+        await expect_error(asyncpg.InFailedSQLTransactionError, select.fetchval(base), "after an error")
+        await conn.execute("ROLLBACK")
+        assert await select.fetchval(base + 2) is None
+        assert await conn.fetchval("SELECT 1") == 1
+
+        # The same through a transaction block.
+        async def failing_block():
+            async with conn.transaction():
+                await insert.fetch(base + 3, index, round_)
+                await insert.fetch(base + 3, index, round_)
+
+        await expect_error(asyncpg.UniqueViolationError, failing_block(), "duplicate in a transaction block")
+        assert await select.fetchval(base + 3) is None
+
+        # executemany: Bind/Execute for every row, one Sync.
+        await conn.executemany(INSERT, [(base + 4, index, round_), (base + 5, index, round_)])
+        written += 2
+        assert await conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE id IN ($1, $2)", base + 4, base + 5) == 2
+
+    # COPY: records in (binary), a query out, a table out, a file-like in.
+    rows = [(100000 + index * 1000 + k, index, k * k) for k in range(200)]
+    result = await conn.copy_records_to_table(TABLE, records=rows[:150], columns=["id", "worker", "val"])
+    assert result == "COPY 150", result
+    text = io.StringIO()
+    for row in rows[150:]:
+        text.write("\t".join(map(str, row)) + "\n")
+    result = await conn.copy_to_table(
+        TABLE, source=io.BytesIO(text.getvalue().encode()), columns=["id", "worker", "val"]
+    )
+    assert result == "COPY 50", result
+    written += len(rows)
+    out = io.BytesIO()
+    result = await conn.copy_from_query(
+        f"SELECT id, worker, val FROM {TABLE} WHERE id >= $1 AND worker = $2 ORDER BY id",
+        100000,
+        index,
+        output=out,
+        format="csv",
+    )
+    assert result == "COPY 200", result
+    copied = [tuple(map(int, row)) for row in csv.reader(io.StringIO(out.getvalue().decode()))]
+    assert copied == rows, "copy_from_query returned other rows"
+
+    # A COPY that fails on a duplicate key, then a COPY in a transaction that rolls back.
+    await expect_error(
+        asyncpg.UniqueViolationError,
+        conn.copy_records_to_table(TABLE, records=[(200000 + index, index, 0), rows[0]]),
+        "COPY of a duplicate id",
+    )
+    assert await select.fetchval(200000 + index) is None
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.copy_records_to_table(TABLE, records=[(300000 + index, index, 1)])
+    assert await select.fetchval(300000 + index) == 1
+    await transaction.rollback()
+    assert await select.fetchval(300000 + index) is None
+    assert await conn.fetchval("SHOW application_name") == expect_app
+    await conn.close()
+    return written
+
+
+async def run_workers():
+    barrier = asyncio.Barrier(WORKERS)
+    pids = set()
+    results = await asyncio.wait_for(
+        asyncio.gather(*(worker(i, barrier, pids) for i in range(WORKERS)), return_exceptions=True), 60
+    )
+    failures = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if failures:
+        text = "\n".join(f"worker {i}:\n{''.join(traceback.format_exception(r))}" for i, r in failures)
+        raise AssertionError(text)
+    log(f"{WORKERS} concurrent clients used {len(pids)} server connections: {sorted(pids)}")
+    assert WORKERS > POOL_SIZE
+    assert 1 <= len(pids) <= POOL_SIZE, f"{len(pids)} server connections for a pool of {POOL_SIZE}"
+    conn = await connect()
+    try:
+        total = await conn.fetchval(f"SELECT count(*) FROM {TABLE}")
+        assert total == sum(results), (total, sum(results))
+    finally:
+        await conn.close()
+
+
+async def pool_checks():
+    """An asyncpg Pool larger than pgrelay's, with more tasks than connections."""
+    pool = await asyncpg.create_pool(
+        host=HOST,
+        port=PORT,
+        user=USER,
+        password=PASSWORD,
+        database=DATABASE,
+        min_size=WORKERS,
+        max_size=WORKERS,
+        command_timeout=30,
+    )
+    try:
+        async with pool.acquire() as conn:
+            default_app = await conn.fetchval("SHOW application_name")
+
+        async def task(k):
+            async with pool.acquire() as conn:
+                async with conn.transaction():
+                    await conn.execute(INSERT, 900000 + k, 97, k)
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                    await conn.fetchval("SELECT pg_sleep(0.01)")
+                # A setting the pool's reset (RESET ALL) on release must undo.
+                await conn.execute(f"SET application_name = 'asyncpg_pool_{k}'")
+                assert await conn.fetchval("SELECT val FROM drv_asyncpg WHERE id = $1", 900000 + k) == k
+                assert await conn.fetchval("SHOW application_name") == f"asyncpg_pool_{k}"
+                return pid
+
+        pids = await asyncio.wait_for(asyncio.gather(*(task(k) for k in range(4 * WORKERS))), 60)
+        assert len(set(pids)) <= POOL_SIZE, pids
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM drv_asyncpg WHERE worker = 97") == 4 * WORKERS
+            assert await conn.fetchval("SHOW application_name") == default_app, "RESET ALL on release lost"
+        # Errors through the pool leave its connections usable.
+        for _ in range(WORKERS):
+            await expect_error(asyncpg.DivisionByZeroError, pool.fetchval(DIVIDE, 0), "10 / 0 via the pool")
+        assert await pool.fetchval(DIVIDE, 5) == 2
+    finally:
+        await asyncio.wait_for(pool.close(), 30)
+
+
+async def main():
+    started = time.monotonic()
+    log(f"asyncpg {asyncpg.__version__}, {WORKERS} clients, pool of {POOL_SIZE}")
+    await setup()
+    await run_workers()
+    log("workers done")
+    await pool_checks()
+    log("pool checks done")
+    conn = await connect()
+    try:
+        await conn.execute(f"DROP TABLE {TABLE}")
+        await conn.execute(f"DROP TABLE {SCHEMA}.whereami")
+    finally:
+        await conn.close()
+    log(f"ok in {time.monotonic() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)
