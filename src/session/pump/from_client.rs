@@ -127,13 +127,12 @@ impl Pump<'_> {
                 if !class.session.is_empty() {
                     self.note_effects(&class.session);
                 }
-                self.note_access(&class);
+                self.writes.note(&class);
                 Disposition::Forward
             }
             FrontendTag::FunctionCall => {
                 self.hold = self.mode.single_unit;
-                self.tx_wrote = true;
-                self.tx_written = crate::route::Tables::Unknown;
+                self.writes.note_tables(&crate::route::Tables::Unknown);
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
                 Disposition::Forward
             }
@@ -152,7 +151,7 @@ impl Pump<'_> {
                     if !class.session.is_empty() {
                         self.note_effects(&class.session);
                     }
-                    self.note_access(&class);
+                    self.writes.note(&class);
                     return Ok(Disposition::Forward);
                 }
                 let (statement, definition) = self.carried.statements.define(&parse, self.classifier);
@@ -200,11 +199,7 @@ impl Pump<'_> {
                         .push(Expect::BindComplete { statement: None }, Recipient::Client);
                     return Ok(Disposition::Forward);
                 };
-                // Field by field: `bind` still borrows the client's input.
-                if !statement.class.is_read() {
-                    self.tx_wrote = true;
-                    self.tx_written.union(statement.class.written_tables.clone());
-                }
+                self.writes.note(&statement.class);
                 let server = &mut *self.server;
                 ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.metrics);
                 server

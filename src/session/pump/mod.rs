@@ -86,12 +86,44 @@ pub(super) struct Pump<'a> {
     /// Where commit positions of writes are recorded (consistency session or causal,
     /// on the primary); `None`: not captured.
     fences: Option<&'a Fences>,
-    /// The transaction in progress wrote (or may have written).
-    tx_wrote: bool,
-    /// The tables it wrote.
-    tx_written: Tables,
+    /// What the transaction in progress wrote.
+    writes: Writes,
     /// A commit position is being asked for.
     fence: FenceCapture,
+}
+
+/// What the transaction in progress wrote, for its fence.
+#[derive(Debug, Default)]
+struct Writes {
+    /// It wrote (or may have written).
+    wrote: bool,
+    /// The tables it wrote, when `keep_tables`.
+    tables: Tables,
+    /// Fences are captured: the tables are kept (elsewhere copying their names would be
+    /// wasted work per write).
+    keep_tables: bool,
+}
+
+impl Writes {
+    /// Notes what a forwarded statement may write.
+    fn note(&mut self, class: &Classification) {
+        if !class.is_read() {
+            self.note_tables(&class.written_tables);
+        }
+    }
+
+    /// Notes a write to `tables`.
+    fn note_tables(&mut self, tables: &Tables) {
+        self.wrote = true;
+        if self.keep_tables {
+            self.tables.union(tables.clone());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.wrote = false;
+        self.tables = Tables::empty();
+    }
 }
 
 /// Asking the primary for the WAL position after a write committed.
@@ -128,8 +160,7 @@ impl<'a> Pump<'a> {
             pending: Vec::new(),
             pending_failed: false,
             fences: None,
-            tx_wrote: false,
-            tx_written: Tables::empty(),
+            writes: Writes::default(),
             fence: FenceCapture::None,
         }
     }
@@ -138,6 +169,7 @@ impl<'a> Pump<'a> {
     /// client's own fence before the client hears of the commit.
     pub fn capturing_fences(mut self, fences: &'a Fences) -> Self {
         self.fences = Some(fences);
+        self.writes.keep_tables = true;
         self
     }
 
@@ -235,20 +267,11 @@ impl<'a> Pump<'a> {
         self.pending.extend_from_slice(effects);
     }
 
-    /// Notes what a forwarded statement may write.
-    fn note_access(&mut self, class: &Classification) {
-        if !class.is_read() {
-            self.tx_wrote = true;
-            self.tx_written.union(class.written_tables.clone());
-        }
-    }
-
     /// A transaction ended with ReadyForQuery `status` for the client. Returns whether
     /// that ReadyForQuery must be withheld while the commit position is fetched.
     fn transaction_ended(&mut self) -> bool {
-        if !self.tx_wrote || self.fences.is_none() || self.fence != FenceCapture::None {
-            self.tx_wrote = false;
-            self.tx_written = Tables::empty();
+        if !self.writes.wrote || self.fences.is_none() || self.fence != FenceCapture::None {
+            self.writes.clear();
             return false;
         }
         if self.server.unsynced {
@@ -258,7 +281,7 @@ impl<'a> Pump<'a> {
             // with this client until then, so its own reads cannot miss the write.
             return false;
         }
-        self.tx_wrote = false;
+        self.writes.wrote = false;
         let mut query = bytes::BytesMut::new();
         if postgres_protocol::message::frontend::query(FENCE_QUERY, &mut query).is_err() {
             return false;
@@ -284,7 +307,7 @@ impl<'a> Pump<'a> {
         let FenceCapture::Awaiting { held, lsn } = std::mem::replace(&mut self.fence, FenceCapture::None) else {
             return;
         };
-        let written = std::mem::take(&mut self.tx_written);
+        let written = std::mem::take(&mut self.writes.tables);
         if let (Some(lsn), Some(fences)) = (lsn, self.fences) {
             self.carried.write_fence = self.carried.write_fence.max(Some(lsn));
             fences.record(&written, lsn);
