@@ -83,12 +83,12 @@ async fn a_saturated_pool_shows_in_the_metrics_and_in_show_pools() {
         }));
     }
     let labels = [("database", "app"), ("user", "app_t1")];
-    wait_until("18 clients wait", Duration::from_secs(20), || async {
-        value(
-            &scrape(&proxy).await,
-            "pgrelay_clients",
-            &[labels[0], labels[1], ("state", "waiting")],
-        ) == 18.0
+    // Both counts at once: while a second server is still being opened, its client
+    // is counted waiting and one of the others may not have sent its BEGIN yet.
+    wait_until("2 clients active and 18 waiting", Duration::from_secs(20), || async {
+        let scrape = scrape(&proxy).await;
+        let count = |state| value(&scrape, "pgrelay_clients", &[labels[0], labels[1], ("state", state)]);
+        count("active") == 2.0 && count("waiting") == 18.0
     })
     .await;
     let first = scrape(&proxy).await;

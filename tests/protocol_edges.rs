@@ -47,12 +47,16 @@ struct Raw {
 impl Raw {
     /// Logs in as `app_trust` (trust on both sides) to database `app`.
     async fn connect(proxy: &Proxy) -> Raw {
+        Raw::connect_to(&proxy.addr.to_string()).await
+    }
+
+    async fn connect_to(addr: &str) -> Raw {
         let mut body = 196_608u32.to_be_bytes().to_vec();
         body.extend_from_slice(b"user\0app_trust\0database\0app\0\0");
         let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
         packet.extend_from_slice(&body);
         let mut raw = Raw {
-            stream: TcpStream::connect(proxy.addr).await.unwrap(),
+            stream: TcpStream::connect(addr).await.unwrap(),
             input: Vec::new(),
         };
         raw.stream.write_all(&packet).await.unwrap();
@@ -224,6 +228,7 @@ async fn create_schema() {
              GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
              CREATE TABLE IF NOT EXISTS {SCHEMA}.only_here (x int);
              CREATE TABLE IF NOT EXISTS {SCHEMA}.copy_target (a int);
+             CREATE OR REPLACE VIEW {SCHEMA}.copy_view AS SELECT 1 AS a;
              GRANT ALL ON ALL TABLES IN SCHEMA {SCHEMA} TO PUBLIC;"
         ))
         .await
@@ -365,5 +370,151 @@ async fn copy_data_sent_right_behind_the_copy_statement_arrives() {
 
     client.send(&[query("SELECT 1")]).await;
     assert_eq!(show(&client.replies_until_ready(1).await), "T D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
+
+/// COPY into a view fails after CopyInResponse, before the server reads anything more:
+/// the Sync sent right after Execute is then read in normal mode and answered, and so is
+/// the Sync after CopyDone. Both ReadyForQuery go to the client that sent the Syncs, and
+/// the server is not handed to anyone else while one may still come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_before_reading_its_data_answers_every_sync_to_its_own_client() {
+    let proxy = one_server_proxy().await;
+    let copy = format!("COPY {SCHEMA}.copy_view (a) FROM STDIN");
+    // Some data for the server to read (and ignore) between its two ReadyForQuery.
+    let mut batch = vec![parse("", &copy), bind("", &[]), execute(), sync()];
+    batch.extend((0..24).map(|_| copy_data(&"3\n".repeat(4096))));
+    batch.extend([copy_done(), sync()]);
+
+    let mut direct = Raw::connect_to(&shared_cluster().primary().addr()).await;
+    direct.send(&batch).await;
+    assert_eq!(show(&direct.replies_until_ready(2).await), "1 2 G E:42809 Z:I Z:I");
+    direct.assert_quiet(Duration::from_millis(300)).await;
+
+    let mut a = Raw::connect(&proxy).await;
+    let mut b = Raw::connect(&proxy).await;
+    for round in 0..10 {
+        a.send(&batch).await;
+        assert_eq!(
+            show(&a.replies_until_ready(2).await),
+            "1 2 G E:42809 Z:I Z:I",
+            "round {round}"
+        );
+        b.send(&[query("SELECT 1")]).await;
+        let got = show(&b.replies_until_ready(1).await);
+        assert_eq!(got, "T D C:SELECT 1 Z:I", "round {round}: another client got this");
+    }
+    a.assert_quiet(Duration::from_millis(300)).await;
+
+    // A COPY that fails on its data instead: the Sync sent before the data was read in
+    // COPY mode and ignored, so only one ReadyForQuery comes.
+    let copy = format!("COPY {SCHEMA}.copy_target (a) FROM STDIN");
+    a.send(&[
+        parse("", &copy),
+        bind("", &[]),
+        execute(),
+        sync(),
+        copy_data("not a number\n"),
+        copy_done(),
+        sync(),
+    ])
+    .await;
+    assert_eq!(show(&a.replies_until_ready(1).await), "1 2 G E:22P02 Z:I");
+    a.assert_quiet(Duration::from_millis(300)).await;
+    b.send(&[query("SELECT 1")]).await;
+    assert_eq!(show(&b.replies_until_ready(1).await), "T D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
+
+/// The same, as libpq and tokio-postgres do it: Bind, Execute, Sync, wait for
+/// CopyInResponse, then the data, CopyDone and Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_before_reading_its_data_libpq_style() {
+    let proxy = one_server_proxy().await;
+    let copy = format!("COPY {SCHEMA}.copy_view (a) FROM STDIN");
+    let mut replies = Vec::new();
+    for addr in [shared_cluster().primary().addr(), proxy.addr.to_string()] {
+        let mut client = Raw::connect_to(&addr).await;
+        client.send(&[parse("", &copy), bind("", &[]), execute(), sync()]).await;
+        let first = show(&client.replies_until_ready(1).await);
+        client.send(&[copy_data("3\n"), copy_done(), sync()]).await;
+        let second = show(&client.replies_until_ready(1).await);
+        client.assert_quiet(Duration::from_millis(300)).await;
+        client.send(&[query("SELECT 1")]).await;
+        let after = show(&client.replies_until_ready(1).await);
+        replies.push(format!("{first} | {second} | {after}"));
+    }
+    assert_eq!(replies[0], "1 2 G E:42809 Z:I | Z:I | T D C:SELECT 1 Z:I");
+    assert_eq!(replies[1], replies[0], "pgrelay answers as PostgreSQL does");
+    proxy.shutdown().await;
+}
+
+/// pgrelay's own Parse and Close sent inside a batch the server skips after an error:
+/// pgrelay's record of the server's statements no longer matches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_pgrelay_sends_in_a_skipped_batch_are_accounted_for() {
+    let proxy = one_server_proxy().await;
+    let mut a = Raw::connect(&proxy).await;
+    a.send(&[parse("s1", "SELECT $1::int"), sync()]).await;
+    assert_eq!(show(&a.replies_until_ready(1).await), "1 Z:I");
+    // The Bind fails; pgrelay evicts s1's statement for s2's and prepares s2's: the
+    // server skips both.
+    a.send(&[
+        bind("s1", &["oops"]),
+        execute(),
+        parse("s2", "SELECT 42"),
+        bind("s2", &[]),
+        execute(),
+        sync(),
+    ])
+    .await;
+    assert_eq!(show(&a.replies_until_ready(1).await), "E:22P02 Z:I");
+    // On a direct connection s1 still exists and works; s2 does not exist.
+    a.send(&[bind("s1", &["1"]), execute(), sync()]).await;
+    let s1 = show(&a.replies_until_ready(1).await);
+    assert_eq!(s1, "2 D C:SELECT 1 Z:I");
+    a.send(&[bind("s2", &[]), execute(), sync()]).await;
+    assert_eq!(show(&a.replies_until_ready(1).await), "E:26000 Z:I");
+    let mut b = Raw::connect(&proxy).await;
+    b.send(&[parse("b1", "SELECT 42"), bind("b1", &[]), execute(), sync()])
+        .await;
+    let b1 = show(&b.replies_until_ready(1).await);
+    assert_eq!(b1, "1 2 D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
+
+/// Two clients whose search_paths resolve the same text to tables of different shapes
+/// share one server-side statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_under_different_search_paths_is_two_statements() {
+    let proxy = one_server_proxy().await;
+    let admin = direct(&shared_cluster().primary().addr(), "app").await;
+    admin
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS path_a; CREATE SCHEMA IF NOT EXISTS path_b;
+             GRANT USAGE ON SCHEMA path_a, path_b TO PUBLIC;
+             CREATE TABLE IF NOT EXISTS path_a.t (x int);
+             CREATE TABLE IF NOT EXISTS path_b.t (x text, y int);
+             GRANT ALL ON ALL TABLES IN SCHEMA path_a, path_b TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+    let mut a = Raw::connect(&proxy).await;
+    let mut b = Raw::connect(&proxy).await;
+    a.send(&[query("SET search_path = path_a")]).await;
+    a.replies_until_ready(1).await;
+    b.send(&[query("SET search_path = path_b")]).await;
+    b.replies_until_ready(1).await;
+    a.send(&[parse("s", "SELECT * FROM t"), bind("s", &[]), execute(), sync()])
+        .await;
+    let a1 = show(&a.replies_until_ready(1).await);
+    b.send(&[parse("s", "SELECT * FROM t"), bind("s", &[]), execute(), sync()])
+        .await;
+    let b1 = show(&b.replies_until_ready(1).await);
+    a.send(&[bind("s", &[]), execute(), sync()]).await;
+    let a2 = show(&a.replies_until_ready(1).await);
+    assert_eq!(a1, "1 2 C:SELECT 0 Z:I");
+    assert_eq!(b1, "1 2 C:SELECT 0 Z:I");
+    assert_eq!(a2, "2 C:SELECT 0 Z:I");
     proxy.shutdown().await;
 }

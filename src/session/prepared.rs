@@ -52,8 +52,16 @@ struct Defined {
 impl ClientStatements {
     /// Records the client's Parse; a name parsed again is redefined. Returns the
     /// statement and the number of this definition, for [`Self::undefine`].
-    pub fn define(&mut self, parse: &ParseView<'_>, classifier: &Classifier) -> (Arc<PreparedStatement>, u64) {
-        let server_name = server_name(parse.query, parse.param_types);
+    ///
+    /// `search_path` is the client's: the same text may name other tables under another
+    /// path, and a prepared statement keeps the result type it was first parsed with.
+    pub fn define(
+        &mut self,
+        parse: &ParseView<'_>,
+        classifier: &Classifier,
+        search_path: Option<&str>,
+    ) -> (Arc<PreparedStatement>, u64) {
+        let server_name = server_name(parse.query, parse.param_types, search_path.unwrap_or(""));
         let statement = match self.by_name.get(parse.name) {
             Some(known) if known.statement.server_name == server_name => known.statement.clone(),
             _ => Arc::new(PreparedStatement {
@@ -94,13 +102,16 @@ impl ClientStatements {
     }
 }
 
-/// `pgrelay_` and 128 bits of SHA-256 over the text and the parameter types: equal
-/// statements share a name on every server, different ones never collide in practice.
-fn server_name(query: &str, param_types: &[u8]) -> Arc<str> {
+/// `pgrelay_` and 128 bits of SHA-256 over the text, the parameter types and the
+/// search_path: equal statements share a name on every server, different ones never
+/// collide in practice.
+fn server_name(query: &str, param_types: &[u8], search_path: &str) -> Arc<str> {
     let mut hasher = Sha256::new();
     hasher.update((query.len() as u64).to_be_bytes());
     hasher.update(query.as_bytes());
+    hasher.update((param_types.len() as u64).to_be_bytes());
     hasher.update(param_types);
+    hasher.update(search_path.as_bytes());
     let digest = hasher.finalize();
     let mut name = String::with_capacity(40);
     name.push_str("pgrelay_");
@@ -205,10 +216,11 @@ mod tests {
 
     #[test]
     fn equal_statements_share_a_server_name_and_different_ones_do_not() {
-        let a = server_name("SELECT $1", b"\0\x01\0\0\0\x17");
-        assert_eq!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17"));
-        assert_ne!(a, server_name("SELECT $1", b"\0\0"));
-        assert_ne!(a, server_name("SELECT $2", b"\0\x01\0\0\0\x17"));
+        let a = server_name("SELECT $1", b"\0\x01\0\0\0\x17", "");
+        assert_eq!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", ""));
+        assert_ne!(a, server_name("SELECT $1", b"\0\0", ""));
+        assert_ne!(a, server_name("SELECT $2", b"\0\x01\0\0\0\x17", ""));
+        assert_ne!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", "app, public"));
         assert_eq!(a.len(), 40);
     }
 
@@ -223,7 +235,7 @@ mod tests {
         );
         let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
         let mut statements = ClientStatements::default();
-        let (statement, _) = statements.define(&parse, &Classifier::new(Default::default()));
+        let (statement, _) = statements.define(&parse, &Classifier::new(Default::default()), None);
         let view = ParseView::read(&statement.parse[5..]).unwrap();
         assert_eq!((view.name, view.query), (&*statement.server_name, "SELECT 1"));
     }
@@ -233,11 +245,11 @@ mod tests {
         let classifier = Classifier::new(Default::default());
         let mut statements = ClientStatements::default();
         let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
-        let (_, first) = statements.define(&parse, &classifier);
+        let (_, first) = statements.define(&parse, &classifier, None);
         statements.undefine(first);
         assert!(statements.get("s1").is_none());
-        let (_, second) = statements.define(&parse, &classifier);
-        let (_, _third) = statements.define(&parse, &classifier);
+        let (_, second) = statements.define(&parse, &classifier, None);
+        let (_, _third) = statements.define(&parse, &classifier, None);
         statements.undefine(second);
         assert!(statements.get("s1").is_some());
     }

@@ -579,6 +579,7 @@ impl Session {
         let mid_statement = !server.expect.is_empty()
             || !server.outbuf.is_empty()
             || server.copy_in
+            || server.expect.has_uncertain_readies()
             || server.passthrough > 0
             || server.unsynced;
         if server.is_broken() || mid_statement {

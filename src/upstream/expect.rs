@@ -26,8 +26,9 @@ pub enum Expect {
     /// Bind → BindComplete; names the server-side statement when pgrelay manages it,
     /// so an error about that statement's cached plan can be traced back to it.
     BindComplete { statement: Option<Arc<str>> },
-    /// Close → CloseComplete.
-    CloseComplete,
+    /// Close → CloseComplete; names the server-side statement when pgrelay closes one
+    /// of its own, so a Close the server skips can be accounted for.
+    CloseComplete { statement: Option<Arc<str>> },
     /// Describe → [ParameterDescription] then RowDescription or NoData.
     Description,
     /// Execute → rows or COPY, ended by CommandComplete, EmptyQueryResponse or
@@ -40,6 +41,11 @@ pub enum Expect {
     /// A reply pgrelay gives itself in this place of the stream; never sent by the
     /// server.
     Synthetic(Synthetic),
+    /// pgrelay's own empty query, sent to learn how many ReadyForQuery messages the
+    /// server still sends after a failed COPY (see [`ResponseQueue::copy_started`]):
+    /// ReadyForQuery before its EmptyQueryResponse (`reached`) answer the client's
+    /// Syncs.
+    Barrier { reached: bool },
     /// No reply: the client's CopyDone or CopyFail went to the server here. A COPY FROM
     /// STDIN that starts before this point ends here, so the Syncs in between are read
     /// in COPY mode, where the server ignores them. Dropped once it reaches the head.
@@ -77,6 +83,25 @@ pub struct Routing {
     /// For an ErrorResponse answering a client's Parse of a named statement: the
     /// definition that did not happen.
     pub failed_definition: Option<u64>,
+    /// For an ErrorResponse in the extended protocol: statements pgrelay prepared or
+    /// closed in the messages the server now skips, whose state on the server is not
+    /// what pgrelay recorded.
+    pub skipped_statements: Vec<Arc<str>>,
+    /// The same for client definitions (Parse of a named statement) the server skips.
+    pub skipped_definitions: Vec<u64>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            recipient: Recipient::Client,
+            ready: false,
+            failed_statement: None,
+            failed_definition: None,
+            skipped_statements: Vec::new(),
+            skipped_definitions: Vec::new(),
+        }
+    }
 }
 
 /// What the start of a COPY FROM STDIN changed in the queue, from
@@ -112,6 +137,9 @@ pub struct ResponseQueue {
     /// was sent: the server skips every message up to that Sync, so none of them is
     /// owed a reply.
     skipping: bool,
+    /// ReadyForQuery messages that may or may not come: Syncs the client sent behind a
+    /// COPY FROM STDIN that then failed (see [`ResponseQueue::copy_started`]).
+    uncertain_readies: usize,
 }
 
 impl ResponseQueue {
@@ -133,6 +161,24 @@ impl ResponseQueue {
         self.skipping
     }
 
+    /// A failed COPY left Syncs whose ReadyForQuery may still come; the connection is
+    /// not idle until that is settled (see [`ResponseQueue::needs_barrier`]).
+    pub fn has_uncertain_readies(&self) -> bool {
+        self.uncertain_readies > 0
+    }
+
+    /// Everything known is answered but ReadyForQuery messages may still come: the
+    /// caller sends an empty query and pushes a [`Expect::Barrier`].
+    pub fn needs_barrier(&self) -> bool {
+        self.uncertain_readies > 0 && self.entries.is_empty() && !self.skipping
+    }
+
+    /// The COPY ended with CommandComplete: the Syncs sent during it were read in COPY
+    /// mode and ignored for certain.
+    pub fn copy_succeeded(&mut self) {
+        self.uncertain_readies = 0;
+    }
+
     fn pop_front(&mut self) {
         self.entries.pop_front();
         while matches!(self.entries.front(), Some((Expect::CopyEndSent, _))) {
@@ -143,6 +189,13 @@ impl ResponseQueue {
     /// The server answered the head entry with CopyInResponse (or CopyBothResponse):
     /// it reads the client's messages in COPY mode until a CopyDone or CopyFail and
     /// ignores the Syncs among them, so their ReadyForQuery is not owed.
+    ///
+    /// Unless the COPY fails before the server reads them (COPY into a view, a failing
+    /// statement trigger): then it reads them in normal mode and answers each. Which of
+    /// the two happened cannot be seen in the stream, so until the COPY succeeds they
+    /// are counted as uncertain: a ReadyForQuery that fits nothing is taken as the
+    /// answer to one of them, and the connection is only idle once pgrelay's own empty
+    /// query (the barrier) has shown that no more will come.
     pub fn copy_started(&mut self) -> CopyStart {
         let extended = matches!(self.entries.front(), Some((Expect::ExecuteResult, _)));
         let marker = self
@@ -153,12 +206,15 @@ impl ResponseQueue {
             .map(|at| at + 1);
         let in_copy = 1..marker.unwrap_or(self.entries.len());
         let mut index = 0;
+        let mut ignored = 0;
         self.entries.retain(|(expect, _)| {
             let ignored_sync = in_copy.contains(&index) && *expect == Expect::Ready;
+            ignored += usize::from(ignored_sync);
             let keep = !ignored_sync && Some(index) != marker;
             index += 1;
             keep
         });
+        self.uncertain_readies += ignored;
         let ready_left = self.entries.iter().any(|(expect, _)| *expect == Expect::Ready);
         CopyStart {
             client_ended: marker.is_some(),
@@ -220,8 +276,7 @@ impl ResponseQueue {
             Ok(Routing {
                 recipient,
                 ready,
-                failed_statement: None,
-                failed_definition: None,
+                ..Routing::default()
             })
         };
         if matches!(
@@ -230,13 +285,41 @@ impl ResponseQueue {
         ) {
             return routing(false);
         }
-        let Some((expect, _)) = self.entries.front() else {
+        if tag == BackendTag::ReadyForQuery && self.uncertain_readies > 0 && !self.head_takes_ready() {
+            // The answer to a Sync sent behind a COPY that failed before reading it.
+            self.uncertain_readies -= 1;
+            self.skipping = false;
+            return Ok(Routing {
+                recipient: Recipient::Client,
+                ready: true,
+                ..Routing::default()
+            });
+        }
+        let Some((expect, _)) = self.entries.front_mut() else {
             return Err(OutOfOrder { tag, expected: None });
         };
+        if let Expect::Barrier { reached } = expect {
+            return match (tag, *reached) {
+                (BackendTag::EmptyQueryResponse, false) => {
+                    *reached = true;
+                    self.uncertain_readies = 0;
+                    routing(false)
+                }
+                (BackendTag::ReadyForQuery, true) => {
+                    self.pop_front();
+                    routing(true)
+                }
+                _ => Err(OutOfOrder {
+                    tag,
+                    expected: Some(expect.clone()),
+                }),
+            };
+        }
+        let expect = &*expect;
         match (expect, tag) {
             (Expect::ParseComplete { .. }, BackendTag::ParseComplete)
             | (Expect::BindComplete { .. }, BackendTag::BindComplete)
-            | (Expect::CloseComplete, BackendTag::CloseComplete)
+            | (Expect::CloseComplete { .. }, BackendTag::CloseComplete)
             | (Expect::Description, BackendTag::RowDescription | BackendTag::NoData)
             | (
                 Expect::ExecuteResult,
@@ -275,9 +358,20 @@ impl ResponseQueue {
                 // In the extended protocol an error makes the server skip every message
                 // up to the next Sync: drop what those would have answered, and what
                 // the client sends until it has sent that Sync.
+                let mut skipped_statements = Vec::new();
+                let mut skipped_definitions = Vec::new();
+                if !matches!(expect, Expect::Ready) {
+                    self.entries.pop_front();
+                }
                 while let Some((expect, _)) = self.entries.front() {
-                    if *expect == Expect::Ready {
-                        break;
+                    match expect {
+                        Expect::Ready => break,
+                        Expect::ParseComplete { statement, definition } => {
+                            skipped_statements.extend(statement.clone());
+                            skipped_definitions.extend(*definition);
+                        }
+                        Expect::CloseComplete { statement } => skipped_statements.extend(statement.clone()),
+                        _ => {}
                     }
                     self.entries.pop_front();
                 }
@@ -291,6 +385,8 @@ impl ResponseQueue {
                     ready: false,
                     failed_statement,
                     failed_definition,
+                    skipped_statements,
+                    skipped_definitions,
                 })
             }
             _ => Err(OutOfOrder {
@@ -298,6 +394,19 @@ impl ResponseQueue {
                 expected: Some(expect.clone()),
             }),
         }
+    }
+}
+
+impl ResponseQueue {
+    /// The head entry is answered by a ReadyForQuery.
+    fn head_takes_ready(&self) -> bool {
+        matches!(
+            self.entries.front(),
+            Some((
+                Expect::Ready | Expect::ResultsUntilReady | Expect::Barrier { reached: true },
+                _
+            ))
+        )
     }
 }
 
@@ -500,6 +609,73 @@ mod tests {
         q.on_message(B::ErrorResponse).unwrap();
         assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn syncs_behind_a_copy_that_failed_early_are_settled_by_a_barrier() {
+        let client = Recipient::Client;
+        // Bind, Execute, Sync; the COPY fails before the server reads that Sync.
+        let mut q = queue(&[(Expect::ExecuteResult, client), (Expect::Ready, client)]);
+        q.on_message(B::CopyInResponse).unwrap();
+        q.copy_started();
+        q.on_message(B::ErrorResponse).unwrap();
+        assert!(q.skipping_to_sync() && q.has_uncertain_readies());
+        // The server answers that Sync after all: the client's, and skipping ends.
+        let routing = q.on_message(B::ReadyForQuery).unwrap();
+        assert_eq!((routing.recipient, routing.ready), (client, true));
+        assert!(!q.skipping_to_sync() && !q.has_uncertain_readies());
+
+        // The COPY fails on its data: the Sync was ignored, no answer comes. Once the
+        // client's next Sync is answered, the barrier settles it.
+        let mut q = queue(&[(Expect::ExecuteResult, client), (Expect::Ready, client)]);
+        q.on_message(B::CopyInResponse).unwrap();
+        q.copy_started();
+        q.on_message(B::ErrorResponse).unwrap();
+        q.push(Expect::Ready, client);
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.needs_barrier());
+        q.push(Expect::Barrier { reached: false }, Recipient::Pgrelay);
+        assert_eq!(
+            q.on_message(B::EmptyQueryResponse).unwrap().recipient,
+            Recipient::Pgrelay
+        );
+        assert!(!q.has_uncertain_readies());
+        assert_eq!(q.on_message(B::ReadyForQuery).unwrap().recipient, Recipient::Pgrelay);
+        assert!(q.is_empty() && !q.needs_barrier());
+
+        // A COPY that succeeds: its ignored Syncs are certain.
+        let mut q = queue(&[(Expect::ExecuteResult, client), (Expect::Ready, client)]);
+        q.on_message(B::CopyInResponse).unwrap();
+        q.copy_started();
+        q.copy_succeeded();
+        assert!(!q.has_uncertain_readies());
+    }
+
+    #[test]
+    fn statements_in_a_skipped_batch_are_reported() {
+        let name: Arc<str> = Arc::from("pgrelay_2");
+        let evicted: Arc<str> = Arc::from("pgrelay_1");
+        let mut q = queue(&[
+            (Expect::BindComplete { statement: None }, Recipient::Client),
+            (
+                Expect::CloseComplete {
+                    statement: Some(evicted.clone()),
+                },
+                Recipient::Pgrelay,
+            ),
+            (
+                Expect::ParseComplete {
+                    statement: Some(name.clone()),
+                    definition: Some(7),
+                },
+                Recipient::Client,
+            ),
+            (Expect::Ready, Recipient::Client),
+        ]);
+        let routing = q.on_message(B::ErrorResponse).unwrap();
+        assert_eq!(routing.skipped_statements, vec![evicted, name]);
+        assert_eq!(routing.skipped_definitions, vec![7]);
+        assert!(!q.skipping_to_sync());
     }
 
     #[test]

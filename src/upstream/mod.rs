@@ -118,11 +118,21 @@ impl ServerConn {
         self.status
     }
 
+    /// Sends an empty query whose EmptyQueryResponse marks the point after which no
+    /// answer to a Sync sent behind a failed COPY can come (see
+    /// [`ResponseQueue::copy_started`]).
+    pub(crate) fn send_barrier(&mut self) {
+        if postgres_protocol::message::frontend::query("", &mut self.outbuf).is_ok() {
+            self.expect.push(Expect::Barrier { reached: false }, Recipient::Pgrelay);
+        }
+    }
+
     /// Nothing owed, no COPY, no open transaction, nothing half-read: the connection
     /// can serve another client.
     pub fn is_idle(&self) -> bool {
         !self.broken
             && self.expect.is_empty()
+            && !self.expect.has_uncertain_readies()
             && !self.copy_in
             && self.passthrough == 0
             && !self.unsynced

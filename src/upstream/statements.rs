@@ -58,6 +58,16 @@ impl ServerStatements {
         }
     }
 
+    /// The server skipped pgrelay's Parse or Close of `name`: whether it holds the
+    /// statement is not known, so it is closed (harmless if absent) before it is
+    /// prepared again.
+    pub fn mark_unknown(&mut self, name: Arc<str>) {
+        self.used.remove(&name);
+        if !self.stale.contains(&name) {
+            self.stale.push(name);
+        }
+    }
+
     /// Takes the stale statement with this name, if any: it must be closed first.
     pub fn take_stale(&mut self, name: &str) -> Option<Arc<str>> {
         let position = self.stale.iter().position(|stale| &**stale == name)?;

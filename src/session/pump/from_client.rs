@@ -63,7 +63,10 @@ impl Pump<'_> {
             let Some(tag) = FrontendTag::from_byte(header.tag) else {
                 break Err(PumpExit::ClientBroke(ProtocolError::UnexpectedTag(header.tag)));
             };
-            if tag == FrontendTag::CopyData && takes_copy_data(self.server) && header.len > rest.len() {
+            if tag == FrontendTag::CopyData
+                && (takes_copy_data(self.server) || self.server.expect.skipping_to_sync())
+                && header.len > rest.len()
+            {
                 self.client_passthrough = header.len;
                 continue;
             }
@@ -154,7 +157,9 @@ impl Pump<'_> {
                     self.writes.note(&class);
                     return Ok(Disposition::Forward);
                 }
-                let (statement, definition) = self.carried.statements.define(&parse, self.classifier);
+                let carried = &mut *self.carried;
+                let search_path = carried.wanted.get("search_path");
+                let (statement, definition) = carried.statements.define(&parse, self.classifier, search_path);
                 let checked = server
                     .statements
                     .contains(&statement.server_name)
@@ -175,7 +180,9 @@ impl Pump<'_> {
                         Recipient::Client,
                     );
                     server.outbuf.extend_from_slice(&close);
-                    server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
+                    server
+                        .expect
+                        .push(Expect::CloseComplete { statement: None }, Recipient::Pgrelay);
                 } else {
                     prepare(
                         server,
@@ -241,7 +248,9 @@ impl Pump<'_> {
                         .push(Expect::Synthetic(Synthetic::CloseComplete), Recipient::Client);
                     return Ok(Disposition::Consumed);
                 }
-                server.expect.push(Expect::CloseComplete, Recipient::Client);
+                server
+                    .expect
+                    .push(Expect::CloseComplete { statement: None }, Recipient::Client);
                 Disposition::Forward
             }
             FrontendTag::Execute => {
@@ -332,11 +341,18 @@ fn prepare(
 ) {
     if let Some(stale) = server.statements.take_stale(&statement.server_name) {
         server.outbuf.extend_from_slice(&close_statement(&stale));
-        server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
+        server
+            .expect
+            .push(Expect::CloseComplete { statement: Some(stale) }, Recipient::Pgrelay);
     }
     if let Some(evicted) = server.statements.insert(statement.server_name.clone(), limit) {
         server.outbuf.extend_from_slice(&close_statement(&evicted));
-        server.expect.push(Expect::CloseComplete, Recipient::Pgrelay);
+        server.expect.push(
+            Expect::CloseComplete {
+                statement: Some(evicted),
+            },
+            Recipient::Pgrelay,
+        );
         metrics.prepared_statements_evicted(1);
     }
     server.outbuf.extend_from_slice(&statement.parse);

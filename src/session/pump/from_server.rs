@@ -73,9 +73,7 @@ impl Pump<'_> {
                 // error while idle, then closes: remember why.
                 Err(_) if tag == BackendTag::ErrorResponse && server.expect.is_empty() => Routing {
                     recipient: Recipient::Pgrelay,
-                    ready: false,
-                    failed_statement: None,
-                    failed_definition: None,
+                    ..Routing::default()
                 },
                 Err(error) => break Err(self.server_broke(error.to_string())),
             };
@@ -102,6 +100,9 @@ impl Pump<'_> {
             }
         };
         move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+        if result.is_ok() && self.server.expect.needs_barrier() {
+            self.server.send_barrier();
+        }
         result
     }
 
@@ -153,6 +154,12 @@ impl Pump<'_> {
                 if let Some(definition) = routing.failed_definition {
                     self.carried.statements.undefine(definition);
                 }
+                for name in &routing.skipped_statements {
+                    server.statements.mark_unknown(name.clone());
+                }
+                for definition in &routing.skipped_definitions {
+                    self.carried.statements.undefine(*definition);
+                }
                 match &routing.failed_statement {
                     Some((FailedAt::Parse, name)) => server.statements.mark_stale(name.clone()),
                     Some((FailedAt::Bind, name)) if STALE_STATEMENT_CODES.contains(&fields.code) => {
@@ -170,6 +177,9 @@ impl Pump<'_> {
                 Ok(to_client)
             }
             BackendTag::CommandComplete => {
+                if server.copy_in {
+                    server.expect.copy_succeeded();
+                }
                 server.copy_in = false;
                 server.copy_from_client = false;
                 if to_client && let Ok(tag) = command_tag(body) {
