@@ -672,6 +672,31 @@ async fn server_tls_modes_against_a_server_that_requires_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_uses_tls_where_the_database_does() {
+    within(async {
+        // The monitor logs in as the first user with a plaintext password: without `app`,
+        // that is tls_only, whom PostgreSQL refuses over plain TCP.
+        let text = config("", &[("required", "mode = \"require\"".to_owned(), primary())]);
+        let text = text.replacen("[[users]]\nname = \"app\"\npassword = \"app\"\n", "", 1);
+        assert!(text.find(TLS_ONLY) < text.find("app_trust"), "{text}");
+        let proxy = Proxy::start(&text).await;
+        let admin = common::direct(&primary(), "app").await;
+        let monitor_over_tls = format!(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = '{}' AND a.usename = '{TLS_ONLY}' AND s.ssl",
+            pgrelay::cluster::APPLICATION_NAME
+        );
+        common::wait_until("the monitor's connection over TLS", Duration::from_secs(15), || async {
+            let count: i64 = admin.query_one(&monitor_over_tls, &[]).await.unwrap().get(0);
+            count >= 1
+        })
+        .await;
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_tls_files_stop_startup_with_their_path() {
     // Nothing connects to the servers: any address will do.
     let unused = "127.0.0.1:1".to_owned();

@@ -21,7 +21,7 @@ mod tests;
 
 pub use error::ClusterError;
 pub use lsn::Lsn;
-pub use monitor::{ClusterMonitor, DEFAULT_LSN_POLL_INTERVAL, MonitorSettings};
+pub use monitor::{ClusterMonitor, DEFAULT_LSN_POLL_INTERVAL, MonitorSettings, MonitorTls};
 pub use probe::APPLICATION_NAME;
 pub use view::{ClusterView, HostView, Role};
 

@@ -62,6 +62,24 @@ pub struct MonitorSettings {
     pub connect_timeout: Duration,
     /// How often positions are polled ([`DEFAULT_LSN_POLL_INTERVAL`] unless there is a reason).
     pub lsn_poll_interval: Duration,
+    /// TLS as the database's `server_tls` asks; `None`: plain TCP.
+    pub tls: Option<MonitorTls>,
+}
+
+/// TLS for the side connections: the same rustls settings as the pooled connections of the
+/// database, with libpq's `prefer` (try TLS, fall back to plain) or `require`.
+#[derive(Clone)]
+pub struct MonitorTls {
+    pub mode: tokio_postgres::config::SslMode,
+    pub connector: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for MonitorTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MonitorTls")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,6 +175,9 @@ impl ClusterMonitor {
             if let Some(password) = &settings.password {
                 config.password(password);
             }
+            if let Some(tls) = &settings.tls {
+                config.ssl_mode(tls.mode);
+            }
             configs.push(config);
         }
         let timing = Timing::new(&settings);
@@ -175,7 +196,13 @@ impl ClusterMonitor {
             .enumerate()
             .map(|(index, config)| {
                 runtime
-                    .spawn(run_host(Arc::clone(&shared), index, config, timing))
+                    .spawn(run_host(
+                        Arc::clone(&shared),
+                        index,
+                        config,
+                        settings.tls.as_ref().map(|tls| tls.connector.clone()),
+                        timing,
+                    ))
                     .abort_handle()
             })
             .collect();
@@ -263,13 +290,19 @@ impl Drop for ClusterMonitor {
 /// quickly, is not hammered. A connection that had been answering and breaks is not yet a
 /// failed check: a backend killed by an administrator is not a server down, so the host is
 /// marked down only if reconnecting fails too. Everything else is a failed check at once.
-async fn run_host(shared: Arc<Shared>, index: usize, config: tokio_postgres::Config, timing: Timing) {
+async fn run_host(
+    shared: Arc<Shared>,
+    index: usize,
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    timing: Timing,
+) {
     let mut next_attempt = Instant::now();
     let mut lost: Option<String> = None;
     loop {
         tokio::time::sleep_until(next_attempt).await;
         next_attempt = Instant::now() + timing.health_check_interval;
-        let probe = Probe::connect(&config, timing.connect_timeout, timing.query_timeout).await;
+        let probe = Probe::connect(&config, tls.as_ref(), timing.connect_timeout, timing.query_timeout).await;
         let (probe, started) = match probe {
             Ok(connected) => connected,
             Err(failure) => {
@@ -335,6 +368,7 @@ mod tests {
             max_replica_lag: None,
             connect_timeout: Duration::ZERO,
             lsn_poll_interval: DEFAULT_LSN_POLL_INTERVAL,
+            tls: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::lsn::Lsn;
 use super::state::Sample;
@@ -47,6 +48,31 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Connects with or without TLS and drives the connection in the background: its future
+/// does the socket I/O and ends when the client is dropped (the monitor stopping, or giving
+/// up on this connection).
+async fn open(config: &Config, tls: Option<&MakeRustlsConnect>) -> Result<Client, tokio_postgres::Error> {
+    fn drive(connection: impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static) {
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "monitor connection closed");
+            }
+        });
+    }
+    match tls {
+        Some(tls) => {
+            let (client, connection) = config.connect(tls.clone()).await?;
+            drive(connection);
+            Ok(client)
+        }
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            drive(connection);
+            Ok(client)
+        }
+    }
+}
+
 /// An open side connection with the health query prepared on it.
 pub(crate) struct Probe {
     client: Client,
@@ -59,21 +85,15 @@ impl Probe {
     /// time (as text: it is only compared).
     pub(crate) async fn connect(
         config: &Config,
+        tls: Option<&MakeRustlsConnect>,
         connect_timeout: Duration,
         query_timeout: Duration,
     ) -> Result<(Probe, String), Failure> {
-        let (client, connection) = match tokio::time::timeout(connect_timeout, config.connect(NoTls)).await {
-            Ok(Ok(pair)) => pair,
+        let client = match tokio::time::timeout(connect_timeout, open(config, tls)).await {
+            Ok(Ok(client)) => client,
             Ok(Err(error)) => return Err(Failure::Error(error.to_string())),
             Err(_) => return Err(Failure::Timeout(connect_timeout)),
         };
-        // The connection future does the socket I/O; it ends when `client` is dropped (the
-        // monitor stopping, or giving up on this connection).
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "monitor connection closed");
-            }
-        });
         let setup = async {
             let statement = client.prepare(HEALTH_QUERY).await?;
             let started: String = client

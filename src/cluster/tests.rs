@@ -32,6 +32,7 @@ fn settings(cluster: &LocalCluster, password: &str) -> MonitorSettings {
         max_replica_lag: Some(MAX_LAG),
         connect_timeout: Duration::from_secs(2),
         lsn_poll_interval: DEFAULT_LSN_POLL_INTERVAL,
+        tls: None,
     }
 }
 

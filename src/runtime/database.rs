@@ -10,8 +10,8 @@ use dashmap::DashMap;
 
 use super::consistency::Fences;
 use super::{Observers, UserEntry};
-use crate::cluster::{ClusterMonitor, ClusterView, HostHealth, Lsn, MonitorSettings, Role as HostRole};
-use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig};
+use crate::cluster::{ClusterMonitor, ClusterView, HostHealth, Lsn, MonitorSettings, MonitorTls, Role as HostRole};
+use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig, ServerTlsMode};
 use crate::metrics::Metrics;
 use crate::net::ServerTls;
 use crate::pool::{PoolLimits, PoolObservers, ServerPool};
@@ -139,6 +139,7 @@ impl DatabaseEntry {
             max_replica_lag: self.routing.max_replica_lag,
             connect_timeout: self.pool.server_connect_timeout.unwrap_or_default(),
             lsn_poll_interval: crate::cluster::DEFAULT_LSN_POLL_INTERVAL,
+            tls: monitor_tls(&self.server_tls),
         };
         match ClusterMonitor::start(settings) {
             Ok(monitor) => {
@@ -328,6 +329,7 @@ impl DatabaseEntry {
         self.fences = old.fences.clone();
         if old.routing.health_check_interval == self.routing.health_check_interval
             && old.routing.max_replica_lag == self.routing.max_replica_lag
+            && old.server_tls.config() == self.server_tls.config()
         {
             if let Some(monitor) = &self.monitor {
                 monitor.stop();
@@ -434,4 +436,20 @@ impl DatabaseEntry {
             monitor.stop();
         }
     }
+}
+
+/// The monitor's TLS for a database's `server_tls`: the pooled connections' rustls settings
+/// (certificate checks included for verify-full) with libpq's fallback rules.
+fn monitor_tls(server_tls: &ServerTls) -> Option<MonitorTls> {
+    use tokio_postgres::config::SslMode;
+    let mode = match server_tls.mode() {
+        ServerTlsMode::Disable => return None,
+        ServerTlsMode::Prefer => SslMode::Prefer,
+        ServerTlsMode::Require | ServerTlsMode::VerifyFull => SslMode::Require,
+    };
+    let config = server_tls.connector()?.config().as_ref().clone();
+    Some(MonitorTls {
+        mode,
+        connector: tokio_postgres_rustls::MakeRustlsConnect::new(config),
+    })
 }
