@@ -100,9 +100,6 @@ impl Pump<'_> {
             }
         };
         move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
-        if result.is_ok() && self.server.expect.needs_barrier() {
-            self.server.send_barrier();
-        }
         result
     }
 

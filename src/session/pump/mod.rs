@@ -185,6 +185,10 @@ impl<'a> Pump<'a> {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<PumpExit> {
         loop {
+            if self.server.expect.needs_barrier() {
+                // Settles whether answers to Syncs behind a failed COPY are still coming.
+                self.server.send_barrier();
+            }
             let mut progress = false;
 
             match poll_write_buffer(&mut self.server.stream, &mut self.server.outbuf, cx) {
