@@ -289,3 +289,79 @@ async fn temp_tables_and_advisory_locks_pin_the_client_to_its_server() {
     );
     proxy.shutdown().await;
 }
+
+/// Runs `scenario` on a fresh client of a pool of one, then checks that the client sees
+/// `setting` as a direct connection would (`own`), and that the next client of the same
+/// server connection sees the default (`default`).
+async fn setting_after(proxy: &Proxy, scenario: &[&str], setting: &str, own: &str, default: &str) {
+    let first = proxy.connect("app_t4", "app_t4", "app").await.unwrap();
+    for statement in scenario {
+        // Some statements fail on purpose; the outcome that matters is the setting.
+        let _ = first.simple_query(statement).await;
+    }
+    assert_eq!(show(&first, setting).await, own, "after {scenario:?}");
+    let pid = first_value(&first.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    drop(first);
+    let next = proxy.connect("app_t4", "app_t4", "app").await.unwrap();
+    assert_eq!(
+        first_value(&next.simple_query("SELECT pg_backend_pid()").await.unwrap()),
+        pid,
+        "the pool has one server connection"
+    );
+    assert_eq!(
+        show(&next, setting).await,
+        default,
+        "the next client after {scenario:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_of_transactions_that_partly_committed_stay_with_their_client() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 1")).await;
+    // Committed, then a statement failed in the same query: the SET stays.
+    setting_after(
+        &proxy,
+        &["BEGIN; SET work_mem = '3MB'; COMMIT; SELECT 1/0"],
+        "work_mem",
+        "3MB",
+        "4MB",
+    )
+    .await;
+    // An error rolled back to a savepoint: the SET before the savepoint commits.
+    setting_after(
+        &proxy,
+        &[
+            "BEGIN",
+            "SET statement_timeout = '5s'",
+            "SAVEPOINT s",
+            "SELECT 1/0",
+            "ROLLBACK TO s",
+            "COMMIT",
+        ],
+        "statement_timeout",
+        "5s",
+        "0",
+    )
+    .await;
+    // And the certain cases: a failed implicit transaction and a savepoint's rollback
+    // undo their SET, a RELEASE keeps it.
+    setting_after(&proxy, &["SET work_mem = '6MB'; SELECT 1/0"], "work_mem", "4MB", "4MB").await;
+    setting_after(
+        &proxy,
+        &["BEGIN", "SAVEPOINT s", "SET work_mem = '7MB'", "RELEASE s", "COMMIT"],
+        "work_mem",
+        "7MB",
+        "4MB",
+    )
+    .await;
+    setting_after(
+        &proxy,
+        &["BEGIN", "SET work_mem = '8MB'", "SELECT 1/0", "ROLLBACK"],
+        "work_mem",
+        "4MB",
+        "4MB",
+    )
+    .await;
+    proxy.shutdown().await;
+}

@@ -146,7 +146,7 @@ impl Pump<'_> {
                     return Ok(false);
                 }
                 if to_client {
-                    self.pending_failed = true;
+                    self.pending.failed();
                 }
                 if let Some(definition) = routing.failed_definition {
                     self.carried.statements.undefine(definition);
@@ -180,6 +180,7 @@ impl Pump<'_> {
                 server.copy_in = false;
                 server.copy_from_client = false;
                 if to_client && let Ok(tag) = command_tag(body) {
+                    self.pending.completed(tag);
                     match tag {
                         // Every prepared statement and setting of the server is gone.
                         "DISCARD ALL" => {
@@ -187,11 +188,6 @@ impl Pump<'_> {
                             server.params = SessionParams::default();
                             self.carried.statements.clear();
                             self.carried.wanted = self.carried.startup.clone();
-                        }
-                        // Nothing the transaction did to the session survives.
-                        "ROLLBACK" => {
-                            self.pending.clear();
-                            self.pending_failed = false;
                         }
                         "DEALLOCATE ALL" => {
                             server.statements.clear();

@@ -7,6 +7,7 @@
 //! side's output is backed up, so a slow reader cannot make pgrelay buffer without
 //! bound. `from_client` and `from_server` hold what is done with each message.
 
+mod effects;
 mod from_client;
 mod from_server;
 
@@ -23,9 +24,10 @@ use crate::net::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::protocol::ProtocolError;
 use crate::protocol::TxStatus;
 use crate::protocol::compose;
-use crate::route::{Classification, Classifier, SessionEffect, Tables};
+use crate::route::{Classification, Classifier, PinReason, SessionEffect, Tables};
 use crate::runtime::Fences;
 use crate::upstream::{ServerConn, Synthetic, UpstreamError};
+use effects::{PendingEffects, Settled};
 use std::time::Instant;
 
 /// Asks the primary where its WAL is: every commit visible there is before it, even
@@ -77,10 +79,8 @@ pub(super) struct Pump<'a> {
     client_passthrough: usize,
     /// No more client messages are taken until the server has answered (single_unit).
     hold: bool,
-    /// Session effects of forwarded statements, applied once they have succeeded.
-    pending: Vec<SessionEffect>,
-    /// An error was reported since `pending` began.
-    pending_failed: bool,
+    /// Session effects of forwarded statements, settled when their transaction ends.
+    pending: PendingEffects,
     /// When the batch now in flight was sent, for the latency histogram.
     unit_started: Option<Instant>,
     /// Where commit positions of writes are recorded (consistency session or causal,
@@ -157,8 +157,7 @@ impl<'a> Pump<'a> {
             classifier,
             client_passthrough: 0,
             hold: false,
-            pending: Vec::new(),
-            pending_failed: false,
+            pending: PendingEffects::default(),
             fences: None,
             writes: Writes::default(),
             fence: FenceCapture::None,
@@ -268,7 +267,7 @@ impl<'a> Pump<'a> {
                 self.carried.pins.apply(effect);
             }
         }
-        self.pending.extend_from_slice(effects);
+        self.pending.note(effects);
     }
 
     /// A transaction ended with ReadyForQuery `status` for the client. Returns whether
@@ -321,15 +320,23 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Applies or drops the pending effects at the end of a transaction.
+    /// Applies or drops the pending effects at the end of a transaction; where the
+    /// replies cannot tell which took hold, the client keeps this server, whose state
+    /// is then the only true record of its session.
     fn settle_effects(&mut self) {
-        if !self.pending_failed {
-            for effect in std::mem::take(&mut self.pending) {
-                self.carried.apply(&effect, &mut self.server.params);
-            }
+        let expect = &self.server.expect;
+        let (effects, certain) = match self.pending.idle(|| expect.readies_owed_to_client() > 0) {
+            None | Some(Settled::Dropped) => return,
+            Some(Settled::Applied(effects)) => (effects, true),
+            Some(Settled::Uncertain(effects)) => (effects, false),
+        };
+        for effect in effects {
+            self.carried.apply(&effect, &mut self.server.params);
         }
-        self.pending.clear();
-        self.pending_failed = false;
+        if !certain {
+            tracing::debug!("session effects of uncertain outcome: the client keeps its server");
+            self.carried.pins.apply(&SessionEffect::Pin(PinReason::UntrackableSet));
+        }
     }
 
     /// Sends the replies pgrelay gives itself that are now due: every one at the head
