@@ -9,11 +9,13 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::Config;
+use crate::control::ControlThread;
 use crate::metrics::{Metrics, MetricsError, PoolState, Role, StateSink};
 use crate::net::{self, Listener};
 use crate::registry::Registry;
 use crate::runtime::{BuildError, Observers, Shared, Snapshot};
 use crate::session;
+use crate::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -25,6 +27,8 @@ pub enum AppError {
     Address { addr: String, reason: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// How long startup waits for the first health check of each database's servers.
@@ -38,6 +42,8 @@ pub struct Running {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Runs the accept loop, the metrics endpoint and the admin console; stops with this.
+    _control: Arc<ControlThread>,
 }
 
 impl Running {
@@ -106,7 +112,16 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
             report_state(&shared, sink);
         }
     });
-    let listener = net::bind(addr).map_err(|source| AppError::Listen {
+    let control = ControlThread::start().map_err(AppError::Thread)?;
+    shared.set_runtimes(control.handle().clone(), tokio::runtime::Handle::current());
+    let watchdog = Watchdog::start(shared.metrics.clone(), shared.registry.clone()).map_err(AppError::Thread)?;
+    // The listener belongs to the control thread's runtime: accepting goes on while a
+    // worker is kept by a task.
+    let listener = {
+        let _control = control.handle().enter();
+        net::bind(addr)
+    }
+    .map_err(|source| AppError::Listen {
         addr: listen.clone(),
         source,
     })?;
@@ -114,12 +129,28 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         .local_addr()
         .map_err(|source| AppError::Listen { addr: listen, source })?;
     let metrics_addr = match metrics_listen {
-        Some(metrics_listen) => Some(start_metrics_endpoint(&metrics_listen, &shared).await?),
+        Some(metrics_listen) => {
+            let endpoint = control
+                .handle()
+                .spawn(start_metrics_endpoint(metrics_listen.clone(), shared.clone()));
+            Some(endpoint.await.map_err(|error| AppError::Listen {
+                addr: metrics_listen,
+                source: std::io::Error::other(error),
+            })??)
+        }
         None => None,
     };
     let (stop, stopped) = watch::channel(false);
     shared.set_accepting(true);
-    let task = tokio::spawn(serve(listener, shared.clone(), stopped, shutdown_timeout));
+    let workers = tokio::runtime::Handle::current();
+    let task = control.handle().spawn(serve(
+        listener,
+        shared.clone(),
+        stopped,
+        shutdown_timeout,
+        Arc::new(watchdog),
+        workers,
+    ));
     tracing::info!(%local_addr, metrics = ?metrics_addr, "pgrelay is accepting clients");
     Ok(Running {
         local_addr,
@@ -127,19 +158,20 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         shared,
         stop,
         task,
+        _control: control,
     })
 }
 
-/// Binds the HTTP endpoint for /metrics, /healthz and /readyz; it runs until the process
-/// exits, so /healthz answers for as long as pgrelay runs.
-async fn start_metrics_endpoint(addr: &str, shared: &Arc<Shared>) -> Result<SocketAddr, AppError> {
+/// Binds the HTTP endpoint for /metrics, /healthz and /readyz on the control thread; it
+/// runs as long as that thread, so /healthz answers for as long as pgrelay runs.
+async fn start_metrics_endpoint(addr: String, shared: Arc<Shared>) -> Result<SocketAddr, AppError> {
     let listen_error = |source| AppError::Listen {
-        addr: addr.to_owned(),
+        addr: addr.clone(),
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen_error)?;
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
-    let weak = Arc::downgrade(shared);
+    let weak = Arc::downgrade(&shared);
     let ready = move || weak.upgrade().is_some_and(|shared| shared.is_ready());
     let metrics = shared.metrics.clone();
     tokio::spawn(crate::metrics::serve(
@@ -197,19 +229,24 @@ fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
     }
 }
 
+/// The accept loop, on the control thread: each client's session runs on the workers,
+/// timed by the watchdog.
 async fn serve(
     listener: Listener,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
     shutdown_timeout: Option<Duration>,
+    watchdog: Arc<Watchdog>,
+    workers: tokio::runtime::Handle,
 ) {
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept() => match accepted.and_then(|(stream, peer)| Ok((stream.into_std()?, peer))) {
                 Ok((stream, peer)) => {
                     while sessions.try_join_next().is_some() {}
-                    sessions.spawn(session::serve(stream, peer, shared.clone()));
+                    let session = session::serve_moved(stream, peer, shared.clone());
+                    sessions.spawn_on(watchdog.watch(peer, session), &workers);
                 }
                 Err(error) => {
                     // Out of file descriptors or a connection reset before accept: keep

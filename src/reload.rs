@@ -29,6 +29,9 @@ pub fn reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
     let Some(path) = shared.config_path() else {
         return Err(ReloadError::NoFile);
     };
+    // New pools and monitors start their tasks on the workers, also when the admin
+    // console (on the control thread) asked for the reload.
+    let _workers = shared.workers().map(tokio::runtime::Handle::enter);
     let result = reload_from(shared, &path);
     match &result {
         Ok(reloaded) => {

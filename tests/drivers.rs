@@ -21,8 +21,13 @@ use tokio_postgres::Client;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
-/// Server connections per (database, user): fewer than every suite's concurrent clients.
+/// Server connections per (database, user) in transaction mode: fewer than every suite's
+/// concurrent clients.
 const POOL_SIZE: i64 = 3;
+/// The same in session mode, where each client holds a server for its whole session:
+/// room for every connection a suite opens at once (asyncpg's pool of WORKERS and its
+/// workers' own connections included).
+const SESSION_POOL_SIZE: i64 = 3 * WORKERS as i64;
 /// Concurrent client connections each suite opens at once.
 const WORKERS: usize = 8;
 /// A suite that runs longer than this has hung (each passes in seconds).
@@ -76,24 +81,34 @@ fn schema_of(user: &str) -> String {
     format!("drv_{user}")
 }
 
-/// A proxy with a transaction-mode pool of `POOL_SIZE` for the shared cluster, and the peak
+/// A proxy with a pool for the shared cluster, and the peak
 /// number of server connections `user` held on the primary while it ran, sampled every
 /// 5 ms by a direct superuser connection.
 struct Harness {
     proxy: Proxy,
     user: &'static str,
+    mode: &'static str,
+    pool_size: i64,
     peak: Arc<AtomicI64>,
     stop: Arc<AtomicBool>,
     sampler: tokio::task::JoinHandle<()>,
 }
 
 impl Harness {
-    async fn start(user: &'static str) -> Harness {
+    /// A pool in `mode`: POOL_SIZE in transaction mode, SESSION_POOL_SIZE in session mode.
+    /// pgrelay runs on a runtime of its own, so a stalled worker fails the suite by its
+    /// timeout instead of hanging the test.
+    async fn start_in(user: &'static str, mode: &'static str) -> Harness {
         let cluster = shared_cluster();
-        let proxy = Proxy::start(&config_for(
-            cluster,
-            &format!("mode = \"transaction\"\nsize = {POOL_SIZE}"),
-        ))
+        let pool_size = if mode == "session" {
+            SESSION_POOL_SIZE
+        } else {
+            POOL_SIZE
+        };
+        let proxy = Proxy::start_isolated(
+            &config_for(cluster, &format!("mode = \"{mode}\"\nsize = {pool_size}")),
+            2,
+        )
         .await;
         let direct = common::direct(&cluster.primary().addr(), "app").await;
         // Roles may not create schemas in `app`; each suite gets one it owns.
@@ -123,6 +138,8 @@ impl Harness {
         Harness {
             proxy,
             user,
+            mode,
+            pool_size,
             peak,
             stop,
             sampler,
@@ -137,7 +154,8 @@ impl Harness {
             ("PGRELAY_USER", self.user.to_owned()),
             ("PGRELAY_PASSWORD", self.user.to_owned()),
             ("PGRELAY_DATABASE", "app".to_owned()),
-            ("PGRELAY_POOL_SIZE", POOL_SIZE.to_string()),
+            ("PGRELAY_POOL_SIZE", self.pool_size.to_string()),
+            ("PGRELAY_POOL_MODE", self.mode.to_owned()),
             ("PGRELAY_WORKERS", WORKERS.to_string()),
             ("PGRELAY_SCHEMA", schema_of(self.user)),
         ]
@@ -146,18 +164,21 @@ impl Harness {
         .collect()
     }
 
-    /// Stops sampling; asserts the pool held at most `POOL_SIZE` server connections.
+    /// Stops sampling; asserts the pool held at most its size in server connections and
+    /// that no worker of pgrelay stalled meanwhile.
     async fn finish(self) {
         self.stop.store(true, Ordering::Relaxed);
         self.sampler.await.unwrap();
         let peak = self.peak.load(Ordering::Relaxed);
-        println!("peak server connections for {}: {peak}", self.user);
+        println!("peak server connections for {} ({} mode): {peak}", self.user, self.mode);
         assert!(
-            (1..=POOL_SIZE).contains(&peak),
-            "{} server connections for {}, pool size {POOL_SIZE}",
+            (1..=self.pool_size).contains(&peak),
+            "{} server connections for {}, pool size {}",
             peak,
-            self.user
+            self.user,
+            self.pool_size
         );
+        assert_eq!(common::runtime_stalls(&self.proxy), 0.0, "a worker of pgrelay stalled");
         self.proxy.shutdown().await;
     }
 }
@@ -228,10 +249,12 @@ async fn run_command(mut command: Command, timeout: Duration) -> (bool, String, 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psycopg3_prepared_statements_pipeline_copy_and_errors() {
+async fn psycopg3_suite(user: &'static str, mode: &'static str) {
+    // Its tables have fixed names: the two pooling modes take turns.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = TURN.lock().await;
     tokio::task::spawn_blocking(ensure_installed).await.unwrap();
-    let harness = Harness::start("app_t1").await;
+    let harness = Harness::start_in(user, mode).await;
     let python = target_dir().join("driver-venv/bin/python");
     let script = drivers_dir().join("psycopg_suite.py");
     run_suite(&harness, "psycopg", &python, &[script.display().to_string()], &[]).await;
@@ -239,9 +262,21 @@ async fn psycopg3_prepared_statements_pipeline_copy_and_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn asyncpg_prepared_statements_pool_copy_and_errors() {
+async fn psycopg3_prepared_statements_pipeline_copy_and_errors() {
+    psycopg3_suite("app_t1", "transaction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_prepared_statements_pipeline_copy_and_errors_in_session_mode() {
+    psycopg3_suite("app_t9", "session").await;
+}
+
+async fn asyncpg_suite(user: &'static str, mode: &'static str) {
+    // Its tables have fixed names: the two pooling modes take turns.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = TURN.lock().await;
     tokio::task::spawn_blocking(ensure_installed).await.unwrap();
-    let harness = Harness::start("app_t2").await;
+    let harness = Harness::start_in(user, mode).await;
     let python = target_dir().join("driver-venv/bin/python");
     let script = drivers_dir().join("asyncpg_suite.py");
     run_suite(&harness, "asyncpg", &python, &[script.display().to_string()], &[]).await;
@@ -249,9 +284,21 @@ async fn asyncpg_prepared_statements_pool_copy_and_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_postgres_named_statements_transactions_copy_and_errors() {
+async fn asyncpg_prepared_statements_pool_copy_and_errors() {
+    asyncpg_suite("app_t2", "transaction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_prepared_statements_pool_copy_and_errors_in_session_mode() {
+    asyncpg_suite("app_t10", "session").await;
+}
+
+async fn node_postgres_suite(user: &'static str, mode: &'static str) {
+    // Its tables have fixed names: the two pooling modes take turns.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = TURN.lock().await;
     tokio::task::spawn_blocking(ensure_installed).await.unwrap();
-    let harness = Harness::start("app_t3").await;
+    let harness = Harness::start_in(user, mode).await;
     let script = drivers_dir().join("node").join("suite.js");
     let modules = target_dir().join("driver-node").join("node_modules");
     run_suite(
@@ -266,9 +313,21 @@ async fn node_postgres_named_statements_transactions_copy_and_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgjdbc_server_prepared_statements_batches_copy_and_errors() {
+async fn node_postgres_named_statements_transactions_copy_and_errors() {
+    node_postgres_suite("app_t3", "transaction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_named_statements_transactions_copy_and_errors_in_session_mode() {
+    node_postgres_suite("app_t11", "session").await;
+}
+
+async fn pgjdbc_suite(user: &'static str, mode: &'static str) {
+    // Its tables have fixed names: the two pooling modes take turns.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = TURN.lock().await;
     tokio::task::spawn_blocking(ensure_installed).await.unwrap();
-    let classes = target_dir().join("driver-java");
+    let classes = target_dir().join(format!("driver-java-{mode}"));
     std::fs::create_dir_all(&classes).unwrap();
     let jar = "/usr/share/java/postgresql.jar";
     let mut javac = Command::new("javac");
@@ -278,7 +337,7 @@ async fn pgjdbc_server_prepared_statements_batches_copy_and_errors() {
         .arg(drivers_dir().join("JdbcSuite.java"));
     let (ok, status, output) = run_command(javac, Duration::from_secs(120)).await;
     assert!(ok, "javac JdbcSuite.java failed ({status}):\n{output}");
-    let harness = Harness::start("app_t4").await;
+    let harness = Harness::start_in(user, mode).await;
     let classpath = format!("{}:{jar}", classes.display());
     run_suite(
         &harness,
@@ -292,20 +351,39 @@ async fn pgjdbc_server_prepared_statements_batches_copy_and_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_extended_and_prepared_with_more_clients_than_servers() {
-    let harness = Harness::start("app_t6").await;
+async fn pgjdbc_server_prepared_statements_batches_copy_and_errors() {
+    pgjdbc_suite("app_t4", "transaction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_server_prepared_statements_batches_copy_and_errors_in_session_mode() {
+    pgjdbc_suite("app_t12", "session").await;
+}
+
+/// pgbench -i, then -S runs in extended and prepared mode, as `user`. Its tables go to
+/// the schema named after the user (first on the default search_path), apart from the
+/// other mode's.
+async fn pgbench_suite(user: &'static str, mode: &'static str) {
+    let harness = Harness::start_in(user, mode).await;
+    let direct = common::direct(&shared_cluster().primary().addr(), "app").await;
+    direct
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {user} CASCADE; CREATE SCHEMA {user} AUTHORIZATION {user}"
+        ))
+        .await
+        .unwrap();
     let port = harness.proxy.port().to_string();
-    let connection = ["-h", "127.0.0.1", "-p", &port, "-U", "app_t6", "app"];
+    let connection = ["-h", "127.0.0.1", "-p", &port, "-U", user, "app"];
     let mut init = vec!["-i", "-s", "1", "-q"];
     init.extend_from_slice(&connection);
-    let (ok, stdout, stderr) = common::run_tool("pgbench", "app_t6", &init, "").await;
+    let (ok, stdout, stderr) = common::run_tool("pgbench", user, &init, "").await;
     assert!(ok, "pgbench -i: {stdout}\n{stderr}");
-    for mode in ["extended", "prepared"] {
+    for protocol in ["extended", "prepared"] {
         let clients = "12";
-        let mut args = vec!["-M", mode, "-S", "-c", clients, "-j", "2", "-t", "300", "-n"];
+        let mut args = vec!["-M", protocol, "-S", "-c", clients, "-j", "2", "-t", "300", "-n"];
         args.extend_from_slice(&connection);
-        let (ok, stdout, stderr) = common::run_tool("pgbench", "app_t6", &args, "").await;
-        assert!(ok, "pgbench -M {mode}: {stdout}\n{stderr}");
+        let (ok, stdout, stderr) = common::run_tool("pgbench", user, &args, "").await;
+        assert!(ok, "pgbench -M {protocol}: {stdout}\n{stderr}");
         assert!(
             stdout.contains("number of failed transactions: 0"),
             "{stdout}\n{stderr}"
@@ -319,25 +397,39 @@ async fn pgbench_extended_and_prepared_with_more_clients_than_servers() {
     harness.finish().await;
 }
 
-// tokio-postgres, in process: every `prepare` is a named statement ("s0", "s1", ...).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended_and_prepared_with_more_clients_than_servers() {
+    pgbench_suite("app_t6", "transaction").await;
+}
 
-const TP_USER: &str = "app_t5";
-const TP_TABLE: &str = "drv_tokio_pg";
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended_and_prepared_in_session_mode() {
+    pgbench_suite("app_t13", "session").await;
+}
+
+// tokio-postgres, in process: every `prepare` is a named statement ("s0", "s1", ...).
 
 async fn show(client: &Client, setting: &str) -> String {
     common::first_value(&client.simple_query(&format!("SHOW {setting}")).await.unwrap())
 }
 
-async fn value_of(client: &Client, id: i32) -> Option<i32> {
+async fn value_of(client: &Client, table: &str, id: i32) -> Option<i32> {
     client
-        .query_opt(&format!("SELECT val FROM {TP_TABLE} WHERE id = $1"), &[&id])
+        .query_opt(&format!("SELECT val FROM {table} WHERE id = $1"), &[&id])
         .await
         .unwrap()
         .map(|row| row.get(0))
 }
 
-async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync::Barrier>) -> (Vec<i32>, i64) {
-    let schema = schema_of(TP_USER);
+/// One client of the tokio-postgres suite, as `user`, on its own rows of `table`.
+async fn tokio_postgres_worker(
+    url: String,
+    index: i32,
+    barrier: Arc<tokio::sync::Barrier>,
+    user: &'static str,
+    table: &'static str,
+) -> (Vec<i32>, i64) {
+    let schema = schema_of(user);
     let mut client = common::connect(&url).await.unwrap();
     // All clients are connected at once: more clients than server connections.
     barrier.wait().await;
@@ -356,11 +448,11 @@ async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync
         (default_app, default_path)
     };
     let insert = client
-        .prepare(&format!("INSERT INTO {TP_TABLE} (id, worker, val) VALUES ($1, $2, $3)"))
+        .prepare(&format!("INSERT INTO {table} (id, worker, val) VALUES ($1, $2, $3)"))
         .await
         .unwrap();
     let select = client
-        .prepare(&format!("SELECT val FROM {TP_TABLE} WHERE id = $1"))
+        .prepare(&format!("SELECT val FROM {table} WHERE id = $1"))
         .await
         .unwrap();
     let divide = client.prepare("SELECT 10 / $1::int").await.unwrap();
@@ -420,14 +512,14 @@ async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync
         let error = client.query_one(&select, &[&base]).await.unwrap_err();
         assert_eq!(sqlstate(&error), "25P02", "{error:?}");
         client.batch_execute("ROLLBACK").await.unwrap();
-        assert_eq!(value_of(&client, base + 2).await, None);
+        assert_eq!(value_of(&client, table, base + 2).await, None);
         assert_eq!(client.query_one(&divide, &[&5i32]).await.unwrap().get::<_, i32>(0), 2);
     }
 
     // COPY in (binary), COPY out (text), then a failing COPY in.
     let rows: Vec<(i32, i32)> = (0..200).map(|k| (100_000 + index * 1000 + k, k * k)).collect();
     let sink = client
-        .copy_in(&format!("COPY {TP_TABLE} (id, worker, val) FROM STDIN (FORMAT BINARY)"))
+        .copy_in(&format!("COPY {table} (id, worker, val) FROM STDIN (FORMAT BINARY)"))
         .await
         .unwrap();
     let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::INT4]));
@@ -438,7 +530,7 @@ async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync
     written += 200;
     let copied: Vec<(i32, i32)> = client
         .query(
-            &format!("SELECT id, val FROM {TP_TABLE} WHERE id >= 100000 AND worker = $1 ORDER BY id"),
+            &format!("SELECT id, val FROM {table} WHERE id >= 100000 AND worker = $1 ORDER BY id"),
             &[&index],
         )
         .await
@@ -449,7 +541,7 @@ async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync
     assert_eq!(copied, rows);
     let out = client
         .copy_out(&format!(
-            "COPY (SELECT id, val FROM {TP_TABLE} WHERE worker = {index} AND id >= 100000 ORDER BY id) TO STDOUT"
+            "COPY (SELECT id, val FROM {table} WHERE worker = {index} AND id >= 100000 ORDER BY id) TO STDOUT"
         ))
         .await
         .unwrap();
@@ -457,7 +549,7 @@ async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync
     let expected: String = rows.iter().map(|(id, val)| format!("{id}\t{val}\n")).collect();
     assert_eq!(String::from_utf8(chunks.concat()).unwrap(), expected);
     let sink = client
-        .copy_in(&format!("COPY {TP_TABLE} (id, worker, val) FROM STDIN (FORMAT BINARY)"))
+        .copy_in(&format!("COPY {table} (id, worker, val) FROM STDIN (FORMAT BINARY)"))
         .await
         .unwrap();
     let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT4, Type::INT4]));
@@ -469,21 +561,20 @@ async fn tokio_postgres_worker(url: String, index: i32, barrier: Arc<tokio::sync
     writer.as_mut().write(&[&rows[0].0, &index, &0i32]).await.unwrap();
     let error = writer.finish().await.unwrap_err();
     assert_eq!(sqlstate(&error), "23505", "{error:?}");
-    assert_eq!(value_of(&client, 200_000 + index).await, None);
+    assert_eq!(value_of(&client, table, 200_000 + index).await, None);
     assert_eq!(show(&client, "application_name").await, expect_app);
     (pids, written)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokio_postgres_named_statements_transactions_copy_and_errors() {
-    let harness = Harness::start(TP_USER).await;
-    let url = harness.proxy.url(TP_USER, TP_USER, "app");
-    let schema = schema_of(TP_USER);
+async fn tokio_postgres_suite(user: &'static str, mode: &'static str, table: &'static str) {
+    let harness = Harness::start_in(user, mode).await;
+    let url = harness.proxy.url(user, user, "app");
+    let schema = schema_of(user);
     let setup = common::connect(&url).await.unwrap();
     setup
         .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {TP_TABLE}; DROP TABLE IF EXISTS {schema}.whereami;
-             CREATE TABLE {TP_TABLE} (id int PRIMARY KEY, worker int NOT NULL, val int NOT NULL);
+            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {schema}.whereami;
+             CREATE TABLE {table} (id int PRIMARY KEY, worker int NOT NULL, val int NOT NULL);
              CREATE TABLE {schema}.whereami (place text);
              INSERT INTO {schema}.whereami VALUES ('{schema}')"
         ))
@@ -496,6 +587,8 @@ async fn tokio_postgres_named_statements_transactions_copy_and_errors() {
                 url.clone(),
                 i32::try_from(index).unwrap(),
                 barrier.clone(),
+                user,
+                table,
             ))
         })
         .collect();
@@ -507,17 +600,27 @@ async fn tokio_postgres_named_statements_transactions_copy_and_errors() {
         written += worker_written;
     }
     println!("{WORKERS} tokio-postgres clients used server connections {pids:?}");
-    assert!(i64::try_from(pids.len()).unwrap() <= POOL_SIZE, "{pids:?}");
+    assert!(i64::try_from(pids.len()).unwrap() <= harness.pool_size, "{pids:?}");
     let total: i64 = setup
-        .query_one(&format!("SELECT count(*) FROM {TP_TABLE}"), &[])
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
         .unwrap()
         .get(0);
     assert_eq!(total, written);
     setup
-        .batch_execute(&format!("DROP TABLE {TP_TABLE}; DROP TABLE {schema}.whereami"))
+        .batch_execute(&format!("DROP TABLE {table}; DROP TABLE {schema}.whereami"))
         .await
         .unwrap();
     drop(setup);
     harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_named_statements_transactions_copy_and_errors() {
+    tokio_postgres_suite("app_t5", "transaction", "drv_tokio_pg").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_named_statements_transactions_copy_and_errors_in_session_mode() {
+    tokio_postgres_suite("app_t14", "session", "drv_tokio_pg_session").await;
 }

@@ -314,3 +314,60 @@ async fn the_admin_console_checks_who_may_do_what() {
     fresh.simple_query("SELECT 1").await.unwrap();
     proxy.shutdown().await;
 }
+
+/// Every worker thread kept by a task that does not yield: the watchdog counts the stall
+/// in pgrelay_runtime_stalls_total, and /metrics and an admin console that is already
+/// connected still answer, from the control thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_worker_stuck_the_console_and_metrics_answer_and_the_stall_is_counted() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cluster = shared_cluster();
+    let proxy = Proxy::start_isolated(&with_metrics(config_for(cluster, "size = 2")), 2).await;
+    let metrics = proxy.running().metrics_addr().unwrap();
+    let console = proxy.connect("app", "app", "pgrelay").await.unwrap();
+    let before = value(&scrape(&proxy).await, "pgrelay_runtime_stalls_total", &[]);
+
+    // Two tasks that keep both of pgrelay's workers for 2.5 s, as a bug would.
+    let stuck = Arc::new(AtomicUsize::new(0));
+    let stuck_tasks: Vec<_> = (0..2)
+        .map(|_| {
+            let stuck = stuck.clone();
+            proxy.runtime().spawn(async move {
+                stuck.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2500));
+                stuck.fetch_sub(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    wait_until("both workers are kept", Duration::from_secs(2), || {
+        let stuck = stuck.clone();
+        async move { stuck.load(Ordering::SeqCst) == 2 }
+    })
+    .await;
+
+    let pools = tokio::time::timeout(Duration::from_millis(1000), console.simple_query("SHOW POOLS"))
+        .await
+        .expect("SHOW POOLS answered while every worker is kept")
+        .unwrap();
+    assert!(pools.len() > 1, "{pools:?}");
+    let (status, _) = tokio::time::timeout(Duration::from_millis(1000), http_get(metrics, "/healthz"))
+        .await
+        .expect("/healthz answered while every worker is kept");
+    assert_eq!(status, 200);
+    assert_eq!(stuck.load(Ordering::SeqCst), 2, "the workers were free meanwhile");
+
+    for task in stuck_tasks {
+        task.await.unwrap();
+    }
+    wait_until("the stall is counted", Duration::from_secs(5), || {
+        let proxy = &proxy;
+        async move { value(&scrape(proxy).await, "pgrelay_runtime_stalls_total", &[]) > before }
+    })
+    .await;
+    // And the workers serve clients again.
+    let client = proxy.app().await;
+    client.simple_query("SELECT 1").await.unwrap();
+    drop((client, console));
+    proxy.shutdown().await;
+}

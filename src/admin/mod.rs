@@ -11,7 +11,7 @@ use bytes::BytesMut;
 
 use crate::cancel::CancelHandle;
 use crate::error::sqlstate;
-use crate::net::{ClientConn, ClientReadError};
+use crate::net::{ClientConn, ClientReadError, ClientStream};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::query_text;
 use crate::protocol::{FrontendTag, TxStatus};
@@ -57,13 +57,76 @@ impl AdminSession {
         }
     }
 
+    /// Runs the console on `control` (the control thread's runtime) where the connection
+    /// can move there, so that it answers while a worker thread is kept by a task. Plain
+    /// TCP moves; a TLS connection's state cannot leave its runtime and stays here.
+    pub async fn run_on(self, control: Option<&tokio::runtime::Handle>, client: ClientConn) {
+        let Some(control) = control else {
+            return self.run(client).await;
+        };
+        let ClientConn {
+            stream,
+            inbuf,
+            outbuf,
+            peer,
+            max_message,
+            bytes_read,
+        } = client;
+        let tcp = match stream {
+            ClientStream::Tcp(tcp) => tcp,
+            stream @ (ClientStream::Tls(_) | ClientStream::Detached) => {
+                let client = ClientConn {
+                    stream,
+                    inbuf,
+                    outbuf,
+                    peer,
+                    max_message,
+                    bytes_read,
+                };
+                return self.run(client).await;
+            }
+        };
+        let Ok(tcp) = tcp.into_std() else { return };
+        let console = control.spawn(async move {
+            let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
+                return;
+            };
+            let client = ClientConn {
+                stream: ClientStream::Tcp(tcp),
+                inbuf,
+                outbuf,
+                peer,
+                max_message,
+                bytes_read,
+            };
+            self.run(client).await;
+        });
+        // Waited for here, so that shutdown waits for the console like for any session.
+        let _ = console.await;
+    }
+
     pub async fn run(self, mut client: ClientConn) {
         let mut skipping_to_sync = false;
+        let mut shutting_down = self.shared.shutting_down();
         loop {
             if client.flush().await.is_err() {
                 return;
             }
-            let frame = match client.next_frame().await {
+            // A console between commands does not hold up pgrelay's shutdown.
+            let next = tokio::select! {
+                next = client.next_frame() => next,
+                () = async { drop(shutting_down.wait_for(|stopping| *stopping).await) } => {
+                    compose::error(
+                        &mut client.outbuf,
+                        Severity::Fatal,
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection because pgrelay is shutting down",
+                    );
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+                    return;
+                }
+            };
+            let frame = match next {
                 Ok(Some(frame)) => frame,
                 Ok(None) | Err(ClientReadError::Io(_)) => return,
                 Err(ClientReadError::Protocol(error)) => {

@@ -44,6 +44,7 @@ pub(crate) struct Families {
     pub(crate) evictions: IntCounterVec,
     pub(crate) build_info: IntGaugeVec,
     pub(crate) reloads: IntCounterVec,
+    pub(crate) runtime_stalls: IntCounter,
 }
 
 impl Families {
@@ -129,8 +130,12 @@ impl Families {
                 ),
                 &["result"],
             )?,
+            runtime_stalls: IntCounter::new(
+                "pgrelay_runtime_stalls_total",
+                "Times a worker thread was kept by one task longer than the watchdog's threshold (1 s), or the runtime missed its heartbeat; each stall counts once.",
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 12] = [
+        let collectors: [Box<dyn Collector>; 13] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -143,6 +148,7 @@ impl Families {
             Box::new(families.evictions.clone()),
             Box::new(families.build_info.clone()),
             Box::new(families.reloads.clone()),
+            Box::new(families.runtime_stalls.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -242,6 +248,11 @@ impl Metrics {
     /// Counts one configuration reload.
     pub fn config_reload(&self, outcome: ReloadOutcome) {
         self.reloads[outcome.index()].inc();
+    }
+
+    /// Counts one stall seen by the watchdog.
+    pub fn runtime_stall(&self) {
+        self.families.runtime_stalls.inc();
     }
 
     /// Installs the callback that reports pools, backends and replica lag at each scrape,

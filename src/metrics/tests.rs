@@ -79,6 +79,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_prepared_statements_evictions_total", "counter", &["database"]),
     ("pgrelay_build_info", "gauge", &["version"]),
     ("pgrelay_config_reloads_total", "counter", &["result"]),
+    ("pgrelay_runtime_stalls_total", "counter", &[]),
 ];
 
 /// A registry where every family has at least one series.

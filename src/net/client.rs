@@ -27,6 +27,9 @@ pub struct ClientConn {
     pub peer: SocketAddr,
     /// Largest message the client may send (max_message_size).
     pub max_message: usize,
+    /// Bytes read from the client so far: with `inbuf`'s length, tells whether a step
+    /// took or read any input.
+    pub bytes_read: u64,
 }
 
 impl ClientConn {
@@ -37,13 +40,18 @@ impl ClientConn {
             outbuf: BytesMut::new(),
             peer,
             max_message,
+            bytes_read: 0,
         }
     }
 
     /// Reads what the socket has into `inbuf`; `Ok(0)` at end of stream.
     pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         reserve_for_read(&mut self.inbuf);
-        poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.inbuf)
+        let read = poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.inbuf);
+        if let Poll::Ready(Ok(n)) = read {
+            self.bytes_read += n as u64;
+        }
+        read
     }
 
     pub async fn read_more(&mut self) -> io::Result<usize> {

@@ -326,6 +326,10 @@ pub struct Shared {
     config_path: Option<std::path::PathBuf>,
     /// The admin console's SHUTDOWN.
     shutdown_requested: tokio::sync::Notify,
+    /// The control thread's runtime, where the admin console runs (see `control`).
+    control: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// The worker runtime, where sessions, pools and monitors run.
+    workers: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Shared {
@@ -333,6 +337,8 @@ impl Shared {
         Arc::new(Shared {
             config_path,
             shutdown_requested: tokio::sync::Notify::new(),
+            control: std::sync::OnceLock::new(),
+            workers: std::sync::OnceLock::new(),
             metrics: observers.metrics,
             registry: observers.registry,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -342,6 +348,22 @@ impl Shared {
             shutting_down: tokio::sync::watch::Sender::new(false),
             accepting: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Remembers the control thread's runtime and the workers' (once, at startup).
+    pub fn set_runtimes(&self, control: tokio::runtime::Handle, workers: tokio::runtime::Handle) {
+        let _ = self.control.set(control);
+        let _ = self.workers.set(workers);
+    }
+
+    /// The worker runtime, once pgrelay runs.
+    pub fn workers(&self) -> Option<&tokio::runtime::Handle> {
+        self.workers.get()
+    }
+
+    /// The control thread's runtime, if pgrelay runs one.
+    pub fn control(&self) -> Option<&tokio::runtime::Handle> {
+        self.control.get()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

@@ -30,6 +30,15 @@ use run::Session;
 /// How long pgrelay tries to deliver a last error to a client that is being refused.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Serves a client connection accepted on another runtime (the control thread's), moving
+/// its socket to this one.
+pub async fn serve_moved(stream: std::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => serve(stream, peer, shared).await,
+        Err(error) => tracing::warn!(client = %peer, %error, "cannot take over an accepted connection"),
+    }
+}
+
 /// Serves one accepted client connection until it ends.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let snapshot = shared.snapshot();
@@ -53,7 +62,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     match started {
         Ok(Some(Started::Session(session))) => session.run(client).await,
-        Ok(Some(Started::Admin(admin))) => admin.run(client).await,
+        Ok(Some(Started::Admin(admin))) => admin.run_on(shared.control(), client).await,
         Ok(None) => {}
         Err(Some(error)) => {
             tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused");

@@ -170,6 +170,10 @@ impl Session {
 
     async fn serve_until_end(&mut self, client: &mut ClientConn) -> End {
         loop {
+            // Every pass of this loop should wait for the client or a server; should one
+            // ever not, the task still yields once its budget is spent instead of
+            // keeping its worker from every other client.
+            tokio::task::coop::consume_budget().await;
             if client.flush().await.is_err() {
                 return End::ClientLeft;
             }
@@ -180,10 +184,23 @@ impl Session {
                 Ok(tag) => tag,
                 Err(end) => return end,
             };
+            let input_before = (client.bytes_read, client.inbuf.len());
             // Boxed: serving one batch needs a large future (waiting for a server,
             // forwarding), while an idle session should cost little memory.
             if let Some(end) = Box::pin(self.exchange(client, tag)).await {
                 return end;
+            }
+            if (client.bytes_read, client.inbuf.len()) == input_before {
+                // Every exchange takes at least the message it was given, or reads more.
+                // One that did neither would be served again and again without end.
+                tracing::error!(client = %client.peer, database = %self.database.name, user = %self.user.name,
+                    message = ?tag, "a client message was neither handled nor kept waiting for input; \
+                    ending the session instead of serving it in a loop (a bug in pgrelay)");
+                return End::ClientBroke(ClientError::new(
+                    Side::Pgrelay,
+                    sqlstate::INTERNAL_ERROR,
+                    "pgrelay could not handle this message",
+                ));
             }
         }
     }
@@ -239,8 +256,7 @@ impl Session {
         self.after_pump(client, server, exit).await
     }
 
-    /// Waits until the input holds a whole message (or, with a server attached, the
-    /// start of one: the forwarding loop streams the rest) and returns its type.
+    /// Waits until the input holds a whole message and returns its type.
     async fn next_message(&mut self, client: &mut ClientConn) -> Result<FrontendTag, End> {
         loop {
             match Header::peek(&client.inbuf) {
@@ -260,9 +276,15 @@ impl Session {
                         let error = ProtocolError::UnexpectedTag(header.tag);
                         return Err(End::ClientBroke(ClientError::protocol_violation(error.to_string())));
                     };
-                    if client.inbuf.len() >= header.len || self.server.is_some() {
+                    if client.inbuf.len() >= header.len {
                         return Ok(tag);
                     }
+                    // Wait for the whole message, even with a server attached: between
+                    // batches the server is in no COPY, so the pump would not stream it
+                    // either, and handing it a partial message made it return at once
+                    // (its server idle) into this loop, which then never read again.
+                    // Room for all of it is made once, so no byte is copied twice.
+                    client.inbuf.reserve(header.len - client.inbuf.len());
                 }
                 Ok(None) => {}
             }

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -28,7 +30,7 @@ pub fn shared_cluster() -> &'static LocalCluster {
                 // Roles of their own for tests that count server connections.
                 "CREATE ROLE app_bench LOGIN PASSWORD 'app_bench'".to_owned(),
                 "CREATE ROLE app_count LOGIN PASSWORD 'app_count'".to_owned(),
-                "DO $$BEGIN FOR i IN 1..8 LOOP EXECUTE format('CREATE ROLE app_t%s LOGIN PASSWORD %L', i, 'app_t' || i); END LOOP; END$$".to_owned(),
+                "DO $$BEGIN FOR i IN 1..16 LOOP EXECUTE format('CREATE ROLE app_t%s LOGIN PASSWORD %L', i, 'app_t' || i); END LOOP; END$$".to_owned(),
                 "GRANT ALL ON DATABASE other TO app_bench".to_owned(),
                 "\\c other".to_owned(),
                 "GRANT ALL ON SCHEMA public TO app_bench".to_owned(),
@@ -67,6 +69,18 @@ fn register_cleanup(cluster: &'static LocalCluster) {
 pub struct Proxy {
     running: Option<Running>,
     pub addr: SocketAddr,
+    /// pgrelay's own runtime, for a proxy started with [`Proxy::start_isolated`].
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        drop(self.running.take());
+        if let Some(runtime) = self.runtime.take() {
+            // Dropped inside the test's own runtime: blocking there is not allowed.
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Proxy {
@@ -80,7 +94,39 @@ impl Proxy {
         Proxy {
             running: Some(running),
             addr,
+            runtime: None,
         }
+    }
+
+    /// Like [`Proxy::start`], on a runtime of pgrelay's own with `workers` threads, as in
+    /// `pgrelay run`: should pgrelay stall a worker, the test's own runtime goes on, so
+    /// the test fails by its timeouts instead of hanging with it.
+    pub async fn start_isolated(config: &str, workers: usize) -> Proxy {
+        let text = format!("{}\n", config.replace("LISTEN", "127.0.0.1:0"));
+        let config =
+            pgrelay::config::parse(&text).unwrap_or_else(|errors| panic!("test config invalid:\n{errors}\n{text}"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("pgrelay-test-worker")
+            .enable_all()
+            .build()
+            .expect("pgrelay's runtime");
+        let running = runtime
+            .spawn(app::start(config))
+            .await
+            .expect("start task")
+            .expect("start pgrelay");
+        let addr = running.local_addr();
+        Proxy {
+            running: Some(running),
+            addr,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// The runtime pgrelay runs on, for a proxy started with [`Proxy::start_isolated`].
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        self.runtime.as_ref().expect("an isolated proxy").handle()
     }
 
     pub fn running(&self) -> &Running {
@@ -182,7 +228,7 @@ primary = "{primary}"
 primary = "{primary}"
 "#,
         primary = cluster.primary().addr(),
-        numbered = (1..=8)
+        numbered = (1..=16)
             .map(|i| format!("\n[[users]]\nname = \"app_t{i}\"\npassword = \"app_t{i}\"\n"))
             .collect::<String>(),
     )
@@ -208,6 +254,18 @@ pub fn config_with_replica(cluster: &LocalCluster, pool: &str, routing: &str) ->
             replicas.join(", ")
         ),
     )
+}
+
+/// pgrelay_runtime_stalls_total of a running proxy.
+pub fn runtime_stalls(proxy: &Proxy) -> f64 {
+    proxy
+        .running()
+        .shared()
+        .metrics
+        .gather()
+        .iter()
+        .find(|family| family.name() == "pgrelay_runtime_stalls_total")
+        .map_or(0.0, |family| family.get_metric()[0].get_counter().get_value())
 }
 
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.

@@ -1,4 +1,5 @@
-"""asyncpg through a transaction-mode pgrelay pool smaller than the number of clients.
+"""asyncpg through pgrelay: a transaction-mode pool smaller than the number of clients, or
+a session-mode pool.
 
 Run by tests/drivers.rs with the connection details in PGRELAY_* variables. asyncpg
 prepares every statement it runs as a named server-side statement (its statement cache)
@@ -24,6 +25,7 @@ DATABASE = os.environ["PGRELAY_DATABASE"]
 SCHEMA = os.environ["PGRELAY_SCHEMA"]  # owned by USER, made by the harness
 POOL_SIZE = int(os.environ["PGRELAY_POOL_SIZE"])
 WORKERS = int(os.environ.get("PGRELAY_WORKERS", "8"))
+SESSION_MODE = os.environ.get("PGRELAY_POOL_MODE") == "session"
 ROUNDS = int(os.environ.get("PGRELAY_ROUNDS", "6"))
 
 TABLE = "drv_asyncpg"
@@ -201,7 +203,8 @@ async def run_workers():
         text = "\n".join(f"worker {i}:\n{''.join(traceback.format_exception(r))}" for i, r in failures)
         raise AssertionError(text)
     log(f"{WORKERS} concurrent clients used {len(pids)} server connections: {sorted(pids)}")
-    assert WORKERS > POOL_SIZE
+    # Transaction mode shares fewer servers among more clients; session mode gives each its own.
+    assert SESSION_MODE or WORKERS > POOL_SIZE
     assert 1 <= len(pids) <= POOL_SIZE, f"{len(pids)} server connections for a pool of {POOL_SIZE}"
     conn = await connect()
     try:
@@ -252,6 +255,53 @@ async def pool_checks():
         await asyncio.wait_for(pool.close(), 30)
 
 
+async def large_values():
+    """A prepared statement run with a small, then large values, each twice (fetchval)."""
+    conn = await connect()
+    try:
+        st = await conn.prepare("SELECT $1::bytea")
+        assert await st.fetchval(b"foo") == b"foo"
+        for size in (70_000, 200_000, 1 << 20):
+            for _ in range(2):
+                value = await asyncio.wait_for(st.fetchval(b"f" * size), 30)
+                assert value == b"f" * size, f"{size} bytes came back as {len(value)}"
+    finally:
+        await conn.close()
+
+
+async def short_sessions_with_types():
+    """Dozens of short connections that create types and domains, use composite and range
+    values through asyncpg's type introspection, and disconnect."""
+    for k in range(36):
+        conn = await connect()
+        try:
+            async with conn.transaction():
+                await conn.execute(f"DROP TYPE IF EXISTS {SCHEMA}.pair_{k} CASCADE")
+                await conn.execute(f"CREATE TYPE {SCHEMA}.pair_{k} AS (a int, b text)")
+                await conn.execute(f"DROP DOMAIN IF EXISTS {SCHEMA}.positive_{k}")
+                await conn.execute(f"CREATE DOMAIN {SCHEMA}.positive_{k} AS int CHECK (VALUE > 0)")
+            pair = await conn.fetchval(f"SELECT ROW($1::int, $2::text)::{SCHEMA}.pair_{k}", k, "x" * k)
+            assert tuple(pair) == (k, "x" * k), pair
+            assert await conn.fetchval(f"SELECT $1::{SCHEMA}.positive_{k}", k + 1) == k + 1
+            span = await conn.fetchval("SELECT int4range($1, $2)", k, k + 10)
+            assert (span.lower, span.upper) == (k, k + 10), span
+            spans = await conn.fetchval("SELECT ARRAY[int4range(1, $1), int4range($1, 100)]", k + 2)
+            assert len(spans) == 2
+        finally:
+            if k % 3 == 0:
+                # Leave abruptly, as a crashed client would.
+                conn.terminate()
+            else:
+                await conn.close()
+    conn = await connect()
+    try:
+        for k in range(36):
+            await conn.execute(f"DROP TYPE {SCHEMA}.pair_{k} CASCADE")
+            await conn.execute(f"DROP DOMAIN {SCHEMA}.positive_{k}")
+    finally:
+        await conn.close()
+
+
 async def main():
     started = time.monotonic()
     log(f"asyncpg {asyncpg.__version__}, {WORKERS} clients, pool of {POOL_SIZE}")
@@ -260,6 +310,10 @@ async def main():
     log("workers done")
     await pool_checks()
     log("pool checks done")
+    await large_values()
+    log("large values done")
+    await short_sessions_with_types()
+    log("short sessions with types done")
     conn = await connect()
     try:
         await conn.execute(f"DROP TABLE {TABLE}")

@@ -37,6 +37,11 @@ const FENCE_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
 const HIGH_WATER: usize = 256 * 1024;
 
+/// Rounds of reading and writing one poll may do before it lets the worker serve other
+/// clients. Each round handles what one read from each side brought (and stops taking
+/// input past HIGH_WATER), so this bounds one poll even when both peers always have more.
+const ROUNDS_PER_POLL: usize = 32;
+
 /// Why forwarding stopped.
 #[derive(Debug)]
 pub(super) enum PumpExit {
@@ -182,8 +187,13 @@ impl<'a> Pump<'a> {
         poll_fn(|cx| self.poll(cx)).await
     }
 
+    /// One poll: rounds of writing, reading and handling input while any of them makes
+    /// progress. It ends when no side can move without waiting (`Pending`, woken by the
+    /// sockets), or after ROUNDS_PER_POLL rounds (`Pending` after waking itself, so the
+    /// task goes to the back of the queue). Tokio's budget also turns socket operations
+    /// `Pending` once a task has done enough in one go.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<PumpExit> {
-        loop {
+        for _ in 0..ROUNDS_PER_POLL {
             if self.server.expect.needs_barrier() {
                 // Settles whether answers to Syncs behind a failed COPY are still coming.
                 self.server.send_barrier();
@@ -247,6 +257,8 @@ impl<'a> Pump<'a> {
                 return Poll::Pending;
             }
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// A batch was answered with ReadyForQuery.
