@@ -102,6 +102,13 @@ impl ClientError {
                 format!("server connection for database \"{database}\" failed")
             }
         };
-        Self::new(Side::Server, sqlstate::CONNECTION_FAILURE, message)
+        // The server's own reason when it gave one as it ended the session (57P01
+        // administrator command, 57P02 crash of another process...): what a direct
+        // connection would have shown.
+        let code: Cow<'static, str> = match error {
+            UpstreamError::Terminated { sqlstate, .. } if sqlstate.len() == 5 => sqlstate.clone().into(),
+            _ => sqlstate::CONNECTION_FAILURE.into(),
+        };
+        Self::new(Side::Server, code, message)
     }
 }

@@ -26,6 +26,8 @@ pub struct PoolConfig {
     pub server_reset_query: Option<String>,
     /// Per server connection, in transaction and statement mode.
     pub max_prepared_statements: usize,
+    /// Re-run a read-only autocommit batch whose server failed before it answered.
+    pub retry_reads: bool,
 }
 
 impl Default for PoolConfig {
@@ -42,6 +44,7 @@ impl Default for PoolConfig {
             server_lifetime: Some(Duration::from_secs(3600)),
             server_reset_query: Some("DISCARD ALL".to_owned()),
             max_prepared_statements: 200,
+            retry_reads: true,
         }
     }
 }
@@ -63,6 +66,7 @@ pub struct PoolOverrides {
     pub server_lifetime: Option<Option<Duration>>,
     pub server_reset_query: Option<Option<String>>,
     pub max_prepared_statements: Option<usize>,
+    pub retry_reads: Option<bool>,
 }
 
 impl PoolOverrides {
@@ -83,6 +87,7 @@ impl PoolOverrides {
             server_lifetime: pick(&self.server_lifetime, &base.server_lifetime),
             server_reset_query: pick(&self.server_reset_query, &base.server_reset_query),
             max_prepared_statements: pick(&self.max_prepared_statements, &base.max_prepared_statements),
+            retry_reads: pick(&self.retry_reads, &base.retry_reads),
         }
     }
 

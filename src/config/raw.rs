@@ -56,6 +56,7 @@ struct RawPool {
     server_lifetime: Option<DurationValue>,
     server_reset_query: Option<String>,
     max_prepared_statements: Option<usize>,
+    retry_reads: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -218,6 +219,7 @@ fn pool(raw: RawPool) -> PoolOverrides {
             .server_reset_query
             .map(|query| (!query.trim().is_empty()).then_some(query)),
         max_prepared_statements: raw.max_prepared_statements,
+        retry_reads: raw.retry_reads,
     }
 }
 

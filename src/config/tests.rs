@@ -126,6 +126,7 @@ fn full_file_with_every_key() {
             server_lifetime: Some(Duration::from_secs(2 * 86_400)),
             server_reset_query: None,
             max_prepared_statements: 50,
+            retry_reads: true,
         }
     );
 
@@ -166,6 +167,7 @@ fn full_file_with_every_key() {
             server_lifetime: None,
             server_reset_query: Some("RESET ALL".to_owned()),
             max_prepared_statements: 10,
+            retry_reads: true,
         }
     );
     assert_eq!(

@@ -205,6 +205,12 @@ impl LocalCluster {
         node.stop(self.ctx.startup_timeout)
     }
 
+    /// Immediate shutdown (`pg_ctl stop -m immediate`): no checkpoint, crash recovery at
+    /// the next start. Stopping a stopped node is a no-op.
+    pub fn stop_immediate(&self, node: &Node) -> Result<()> {
+        node.stop_immediate(self.ctx.startup_timeout)
+    }
+
     /// SIGKILL, like a crash; returns once its orphaned server processes are gone too.
     pub fn kill(&self, node: &Node) -> Result<()> {
         node.kill(self.ctx.startup_timeout)

@@ -349,6 +349,17 @@ impl Node {
         }
     }
 
+    /// Immediate shutdown (SIGQUIT, as `pg_ctl stop -m immediate`): every server process
+    /// exits at once without a checkpoint; the next start runs crash recovery.
+    pub(super) fn stop_immediate(&self, timeout: Duration) -> Result<()> {
+        self.signal(Signal::SIGQUIT);
+        if self.wait_exit(timeout) {
+            Ok(())
+        } else {
+            Err(self.timeout("shut down after SIGQUIT", timeout))
+        }
+    }
+
     /// SIGKILL to the postmaster, then wait for the orphaned backends and auxiliary processes
     /// to notice and exit, since they would keep the shared memory busy and block a restart.
     pub(super) fn kill(&self, timeout: Duration) -> Result<()> {

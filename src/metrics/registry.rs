@@ -45,6 +45,7 @@ pub(crate) struct Families {
     pub(crate) build_info: IntGaugeVec,
     pub(crate) reloads: IntCounterVec,
     pub(crate) runtime_stalls: IntCounter,
+    pub(crate) retries: IntCounterVec,
 }
 
 impl Families {
@@ -134,8 +135,15 @@ impl Families {
                 "pgrelay_runtime_stalls_total",
                 "Times a worker thread was kept by one task longer than the watchdog's threshold (1 s), or the runtime missed its heartbeat; each stall counts once.",
             )?,
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_retries_total",
+                    "Work pgrelay did again because a server failed before it ran: reason = connect (a checkout whose server refused or reset the login, tried again within query_wait_timeout), read (a read-only statement re-run on another server).",
+                ),
+                &["database", "reason"],
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 13] = [
+        let collectors: [Box<dyn Collector>; 14] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -149,6 +157,7 @@ impl Families {
             Box::new(families.build_info.clone()),
             Box::new(families.reloads.clone()),
             Box::new(families.runtime_stalls.clone()),
+            Box::new(families.retries.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -248,6 +257,12 @@ impl Metrics {
     /// Counts one configuration reload.
     pub fn config_reload(&self, outcome: ReloadOutcome) {
         self.reloads[outcome.index()].inc();
+    }
+
+    /// Counts one retry for `database` (`reason`: connect, read). Rare: the label look-up
+    /// here is fine.
+    pub fn retry(&self, database: &str, reason: &str) {
+        self.families.retries.with_label_values(&[database, reason]).inc();
     }
 
     /// Counts one stall seen by the watchdog.

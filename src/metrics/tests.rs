@@ -80,6 +80,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_build_info", "gauge", &["version"]),
     ("pgrelay_config_reloads_total", "counter", &["result"]),
     ("pgrelay_runtime_stalls_total", "counter", &[]),
+    ("pgrelay_retries_total", "counter", &["database", "reason"]),
 ];
 
 /// A registry where every family has at least one series.
@@ -93,6 +94,7 @@ fn busy_metrics() -> Metrics {
     session.client_error("53300");
     session.prepared_statements_evicted(2);
     metrics.server_connect_errors("app", "10.0.0.1:5432").inc();
+    metrics.retry("app", "connect");
     metrics.set_state_source(|sink| {
         sink.pool("app", "alice", Role::Primary, "10.0.0.1:5432", pool(20, 5, 3, 1, 0));
         sink.backend("app", Role::Primary, "10.0.0.1:5432", true);

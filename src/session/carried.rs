@@ -21,6 +21,10 @@ pub(crate) struct Carried {
     /// The WAL position of this client's last committed write: its reads go to a
     /// replica only once that replica has replayed it.
     pub write_fence: Option<crate::cluster::Lsn>,
+    /// A write of this client may have committed without its position being learnt (its
+    /// server failed first): its reads stay on the primary until a later write's
+    /// position is known.
+    pub fence_lost: bool,
 }
 
 impl Carried {

@@ -116,27 +116,27 @@ impl LocalState {
             FrontendTag::Flush | FrontendTag::CopyData | FrontendTag::CopyDone | FrontendTag::CopyFail => {}
             _ if skipping => {}
             FrontendTag::Query => match query_text(frame.body()) {
-                Ok(sql) if ends_transaction(sql) => {
+                Ok(sql) if self.may_end_lost_transaction(sql, out) => {
                     self.tx = LocalTx::Idle;
                     compose::command_complete(out, "ROLLBACK");
                     compose::ready_for_query(out, TxStatus::Idle);
                 }
-                Ok(_) => {
-                    self.refuse_in_aborted(out);
+                Ok(sql) => {
+                    self.refuse_in_aborted(sql, out);
                     compose::ready_for_query(out, self.status());
                 }
                 Err(error) => return Answer::Broke(ClientError::protocol_violation(error.to_string())),
             },
             FrontendTag::FunctionCall => {
-                self.refuse_in_aborted(out);
+                self.refuse_in_aborted("", out);
                 compose::ready_for_query(out, self.status());
             }
             FrontendTag::Parse => match ParseView::read(frame.body()) {
-                Ok(parse) if ends_transaction(parse.query) => {
+                Ok(parse) if self.may_end_lost_transaction(parse.query, out) => {
                     self.rollback_pending = true;
                     compose::parse_complete(out);
                 }
-                Ok(_) => self.refuse_extended(out),
+                Ok(parse) => self.refuse_extended(parse.query, out),
                 Err(error) => return Answer::Broke(ClientError::protocol_violation(error.to_string())),
             },
             FrontendTag::Bind if self.rollback_pending => compose::bind_complete(out),
@@ -153,7 +153,7 @@ impl LocalState {
                 compose::no_data(out);
             }
             FrontendTag::Bind | FrontendTag::Execute | FrontendTag::Close | FrontendTag::Describe => {
-                self.refuse_extended(out)
+                self.refuse_extended("", out)
             }
             FrontendTag::Terminate | FrontendTag::Password => {}
         }
@@ -225,12 +225,46 @@ impl LocalState {
         }
     }
 
-    fn refuse_in_aborted(&mut self, out: &mut BytesMut) {
+    /// Whether `sql` ends the lost transaction now: only a ROLLBACK (or ABORT) does, as
+    /// the client asked; if the client has not heard of the loss yet, it gets it as a
+    /// warning. A COMMIT never does: it fails with the loss, however often it is sent,
+    /// never answered with the ROLLBACK tag PostgreSQL gives the end of a failed block,
+    /// which drivers take for success (some never see the first error: tokio-postgres,
+    /// for one, drops the reply to the Close it sends in the background).
+    fn may_end_lost_transaction(&mut self, sql: &str, out: &mut BytesMut) -> bool {
+        if !is_rollback(sql) {
+            return false;
+        }
+        match &mut self.tx {
+            LocalTx::Aborted { reported: true, .. } => true,
+            LocalTx::Aborted { failure, reported } => {
+                *reported = true;
+                compose::notice(
+                    out,
+                    &failure.sqlstate,
+                    &format!("the transaction was already lost with its server: {}", failure.message),
+                );
+                true
+            }
+            LocalTx::Idle | LocalTx::DeferredBegin { .. } => false,
+        }
+    }
+
+    /// Refuses `sql` (empty when not a simple query) in the lost transaction.
+    fn refuse_in_aborted(&mut self, sql: &str, out: &mut BytesMut) {
         let error = match &mut self.tx {
             LocalTx::Aborted { failure, reported } if !*reported => {
                 *reported = true;
                 failure.clone()
             }
+            LocalTx::Aborted { failure, .. } if ends_transaction(sql) => ClientError::new(
+                Side::Server,
+                failure.sqlstate.clone(),
+                format!(
+                    "the transaction was lost with its server and cannot commit ({}); end it with ROLLBACK",
+                    failure.message
+                ),
+            ),
             LocalTx::Aborted { failure, .. } => ClientError::new(
                 Side::Server,
                 sqlstate::IN_FAILED_TRANSACTION,
@@ -244,8 +278,8 @@ impl LocalState {
         compose::error(out, Severity::Error, &error.sqlstate, &error.message);
     }
 
-    fn refuse_extended(&mut self, out: &mut BytesMut) {
-        self.refuse_in_aborted(out);
+    fn refuse_extended(&mut self, sql: &str, out: &mut BytesMut) {
+        self.refuse_in_aborted(sql, out);
         self.skipping_to_sync = true;
     }
 }
@@ -257,6 +291,17 @@ fn take_frame(inbuf: &mut BytesMut) -> Option<Frame> {
         return None;
     }
     Frame::from_bytes(inbuf.split_to(header.len).freeze()).ok()
+}
+
+/// True for ROLLBACK and ABORT (not ROLLBACK TO SAVEPOINT or ROLLBACK PREPARED).
+fn is_rollback(sql: &str) -> bool {
+    let lowered: String = sql
+        .trim_start()
+        .chars()
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    (lowered.starts_with("rollback") || lowered.starts_with("abort")) && ends_transaction(sql)
 }
 
 /// True for statements that end a transaction block: in an aborted transaction they
@@ -303,5 +348,92 @@ mod tests {
         ] {
             assert!(!ends_transaction(sql), "{sql}");
         }
+    }
+
+    /// The types of the messages in `out`, with the SQLSTATE of errors and notices and the
+    /// tag of CommandComplete: `N:57P01 C:ROLLBACK Z:I`.
+    fn replies(out: &[u8]) -> String {
+        let mut shown = Vec::new();
+        let mut rest = out;
+        while rest.len() >= 5 {
+            let len = 1 + u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let (message, after) = rest.split_at(len);
+            let body = &message[5..];
+            let text = match message[0] {
+                b'E' | b'N' => {
+                    let code = body
+                        .split(|&b| b == 0)
+                        .find_map(|field| field.strip_prefix(b"C"))
+                        .unwrap_or_default();
+                    format!("{}:{}", message[0] as char, String::from_utf8_lossy(code))
+                }
+                b'C' => format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1])),
+                b'Z' => format!("Z:{}", body[0] as char),
+                tag => (tag as char).to_string(),
+            };
+            shown.push(text);
+            rest = after;
+        }
+        shown.join(" ")
+    }
+
+    fn query(sql: &str) -> BytesMut {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut buf).unwrap();
+        buf
+    }
+
+    fn lost() -> LocalState {
+        let mut state = LocalState::new();
+        state.tx = LocalTx::Aborted {
+            failure: ClientError::new(
+                Side::Server,
+                "57P01",
+                "terminating connection due to administrator command",
+            ),
+            reported: false,
+        };
+        state
+    }
+
+    fn send(state: &mut LocalState, sql: &str) -> String {
+        let mut out = BytesMut::new();
+        let answer = state.answer(FrontendTag::Query, &mut query(sql), &mut out, None);
+        assert!(matches!(answer, Answer::Answered), "{answer:?}");
+        replies(&out)
+    }
+
+    #[test]
+    fn a_commit_of_a_lost_transaction_fails_and_never_looks_like_success() {
+        let mut state = lost();
+        assert_eq!(send(&mut state, "COMMIT"), "E:57P01 Z:E");
+        assert_eq!(send(&mut state, "SELECT 1"), "E:25P02 Z:E");
+        // However often: a driver may have dropped the first error unseen.
+        assert_eq!(send(&mut state, "COMMIT"), "E:57P01 Z:E");
+        assert_eq!(send(&mut state, "END"), "E:57P01 Z:E");
+        assert_eq!(send(&mut state, "ROLLBACK"), "C:ROLLBACK Z:I");
+        assert_eq!(state.tx, LocalTx::Idle);
+    }
+
+    #[test]
+    fn a_rollback_of_a_lost_transaction_succeeds_with_a_warning() {
+        let mut state = lost();
+        assert_eq!(send(&mut state, "rollback"), "N:57P01 C:ROLLBACK Z:I");
+        let mut state = lost();
+        assert_eq!(send(&mut state, "ABORT"), "N:57P01 C:ROLLBACK Z:I");
+        let mut state = lost();
+        assert_eq!(send(&mut state, "ROLLBACK TO SAVEPOINT a"), "E:57P01 Z:E");
+    }
+
+    #[test]
+    fn an_extended_commit_of_a_lost_transaction_fails_up_to_its_sync() {
+        let mut state = lost();
+        let mut input = BytesMut::new();
+        postgres_protocol::message::frontend::parse("", "COMMIT", std::iter::empty(), &mut input).unwrap();
+        postgres_protocol::message::frontend::sync(&mut input);
+        let mut out = BytesMut::new();
+        state.answer(FrontendTag::Parse, &mut input, &mut out, None);
+        state.answer(FrontendTag::Sync, &mut input, &mut out, None);
+        assert_eq!(replies(&out), "E:57P01 Z:E");
     }
 }

@@ -3,6 +3,8 @@
 //! checking out a connection from the chosen server, falling back from a replica that
 //! refuses connections to the next one and finally to the primary.
 
+use std::time::{Duration, Instant};
+
 use super::local::LocalTx;
 use super::prepared::ClientStatements;
 use crate::cluster::BAN_DURATION;
@@ -65,11 +67,67 @@ pub(super) fn plan_batch(inbuf: &[u8], statements: &ClientStatements, classifier
     }
 }
 
+/// A copy of the batch at the front of the input, to run it again should its server fail
+/// before answering; `None` if the batch holds a message whose effect cannot be undone
+/// by a failure (a named Parse or a Close change what the client's names mean) or is
+/// not whole.
+pub(super) fn batch_copy(inbuf: &[u8]) -> Option<bytes::Bytes> {
+    let mut offset = 0;
+    loop {
+        let header = Header::peek(&inbuf[offset..]).ok()??;
+        let body = inbuf.get(offset + HEADER_LEN..offset + header.len)?;
+        offset += header.len;
+        match FrontendTag::from_byte(header.tag)? {
+            FrontendTag::Query | FrontendTag::Sync => return Some(bytes::Bytes::copy_from_slice(&inbuf[..offset])),
+            FrontendTag::Parse if ParseView::read(body).ok()?.name.is_empty() => {}
+            FrontendTag::Bind | FrontendTag::Describe | FrontendTag::Execute | FrontendTag::Flush => {}
+            _ => return None,
+        }
+    }
+}
+
 /// Where a batch ended up: the host, whether it is a replica, and why.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Placement {
     pub target: Target,
     pub reason: Reason,
+}
+
+/// Shortest and longest pause between two tries of a server that cannot be reached.
+const RETRY_PAUSE: (Duration, Duration) = (Duration::from_millis(25), Duration::from_millis(250));
+
+/// Like [`checkout_for`], but a server that cannot be reached right now (it refused or
+/// reset the login, is starting up or shutting down, or has no slot free) is tried
+/// again with a growing pause, for up to `patience` in all: nothing was sent to it, so
+/// waiting is safe, and a restart of a few seconds costs the client a delay instead of
+/// an error. `on_retry` is called before each new try.
+pub(super) async fn checkout_patiently(
+    decision: Decision,
+    fence: Option<Lsn>,
+    database: &DatabaseEntry,
+    pools: &UserPools,
+    patience: Option<Duration>,
+    mut on_retry: impl FnMut(&PoolError),
+) -> Result<(Checkout, Placement), PoolError> {
+    let deadline = patience.map(|patience| Instant::now() + patience);
+    let mut pause = RETRY_PAUSE.0;
+    loop {
+        let error = match checkout_for(decision, fence, database, pools).await {
+            Ok(found) => return Ok(found),
+            Err(error) => error,
+        };
+        let transient = match &error {
+            PoolError::Connect(upstream) => upstream.is_transient(),
+            PoolError::ConnectTimeout => true,
+            PoolError::WaitTimeout | PoolError::Closed => false,
+        };
+        if !transient || deadline.is_some_and(|deadline| Instant::now() + pause >= deadline) {
+            return Err(error);
+        }
+        on_retry(&error);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_PAUSE.1);
+    }
 }
 
 /// A server connection for a routing decision: a replica that can serve the read

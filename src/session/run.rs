@@ -27,10 +27,13 @@ use crate::registry::{ClientRegistration, LinkState};
 use crate::route::PinReason;
 use crate::router::{self, Decision, Reason, Target};
 use crate::runtime::{DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
-use crate::upstream::{Expect, ParamDiff, Recipient, SessionParams};
+use crate::upstream::{Expect, ParamDiff, Recipient, SessionParams, UpstreamError};
 
 /// How long pgrelay waits for ROLLBACK or the reset query before closing the server.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs of one read batch, the first included, when its servers keep failing.
+const MAX_READ_RUNS: u8 = 3;
 
 /// Client input pgrelay buffers while the client waits for a server.
 const WAITING_INPUT_LIMIT: usize = 1 << 20;
@@ -47,8 +50,12 @@ enum End {
     Shutdown,
     /// The admin console killed the client's database.
     Killed,
-    /// Session mode: the client's server failed, and its session state with it.
+    /// Session mode, or a pinned client: the client's server failed, and its session
+    /// state with it.
     ServerLost(ClientError),
+    /// The server failed in the middle of a message that was being streamed to the
+    /// client: nothing more can be framed, so the connection is closed without a word.
+    ServerLostMidMessage,
 }
 
 pub(crate) struct Session {
@@ -75,6 +82,13 @@ pub(crate) struct Session {
     registration: ClientRegistration,
     idle_timeout: Option<Duration>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// The batch being served only reads, outside a transaction (set by `route`).
+    rerunnable: bool,
+    /// Runs of the current read batch after its server failed, and when the first began.
+    read_retries: (u8, Option<std::time::Instant>),
+    /// The last exchange put its batch back to run it again (a bounded number of times):
+    /// it made progress even though the input looks the same.
+    rerun_pending: bool,
 }
 
 impl Session {
@@ -109,6 +123,9 @@ impl Session {
                 ..Carried::default()
             },
             on_replica: false,
+            rerunnable: false,
+            read_retries: (0, None),
+            rerun_pending: false,
             local: LocalState::new(),
             server: None,
             client_state: metrics.client_state(ClientState::Idle),
@@ -122,7 +139,7 @@ impl Session {
     pub(super) async fn run(mut self: Box<Self>, mut client: ClientConn) {
         let end = self.serve(&mut client).await;
         let farewell = match &end {
-            End::ClientLeft => None,
+            End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
             End::Killed => Some(ClientError::new(
                 Side::Pgrelay,
@@ -190,7 +207,8 @@ impl Session {
             if let Some(end) = Box::pin(self.exchange(client, tag)).await {
                 return end;
             }
-            if (client.bytes_read, client.inbuf.len()) == input_before {
+            let rerun = std::mem::take(&mut self.rerun_pending);
+            if (client.bytes_read, client.inbuf.len()) == input_before && !rerun {
                 // Every exchange takes at least the message it was given, or reads more.
                 // One that did neither would be served again and again without end.
                 tracing::error!(client = %client.peer, database = %self.database.name, user = %self.user.name,
@@ -208,6 +226,8 @@ impl Session {
     /// Serves the message at the front of the input: answers it, or gets a server and
     /// forwards until the server is idle again. `Some` ends the session.
     async fn exchange(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Option<End> {
+        // A copy of a read-only batch, to run it again should its server fail first.
+        let mut rerun = None;
         if self.server.is_none() {
             let defer_begin = (self.database.routing.transactions == TransactionRouting::FirstStatement
                 && self.database.mode() == PoolMode::Transaction)
@@ -226,6 +246,9 @@ impl Session {
                 Ok(server) => self.server = Some(server),
                 Err(Some(end)) => return Some(end),
                 Err(None) => return None,
+            }
+            if self.rerunnable && self.database.pool.retry_reads && !self.carried.pins.is_pinned() {
+                rerun = routing::batch_copy(&client.inbuf);
             }
         }
         let mut server = self.server.take()?;
@@ -252,8 +275,9 @@ impl Session {
         } else {
             pump
         };
+        let pump = if rerun.is_some() { pump.rerunnable() } else { pump };
         let exit = pump.run().await;
-        self.after_pump(client, server, exit).await
+        self.after_pump(client, server, exit, rerun).await
     }
 
     /// Waits until the input holds a whole message and returns its type.
@@ -321,14 +345,27 @@ impl Session {
     /// Waits for a server for the message at the front of the input. On failure the
     /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
     async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
-        let (decision, fence) = self.route(client);
+        let (decision, fence, rerunnable) = self.route(client);
+        self.rerunnable = rerunnable;
         self.set_state(ClientState::Waiting);
         let database = self.database.clone();
         let pools = self.pools.clone();
+        let metrics = self.shared.metrics.clone();
+        let peer = client.peer;
         let checkout = async move {
             // PAUSE holds new transactions here until RESUME.
             database.wait_resumed().await;
-            routing::checkout_for(decision, fence, &database, &pools).await
+            let patience = database.pool.query_wait_timeout;
+            let mut tries = 0u32;
+            routing::checkout_patiently(decision, fence, &database, &pools, patience, |error| {
+                if tries == 0 {
+                    tracing::info!(client = %peer, database = %database.name, %error,
+                        "server not reachable right now: trying again within query_wait_timeout");
+                }
+                tries += 1;
+                metrics.retry(&database.name, "connect");
+            })
+            .await
         };
         tokio::pin!(checkout);
         loop {
@@ -449,7 +486,7 @@ impl Session {
     /// Where the batch at the front of the input goes.
     /// Where the batch at the front of the input goes, and for a read the WAL position a
     /// replica must have replayed to serve it.
-    fn route(&self, client: &ClientConn) -> (Decision, Option<Lsn>) {
+    fn route(&self, client: &ClientConn) -> (Decision, Option<Lsn>, bool) {
         let routing = &self.database.routing;
         if self.database.mode() == PoolMode::Session {
             // The whole session runs on one server.
@@ -463,7 +500,7 @@ impl Session {
             } else {
                 Reason::Write
             };
-            return (Decision { target, reason }, None);
+            return (Decision { target, reason }, None, false);
         }
         let batch = routing::plan_batch(
             &client.inbuf,
@@ -471,6 +508,13 @@ impl Session {
             &self.database.classifier,
             &self.local.tx,
         );
+        // Only reads, whole, outside any transaction: safe to run again elsewhere.
+        let rerunnable = batch.all_read
+            && batch.complete
+            && !batch.unparsed
+            && batch.transaction.is_none()
+            && !batch.pins
+            && matches!(self.local.tx, LocalTx::Idle);
         let mut decision = router::decide(&batch, routing, self.database.has_replicas());
         // A hot standby refuses serializable transactions, READ ONLY or not.
         if decision.target == Target::Replica
@@ -487,13 +531,15 @@ impl Session {
         }
         let fence = match routing.consistency {
             Consistency::Eventual => None,
+            // No replica can be shown to have the lost position: all of them stay behind.
+            Consistency::Session | Consistency::Causal if self.carried.fence_lost => Some(Lsn(u64::MAX)),
             Consistency::Session => self.carried.write_fence,
             Consistency::Causal => self
                 .carried
                 .write_fence
                 .max(self.database.fences.fence_for(&batch.tables)),
         };
-        (decision, fence)
+        (decision, fence, rerunnable)
     }
 
     /// Brings the server's settings in line with the client's, sends a held-back BEGIN,
@@ -520,10 +566,17 @@ impl Session {
         });
     }
 
-    async fn after_pump(&mut self, client: &mut ClientConn, mut server: Checkout, exit: PumpExit) -> Option<End> {
+    async fn after_pump(
+        &mut self,
+        client: &mut ClientConn,
+        mut server: Checkout,
+        exit: PumpExit,
+        rerun: Option<bytes::Bytes>,
+    ) -> Option<End> {
         self.sync_pins();
         match exit {
             PumpExit::ServerIdle => {
+                self.read_retries = (0, None);
                 if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
                     server.holds_client_state = true;
                     self.server = Some(server);
@@ -561,18 +614,48 @@ impl Session {
                 self.server = Some(server);
                 Some(End::ClientBroke(ClientError::protocol_violation(error.to_string())))
             }
-            PumpExit::ServerFailed(failure) => {
+            PumpExit::ServerFailed { failure, replied } => {
                 let in_transaction = server.status() != TxStatus::Idle;
-                let owed = server.expect.readies_owed_to_client();
+                let mid_message = server.passthrough > 0 && server.passthrough_to_client;
+                let owed = server.expect.readies_owed_on_loss();
+                // Extended-protocol messages went out after the last Sync: the client
+                // waits for their replies, or sends its Sync later.
+                let mid_batch = server.unsynced;
                 self.cancel.detach().await;
                 server.mark_broken();
+                if failure.means_server_down()
+                    && let Some(pool) = self.pools.hosts.iter().find(|pool| pool.addr() == server.addr())
+                {
+                    // The server restarted or went away: its idle connections are as dead
+                    // as this one, and the next client must not be handed one of them.
+                    pool.close_idle();
+                }
+                let failed_host = server.addr().to_owned();
                 server.discard();
                 self.set_state(ClientState::Idle);
+                // Only this read batch was in flight and nothing of it reached the client:
+                // it runs again, elsewhere, as if the failure never happened.
+                if let Some(batch) = rerun
+                    && !replied
+                    && !in_transaction
+                    && owed == 1
+                    && !mid_batch
+                    && self.may_rerun_read()
+                {
+                    self.rerun_read(client, batch, &failed_host, &failure);
+                    return None;
+                }
+                self.read_retries = (0, None);
                 let error = ClientError::from_upstream(&failure, &self.database.name);
                 self.report(&error);
                 tracing::warn!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                     error = %failure, "server failed during a session");
-                if self.database.mode() == PoolMode::Session {
+                if mid_message {
+                    return Some(End::ServerLostMidMessage);
+                }
+                if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
+                    // The client's session state (temporary tables, LISTEN...) was on that
+                    // server: as on a direct connection, the session ends.
                     return Some(End::ServerLost(error));
                 }
                 let status = if in_transaction {
@@ -584,15 +667,54 @@ impl Session {
                     compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
                     compose::ready_for_query(&mut client.outbuf, status);
                 }
+                if mid_batch {
+                    // As a server does after an error: the rest of the batch is dropped,
+                    // and its Sync answered, by `LocalState`.
+                    compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
+                    self.local.skipping_to_sync = true;
+                }
                 if in_transaction {
                     self.local.tx = LocalTx::Aborted {
                         failure: error,
-                        reported: owed > 0,
+                        reported: owed > 0 || mid_batch,
                     };
                 }
                 None
             }
         }
+    }
+
+    /// Whether the read batch whose server just failed may run again: at most
+    /// `MAX_READ_RUNS` runs, within query_wait_timeout of the first.
+    fn may_rerun_read(&mut self) -> bool {
+        let (runs, first) = &mut self.read_retries;
+        let first = *first.get_or_insert_with(std::time::Instant::now);
+        let in_time = self
+            .database
+            .pool
+            .query_wait_timeout
+            .is_none_or(|limit| first.elapsed() < limit);
+        *runs += 1;
+        *runs < MAX_READ_RUNS && in_time
+    }
+
+    /// Puts the read batch back at the front of the input, to be routed again, with the
+    /// replica that failed set aside.
+    fn rerun_read(&mut self, client: &mut ClientConn, batch: bytes::Bytes, failed_host: &str, failure: &UpstreamError) {
+        let rest = std::mem::take(&mut client.inbuf);
+        client.inbuf.reserve(batch.len() + rest.len());
+        client.inbuf.extend_from_slice(&batch);
+        client.inbuf.extend_from_slice(&rest);
+        self.rerun_pending = true;
+        if self.on_replica
+            && failure.means_server_down()
+            && let Some(index) = self.database.hosts.iter().position(|host| &**host == failed_host)
+        {
+            self.database.host_health[index].ban(crate::cluster::BAN_DURATION);
+        }
+        self.shared.metrics.retry(&self.database.name, "read");
+        tracing::info!(client = %client.peer, database = %self.database.name, server = failed_host, error = %failure,
+            "a read lost its server before answering: running it again");
     }
 
     /// Makes a server safe for the next client after this one left, or closes it.

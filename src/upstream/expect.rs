@@ -227,6 +227,13 @@ impl ResponseQueue {
     }
 
     /// How many ReadyForQuery messages the client is still waiting for.
+    /// ReadyForQuery messages the client may still be waiting for when the server is
+    /// lost: those owed for certain, and those owed for Syncs sent behind a failed COPY
+    /// that the server may or may not have answered yet.
+    pub fn readies_owed_on_loss(&self) -> usize {
+        self.readies_owed_to_client() + self.uncertain_readies
+    }
+
     pub fn readies_owed_to_client(&self) -> usize {
         self.entries
             .iter()

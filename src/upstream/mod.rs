@@ -52,6 +52,38 @@ pub enum UpstreamError {
     Unusable { addr: String, reason: &'static str },
 }
 
+impl UpstreamError {
+    /// Whether the server may well accept the same attempt in a moment: it refused or
+    /// reset the connection, is starting up or shutting down (57P03, 57P01, 57P02), or
+    /// has no connection slot free (53300). Wrong credentials and unknown databases are
+    /// not: waiting would only delay the same error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Closed { .. } | UpstreamError::Io { .. } => true,
+            UpstreamError::LoginRefused { sqlstate, .. } | UpstreamError::Terminated { sqlstate, .. } => {
+                matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03" | "53300")
+            }
+            UpstreamError::Credentials { .. } | UpstreamError::Protocol { .. } | UpstreamError::Unusable { .. } => {
+                false
+            }
+        }
+    }
+
+    /// Whether the server said it is going away (or is already gone): other idle
+    /// connections to it are most likely dead too.
+    pub fn means_server_down(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Closed { .. } | UpstreamError::Io { .. } => true,
+            UpstreamError::LoginRefused { sqlstate, .. } | UpstreamError::Terminated { sqlstate, .. } => {
+                matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03")
+            }
+            UpstreamError::Credentials { .. } | UpstreamError::Protocol { .. } | UpstreamError::Unusable { .. } => {
+                false
+            }
+        }
+    }
+}
+
 /// Identity of a server-side session, used to forward CancelRequests to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendKey {

@@ -102,6 +102,7 @@ impl Proxy {
     /// `pgrelay run`: should pgrelay stall a worker, the test's own runtime goes on, so
     /// the test fails by its timeouts instead of hanging with it.
     pub async fn start_isolated(config: &str, workers: usize) -> Proxy {
+        init_test_log();
         let text = format!("{}\n", config.replace("LISTEN", "127.0.0.1:0"));
         let config =
             pgrelay::config::parse(&text).unwrap_or_else(|errors| panic!("test config invalid:\n{errors}\n{text}"));
@@ -254,6 +255,19 @@ pub fn config_with_replica(cluster: &LocalCluster, pool: &str, routing: &str) ->
             replicas.join(", ")
         ),
     )
+}
+
+/// With `PGRELAY_TEST_LOG=FILE`, pgrelay's debug log of this test binary goes to FILE.
+pub fn init_test_log() {
+    if let Ok(path) = std::env::var("PGRELAY_TEST_LOG")
+        && let Ok(file) = std::fs::File::create(path)
+    {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pgrelay=debug")
+            .with_ansi(false)
+            .with_writer(Mutex::new(file))
+            .try_init();
+    }
 }
 
 /// pgrelay_runtime_stalls_total of a running proxy.

@@ -44,8 +44,18 @@ impl Raw {
     }
 
     pub async fn connect_to(addr: &str) -> Raw {
+        Raw::connect_named(addr, "").await
+    }
+
+    /// Logs in as `app_trust` to database `app` with `application_name` (unless empty), by
+    /// which the test can find the server connection it gets in pg_stat_activity.
+    pub async fn connect_named(addr: &str, application_name: &str) -> Raw {
         let mut body = 196_608u32.to_be_bytes().to_vec();
-        body.extend_from_slice(b"user\0app_trust\0database\0app\0\0");
+        body.extend_from_slice(b"user\0app_trust\0database\0app\0");
+        if !application_name.is_empty() {
+            body.extend_from_slice(format!("application_name\0{application_name}\0").as_bytes());
+        }
+        body.push(0);
         let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
         packet.extend_from_slice(&body);
         let mut raw = Raw {
@@ -225,6 +235,11 @@ pub fn close_statement(name: &str) -> Vec<u8> {
 
 pub fn copy_data(data: &str) -> Vec<u8> {
     message(b'd', data.as_bytes())
+}
+
+/// Flush: the server sends what it has, without a Sync.
+pub fn flush() -> Vec<u8> {
+    message(b'H', b"")
 }
 
 pub fn copy_done() -> Vec<u8> {

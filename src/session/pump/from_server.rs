@@ -33,6 +33,7 @@ impl Pump<'_> {
                 }
                 server.passthrough -= n;
                 if server.passthrough_to_client {
+                    self.replied = true;
                     run += n;
                 } else {
                     move_bytes(&mut server.inbuf, run, &mut self.client.outbuf);
@@ -55,6 +56,11 @@ impl Pump<'_> {
                     Ok(routing) => {
                         server.passthrough = header.len;
                         server.passthrough_to_client = routing.recipient == Recipient::Client;
+                        if self.hold_metadata && routing.recipient == Recipient::Client {
+                            move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+                            run = 0;
+                            self.release_held();
+                        }
                         continue;
                     }
                     Err(error) => break Err(self.server_broke(error.to_string())),
@@ -86,7 +92,18 @@ impl Pump<'_> {
                     break Err(exit);
                 }
             };
+            if to_client && self.hold_metadata {
+                // Nothing has gone to the client yet (`run` is empty): hold what carries no
+                // data, release it all before the first reply that does.
+                if carries_no_data(tag) {
+                    self.held.extend_from_slice(&self.server.inbuf[run..run + header.len]);
+                    self.server.inbuf.advance(header.len);
+                    continue;
+                }
+                self.release_held();
+            }
             if to_client {
+                self.replied = true;
                 run += header.len;
             } else {
                 move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
@@ -242,6 +259,19 @@ impl Pump<'_> {
             | BackendTag::RowDescription => Ok(to_client),
         }
     }
+}
+
+/// Replies that only acknowledge or describe: a client that got them and then lost its
+/// server has seen nothing of the statement's outcome.
+fn carries_no_data(tag: BackendTag) -> bool {
+    matches!(
+        tag,
+        BackendTag::ParseComplete
+            | BackendTag::BindComplete
+            | BackendTag::ParameterDescription
+            | BackendTag::RowDescription
+            | BackendTag::NoData
+    )
 }
 
 /// The first column of a DataRow as text.

@@ -54,8 +54,9 @@ pub(super) enum PumpExit {
     ClientGone,
     /// The client broke the protocol.
     ClientBroke(ProtocolError),
-    /// The server connection failed; it must not be reused.
-    ServerFailed(UpstreamError),
+    /// The server connection failed; it must not be reused. `replied`: some of a reply
+    /// (or a reply pgrelay makes itself) had gone to the client in this run.
+    ServerFailed { failure: UpstreamError, replied: bool },
 }
 
 /// How the attached server is shared, which decides what the pump must take care of.
@@ -95,6 +96,13 @@ pub(super) struct Pump<'a> {
     writes: Writes,
     /// A commit position is being asked for.
     fence: FenceCapture,
+    /// Something went to the client in this run: a reply from the server, or one pgrelay
+    /// made. A batch whose server fails after that cannot be run again unseen.
+    replied: bool,
+    /// The batch may run again if its server fails before answering: replies that carry
+    /// no data are held in `held` until the first one that does.
+    hold_metadata: bool,
+    held: BytesMut,
 }
 
 /// What the transaction in progress wrote, for its fence.
@@ -166,6 +174,27 @@ impl<'a> Pump<'a> {
             fences: None,
             writes: Writes::default(),
             fence: FenceCapture::None,
+            replied: false,
+            hold_metadata: false,
+            held: BytesMut::new(),
+        }
+    }
+
+    /// The batch may be run again should its server fail before answering it: until a
+    /// reply that carries data (a row, a completion, an error, ReadyForQuery) arrives,
+    /// the ones that do not are held back, so that the client has seen nothing.
+    pub fn rerunnable(mut self) -> Self {
+        self.hold_metadata = true;
+        self
+    }
+
+    /// Sends the held replies on: the answer has begun.
+    fn release_held(&mut self) {
+        self.hold_metadata = false;
+        if !self.held.is_empty() {
+            self.replied = true;
+            self.client.outbuf.extend_from_slice(&self.held);
+            self.held = BytesMut::new();
         }
     }
 
@@ -200,17 +229,8 @@ impl<'a> Pump<'a> {
             }
             let mut progress = false;
 
-            match poll_write_buffer(&mut self.server.stream, &mut self.server.outbuf, cx) {
-                Poll::Ready(Ok(wrote)) => progress |= wrote,
-                Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
-                Poll::Pending => {}
-            }
-            match self.client.poll_write_out(cx) {
-                Poll::Ready(Ok(wrote)) => progress |= wrote,
-                Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
-                Poll::Pending => {}
-            }
-
+            // The server is read before it is written to: a server that ended the
+            // session has said why (a FATAL) before a write to it fails.
             if self.client.outbuf.len() < HIGH_WATER {
                 reserve_for_read(&mut self.server.inbuf);
                 match poll_read_buf(std::pin::Pin::new(&mut self.server.stream), cx, &mut self.server.inbuf) {
@@ -220,6 +240,11 @@ impl<'a> Pump<'a> {
                         if let Err(exit) = self.on_server_input() {
                             return Poll::Ready(exit);
                         }
+                        if self.server.fatal.is_some() {
+                            // The server ended the session and closes next: nothing more
+                            // goes to it, and the client hears the server's reason.
+                            return Poll::Ready(self.server_closed());
+                        }
                         if self.server.is_idle() {
                             return Poll::Ready(PumpExit::ServerIdle);
                         }
@@ -227,6 +252,17 @@ impl<'a> Pump<'a> {
                     Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
                     Poll::Pending => {}
                 }
+            }
+
+            match poll_write_buffer(&mut self.server.stream, &mut self.server.outbuf, cx) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
+                Poll::Pending => {}
+            }
+            match self.client.poll_write_out(cx) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
+                Poll::Pending => {}
             }
 
             if self.hold && self.server.expect.is_empty() && self.server.status != crate::protocol::TxStatus::Idle {
@@ -324,7 +360,13 @@ impl<'a> Pump<'a> {
         };
         let written = std::mem::take(&mut self.writes.tables);
         if let (Some(lsn), Some(fences)) = (lsn, self.fences) {
-            self.carried.write_fence = self.carried.write_fence.max(Some(lsn));
+            // A position lost before is older than this one: this one covers it.
+            self.carried.write_fence = if self.carried.fence_lost {
+                Some(lsn)
+            } else {
+                self.carried.write_fence.max(Some(lsn))
+            };
+            self.carried.fence_lost = false;
             fences.record(&written, lsn);
         }
         if let Some(status) = held {
@@ -355,6 +397,7 @@ impl<'a> Pump<'a> {
     /// of the queue, since everything before them has been forwarded.
     fn emit_synthetic(&mut self) {
         while let Some(synthetic) = self.server.expect.pop_synthetic() {
+            self.replied = true;
             let out = &mut self.client.outbuf;
             match synthetic {
                 Synthetic::CloseComplete => compose::close_complete(out),
@@ -366,33 +409,69 @@ impl<'a> Pump<'a> {
         }
     }
 
+    /// The server failed while a commit position was owed: the client's ReadyForQuery
+    /// withheld for it goes out now (the commit itself is done; its CommandComplete is
+    /// already on its way), and with the position unknown, the client's reads stay on the
+    /// primary until the position of a later write is known.
+    fn abandon_fence(&mut self) {
+        if let FenceCapture::Awaiting { held, .. } = std::mem::replace(&mut self.fence, FenceCapture::None) {
+            self.carried.fence_lost = true;
+            if let Some(status) = held {
+                self.replied = true;
+                compose::ready_for_query(&mut self.client.outbuf, status);
+            }
+        }
+        if self.fences.is_some() && self.writes.wrote {
+            // A write whose commit may have happened, position never asked for.
+            self.carried.fence_lost = true;
+        }
+        self.writes.clear();
+    }
+
     fn server_closed(&mut self) -> PumpExit {
+        self.abandon_fence();
         self.server.mark_broken();
         let addr = self.server.addr().to_owned();
-        PumpExit::ServerFailed(match self.server.fatal.take() {
+        let failure = match self.server.fatal.take() {
             Some((sqlstate, message)) => UpstreamError::Terminated {
                 addr,
                 sqlstate,
                 message,
             },
             None => UpstreamError::Closed { addr },
-        })
+        };
+        PumpExit::ServerFailed {
+            failure,
+            replied: self.replied,
+        }
     }
 
     fn server_io_failed(&mut self, source: std::io::Error) -> PumpExit {
+        if self.server.fatal.is_some() {
+            // It said why before the connection broke: that is the reason to give.
+            return self.server_closed();
+        }
+        self.abandon_fence();
         self.server.mark_broken();
-        PumpExit::ServerFailed(UpstreamError::Io {
-            addr: self.server.addr().to_owned(),
-            source,
-        })
+        PumpExit::ServerFailed {
+            failure: UpstreamError::Io {
+                addr: self.server.addr().to_owned(),
+                source,
+            },
+            replied: self.replied,
+        }
     }
 
     fn server_broke(&mut self, reason: String) -> PumpExit {
+        self.abandon_fence();
         self.server.mark_broken();
-        PumpExit::ServerFailed(UpstreamError::Protocol {
-            addr: self.server.addr().to_owned(),
-            reason,
-        })
+        PumpExit::ServerFailed {
+            failure: UpstreamError::Protocol {
+                addr: self.server.addr().to_owned(),
+                reason,
+            },
+            replied: self.replied,
+        }
     }
 }
 
