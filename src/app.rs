@@ -245,6 +245,9 @@ async fn serve(
             accepted = listener.accept() => match accepted.and_then(|(stream, peer)| Ok((stream.into_std()?, peer))) {
                 Ok((stream, peer)) => {
                     while sessions.try_join_next().is_some() {}
+                    if let Err(error) = net::apply_tcp_options(&stream, &shared.snapshot().tcp) {
+                        tracing::debug!(client = %peer, %error, "cannot set keepalive or user timeout");
+                    }
                     let session = session::serve_moved(stream, peer, shared.clone());
                     sessions.spawn_on(watchdog.watch(peer, session), &workers);
                 }

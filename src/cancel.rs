@@ -102,6 +102,16 @@ impl CancelRegistry {
     }
 }
 
+/// Sends a CancelRequest to `target` in the background (query_timeout): the statement
+/// running there ends with 57014, if the server still answers.
+pub fn cancel_in_background(target: CancelTarget) {
+    tokio::spawn(async move {
+        if tokio::time::timeout(DELIVERY_TIMEOUT, deliver(&target)).await.is_err() {
+            tracing::warn!(server = %target.addr, "cancel request was not delivered in time");
+        }
+    });
+}
+
 /// Sends a CancelRequest to the server and waits until the server closes the socket,
 /// which it does after it has signalled the backend.
 ///

@@ -101,12 +101,16 @@ impl ClientError {
             UpstreamError::Protocol { .. } | UpstreamError::Unusable { .. } => {
                 format!("server connection for database \"{database}\" failed")
             }
+            UpstreamError::QueryTimeout { .. } => format!(
+                "canceling statement due to query_timeout: the server of database \"{database}\" did not act on the cancel, so its connection was closed"
+            ),
         };
         // The server's own reason when it gave one as it ended the session (57P01
         // administrator command, 57P02 crash of another process...): what a direct
         // connection would have shown.
         let code: Cow<'static, str> = match error {
             UpstreamError::Terminated { sqlstate, .. } if sqlstate.len() == 5 => sqlstate.clone().into(),
+            UpstreamError::QueryTimeout { .. } => sqlstate::QUERY_CANCELED.into(),
             _ => sqlstate::CONNECTION_FAILURE.into(),
         };
         Self::new(Side::Server, code, message)

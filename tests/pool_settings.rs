@@ -284,3 +284,34 @@ impl MessageReader {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_idle_in_a_transaction_past_idle_transaction_timeout_is_disconnected_and_rolled_back() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 1\nidle_transaction_timeout = \"300ms\"")).await;
+    let idle = proxy.connect("app_t7", "app_t7", "app").await.unwrap();
+    idle.batch_execute("BEGIN; INSERT INTO items (owner) VALUES ('idle_tx_timeout')")
+        .await
+        .unwrap();
+    wait_until("the idle client is disconnected", Duration::from_secs(10), || {
+        let idle = &idle;
+        async move { idle.is_closed() }
+    })
+    .await;
+    // Its one server was rolled back and serves the next client.
+    let next = proxy.connect("app_t7", "app_t7", "app").await.unwrap();
+    let left = first_value(
+        &next
+            .simple_query("SELECT count(*) FROM items WHERE owner = 'idle_tx_timeout'")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(left, "0");
+    // A transaction that keeps working is not cut, however long it lasts in all.
+    next.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..5 {
+        next.simple_query("SELECT pg_sleep(0.1)").await.unwrap();
+    }
+    next.batch_execute("COMMIT").await.unwrap();
+    proxy.shutdown().await;
+}

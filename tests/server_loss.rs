@@ -27,26 +27,28 @@ async fn proxy() -> Proxy {
 }
 
 /// Ends the server sessions of the client named `name` (its application_name), as
-/// `pg_terminate_backend` from outside does; waits until they are gone.
+/// `pg_terminate_backend` from outside does; waits until those sessions are gone (a new
+/// one pgrelay opens for the client meanwhile may take the same name).
 async fn terminate(name: &str) {
     let admin = direct(&shared_cluster().primary().addr(), "app").await;
-    let ended = admin
+    let ended: Vec<i32> = admin
         .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            // In the select list, evaluated for the matching rows only.
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
             &[&name],
         )
         .await
         .unwrap()
-        .len();
-    assert!(ended >= 1, "no server session of {name} to terminate");
-    common::wait_until("the session is gone", BOUND, || {
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!ended.is_empty(), "no server session of {name} to terminate");
+    common::wait_until("the sessions are gone", BOUND, || {
         let admin = &admin;
+        let ended = &ended;
         async move {
             let left: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                    &[&name],
-                )
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[ended])
                 .await
                 .unwrap()
                 .get(0);
@@ -219,5 +221,89 @@ async fn a_read_whose_server_was_lost_before_answering_runs_again() {
         })
         .unwrap_or_default();
     assert_eq!(retries, 1.0);
+    proxy.shutdown().await;
+}
+
+/// The pid of the server session of the client named `name`, once it runs a statement.
+async fn backend_pid(name: &str) -> i32 {
+    let admin = direct(&shared_cluster().primary().addr(), "app").await;
+    let deadline = std::time::Instant::now() + BOUND;
+    loop {
+        let pid = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = pid {
+            return row.get(0);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no active server session of {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_a_long_statement_and_gives_up_on_a_stopped_server() {
+    let proxy = Proxy::start_isolated(
+        &config_for(
+            shared_cluster(),
+            "mode = \"transaction\"\nsize = 2\nquery_timeout = \"1s\"",
+        ),
+        2,
+    )
+    .await;
+    let mut raw = Raw::connect_named(&proxy.addr.to_string(), "query_timeout").await;
+    // A server that answers: the cancel ends the statement, with the server's 57014.
+    let started = std::time::Instant::now();
+    raw.send(&[query("SELECT pg_sleep(20)")]).await;
+    assert_eq!(answer(&mut raw, 1).await, "T E:57014 Z:I");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    raw.send(&[query("SELECT 1")]).await;
+    assert_eq!(answer(&mut raw, 1).await, "T D C:SELECT 1 Z:I");
+
+    // A server whose backend is stopped cannot act on the cancel: after another
+    // query_timeout pgrelay gives its connection up and answers 57014 itself.
+    raw.send(&[query("SELECT pg_sleep(3)")]).await;
+    let pid = nix::unistd::Pid::from_raw(backend_pid("query_timeout").await);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let replies = tokio::time::timeout(Duration::from_secs(8), raw.replies_until_ready(1))
+        .await
+        .expect("an answer while the backend is stopped");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(show(&replies).ends_with("E:57014 Z:I"), "{}", show(&replies));
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    raw.send(&[query("SELECT 2")]).await;
+    assert_eq!(answer(&mut raw, 1).await, "T D C:SELECT 1 Z:I");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_batch_that_gets_no_server_is_answered_up_to_its_sync_and_the_client_stays() {
+    let proxy = Proxy::start_isolated(
+        &config_for(
+            shared_cluster(),
+            "mode = \"transaction\"\nsize = 1\nquery_wait_timeout = \"300ms\"",
+        ),
+        2,
+    )
+    .await;
+    let mut holder = Raw::connect_named(&proxy.addr.to_string(), "no_server_holder").await;
+    let mut raw = Raw::connect_named(&proxy.addr.to_string(), "no_server_waiter").await;
+    holder.send(&[query("BEGIN")]).await;
+    assert_eq!(answer(&mut holder, 1).await, "C:BEGIN Z:T");
+    raw.send(&[parse("", "SELECT 1"), bind("", &[]), execute(), sync()])
+        .await;
+    assert_eq!(answer(&mut raw, 1).await, "E:53300 Z:I");
+    holder.send(&[query("COMMIT")]).await;
+    assert_eq!(answer(&mut holder, 1).await, "C:COMMIT Z:I");
+    raw.send(&[parse("", "SELECT 1"), bind("", &[]), execute(), sync()])
+        .await;
+    assert_eq!(answer(&mut raw, 1).await, "1 2 D C:SELECT 1 Z:I");
     proxy.shutdown().await;
 }

@@ -28,6 +28,10 @@ pub struct PoolConfig {
     pub max_prepared_statements: usize,
     /// Re-run a read-only autocommit batch whose server failed before it answered.
     pub retry_reads: bool,
+    /// A client idle inside a transaction longer than this is disconnected; `None`: never.
+    pub idle_transaction_timeout: Option<Duration>,
+    /// A statement running longer is cancelled on its server; `None`: never.
+    pub query_timeout: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -45,6 +49,8 @@ impl Default for PoolConfig {
             server_reset_query: Some("DISCARD ALL".to_owned()),
             max_prepared_statements: 200,
             retry_reads: true,
+            idle_transaction_timeout: None,
+            query_timeout: None,
         }
     }
 }
@@ -67,6 +73,8 @@ pub struct PoolOverrides {
     pub server_reset_query: Option<Option<String>>,
     pub max_prepared_statements: Option<usize>,
     pub retry_reads: Option<bool>,
+    pub idle_transaction_timeout: Option<Option<Duration>>,
+    pub query_timeout: Option<Option<Duration>>,
 }
 
 impl PoolOverrides {
@@ -88,6 +96,8 @@ impl PoolOverrides {
             server_reset_query: pick(&self.server_reset_query, &base.server_reset_query),
             max_prepared_statements: pick(&self.max_prepared_statements, &base.max_prepared_statements),
             retry_reads: pick(&self.retry_reads, &base.retry_reads),
+            idle_transaction_timeout: pick(&self.idle_transaction_timeout, &base.idle_transaction_timeout),
+            query_timeout: pick(&self.query_timeout, &base.query_timeout),
         }
     }
 

@@ -16,7 +16,7 @@ use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
 use super::{
     ClientTlsConfig, Config, DatabaseConfig, PoolConfig, PoolOverrides, Problem, RoutingConfig, ServerConfig,
-    ServerTlsConfig, UserConfig,
+    ServerTlsConfig, TcpOptions, UserConfig,
 };
 
 const TOP_LEVEL_KEYS: &[&str] = &["server", "pool", "users", "databases"];
@@ -34,6 +34,9 @@ struct RawServer {
     client_idle_timeout: Option<DurationValue>,
     max_message_size: Option<ByteSize>,
     tls: Option<TableOf<RawClientTls>>,
+    tcp_keepalive: Option<bool>,
+    tcp_keepalive_idle: Option<DurationValue>,
+    tcp_user_timeout: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +60,8 @@ struct RawPool {
     server_reset_query: Option<String>,
     max_prepared_statements: Option<usize>,
     retry_reads: Option<bool>,
+    idle_transaction_timeout: Option<DurationValue>,
+    query_timeout: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +206,15 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
             usize::try_from(size.0).unwrap_or(usize::MAX)
         }),
         tls,
+        tcp: TcpOptions {
+            // "0" for the idle time turns keepalives off like `tcp_keepalive = false`.
+            keepalive_idle: if raw.tcp_keepalive.unwrap_or(true) {
+                limit(raw.tcp_keepalive_idle).unwrap_or(defaults.tcp.keepalive_idle)
+            } else {
+                None
+            },
+            user_timeout: limit(raw.tcp_user_timeout).unwrap_or(defaults.tcp.user_timeout),
+        },
     }
 }
 
@@ -220,6 +234,8 @@ fn pool(raw: RawPool) -> PoolOverrides {
             .map(|query| (!query.trim().is_empty()).then_some(query)),
         max_prepared_statements: raw.max_prepared_statements,
         retry_reads: raw.retry_reads,
+        idle_transaction_timeout: limit(raw.idle_transaction_timeout),
+        query_timeout: limit(raw.query_timeout),
     }
 }
 

@@ -31,6 +31,29 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// `None`: `SSLRequest` is answered 'N'.
     pub tls: Option<ClientTlsConfig>,
+    /// Keepalive and user timeout of client and server sockets.
+    pub tcp: TcpOptions,
+}
+
+/// TCP settings of every client and server socket: they find a peer that vanished (a
+/// pulled cable, a crashed host, a stopped process that still holds its socket) without
+/// waiting for the kernel's defaults of hours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// Idle time before the first keepalive probe; `None`: keepalives off.
+    pub keepalive_idle: Option<Duration>,
+    /// Longest time written data may stay unacknowledged before the connection is
+    /// dropped (`TCP_USER_TIMEOUT`); `None`: the kernel's default.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            keepalive_idle: Some(Duration::from_secs(60)),
+            user_timeout: Some(Duration::from_secs(30)),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -46,6 +69,7 @@ impl Default for ServerConfig {
             client_idle_timeout: None,
             max_message_size: 64 << 20,
             tls: None,
+            tcp: TcpOptions::default(),
         }
     }
 }

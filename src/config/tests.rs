@@ -127,6 +127,8 @@ fn full_file_with_every_key() {
             server_reset_query: None,
             max_prepared_statements: 50,
             retry_reads: true,
+            idle_transaction_timeout: None,
+            query_timeout: None,
         }
     );
 
@@ -168,6 +170,8 @@ fn full_file_with_every_key() {
             server_reset_query: Some("RESET ALL".to_owned()),
             max_prepared_statements: 10,
             retry_reads: true,
+            idle_transaction_timeout: None,
+            query_timeout: None,
         }
     );
     assert_eq!(
@@ -208,6 +212,8 @@ fn defaults_when_keys_are_absent() {
     assert_eq!(server.client_idle_timeout, None);
     assert_eq!(server.max_message_size, 64 << 20);
     assert_eq!(server.tls, None);
+    assert_eq!(server.tcp.keepalive_idle, Some(Duration::from_secs(60)));
+    assert_eq!(server.tcp.user_timeout, Some(Duration::from_secs(30)));
 
     let pool = &config.pool;
     assert_eq!(pool.mode, PoolMode::Transaction);
@@ -219,6 +225,7 @@ fn defaults_when_keys_are_absent() {
     assert_eq!(pool.server_lifetime, Some(Duration::from_secs(3600)));
     assert_eq!(pool.server_reset_query.as_deref(), Some("DISCARD ALL"));
     assert_eq!(pool.max_prepared_statements, 200);
+    assert!(pool.retry_reads);
     assert!(config.users.is_empty() && config.databases.is_empty());
     assert_eq!(config.database("app"), None);
 
@@ -473,4 +480,17 @@ fn load_reports_the_file() {
     std::fs::write(&good, "[pool]\nsize = 3\n").unwrap();
     assert_eq!(load(&good).unwrap().pool.size, 3);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tcp_keys_set_keepalive_and_user_timeout() {
+    let tcp = |text: &str| parse(text).unwrap().server.tcp;
+    let set = tcp("[server]\ntcp_keepalive_idle = \"20s\"\ntcp_user_timeout = \"5s\"");
+    assert_eq!(set.keepalive_idle, Some(Duration::from_secs(20)));
+    assert_eq!(set.user_timeout, Some(Duration::from_secs(5)));
+    let off = tcp("[server]\ntcp_keepalive = false\ntcp_user_timeout = \"0\"");
+    assert_eq!(off.keepalive_idle, None);
+    assert_eq!(off.user_timeout, None);
+    assert_eq!(tcp("[server]\ntcp_keepalive_idle = \"0\"").keepalive_idle, None);
+    assert!(!parse("[pool]\nretry_reads = false").unwrap().pool.retry_reads);
 }

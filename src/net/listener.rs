@@ -4,8 +4,29 @@
 use std::io;
 use std::net::SocketAddr;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Sets keepalives and the user timeout (`[server] tcp_*`) on a client or server socket.
+pub fn apply_tcp_options(stream: &impl std::os::fd::AsFd, options: &crate::config::TcpOptions) -> io::Result<()> {
+    let socket = SockRef::from(stream);
+    match options.keepalive_idle {
+        Some(idle) => {
+            // Probes every third of the idle time, five of them: a vanished peer is
+            // found about idle × 1.6 after it went quiet.
+            let interval = (idle / 3).max(std::time::Duration::from_secs(1));
+            socket.set_tcp_keepalive(
+                &TcpKeepalive::new()
+                    .with_time(idle)
+                    .with_interval(interval)
+                    .with_retries(5),
+            )?;
+        }
+        None => socket.set_keepalive(false)?,
+    }
+    socket.set_tcp_user_timeout(options.user_timeout)?;
+    Ok(())
+}
 
 #[derive(Debug)]
 pub struct Listener {
@@ -35,5 +56,36 @@ impl Listener {
         let (stream, peer) = self.inner.accept().await?;
         stream.set_nodelay(true)?;
         Ok((stream, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::TcpOptions;
+
+    #[tokio::test]
+    async fn keepalive_and_user_timeout_are_set_or_turned_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let options = TcpOptions {
+            keepalive_idle: Some(Duration::from_secs(42)),
+            user_timeout: Some(Duration::from_secs(7)),
+        };
+        apply_tcp_options(&client, &options).unwrap();
+        let socket = SockRef::from(&client);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(14));
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
+        let off = TcpOptions {
+            keepalive_idle: None,
+            user_timeout: None,
+        };
+        apply_tcp_options(&client, &off).unwrap();
+        assert!(!socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
     }
 }

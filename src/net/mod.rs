@@ -7,6 +7,6 @@ mod stream;
 mod tls;
 
 pub use client::{ClientConn, ClientReadError, poll_write_buffer, reserve_for_read};
-pub use listener::{Listener, bind};
+pub use listener::{Listener, apply_tcp_options, bind};
 pub use stream::ClientStream;
 pub use tls::{ClientTls, ServerTls, TlsError};

@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use super::consistency::Fences;
 use super::{Observers, UserEntry};
 use crate::cluster::{ClusterMonitor, ClusterView, HostHealth, Lsn, MonitorSettings, MonitorTls, Role as HostRole};
-use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig, ServerTlsMode};
+use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig, ServerTlsMode, TcpOptions};
 use crate::metrics::Metrics;
 use crate::net::ServerTls;
 use crate::pool::{PoolLimits, PoolObservers, ServerPool};
@@ -80,6 +80,8 @@ pub struct DatabaseEntry {
     paused: Arc<tokio::sync::watch::Sender<bool>>,
     /// TLS towards this database's servers, shared by all its pools.
     server_tls: Arc<ServerTls>,
+    /// Keepalive and user timeout of its server sockets.
+    tcp: TcpOptions,
     /// Where round-robin load balancing starts next.
     next_replica: AtomicUsize,
     /// Startup parameters the servers accepted, with the value they reported back for
@@ -94,6 +96,7 @@ impl DatabaseEntry {
         defaults: &PoolConfig,
         observers: &Observers,
         server_tls: Arc<ServerTls>,
+        tcp: TcpOptions,
     ) -> Self {
         let hosts: Vec<Arc<str>> = std::iter::once(&config.primary)
             .chain(&config.replicas)
@@ -101,6 +104,7 @@ impl DatabaseEntry {
             .collect();
         DatabaseEntry {
             server_tls,
+            tcp,
             metrics: observers.metrics.clone(),
             registry: observers.registry.clone(),
             name: name.to_owned(),
@@ -372,6 +376,7 @@ impl DatabaseEntry {
                             database: self.server_dbname.clone(),
                             credentials: user.server_credentials.clone(),
                             tls: self.server_tls.clone(),
+                            tcp: self.tcp,
                         },
                         self.limits(),
                         PoolObservers {

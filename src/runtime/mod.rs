@@ -69,6 +69,8 @@ pub enum BuildError {
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub client_limits: ClientLimits,
+    /// Keepalive and user timeout of client and server sockets.
+    pub tcp: crate::config::TcpOptions,
     /// `[server.tls]`, its files read when the snapshot is built (so a reload reads them
     /// again); `None`: SSLRequest is answered 'N'.
     pub client_tls: Option<ClientTls>,
@@ -101,7 +103,14 @@ impl Snapshot {
                 let tls = build_server_tls(name, database)?;
                 Ok((
                     name.clone(),
-                    Arc::new(DatabaseEntry::new(name, database, &config.pool, observers, tls)),
+                    Arc::new(DatabaseEntry::new(
+                        name,
+                        database,
+                        &config.pool,
+                        observers,
+                        tls,
+                        config.server.tcp,
+                    )),
                 ))
             })
             .collect::<Result<HashMap<_, _>, BuildError>>()?;
@@ -128,6 +137,7 @@ impl Snapshot {
             max_message_size: config.server.max_message_size,
         };
         Ok(Snapshot {
+            tcp: config.server.tcp,
             config: Arc::new(config),
             client_limits,
             client_tls,
@@ -160,6 +170,7 @@ impl Snapshot {
                         &self.config.pool,
                         &self.observers,
                         self.fallback_tls.clone(),
+                        self.tcp,
                     );
                     entry.carry_over(old_entry.value(), &self.users);
                     self.dynamic.insert(old_entry.key().clone(), Arc::new(entry));
@@ -227,6 +238,7 @@ impl Snapshot {
                         &self.config.pool,
                         &self.observers,
                         self.fallback_tls.clone(),
+                        self.tcp,
                     );
                     // Databases made from "*" are watched like configured ones.
                     if let Some(user) = self.monitor_user() {

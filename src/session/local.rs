@@ -216,9 +216,13 @@ impl LocalState {
     /// and drops it (or, for the extended protocol, its whole batch up to Sync).
     pub fn fail_first(&mut self, tag: FrontendTag, inbuf: &mut BytesMut, out: &mut BytesMut, error: &ClientError) {
         compose::error(out, Severity::Error, &error.sqlstate, &error.message);
+        // Taken in every case: what follows of an extended batch is skipped up to its
+        // Sync, as a server skips it after an error.
+        take_frame(inbuf);
         match tag {
-            FrontendTag::Query | FrontendTag::FunctionCall => {
-                take_frame(inbuf);
+            FrontendTag::Query | FrontendTag::FunctionCall => compose::ready_for_query(out, self.status()),
+            FrontendTag::Sync => {
+                self.skipping_to_sync = false;
                 compose::ready_for_query(out, self.status());
             }
             _ => self.skipping_to_sync = true,

@@ -46,6 +46,8 @@ enum End {
     /// The client broke the protocol.
     ClientBroke(ClientError),
     IdleTimeout(Duration),
+    /// idle_transaction_timeout: the client sat inside a transaction too long.
+    IdleInTransaction(Duration),
     /// pgrelay is shutting down and the client is outside a transaction.
     Shutdown,
     /// The admin console killed the client's database.
@@ -89,6 +91,9 @@ pub(crate) struct Session {
     /// The last exchange put its batch back to run it again (a bounded number of times):
     /// it made progress even though the input looks the same.
     rerun_pending: bool,
+    /// A held-back BEGIN (transactions = "first_statement") went out with this batch:
+    /// the client is in a transaction even before the server has said so.
+    deferred_begin_sent: bool,
 }
 
 impl Session {
@@ -126,6 +131,7 @@ impl Session {
             rerunnable: false,
             read_retries: (0, None),
             rerun_pending: false,
+            deferred_begin_sent: false,
             local: LocalState::new(),
             server: None,
             client_state: metrics.client_state(ClientState::Idle),
@@ -150,6 +156,14 @@ impl Session {
                 Side::Pgrelay,
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection because pgrelay is shutting down",
+            )),
+            End::IdleInTransaction(limit) => Some(ClientError::new(
+                Side::Pgrelay,
+                "25P03",
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout = {})",
+                    crate::config::format_limit(Some(*limit))
+                ),
             )),
             End::IdleTimeout(limit) => Some(ClientError::new(
                 Side::Pgrelay,
@@ -259,6 +273,8 @@ impl Session {
             max_prepared_statements: self.database.pool.max_prepared_statements,
             single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
             role: if self.on_replica { Role::Replica } else { Role::Primary },
+            idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
+            query_timeout: self.database.pool.query_timeout,
         };
         // Fences only matter where reads may go to a replica.
         let routing = &self.database.routing;
@@ -559,6 +575,7 @@ impl Session {
         {
             server.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
             self.local.tx = LocalTx::Idle;
+            self.deferred_begin_sent = true;
         }
         self.cancel.attach(CancelTarget {
             addr: server.addr.clone(),
@@ -574,6 +591,7 @@ impl Session {
         rerun: Option<bytes::Bytes>,
     ) -> Option<End> {
         self.sync_pins();
+        let begun_here = std::mem::take(&mut self.deferred_begin_sent);
         match exit {
             PumpExit::ServerIdle => {
                 self.read_retries = (0, None);
@@ -610,12 +628,18 @@ impl Session {
                 self.server = Some(server);
                 Some(End::ClientLeft)
             }
+            PumpExit::IdleInTransaction(limit) => {
+                // Cleaned up as for a client that left: its transaction is rolled back.
+                self.server = Some(server);
+                Some(End::IdleInTransaction(limit))
+            }
             PumpExit::ClientBroke(error) => {
                 self.server = Some(server);
                 Some(End::ClientBroke(ClientError::protocol_violation(error.to_string())))
             }
-            PumpExit::ServerFailed { failure, replied } => {
-                let in_transaction = server.status() != TxStatus::Idle;
+            PumpExit::ServerFailed { failure, seen } => {
+                // The client was told its BEGIN succeeded even if the server never ran it.
+                let in_transaction = server.status() != TxStatus::Idle || begun_here;
                 let mid_message = server.passthrough > 0 && server.passthrough_to_client;
                 let owed = server.expect.readies_owed_on_loss();
                 // Extended-protocol messages went out after the last Sync: the client
@@ -636,7 +660,7 @@ impl Session {
                 // Only this read batch was in flight and nothing of it reached the client:
                 // it runs again, elsewhere, as if the failure never happened.
                 if let Some(batch) = rerun
-                    && !replied
+                    && !seen.replied
                     && !in_transaction
                     && owed == 1
                     && !mid_batch
@@ -653,6 +677,11 @@ impl Session {
                 if mid_message {
                     return Some(End::ServerLostMidMessage);
                 }
+                if seen.client_mid_message {
+                    // The rest of a large CopyData is still coming and cannot be told
+                    // from messages: the session cannot go on.
+                    return Some(End::ServerLost(error));
+                }
                 if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
                     // The client's session state (temporary tables, LISTEN...) was on that
                     // server: as on a direct connection, the session ends.
@@ -663,14 +692,20 @@ impl Session {
                 } else {
                     TxStatus::Idle
                 };
-                for _ in 0..owed {
-                    compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
+                for owed_ready in 0..owed {
+                    // The batch at the head already had its error from the server: it
+                    // is owed only its ReadyForQuery.
+                    if owed_ready > 0 || !seen.error_since_ready {
+                        compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
+                    }
                     compose::ready_for_query(&mut client.outbuf, status);
                 }
                 if mid_batch {
                     // As a server does after an error: the rest of the batch is dropped,
                     // and its Sync answered, by `LocalState`.
-                    compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
+                    if owed > 0 || !seen.error_since_ready {
+                        compose::error(&mut client.outbuf, Severity::Error, &error.sqlstate, &error.message);
+                    }
                     self.local.skipping_to_sync = true;
                 }
                 if in_transaction {

@@ -32,6 +32,8 @@ pub struct ConnectSpec {
     pub credentials: Arc<ServerCredentials>,
     /// Built once per database; shared by its pools.
     pub tls: Arc<ServerTls>,
+    /// Keepalive and user timeout of the socket.
+    pub tcp: crate::config::TcpOptions,
 }
 
 /// What pgrelay can prove to a server about a user.
@@ -57,6 +59,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
             source,
         })?;
     tcp.set_nodelay(true).map_err(io_error)?;
+    crate::net::apply_tcp_options(&tcp, &spec.tcp).map_err(io_error)?;
     let stream = negotiate_tls(tcp, spec).await?;
     let mut conn = ServerConn {
         stream,

@@ -50,6 +50,8 @@ pub enum UpstreamError {
     Protocol { addr: String, reason: String },
     #[error("server {addr} is not usable: {reason}")]
     Unusable { addr: String, reason: &'static str },
+    #[error("server {addr} did not answer a cancel within query_timeout")]
+    QueryTimeout { addr: String },
 }
 
 impl UpstreamError {
@@ -63,9 +65,10 @@ impl UpstreamError {
             UpstreamError::LoginRefused { sqlstate, .. } | UpstreamError::Terminated { sqlstate, .. } => {
                 matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03" | "53300")
             }
-            UpstreamError::Credentials { .. } | UpstreamError::Protocol { .. } | UpstreamError::Unusable { .. } => {
-                false
-            }
+            UpstreamError::Credentials { .. }
+            | UpstreamError::Protocol { .. }
+            | UpstreamError::Unusable { .. }
+            | UpstreamError::QueryTimeout { .. } => false,
         }
     }
 
@@ -77,9 +80,10 @@ impl UpstreamError {
             UpstreamError::LoginRefused { sqlstate, .. } | UpstreamError::Terminated { sqlstate, .. } => {
                 matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03")
             }
-            UpstreamError::Credentials { .. } | UpstreamError::Protocol { .. } | UpstreamError::Unusable { .. } => {
-                false
-            }
+            UpstreamError::Credentials { .. }
+            | UpstreamError::Protocol { .. }
+            | UpstreamError::Unusable { .. }
+            | UpstreamError::QueryTimeout { .. } => false,
         }
     }
 }

@@ -139,6 +139,7 @@ impl Pump<'_> {
                     return Ok(false);
                 }
                 self.finish_unit();
+                self.error_since_ready = false;
                 if self.mode.statement_mode && status != TxStatus::Idle {
                     return Err(PumpExit::TransactionInStatementMode);
                 }
@@ -164,6 +165,7 @@ impl Pump<'_> {
                 }
                 if to_client {
                     self.pending.failed();
+                    self.error_since_ready = true;
                 }
                 if let Some(definition) = routing.failed_definition {
                     self.carried.statements.undefine(definition);

@@ -54,9 +54,24 @@ pub(super) enum PumpExit {
     ClientGone,
     /// The client broke the protocol.
     ClientBroke(ProtocolError),
-    /// The server connection failed; it must not be reused. `replied`: some of a reply
-    /// (or a reply pgrelay makes itself) had gone to the client in this run.
-    ServerFailed { failure: UpstreamError, replied: bool },
+    /// The client sat inside a transaction, sending nothing and owed nothing, for
+    /// idle_transaction_timeout.
+    IdleInTransaction(std::time::Duration),
+    /// The server connection failed; it must not be reused.
+    ServerFailed { failure: UpstreamError, seen: Seen },
+}
+
+/// What the client had seen, and sent, of the exchange when its server failed.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Seen {
+    /// Some of a reply (or a reply pgrelay makes itself) had gone to the client.
+    pub replied: bool,
+    /// An ErrorResponse went to the client after its last ReadyForQuery: the batch it
+    /// belongs to has had its error, and needs only its ReadyForQuery.
+    pub error_since_ready: bool,
+    /// The client was in the middle of sending a large CopyData, part of it forwarded:
+    /// the rest of it is still to come and cannot be told from messages.
+    pub client_mid_message: bool,
 }
 
 /// How the attached server is shared, which decides what the pump must take care of.
@@ -72,6 +87,10 @@ pub(super) struct PumpMode {
     pub single_unit: bool,
     /// Which side the attached server is on, for the metrics.
     pub role: Role,
+    /// idle_transaction_timeout.
+    pub idle_transaction_timeout: Option<std::time::Duration>,
+    /// query_timeout.
+    pub query_timeout: Option<std::time::Duration>,
 }
 
 pub(super) struct Pump<'a> {
@@ -99,10 +118,24 @@ pub(super) struct Pump<'a> {
     /// Something went to the client in this run: a reply from the server, or one pgrelay
     /// made. A batch whose server fails after that cannot be run again unseen.
     replied: bool,
+    /// An ErrorResponse went to the client since its last ReadyForQuery.
+    error_since_ready: bool,
     /// The batch may run again if its server fails before answering: replies that carry
     /// no data are held in `held` until the first one that does.
     hold_metadata: bool,
     held: BytesMut,
+    /// Runs while the client is idle inside a transaction (idle_transaction_timeout).
+    idle_in_transaction: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Runs while a batch is in flight (query_timeout); `cancelled`: the CancelRequest
+    /// went out and the timer now bounds the wait for the server to act on it.
+    query_deadline: Option<QueryDeadline>,
+}
+
+/// query_timeout of the batch in flight.
+struct QueryDeadline {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The CancelRequest went out: the timer now bounds the wait for the server to act.
+    cancelled: bool,
 }
 
 /// What the transaction in progress wrote, for its fence.
@@ -175,8 +208,11 @@ impl<'a> Pump<'a> {
             writes: Writes::default(),
             fence: FenceCapture::None,
             replied: false,
+            error_since_ready: false,
             hold_metadata: false,
             held: BytesMut::new(),
+            idle_in_transaction: None,
+            query_deadline: None,
         }
     }
 
@@ -290,15 +326,113 @@ impl<'a> Pump<'a> {
             }
 
             if !progress {
-                return Poll::Pending;
+                if let Poll::Ready(exit) = self.poll_query_timeout(cx) {
+                    return Poll::Ready(exit);
+                }
+                return self.poll_idle_in_transaction(cx);
             }
+            // Something moved: the client is not idle in its transaction.
+            self.idle_in_transaction = None;
+        }
+        // A statement that streams without pause is timed too.
+        if let Poll::Ready(exit) = self.poll_query_timeout(cx) {
+            return Poll::Ready(exit);
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
 
+    /// What the client had seen when the server failed.
+    fn seen(&self) -> Seen {
+        Seen {
+            replied: self.replied,
+            error_since_ready: self.error_since_ready,
+            client_mid_message: self.client_passthrough > 0,
+        }
+    }
+
+    /// Nothing can move: a batch in flight longer than query_timeout is cancelled on its
+    /// server (which answers the client with 57014); a server that has not answered the
+    /// cancel within another query_timeout (its backend stopped, its host gone) is given
+    /// up, and its client gets 57014 from pgrelay.
+    fn poll_query_timeout(&mut self, cx: &mut Context<'_>) -> Poll<PumpExit> {
+        let Some(limit) = self.mode.query_timeout else {
+            return Poll::Pending;
+        };
+        // Timed only while the client waits for an answer.
+        if self.server.expect.readies_owed_to_client() == 0 {
+            self.query_deadline = None;
+            return Poll::Pending;
+        }
+        if self.query_deadline.is_none() {
+            self.query_deadline = Some(QueryDeadline {
+                timer: Box::pin(tokio::time::sleep(limit)),
+                cancelled: false,
+            });
+        }
+        let Some(QueryDeadline { timer, cancelled, .. }) = self.query_deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if !*cancelled {
+            *cancelled = true;
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            let _ = timer.as_mut().poll(cx);
+            // The cancel may arrive after the statement ended: this connection must not
+            // carry it to another client's statement.
+            self.server.retire = true;
+            tracing::info!(server = %self.server.addr(), "query_timeout: cancelling the statement on its server");
+            crate::cancel::cancel_in_background(crate::cancel::CancelTarget {
+                addr: self.server.addr.clone(),
+                key: self.server.key().clone(),
+            });
+            return Poll::Pending;
+        }
+        self.abandon_fence();
+        self.server.mark_broken();
+        Poll::Ready(PumpExit::ServerFailed {
+            failure: UpstreamError::QueryTimeout {
+                addr: self.server.addr().to_owned(),
+            },
+            // Not run again: a statement that ran this long is not retried unseen.
+            seen: Seen {
+                replied: true,
+                ..self.seen()
+            },
+        })
+    }
+
+    /// Nothing can move: ends the run if the client has been idle inside a transaction
+    /// for idle_transaction_timeout, else waits.
+    fn poll_idle_in_transaction(&mut self, cx: &mut Context<'_>) -> Poll<PumpExit> {
+        let Some(limit) = self.mode.idle_transaction_timeout else {
+            return Poll::Pending;
+        };
+        let idle = self.server.status != TxStatus::Idle
+            && self.server.expect.is_empty()
+            && !self.server.copy_in
+            && self.server.outbuf.is_empty()
+            && self.client.inbuf.is_empty()
+            && self.fence == FenceCapture::None;
+        if !idle {
+            self.idle_in_transaction = None;
+            return Poll::Pending;
+        }
+        let timer = self
+            .idle_in_transaction
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(PumpExit::IdleInTransaction(limit)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// A batch was answered with ReadyForQuery.
     fn finish_unit(&mut self) {
+        // The next batch in flight, if any, gets a query_timeout of its own.
+        self.query_deadline = None;
         let elapsed = self
             .unit_started
             .take()
@@ -442,7 +576,7 @@ impl<'a> Pump<'a> {
         };
         PumpExit::ServerFailed {
             failure,
-            replied: self.replied,
+            seen: self.seen(),
         }
     }
 
@@ -458,7 +592,7 @@ impl<'a> Pump<'a> {
                 addr: self.server.addr().to_owned(),
                 source,
             },
-            replied: self.replied,
+            seen: self.seen(),
         }
     }
 
@@ -470,7 +604,7 @@ impl<'a> Pump<'a> {
                 addr: self.server.addr().to_owned(),
                 reason,
             },
-            replied: self.replied,
+            seen: self.seen(),
         }
     }
 }
