@@ -263,8 +263,9 @@ impl Pump<'_> {
     }
 }
 
-/// Replies that only acknowledge or describe: a client that got them and then lost its
-/// server has seen nothing of the statement's outcome.
+/// Replies that only acknowledge or describe, and notices: a client that got them and
+/// then lost its server has seen nothing of the statement's outcome. (An immediate
+/// shutdown tells its clients with a WARNING, not a FATAL, before it cuts them off.)
 fn carries_no_data(tag: BackendTag) -> bool {
     matches!(
         tag,
@@ -273,6 +274,7 @@ fn carries_no_data(tag: BackendTag) -> bool {
             | BackendTag::ParameterDescription
             | BackendTag::RowDescription
             | BackendTag::NoData
+            | BackendTag::NoticeResponse
     )
 }
 
