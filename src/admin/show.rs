@@ -305,6 +305,10 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
         ),
         row("pool.max_prepared_statements", pool.max_prepared_statements.to_string()),
         row(
+            "pool.max_client_prepared_statements",
+            pool.max_client_prepared_statements.to_string(),
+        ),
+        row(
             "databases",
             config.databases.keys().cloned().collect::<Vec<_>>().join(","),
         ),

@@ -26,6 +26,9 @@ pub struct PoolConfig {
     pub server_reset_query: Option<String>,
     /// Per server connection, in transaction and statement mode.
     pub max_prepared_statements: usize,
+    /// Prepared statements one client may hold at once in transaction and statement
+    /// mode; 0: no limit on the count (their bytes are still bounded).
+    pub max_client_prepared_statements: usize,
     /// Re-run a read-only autocommit batch whose server failed before it answered.
     pub retry_reads: bool,
     /// A client idle inside a transaction longer than this is disconnected; `None`: never.
@@ -48,6 +51,7 @@ impl Default for PoolConfig {
             server_lifetime: Some(Duration::from_secs(3600)),
             server_reset_query: Some("DISCARD ALL".to_owned()),
             max_prepared_statements: 200,
+            max_client_prepared_statements: 1000,
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
@@ -72,6 +76,7 @@ pub struct PoolOverrides {
     pub server_lifetime: Option<Option<Duration>>,
     pub server_reset_query: Option<Option<String>>,
     pub max_prepared_statements: Option<usize>,
+    pub max_client_prepared_statements: Option<usize>,
     pub retry_reads: Option<bool>,
     pub idle_transaction_timeout: Option<Option<Duration>>,
     pub query_timeout: Option<Option<Duration>>,
@@ -95,6 +100,10 @@ impl PoolOverrides {
             server_lifetime: pick(&self.server_lifetime, &base.server_lifetime),
             server_reset_query: pick(&self.server_reset_query, &base.server_reset_query),
             max_prepared_statements: pick(&self.max_prepared_statements, &base.max_prepared_statements),
+            max_client_prepared_statements: pick(
+                &self.max_client_prepared_statements,
+                &base.max_client_prepared_statements,
+            ),
             retry_reads: pick(&self.retry_reads, &base.retry_reads),
             idle_transaction_timeout: pick(&self.idle_transaction_timeout, &base.idle_transaction_timeout),
             query_timeout: pick(&self.query_timeout, &base.query_timeout),

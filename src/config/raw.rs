@@ -59,6 +59,7 @@ struct RawPool {
     server_lifetime: Option<DurationValue>,
     server_reset_query: Option<String>,
     max_prepared_statements: Option<usize>,
+    max_client_prepared_statements: Option<usize>,
     retry_reads: Option<bool>,
     idle_transaction_timeout: Option<DurationValue>,
     query_timeout: Option<DurationValue>,
@@ -233,6 +234,7 @@ fn pool(raw: RawPool) -> PoolOverrides {
             .server_reset_query
             .map(|query| (!query.trim().is_empty()).then_some(query)),
         max_prepared_statements: raw.max_prepared_statements,
+        max_client_prepared_statements: raw.max_client_prepared_statements,
         retry_reads: raw.retry_reads,
         idle_transaction_timeout: limit(raw.idle_transaction_timeout),
         query_timeout: limit(raw.query_timeout),

@@ -126,6 +126,7 @@ fn full_file_with_every_key() {
             server_lifetime: Some(Duration::from_secs(2 * 86_400)),
             server_reset_query: None,
             max_prepared_statements: 50,
+            max_client_prepared_statements: 1000,
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
@@ -169,6 +170,7 @@ fn full_file_with_every_key() {
             server_lifetime: None,
             server_reset_query: Some("RESET ALL".to_owned()),
             max_prepared_statements: 10,
+            max_client_prepared_statements: 1000,
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
@@ -493,4 +495,6 @@ fn tcp_keys_set_keepalive_and_user_timeout() {
     assert_eq!(off.user_timeout, None);
     assert_eq!(tcp("[server]\ntcp_keepalive_idle = \"0\"").keepalive_idle, None);
     assert!(!parse("[pool]\nretry_reads = false").unwrap().pool.retry_reads);
+    let pool = parse("[pool]\nmax_client_prepared_statements = 0").unwrap().pool;
+    assert_eq!(pool.max_client_prepared_statements, 0);
 }

@@ -85,6 +85,30 @@ impl ClientConn {
         }
     }
 
+    /// Like [`Self::next_frame`] for messages before login (password, SASL), capped at
+    /// `limit` bytes; room is made as the bytes arrive, never for what a header merely
+    /// announces, so a client that has not logged in cannot make pgrelay set memory aside.
+    pub async fn next_login_frame(&mut self, limit: usize) -> Result<Option<Frame>, ClientReadError> {
+        loop {
+            if let Some(header) = crate::protocol::Header::peek(&self.inbuf)? {
+                if header.len > limit {
+                    return Err(ProtocolError::TooLarge {
+                        tag: header.tag,
+                        len: header.len,
+                        limit,
+                    }
+                    .into());
+                }
+                if self.inbuf.len() >= header.len {
+                    return Ok(split_frame(&mut self.inbuf, limit)?);
+                }
+            }
+            if self.read_more().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
     /// Drops the buffers if they are empty, so an idle client costs no buffer memory.
     pub fn release_buffers(&mut self) {
         if self.inbuf.is_empty() {

@@ -88,9 +88,13 @@ async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, Hands
     let mut length = [0u8; 4];
     read_exact(stream, &mut length).await?;
     let len = peek_startup_len(&length)?.ok_or(StartupError::BadLength(0))?;
-    let mut packet = vec![0u8; len];
-    packet[..4].copy_from_slice(&length);
-    read_exact(stream, &mut packet[4..]).await?;
+    // Room grows with the bytes that arrive, not with the length the client announced.
+    let mut packet = length.to_vec();
+    let rest = (len - length.len()) as u64;
+    (&mut *stream).take(rest).read_to_end(&mut packet).await?;
+    if packet.len() != len {
+        return Err(HandshakeError::Closed);
+    }
     Ok(packet)
 }
 

@@ -257,11 +257,15 @@ async fn scram(client: &mut ClientConn, user_name: &str, verifier: &ScramVerifie
     Ok(())
 }
 
+/// Largest password or SASL message PostgreSQL takes before login
+/// (PG_MAX_AUTH_TOKEN_LENGTH, 65535 bytes of body).
+const MAX_AUTH_MESSAGE: usize = 65535 + crate::protocol::HEADER_LEN;
+
 /// Flushes what is pending and reads the client's next message, which must be a
 /// password-family message ('p'); returns its body.
 async fn read_password_message(client: &mut ClientConn) -> Result<Vec<u8>, LoginError> {
     client.flush().await.map_err(|_| None)?;
-    let frame = match client.next_frame().await {
+    let frame = match client.next_login_frame(MAX_AUTH_MESSAGE).await {
         Ok(Some(frame)) => frame,
         Ok(None) | Err(crate::net::ClientReadError::Io(_)) => return Err(None),
         Err(crate::net::ClientReadError::Protocol(error)) => {

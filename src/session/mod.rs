@@ -44,21 +44,39 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let snapshot = shared.snapshot();
     let limits = snapshot.client_limits.clone();
     let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, limits.max_message_size);
-    let started = match limits.login_timeout {
+    // Taken before the startup packet: connections still in their handshake or login
+    // count against max_client_conn too, so a flood of connections that never finish
+    // logging in cannot grow without bound. One over the limit is only read far enough
+    // to tell a cancel request from a login, which it is refused, and not for long.
+    let slot = ClientSlot::take(&shared, limits.max_client_conn);
+    let over_limit = slot.is_none();
+    let login_timeout = if over_limit {
+        Some(
+            limits
+                .login_timeout
+                .map_or(FAREWELL_TIMEOUT, |limit| limit.min(FAREWELL_TIMEOUT)),
+        )
+    } else {
+        limits.login_timeout
+    };
+    let started = match login_timeout {
         // Boxed: the login future is large and must not make every idle session's task
         // that large too.
-        Some(limit) => match tokio::time::timeout(limit, Box::pin(start(&mut client, &shared, &snapshot))).await {
-            Ok(started) => started,
-            Err(_) => Err(Some(ClientError::new(
-                Side::Client,
-                sqlstate::PROTOCOL_VIOLATION,
-                format!(
-                    "startup and authentication did not finish within client_login_timeout ({})",
-                    crate::config::format_limit(Some(limit))
-                ),
-            ))),
-        },
-        None => Box::pin(start(&mut client, &shared, &snapshot)).await,
+        Some(limit) => {
+            match tokio::time::timeout(limit, Box::pin(start(&mut client, &shared, &snapshot, slot))).await {
+                Ok(started) => started,
+                Err(_) if over_limit => Err(Some(too_many_clients())),
+                Err(_) => Err(Some(ClientError::new(
+                    Side::Client,
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!(
+                        "startup and authentication did not finish within client_login_timeout ({})",
+                        crate::config::format_limit(Some(limit))
+                    ),
+                ))),
+            }
+        }
+        None => Box::pin(start(&mut client, &shared, &snapshot, slot)).await,
     };
     match started {
         Ok(Some(Started::Session(session))) => session.run(client).await,
@@ -79,6 +97,7 @@ async fn start(
     client: &mut ClientConn,
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
+    slot: Option<ClientSlot>,
 ) -> Result<Option<Started>, LoginError> {
     let opening = handshake::open(&mut client.stream, snapshot.client_tls.as_ref())
         .await
@@ -105,13 +124,7 @@ async fn start(
         }
         Opening::Session { minor_version, params } => (minor_version, params),
     };
-    let slot = ClientSlot::take(shared, snapshot.client_limits.max_client_conn).ok_or_else(|| {
-        Some(ClientError::new(
-            Side::Pgrelay,
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "no more connections allowed (max_client_conn)",
-        ))
-    })?;
+    let slot = slot.ok_or_else(|| Some(too_many_clients()))?;
     let cancel = shared.cancel.register();
     let logged_in = match login::login(client, shared, snapshot, minor_version, params, &cancel).await? {
         Destination::Database(logged_in) => logged_in,
@@ -134,6 +147,14 @@ async fn start(
         cancel,
         slot,
     )))))
+}
+
+fn too_many_clients() -> ClientError {
+    ClientError::new(
+        Side::Pgrelay,
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "no more connections allowed (max_client_conn)",
+    )
 }
 
 /// A logged-in connection: a pooled session or the admin console.

@@ -35,12 +35,22 @@ pub(crate) struct PreparedStatement {
 /// checked, and closed again at once.
 const CHECK_NAME: &str = "pgrelay_check";
 
+/// Length of the names [`server_name`] makes.
+const SERVER_NAME_LEN: usize = 40;
+
+/// Bytes of statement names and text one client may keep defined at once. With the
+/// count (max_client_prepared_statements) it bounds what a client can make pgrelay hold:
+/// without it, a thousand statements of max_message_size each would be allowed.
+pub(crate) const CLIENT_STATEMENT_BYTES: usize = 16 * 1024 * 1024;
+
 /// One client's protocol-level statement names.
 #[derive(Debug, Default)]
 pub(crate) struct ClientStatements {
     by_name: HashMap<String, Defined>,
     /// Numbers the definitions, so a failed Parse undoes its own and no later one.
     next_definition: u64,
+    /// What the definitions hold: each name plus its statement's Parse message.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -49,7 +59,53 @@ struct Defined {
     definition: u64,
 }
 
+impl Defined {
+    fn cost(name: &str, statement: &PreparedStatement) -> usize {
+        name.len() + statement.parse.len()
+    }
+}
+
+/// A Parse pgrelay refuses because the client would hold more than it may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TooManyStatements {
+    pub message: String,
+}
+
 impl ClientStatements {
+    /// Refuses a Parse that would define one statement more than `max_count` (0: no
+    /// limit on the count) or take the client's statements past CLIENT_STATEMENT_BYTES.
+    /// Redefining a name the client has replaces it and only its size counts.
+    pub fn admits(&self, parse: &ParseView<'_>, max_count: usize) -> Result<(), TooManyStatements> {
+        let replaced = self.by_name.get(parse.name);
+        let count_after = self.by_name.len() + usize::from(replaced.is_none());
+        if max_count > 0 && count_after > max_count {
+            return Err(TooManyStatements {
+                message: format!(
+                    "prepared statement \"{}\" was not created: this client already holds {} prepared \
+                     statements (max_client_prepared_statements = {max_count}); close some first",
+                    parse.name,
+                    self.by_name.len()
+                ),
+            });
+        }
+        let freed = replaced.map_or(0, |old| Defined::cost(parse.name, &old.statement));
+        // The client's name and the Parse message pgrelay would keep (see
+        // `parse_message`): its header, the server-side name and the text, each ended
+        // by a zero byte, and the parameter types.
+        let added = parse.name.len() + 5 + SERVER_NAME_LEN + 1 + parse.query.len() + 1 + parse.param_types.len();
+        if self.bytes - freed + added > CLIENT_STATEMENT_BYTES {
+            return Err(TooManyStatements {
+                message: format!(
+                    "prepared statement \"{}\" was not created: this client's prepared statements would hold \
+                     more than {} MiB of query text; close some first",
+                    parse.name,
+                    CLIENT_STATEMENT_BYTES / (1024 * 1024)
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Records the client's Parse; a name parsed again is redefined. Returns the
     /// statement and the number of this definition, for [`Self::undefine`].
     ///
@@ -72,20 +128,31 @@ impl ClientStatements {
         };
         self.next_definition += 1;
         let definition = self.next_definition;
-        self.by_name.insert(
+        self.bytes += Defined::cost(parse.name, &statement);
+        let replaced = self.by_name.insert(
             parse.name.to_owned(),
             Defined {
                 statement: statement.clone(),
                 definition,
             },
         );
+        if let Some(old) = replaced {
+            self.bytes -= Defined::cost(parse.name, &old.statement);
+        }
         (statement, definition)
     }
 
     /// The server refused the Parse of `definition`: its name is not defined, as on a
     /// direct connection (unless the client has defined it again since).
     pub fn undefine(&mut self, definition: u64) {
-        self.by_name.retain(|_, defined| defined.definition != definition);
+        let bytes = &mut self.bytes;
+        self.by_name.retain(|name, defined| {
+            let keep = defined.definition != definition;
+            if !keep {
+                *bytes -= Defined::cost(name, &defined.statement);
+            }
+            keep
+        });
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<PreparedStatement>> {
@@ -94,11 +161,18 @@ impl ClientStatements {
 
     /// Forgets a name; false if the client never defined it.
     pub fn remove(&mut self, name: &str) -> bool {
-        self.by_name.remove(name).is_some()
+        match self.by_name.remove(name) {
+            Some(old) => {
+                self.bytes -= Defined::cost(name, &old.statement);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn clear(&mut self) {
         self.by_name.clear();
+        self.bytes = 0;
     }
 }
 
@@ -106,6 +180,7 @@ impl ClientStatements {
 /// search_path: equal statements share a name on every server, different ones never
 /// collide in practice.
 fn server_name(query: &str, param_types: &[u8], search_path: &str) -> Arc<str> {
+    const _: () = assert!(SERVER_NAME_LEN == "pgrelay_".len() + 32);
     let mut hasher = Sha256::new();
     hasher.update((query.len() as u64).to_be_bytes());
     hasher.update(query.as_bytes());
@@ -136,6 +211,13 @@ pub(crate) fn checked_parse(parse: &ParseView<'_>) -> (Bytes, Bytes) {
         parse_message(CHECK_NAME, parse.query, parse.param_types),
         close_statement(CHECK_NAME),
     )
+}
+
+/// A Parse the server is sure to refuse (a syntax error), under a name nothing else
+/// uses: sent in place of a client's Parse that pgrelay refuses, it makes the server skip
+/// the rest of the batch up to its Sync, as a refusal by the server itself would.
+pub(crate) fn refused_parse() -> Bytes {
+    parse_message("pgrelay_refused", "pgrelay refused this statement", &[0, 0])
 }
 
 /// The client's Bind with the statement name replaced.
@@ -252,6 +334,57 @@ mod tests {
         let (_, _third) = statements.define(&parse, &classifier, None);
         statements.undefine(second);
         assert!(statements.get("s1").is_some());
+    }
+
+    #[test]
+    fn the_bytes_of_a_clients_statements_are_counted_as_they_come_and_go() {
+        let classifier = Classifier::new(Default::default());
+        let mut statements = ClientStatements::default();
+        let short = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
+        let long = ParseView::read(b"s1\0SELECT 1, 2, 3\0\0\0").unwrap();
+        let other = ParseView::read(b"s2\0SELECT 2\0\0\0").unwrap();
+        let (statement, _) = statements.define(&short, &classifier, None);
+        assert_eq!(statements.bytes, 2 + statement.parse.len());
+        statements.define(&long, &classifier, None);
+        let (_, second) = statements.define(&other, &classifier, None);
+        statements.undefine(second);
+        statements.remove("s1");
+        assert_eq!((statements.by_name.len(), statements.bytes), (0, 0));
+        statements.define(&short, &classifier, None);
+        statements.clear();
+        assert_eq!(statements.bytes, 0);
+    }
+
+    #[test]
+    fn a_client_may_not_define_more_statements_than_its_limits() {
+        let classifier = Classifier::new(Default::default());
+        let mut statements = ClientStatements::default();
+        let s1 = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
+        let s2 = ParseView::read(b"s2\0SELECT 2\0\0\0").unwrap();
+        statements.admits(&s1, 1).unwrap();
+        statements.define(&s1, &classifier, None);
+        let refused = statements.admits(&s2, 1).unwrap_err();
+        assert!(
+            refused.message.contains("max_client_prepared_statements = 1"),
+            "{}",
+            refused.message
+        );
+        statements.admits(&s1, 1).expect("a name defined again replaces itself");
+        statements.admits(&s2, 0).expect("0: no limit on the count");
+
+        let text = format!("SELECT '{}'", "x".repeat(CLIENT_STATEMENT_BYTES / 2));
+        let body = [b"big\0".as_slice(), text.as_bytes(), b"\0\0\0"].concat();
+        let big = ParseView::read(&body).unwrap();
+        let (statement, _) = statements.define(&big, &classifier, None);
+        let predicted = 3 + 5 + SERVER_NAME_LEN + 1 + text.len() + 1 + 2;
+        assert_eq!(
+            3 + statement.parse.len(),
+            predicted,
+            "admits predicts what define keeps"
+        );
+        let body = [b"big2\0".as_slice(), text.as_bytes(), b"\0\0\0"].concat();
+        let refused = statements.admits(&ParseView::read(&body).unwrap(), 0).unwrap_err();
+        assert!(refused.message.contains("16 MiB"), "{}", refused.message);
     }
 
     #[test]

@@ -271,6 +271,7 @@ impl Session {
             statement_mode: self.database.mode() == PoolMode::Statement,
             manage_statements: self.database.mode() != PoolMode::Session,
             max_prepared_statements: self.database.pool.max_prepared_statements,
+            max_client_prepared_statements: self.database.pool.max_client_prepared_statements,
             single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
             role: if self.on_replica { Role::Replica } else { Role::Primary },
             idle_transaction_timeout: self.database.pool.idle_transaction_timeout,

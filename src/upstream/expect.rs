@@ -46,6 +46,9 @@ pub enum Expect {
     /// ReadyForQuery before its EmptyQueryResponse (`reached`) answer the client's
     /// Syncs.
     Barrier { reached: bool },
+    /// A Parse pgrelay refused, replaced by one the server refuses too (see
+    /// `prepared::refused_parse`): its ErrorResponse goes to the client as this error.
+    Refused { sqlstate: &'static str, message: Arc<str> },
     /// No reply: the client's CopyDone or CopyFail went to the server here. A COPY FROM
     /// STDIN that starts before this point ends here, so the Syncs in between are read
     /// in COPY mode, where the server ignores them. Dropped once it reaches the head.
@@ -89,6 +92,9 @@ pub struct Routing {
     pub skipped_statements: Vec<Arc<str>>,
     /// The same for client definitions (Parse of a named statement) the server skips.
     pub skipped_definitions: Vec<u64>,
+    /// For an ErrorResponse answering an [`Expect::Refused`]: the error the client gets
+    /// in its place.
+    pub replaced_by: Option<(&'static str, Arc<str>)>,
 }
 
 impl Default for Routing {
@@ -100,6 +106,7 @@ impl Default for Routing {
             failed_definition: None,
             skipped_statements: Vec::new(),
             skipped_definitions: Vec::new(),
+            replaced_by: None,
         }
     }
 }
@@ -362,6 +369,10 @@ impl ResponseQueue {
                     Expect::BindComplete { statement: Some(name) } => (Some((FailedAt::Bind, name.clone())), None),
                     _ => (None, None),
                 };
+                let replaced_by = match expect {
+                    Expect::Refused { sqlstate, message } => Some((*sqlstate, message.clone())),
+                    _ => None,
+                };
                 // In the extended protocol an error makes the server skip every message
                 // up to the next Sync: drop what those would have answered, and what
                 // the client sends until it has sent that Sync.
@@ -394,6 +405,7 @@ impl ResponseQueue {
                     failed_definition,
                     skipped_statements,
                     skipped_definitions,
+                    replaced_by,
                 })
             }
             _ => Err(OutOfOrder {
@@ -467,6 +479,36 @@ mod tests {
         }
         assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_refused_parse_is_answered_by_its_own_error_and_skips_to_sync() {
+        let message: Arc<str> = Arc::from("too many");
+        let mut q = queue(&[
+            (
+                Expect::Refused {
+                    sqlstate: "53400",
+                    message: message.clone(),
+                },
+                Recipient::Client,
+            ),
+            (Expect::BindComplete { statement: None }, Recipient::Client),
+            (Expect::ExecuteResult, Recipient::Client),
+            (Expect::Ready, Recipient::Client),
+        ]);
+        let routing = q.on_message(B::ErrorResponse).unwrap();
+        assert_eq!(routing.replaced_by, Some(("53400", message)));
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
+
+        let mut q = queue(&[(
+            Expect::Refused {
+                sqlstate: "53400",
+                message: Arc::from("x"),
+            },
+            Recipient::Client,
+        )]);
+        assert!(q.on_message(B::ParseComplete).is_err(), "only an error answers it");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use super::{HIGH_WATER, Pump, PumpExit, move_bytes};
 use crate::protocol::views::{BindView, ObjectKind, ObjectRef, ParseView, query_text};
 use crate::protocol::{FrontendTag, Header, ProtocolError};
 use crate::session::prepared::{
-    Deallocate, PreparedStatement, checked_parse, close_statement, describe_statement, parse_deallocate, rewrite_bind,
+    Deallocate, PreparedStatement, checked_parse, close_statement, describe_statement, parse_deallocate, refused_parse,
+    rewrite_bind,
 };
 use std::time::Instant;
 
@@ -44,7 +45,10 @@ impl Pump<'_> {
                 run += n;
                 continue;
             }
-            if self.server.outbuf.len() + run >= HIGH_WATER {
+            // Replies pgrelay makes itself (CloseComplete, DEALLOCATE) go straight to the
+            // client's output: a client that pipelines without reading is held back by
+            // the same bound as one whose replies come from the server.
+            if self.server.outbuf.len() + run >= HIGH_WATER || self.client.outbuf.len() >= HIGH_WATER {
                 break Ok(());
             }
             let rest = &self.client.inbuf[run..];
@@ -156,6 +160,21 @@ impl Pump<'_> {
                     }
                     self.writes.note(&class);
                     return Ok(Disposition::Forward);
+                }
+                if let Err(refusal) = self
+                    .carried
+                    .statements
+                    .admits(&parse, self.mode.max_client_prepared_statements)
+                {
+                    server.outbuf.extend_from_slice(&refused_parse());
+                    server.expect.push(
+                        Expect::Refused {
+                            sqlstate: crate::error::sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                            message: refusal.message.into(),
+                        },
+                        Recipient::Client,
+                    );
+                    return Ok(Disposition::Consumed);
                 }
                 let carried = &mut *self.carried;
                 let search_path = carried.wanted.get("search_path");

@@ -6,6 +6,7 @@ use bytes::Buf;
 
 use super::FenceCapture;
 use super::{Pump, PumpExit, move_bytes};
+use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
 use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
 use crate::upstream::{FailedAt, Recipient, Routing, SessionParams};
@@ -102,7 +103,14 @@ impl Pump<'_> {
                 }
                 self.release_held();
             }
-            if to_client {
+            if let Some((sqlstate, message)) = &routing.replaced_by {
+                // The server's error stands for one pgrelay raised: the client gets that.
+                move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
+                self.server.inbuf.advance(header.len);
+                run = 0;
+                self.replied = true;
+                compose::error(&mut self.client.outbuf, Severity::Error, sqlstate, message);
+            } else if to_client {
                 self.replied = true;
                 run += header.len;
             } else {

@@ -82,6 +82,8 @@ pub(super) struct PumpMode {
     /// Transaction and statement mode: prepared statements are renamed and re-prepared.
     pub manage_statements: bool,
     pub max_prepared_statements: usize,
+    /// max_client_prepared_statements.
+    pub max_client_prepared_statements: usize,
     /// Attached to a replica: forward one batch, then let the session route the next
     /// one (unless the batch opened a transaction, which stays on this server).
     pub single_unit: bool,
@@ -305,7 +307,7 @@ impl<'a> Pump<'a> {
                 // The batch opened a transaction: it continues on this server.
                 self.hold = false;
             }
-            if self.server.outbuf.len() < HIGH_WATER && !self.hold {
+            if self.server.outbuf.len() < HIGH_WATER && self.client.outbuf.len() < HIGH_WATER && !self.hold {
                 if !self.client.inbuf.is_empty() {
                     let before = self.server.outbuf.len();
                     if let Err(exit) = self.on_client_input() {
