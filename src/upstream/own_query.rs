@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Expect, Recipient, ServerConn, UpstreamError};
+use super::{Expect, Recipient, ServerConn, ServerFatal, UpstreamError};
 use crate::protocol::BackendTag;
 use crate::protocol::frame::split_frame;
 use crate::protocol::views::{ErrorFields, parameter_status, ready_status};
@@ -69,7 +69,10 @@ impl ServerConn {
                 BackendTag::ErrorResponse => {
                     let fields = ErrorFields::read(frame.body()).unwrap_or_default();
                     if fields.is_fatal() {
-                        self.state.server_lost();
+                        self.state.server_ended(ServerFatal {
+                            sqlstate: fields.code.to_owned(),
+                            message: fields.message.to_owned(),
+                        });
                     }
                     outcome.errors.push((fields.code.to_owned(), fields.message.to_owned()));
                 }
