@@ -163,7 +163,7 @@ async fn check_settings(
             .map_err(|error| ClientError::from_upstream(&error, &database.name))?;
         if let Some((code, message)) = outcome.errors.first() {
             // The server has part of the settings now: it must not be reused.
-            server.mark_broken();
+            server.state.abandon();
             return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
         }
         server.params = wanted.clone();

@@ -563,7 +563,7 @@ impl Session {
     /// and points the client's cancel key at the server.
     fn prepare(&mut self, server: &mut Checkout) {
         if self.database.mode() == PoolMode::Session {
-            server.holds_client_state = true;
+            server.state.client_state_added();
         }
         if let Some(diff) = ParamDiff::between(&self.carried.wanted, &server.params)
             && postgres_protocol::message::frontend::query(&diff.sql, &mut server.outbuf).is_ok()
@@ -597,11 +597,11 @@ impl Session {
             PumpExit::ServerIdle => {
                 self.read_retries = (0, None);
                 if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
-                    server.holds_client_state = true;
+                    server.state.client_state_added();
                     self.server = Some(server);
                 } else {
                     // Unpinned again: what the client left on the server was released.
-                    server.holds_client_state = false;
+                    server.state.client_state_cleared();
                     self.cancel.detach().await;
                     drop(server);
                     self.set_state(ClientState::Idle);
@@ -641,13 +641,13 @@ impl Session {
             PumpExit::ServerFailed { failure, seen } => {
                 // The client was told its BEGIN succeeded even if the server never ran it.
                 let in_transaction = server.status() != TxStatus::Idle || begun_here;
-                let mid_message = server.passthrough > 0 && server.passthrough_to_client;
+                let mid_message = server.state.mid_message_to_client();
                 let owed = server.expect.readies_owed_on_loss();
                 // Extended-protocol messages went out after the last Sync: the client
                 // waits for their replies, or sends its Sync later.
-                let mid_batch = server.unsynced;
+                let mid_batch = server.state.is_unsynced();
                 self.cancel.detach().await;
-                server.mark_broken();
+                server.state.server_lost();
                 if failure.means_server_down()
                     && let Some(pool) = self.pools.hosts.iter().find(|pool| pool.addr() == server.addr())
                 {
@@ -756,13 +756,7 @@ impl Session {
     /// Makes a server safe for the next client after this one left, or closes it.
     async fn clean_up(&mut self, mut server: Checkout) {
         self.cancel.detach().await;
-        let mid_statement = !server.expect.is_empty()
-            || !server.outbuf.is_empty()
-            || server.copy_in
-            || server.expect.has_uncertain_readies()
-            || server.passthrough > 0
-            || server.unsynced;
-        if server.is_broken() || mid_statement {
+        if server.is_broken() || server.mid_statement() {
             // Closing is the only sure way to stop what a departed client started.
             server.discard();
             return;
@@ -771,7 +765,7 @@ impl Session {
             server.discard();
             return;
         }
-        if server.holds_client_state {
+        if server.state.holds_client_state() {
             // Session mode runs the configured reset query; a client pinned in
             // transaction mode left state that only DISCARD ALL is sure to remove.
             let reset = match self.database.mode() {
@@ -786,7 +780,7 @@ impl Session {
                 server.params = SessionParams::default();
                 server.statements.clear();
             }
-            server.holds_client_state = false;
+            server.state.client_state_cleared();
         }
         drop(server);
     }

@@ -18,7 +18,7 @@ use super::{BackendKey, ResponseQueue, ServerConn, ServerStream, SessionParams, 
 use crate::config::ServerTlsMode;
 use crate::net::ServerTls;
 use crate::protocol::views::{ErrorFields, auth_request, backend_key, parameter_status, ready_status};
-use crate::protocol::{BackendTag, Frame, TxStatus, frame::split_frame};
+use crate::protocol::{BackendTag, Frame, frame::split_frame};
 
 /// Largest message a server may send during startup: parameters, errors, auth data.
 const STARTUP_MESSAGE_LIMIT: usize = 1 << 20;
@@ -66,17 +66,10 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         inbuf: BytesMut::with_capacity(8192),
         outbuf: BytesMut::with_capacity(8192),
         expect: ResponseQueue::default(),
-        passthrough: 0,
-        passthrough_to_client: false,
-        unsynced: false,
-        copy_in: false,
-        copy_from_client: false,
-        status: TxStatus::Idle,
+        state: super::ConnState::default(),
         params: SessionParams::default(),
         statements: super::ServerStatements::default(),
-        retire: false,
         pool_generation: 0,
-        holds_client_state: false,
         registration: None,
         reported: Vec::new(),
         key: BackendKey {
@@ -84,8 +77,6 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
             secret: bytes::Bytes::new(),
         },
         addr: addr.clone(),
-        broken: false,
-        fatal: None,
         released_at: Instant::now(),
     };
     let mut out = BytesMut::new();
@@ -138,7 +129,8 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
             }
             Some(BackendTag::NoticeResponse | BackendTag::NegotiateProtocolVersion) => {}
             Some(BackendTag::ReadyForQuery) => {
-                conn.status = ready_status(body).map_err(|e| protocol(e.to_string()))?;
+                let status = ready_status(body).map_err(|e| protocol(e.to_string()))?;
+                conn.state.ready(status);
                 return Ok(conn);
             }
             _ => {

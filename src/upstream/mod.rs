@@ -1,11 +1,12 @@
 //! A connection to a PostgreSQL server: opening and authenticating it, the state it is
-//! in (transaction status, parameters pgrelay applied, replies still owed) and the few
-//! queries pgrelay runs on it by itself.
+//! in (health, transaction status and protocol phase in `state`, parameters pgrelay
+//! applied, replies still owed) and the few queries pgrelay runs on it by itself.
 
 mod connect;
 pub mod expect;
 mod own_query;
 mod params;
+mod state;
 mod statements;
 mod stream;
 
@@ -18,6 +19,7 @@ pub use connect::{ConnectSpec, ServerCredentials, connect};
 pub use expect::{CopyStart, Expect, FailedAt, Recipient, ResponseQueue, Routing, Synthetic};
 pub use own_query::OwnQueryOutcome;
 pub use params::{ParamDiff, SessionParams};
+pub(crate) use state::{ConnState, ServerFatal};
 pub use statements::ServerStatements;
 pub use stream::ServerStream;
 
@@ -105,39 +107,21 @@ pub struct ServerConn {
     pub(crate) outbuf: BytesMut,
     /// Replies the server still owes, in order.
     pub(crate) expect: ResponseQueue,
-    /// Bytes of a large message that are still to be forwarded without being looked at.
-    pub(crate) passthrough: usize,
-    /// Whether those bytes go to the client (or are dropped).
-    pub(crate) passthrough_to_client: bool,
-    /// Extended-protocol messages were sent after the last Sync: the server is in an
-    /// implicit transaction until the next Sync.
-    pub(crate) unsynced: bool,
-    /// The server is in COPY FROM STDIN and takes CopyData from the client.
-    pub(crate) copy_in: bool,
-    /// In COPY FROM STDIN, the client has not sent its CopyDone or CopyFail yet: a Sync
-    /// it sends now is ignored by the server.
-    pub(crate) copy_from_client: bool,
-    pub(crate) status: TxStatus,
+    /// Whether it still works and may be reused, its transaction status, and the protocol
+    /// phase the client's traffic left it in.
+    pub(crate) state: ConnState,
     /// Settings pgrelay has applied on behalf of clients.
     pub(crate) params: SessionParams,
     /// Prepared statements held for clients (transaction and statement mode).
     pub(crate) statements: ServerStatements,
-    /// The connection works but must not be reused (a stale plan cache, a reload).
-    pub(crate) retire: bool,
     /// The pool's generation when this connection was opened; an older one is retired.
     pub(crate) pool_generation: u64,
-    /// A client's session state is on it (session mode, or a pinned client): it may
-    /// only go back to the pool after a reset.
-    pub(crate) holds_client_state: bool,
     /// Its entry in SHOW SERVERS, when pgrelay keeps a registry.
     pub(crate) registration: Option<crate::registry::ServerRegistration>,
     /// Values the server reported in ParameterStatus (server_version, …).
     pub(crate) reported: Vec<(String, String)>,
     pub(crate) key: BackendKey,
     pub(crate) addr: std::sync::Arc<str>,
-    pub(crate) broken: bool,
-    /// The FATAL error the server sent before closing, if it did.
-    pub(crate) fatal: Option<(String, String)>,
     pub(crate) released_at: Instant,
 }
 
@@ -151,7 +135,7 @@ impl ServerConn {
     }
 
     pub fn status(&self) -> TxStatus {
-        self.status
+        self.state.status()
     }
 
     /// Sends an empty query whose EmptyQueryResponse marks the point after which no
@@ -163,31 +147,29 @@ impl ServerConn {
         }
     }
 
-    /// Nothing owed, no COPY, no open transaction, nothing half-read: the connection
-    /// can serve another client.
+    /// Something a client started is still under way: replies owed (or perhaps owed),
+    /// output not yet written, a COPY, a message half forwarded, a batch without its Sync.
+    pub(crate) fn mid_statement(&self) -> bool {
+        self.state.mid_statement()
+            || !self.expect.is_empty()
+            || self.expect.has_uncertain_readies()
+            || !self.outbuf.is_empty()
+    }
+
+    /// Not broken, nothing under way, no open transaction: the connection can serve
+    /// another client.
     pub fn is_idle(&self) -> bool {
-        !self.broken
-            && self.expect.is_empty()
-            && !self.expect.has_uncertain_readies()
-            && !self.copy_in
-            && self.passthrough == 0
-            && !self.unsynced
-            && self.status == TxStatus::Idle
-            && self.outbuf.is_empty()
+        self.state.is_idle() && !self.mid_statement()
     }
 
-    /// Idle, and not retired: it may go back to the pool.
+    /// Idle, not retired, and holding no client's session state: it may go back to the
+    /// pool.
     pub fn is_reusable(&self) -> bool {
-        self.is_idle() && !self.retire && !self.holds_client_state
-    }
-
-    /// Marks the connection as not to be reused.
-    pub fn mark_broken(&mut self) {
-        self.broken = true;
+        self.is_idle() && self.state.is_reusable()
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
+        self.state.is_broken()
     }
 
     /// The ParameterStatus values this server reported.
@@ -205,7 +187,7 @@ impl ServerConn {
     /// Checks without waiting that the server has not closed the connection while it
     /// sat idle in the pool (restart, idle_session_timeout, pg_terminate_backend).
     pub fn probe_alive(&mut self) -> bool {
-        if self.broken || !self.inbuf.is_empty() {
+        if self.state.is_broken() || !self.inbuf.is_empty() {
             return false;
         }
         self.stream.probe_alive()
@@ -214,7 +196,7 @@ impl ServerConn {
     /// Sends Terminate if the socket can take it right away; used when a connection is
     /// closed on purpose so the server does not log an unexpected EOF.
     pub(crate) fn terminate_nowait(&mut self) {
-        if !self.broken {
+        if !self.state.is_broken() {
             self.stream.try_write_now(&[b'X', 0, 0, 0, 4]);
         }
     }

@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Expect, Recipient, ServerConn, UpstreamError};
+use super::{Expect, Recipient, ServerConn, ServerFatal, UpstreamError};
 use crate::protocol::BackendTag;
 use crate::protocol::frame::split_frame;
 use crate::protocol::views::{ErrorFields, parameter_status, ready_status};
@@ -34,7 +34,7 @@ impl ServerConn {
             addr: addr.clone(),
             reason,
         };
-        if !self.expect.is_empty() || self.passthrough > 0 || !self.outbuf.is_empty() {
+        if !self.expect.is_empty() || self.state.mid_message() || !self.outbuf.is_empty() {
             return Err(UpstreamError::Unusable {
                 addr: addr.clone(),
                 reason: "server still owes replies",
@@ -53,7 +53,7 @@ impl ServerConn {
             else {
                 self.inbuf.reserve(4096);
                 if self.stream.read_buf(&mut self.inbuf).await.map_err(io)? == 0 {
-                    self.broken = true;
+                    self.state.server_lost();
                     return Err(UpstreamError::Closed { addr });
                 }
                 continue;
@@ -63,12 +63,16 @@ impl ServerConn {
             self.expect.on_message(tag).map_err(|e| protocol(e.to_string()))?;
             match tag {
                 BackendTag::ReadyForQuery => {
-                    self.status = ready_status(frame.body()).map_err(|e| protocol(e.to_string()))?;
+                    let status = ready_status(frame.body()).map_err(|e| protocol(e.to_string()))?;
+                    self.state.ready(status);
                 }
                 BackendTag::ErrorResponse => {
                     let fields = ErrorFields::read(frame.body()).unwrap_or_default();
                     if fields.is_fatal() {
-                        self.broken = true;
+                        self.state.server_ended(ServerFatal {
+                            sqlstate: fields.code.to_owned(),
+                            message: fields.message.to_owned(),
+                        });
                     }
                     outcome.errors.push((fields.code.to_owned(), fields.message.to_owned()));
                 }

@@ -144,7 +144,7 @@ impl Pump<'_> {
                 Disposition::Forward
             }
             FrontendTag::Parse => {
-                server.unsynced = true;
+                server.state.extended_sent();
                 let parse = ParseView::read(body).map_err(malformed)?;
                 if !manage || parse.name.is_empty() {
                     server.expect.push(
@@ -214,7 +214,7 @@ impl Pump<'_> {
                 Disposition::Consumed
             }
             FrontendTag::Bind => {
-                server.unsynced = true;
+                server.state.extended_sent();
                 let bind = BindView::read(body).map_err(malformed)?;
                 let statement = (manage && !bind.statement.is_empty())
                     .then(|| self.carried.statements.get(bind.statement))
@@ -240,7 +240,7 @@ impl Pump<'_> {
                 Disposition::Consumed
             }
             FrontendTag::Describe => {
-                server.unsynced = true;
+                server.state.extended_sent();
                 server.expect.push(Expect::Description, Recipient::Client);
                 let object = ObjectRef::read(body).map_err(malformed)?;
                 match self.managed_statement(object) {
@@ -256,7 +256,7 @@ impl Pump<'_> {
                 }
             }
             FrontendTag::Close => {
-                server.unsynced = true;
+                server.state.extended_sent();
                 let object = ObjectRef::read(body).map_err(malformed)?;
                 if manage && object.kind == ObjectKind::Statement && !object.name.is_empty() {
                     // The server keeps the statement for other clients; the client only
@@ -274,17 +274,17 @@ impl Pump<'_> {
             }
             FrontendTag::Execute => {
                 self.unit_started.get_or_insert_with(Instant::now);
-                server.unsynced = true;
+                server.state.extended_sent();
                 server.expect.push(Expect::ExecuteResult, Recipient::Client);
                 Disposition::Forward
             }
             FrontendTag::Sync => {
                 self.hold = self.mode.single_unit;
-                if server.copy_from_client {
+                if server.state.client_sending_copy() {
                     // The server ignores a Sync in the middle of COPY FROM STDIN.
                     return Ok(Disposition::Forward);
                 }
-                server.unsynced = false;
+                server.state.synced();
                 server.expect.push(Expect::Ready, Recipient::Client);
                 Disposition::Forward
             }
@@ -300,8 +300,8 @@ impl Pump<'_> {
                 }
             }
             FrontendTag::CopyDone | FrontendTag::CopyFail => {
-                if server.copy_from_client {
-                    server.copy_from_client = false;
+                if server.state.client_sending_copy() {
+                    server.state.client_ended_copy();
                     Disposition::Forward
                 } else if takes_copy_data(server) {
                     server.expect.push(Expect::CopyEndSent, Recipient::Client);
@@ -327,7 +327,7 @@ impl Pump<'_> {
 /// COPY messages from the client go to the server while it is in COPY mode or may
 /// still enter it (it owes replies); otherwise they are leftovers of a failed COPY.
 fn takes_copy_data(server: &ServerConn) -> bool {
-    server.copy_in || !server.expect.is_empty()
+    server.state.in_copy() || !server.expect.is_empty()
 }
 
 /// Messages that may be rewritten or replaced when pgrelay manages prepared statements.

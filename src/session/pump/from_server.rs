@@ -9,7 +9,7 @@ use super::{Pump, PumpExit, move_bytes};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
 use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
-use crate::upstream::{FailedAt, Recipient, Routing, SessionParams};
+use crate::upstream::{FailedAt, Recipient, Routing, ServerFatal, SessionParams};
 
 /// Largest server message pgrelay buffers whole (DataRow and CopyData are streamed).
 const SERVER_MESSAGE_LIMIT: usize = 256 * 1024 * 1024;
@@ -27,13 +27,11 @@ impl Pump<'_> {
         let mut run = 0;
         let result = loop {
             let server = &mut *self.server;
-            if server.passthrough > 0 {
-                let n = server.passthrough.min(server.inbuf.len() - run);
+            if let Some((n, to)) = server.state.passed_through(server.inbuf.len() - run) {
                 if n == 0 {
                     break Ok(());
                 }
-                server.passthrough -= n;
-                if server.passthrough_to_client {
+                if to == Recipient::Client {
                     self.replied = true;
                     run += n;
                 } else {
@@ -55,8 +53,7 @@ impl Pump<'_> {
             if tag.is_streamable() && header.len > rest.len() {
                 match server.expect.on_message(tag) {
                     Ok(routing) => {
-                        server.passthrough = header.len;
-                        server.passthrough_to_client = routing.recipient == Recipient::Client;
+                        server.state.passthrough_started(header.len, routing.recipient);
                         if self.hold_metadata && routing.recipient == Recipient::Client {
                             move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
                             run = 0;
@@ -139,7 +136,7 @@ impl Pump<'_> {
                 let Ok(status) = ready_status(body) else {
                     return Err(self.server_broke("bad ReadyForQuery".to_owned()));
                 };
-                server.status = status;
+                server.state.ready(status);
                 if !to_client {
                     if self.fence != FenceCapture::None && routing.ready {
                         self.fence_captured();
@@ -162,13 +159,14 @@ impl Pump<'_> {
             }
             BackendTag::ErrorResponse => {
                 let fields = ErrorFields::read(body).unwrap_or_default();
-                server.copy_in = false;
-                server.copy_from_client = false;
+                server.state.copy_ended();
                 if fields.is_fatal() {
                     // The server closes right after; the client hears of it once, as
                     // the failure of its server connection.
-                    server.broken = true;
-                    server.fatal = Some((fields.code.to_owned(), fields.message.to_owned()));
+                    server.state.server_ended(ServerFatal {
+                        sqlstate: fields.code.to_owned(),
+                        message: fields.message.to_owned(),
+                    });
                     return Ok(false);
                 }
                 if to_client {
@@ -201,11 +199,10 @@ impl Pump<'_> {
                 Ok(to_client)
             }
             BackendTag::CommandComplete => {
-                if server.copy_in {
+                if server.state.in_copy() {
                     server.expect.copy_succeeded();
                 }
-                server.copy_in = false;
-                server.copy_from_client = false;
+                server.state.copy_ended();
                 if to_client && let Ok(tag) = command_tag(body) {
                     self.pending.completed(tag);
                     match tag {
@@ -243,12 +240,8 @@ impl Pump<'_> {
                 Ok(false)
             }
             BackendTag::CopyInResponse | BackendTag::CopyBothResponse => {
-                server.copy_in = true;
                 let start = server.expect.copy_started();
-                server.copy_from_client = !start.client_ended;
-                if start.needs_sync {
-                    server.unsynced = true;
-                }
+                server.state.copy_started(start);
                 Ok(to_client)
             }
             BackendTag::Authentication | BackendTag::BackendKeyData | BackendTag::NegotiateProtocolVersion => Ok(false),

@@ -278,7 +278,7 @@ impl<'a> Pump<'a> {
                         if let Err(exit) = self.on_server_input() {
                             return Poll::Ready(exit);
                         }
-                        if self.server.fatal.is_some() {
+                        if self.server.state.fatal().is_some() {
                             // The server ended the session and closes next: nothing more
                             // goes to it, and the client hears the server's reason.
                             return Poll::Ready(self.server_closed());
@@ -303,7 +303,7 @@ impl<'a> Pump<'a> {
                 Poll::Pending => {}
             }
 
-            if self.hold && self.server.expect.is_empty() && self.server.status != crate::protocol::TxStatus::Idle {
+            if self.hold && self.server.expect.is_empty() && self.server.status() != TxStatus::Idle {
                 // The batch opened a transaction: it continues on this server.
                 self.hold = false;
             }
@@ -384,7 +384,7 @@ impl<'a> Pump<'a> {
             let _ = timer.as_mut().poll(cx);
             // The cancel may arrive after the statement ended: this connection must not
             // carry it to another client's statement.
-            self.server.retire = true;
+            self.server.state.retire();
             tracing::info!(server = %self.server.addr(), "query_timeout: cancelling the statement on its server");
             crate::cancel::cancel_in_background(crate::cancel::CancelTarget {
                 addr: self.server.addr.clone(),
@@ -393,7 +393,7 @@ impl<'a> Pump<'a> {
             return Poll::Pending;
         }
         self.abandon_fence();
-        self.server.mark_broken();
+        self.server.state.server_lost();
         Poll::Ready(PumpExit::ServerFailed {
             failure: UpstreamError::QueryTimeout {
                 addr: self.server.addr().to_owned(),
@@ -412,9 +412,9 @@ impl<'a> Pump<'a> {
         let Some(limit) = self.mode.idle_transaction_timeout else {
             return Poll::Pending;
         };
-        let idle = self.server.status != TxStatus::Idle
+        let idle = self.server.status() != TxStatus::Idle
             && self.server.expect.is_empty()
-            && !self.server.copy_in
+            && !self.server.state.in_copy()
             && self.server.outbuf.is_empty()
             && self.client.inbuf.is_empty()
             && self.fence == FenceCapture::None;
@@ -461,7 +461,7 @@ impl<'a> Pump<'a> {
             self.writes.clear();
             return false;
         }
-        if self.server.unsynced {
+        if self.server.state.is_unsynced() {
             // The client's next batch has begun on this server: a query now would
             // commit its first part early. The position is asked for at the end of that
             // batch instead (a later one covers this commit too); the server stays
@@ -539,7 +539,7 @@ impl<'a> Pump<'a> {
                 Synthetic::CloseComplete => compose::close_complete(out),
                 Synthetic::QueryDone(tag) => {
                     compose::command_complete(out, tag);
-                    compose::ready_for_query(out, self.server.status);
+                    compose::ready_for_query(out, self.server.status());
                 }
             }
         }
@@ -566,13 +566,13 @@ impl<'a> Pump<'a> {
 
     fn server_closed(&mut self) -> PumpExit {
         self.abandon_fence();
-        self.server.mark_broken();
+        self.server.state.server_lost();
         let addr = self.server.addr().to_owned();
-        let failure = match self.server.fatal.take() {
-            Some((sqlstate, message)) => UpstreamError::Terminated {
+        let failure = match self.server.state.fatal() {
+            Some(fatal) => UpstreamError::Terminated {
                 addr,
-                sqlstate,
-                message,
+                sqlstate: fatal.sqlstate.clone(),
+                message: fatal.message.clone(),
             },
             None => UpstreamError::Closed { addr },
         };
@@ -583,12 +583,12 @@ impl<'a> Pump<'a> {
     }
 
     fn server_io_failed(&mut self, source: std::io::Error) -> PumpExit {
-        if self.server.fatal.is_some() {
+        if self.server.state.fatal().is_some() {
             // It said why before the connection broke: that is the reason to give.
             return self.server_closed();
         }
         self.abandon_fence();
-        self.server.mark_broken();
+        self.server.state.server_lost();
         PumpExit::ServerFailed {
             failure: UpstreamError::Io {
                 addr: self.server.addr().to_owned(),
@@ -600,7 +600,7 @@ impl<'a> Pump<'a> {
 
     fn server_broke(&mut self, reason: String) -> PumpExit {
         self.abandon_fence();
-        self.server.mark_broken();
+        self.server.state.server_lost();
         PumpExit::ServerFailed {
             failure: UpstreamError::Protocol {
                 addr: self.server.addr().to_owned(),
