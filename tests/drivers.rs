@@ -624,3 +624,38 @@ async fn tokio_postgres_named_statements_transactions_copy_and_errors() {
 async fn tokio_postgres_named_statements_transactions_copy_and_errors_in_session_mode() {
     tokio_postgres_suite("app_t14", "session", "drv_tokio_pg_session").await;
 }
+
+/// asyncpg and psycopg see the same through pgrelay as on a direct connection when a
+/// column is added between two calls of a prepared statement: eight clients of each on a
+/// transaction pool of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_between_prepared_calls_look_as_on_a_direct_connection() {
+    tokio::task::spawn_blocking(ensure_installed).await.unwrap();
+    let cluster = shared_cluster();
+    let user = "app_t15";
+    let proxy = Proxy::start_isolated(&config_for(cluster, "mode = \"transaction\"\nsize = 2"), 2).await;
+    let direct = common::direct(&cluster.primary().addr(), "app").await;
+    direct
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema} AUTHORIZATION {user}",
+            schema = schema_of(user)
+        ))
+        .await
+        .unwrap();
+    let direct_port = cluster.primary().addr().rsplit(':').next().unwrap().to_owned();
+    let mut command = Command::new(target_dir().join("driver-venv/bin/python"));
+    command
+        .arg(drivers_dir().join("schema_changes.py"))
+        .env("PGRELAY_HOST", "127.0.0.1")
+        .env("PGRELAY_PORT", proxy.port().to_string())
+        .env("PGRELAY_DIRECT_PORT", direct_port)
+        .env("PGRELAY_USER", user)
+        .env("PGRELAY_PASSWORD", user)
+        .env("PGRELAY_DATABASE", "app")
+        .env("PGRELAY_SCHEMA", schema_of(user))
+        .stdin(Stdio::null());
+    let (ok, status, output) = run_command(command, SUITE_TIMEOUT).await;
+    assert!(ok, "schema changes suite failed ({status}):\n{output}");
+    println!("{output}");
+    proxy.shutdown().await;
+}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use dashmap::DashMap;
 
 use super::consistency::Fences;
+use super::schema::SchemaWatch;
 use super::{Observers, UserEntry};
 use crate::cluster::{ClusterMonitor, ClusterView, HostHealth, Lsn, MonitorSettings, MonitorTls, Role as HostRole};
 use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig, ServerTlsMode, TcpOptions};
@@ -70,6 +71,8 @@ pub struct DatabaseEntry {
     pub monitor: Option<Arc<ClusterMonitor>>,
     /// WAL positions reads must wait for (consistency = "causal").
     pub fences: Arc<Fences>,
+    /// Schema changes seen and stale statements refused, shared by its clients.
+    pub schema: Arc<SchemaWatch>,
     pools: DashMap<String, Arc<UserPools>>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
@@ -118,6 +121,7 @@ impl DatabaseEntry {
             hosts,
             monitor: None,
             fences: Arc::new(Fences::default()),
+            schema: Arc::new(SchemaWatch::default()),
             pools: DashMap::new(),
             classifier: Classifier::new(ClassifierSettings {
                 write_functions: config.routing.write_functions.clone(),
@@ -326,6 +330,7 @@ impl DatabaseEntry {
     /// connections when they are released, never while in use.
     pub(super) fn carry_over(&mut self, old: &DatabaseEntry, users: &HashMap<String, Arc<UserEntry>>) {
         self.paused = old.paused.clone();
+        self.schema = old.schema.clone();
         if self.hosts != old.hosts || self.server_dbname != old.server_dbname {
             return;
         }

@@ -4,9 +4,11 @@
 
 mod consistency;
 mod database;
+mod schema;
 
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
+pub use schema::{SchemaWatch, StaleStatement};
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -111,13 +111,18 @@ impl ClientStatements {
     ///
     /// `search_path` is the client's: the same text may name other tables under another
     /// path, and a prepared statement keeps the result type it was first parsed with.
+    ///
+    /// `schema_epoch` is the database's count of schema changes: a statement prepared
+    /// after one gets a new server-side name, so that it is prepared afresh rather than
+    /// mapped to a server-side statement whose plan the change made stale.
     pub fn define(
         &mut self,
         parse: &ParseView<'_>,
         classifier: &Classifier,
         search_path: Option<&str>,
+        schema_epoch: u64,
     ) -> (Arc<PreparedStatement>, u64) {
-        let server_name = server_name(parse.query, parse.param_types, search_path.unwrap_or(""));
+        let server_name = server_name(parse.query, parse.param_types, search_path.unwrap_or(""), schema_epoch);
         let statement = match self.by_name.get(parse.name) {
             Some(known) if known.statement.server_name == server_name => known.statement.clone(),
             _ => Arc::new(PreparedStatement {
@@ -176,17 +181,19 @@ impl ClientStatements {
     }
 }
 
-/// `pgrelay_` and 128 bits of SHA-256 over the text, the parameter types and the
-/// search_path: equal statements share a name on every server, different ones never
-/// collide in practice.
-fn server_name(query: &str, param_types: &[u8], search_path: &str) -> Arc<str> {
+/// `pgrelay_` and 128 bits of SHA-256 over the text, the parameter types, the
+/// search_path and the schema epoch: equal statements prepared under the same schema
+/// share a name on every server, different ones never collide in practice.
+fn server_name(query: &str, param_types: &[u8], search_path: &str, schema_epoch: u64) -> Arc<str> {
     const _: () = assert!(SERVER_NAME_LEN == "pgrelay_".len() + 32);
     let mut hasher = Sha256::new();
     hasher.update((query.len() as u64).to_be_bytes());
     hasher.update(query.as_bytes());
     hasher.update((param_types.len() as u64).to_be_bytes());
     hasher.update(param_types);
+    hasher.update((search_path.len() as u64).to_be_bytes());
     hasher.update(search_path.as_bytes());
+    hasher.update(schema_epoch.to_be_bytes());
     let digest = hasher.finalize();
     let mut name = String::with_capacity(40);
     name.push_str("pgrelay_");
@@ -286,6 +293,62 @@ pub(crate) fn parse_deallocate(sql: &str) -> Option<Deallocate> {
     None
 }
 
+/// An SQL `EXECUTE name [(arguments)]` the client sends: the statement's name (folded
+/// to lower case unless quoted, as PostgreSQL does) and the text after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SqlExecute<'a> {
+    pub name: String,
+    pub arguments: &'a str,
+}
+
+/// Recognises one `EXECUTE name [(arguments)]` statement. A text holding more than one
+/// statement is not recognised, and goes to the server as it is.
+pub(crate) fn parse_execute(sql: &str) -> Option<SqlExecute<'_>> {
+    let sql = sql.trim().trim_end_matches(';').trim_end();
+    let rest = strip_keyword(sql, "execute")?;
+    let (name, arguments) = if let Some(quoted) = rest.strip_prefix('"') {
+        let mut end = None;
+        let bytes = quoted.as_bytes();
+        let mut at = 0;
+        while at < bytes.len() {
+            if bytes[at] == b'"' {
+                if bytes.get(at + 1) == Some(&b'"') {
+                    at += 2;
+                    continue;
+                }
+                end = Some(at);
+                break;
+            }
+            at += 1;
+        }
+        let end = end?;
+        (quoted[..end].replace("\"\"", "\""), &quoted[end + 1..])
+    } else {
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(rest.len());
+        if end == 0 || rest.starts_with(|c: char| c.is_ascii_digit() || c == '$') {
+            return None;
+        }
+        (rest[..end].to_lowercase(), &rest[end..])
+    };
+    let arguments = arguments.trim_start();
+    if !(arguments.is_empty() || arguments.starts_with('(') && arguments.ends_with(')')) || arguments.contains(';') {
+        return None;
+    }
+    Some(SqlExecute { name, arguments })
+}
+
+/// A simple Query running the statement `server_name` with the client's arguments.
+pub(crate) fn execute_query(server_name: &str, arguments: &str) -> Bytes {
+    let mut body = BytesMut::with_capacity(server_name.len() + arguments.len() + 10);
+    body.put_slice(b"EXECUTE ");
+    body.put_slice(server_name.as_bytes());
+    body.put_slice(arguments.as_bytes());
+    body.put_u8(0);
+    message(b'Q', &body)
+}
+
 fn strip_keyword<'a>(text: &'a str, keyword: &str) -> Option<&'a str> {
     let head = text.get(..keyword.len())?;
     let rest = &text[keyword.len()..];
@@ -298,11 +361,12 @@ mod tests {
 
     #[test]
     fn equal_statements_share_a_server_name_and_different_ones_do_not() {
-        let a = server_name("SELECT $1", b"\0\x01\0\0\0\x17", "");
-        assert_eq!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", ""));
-        assert_ne!(a, server_name("SELECT $1", b"\0\0", ""));
-        assert_ne!(a, server_name("SELECT $2", b"\0\x01\0\0\0\x17", ""));
-        assert_ne!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", "app, public"));
+        let a = server_name("SELECT $1", b"\0\x01\0\0\0\x17", "", 0);
+        assert_eq!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", "", 0));
+        assert_ne!(a, server_name("SELECT $1", b"\0\0", "", 0));
+        assert_ne!(a, server_name("SELECT $2", b"\0\x01\0\0\0\x17", "", 0));
+        assert_ne!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", "app, public", 0));
+        assert_ne!(a, server_name("SELECT $1", b"\0\x01\0\0\0\x17", "", 1));
         assert_eq!(a.len(), 40);
     }
 
@@ -317,7 +381,7 @@ mod tests {
         );
         let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
         let mut statements = ClientStatements::default();
-        let (statement, _) = statements.define(&parse, &Classifier::new(Default::default()), None);
+        let (statement, _) = statements.define(&parse, &Classifier::new(Default::default()), None, 0);
         let view = ParseView::read(&statement.parse[5..]).unwrap();
         assert_eq!((view.name, view.query), (&*statement.server_name, "SELECT 1"));
     }
@@ -327,11 +391,11 @@ mod tests {
         let classifier = Classifier::new(Default::default());
         let mut statements = ClientStatements::default();
         let parse = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
-        let (_, first) = statements.define(&parse, &classifier, None);
+        let (_, first) = statements.define(&parse, &classifier, None, 0);
         statements.undefine(first);
         assert!(statements.get("s1").is_none());
-        let (_, second) = statements.define(&parse, &classifier, None);
-        let (_, _third) = statements.define(&parse, &classifier, None);
+        let (_, second) = statements.define(&parse, &classifier, None, 0);
+        let (_, _third) = statements.define(&parse, &classifier, None, 0);
         statements.undefine(second);
         assert!(statements.get("s1").is_some());
     }
@@ -343,14 +407,14 @@ mod tests {
         let short = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
         let long = ParseView::read(b"s1\0SELECT 1, 2, 3\0\0\0").unwrap();
         let other = ParseView::read(b"s2\0SELECT 2\0\0\0").unwrap();
-        let (statement, _) = statements.define(&short, &classifier, None);
+        let (statement, _) = statements.define(&short, &classifier, None, 0);
         assert_eq!(statements.bytes, 2 + statement.parse.len());
-        statements.define(&long, &classifier, None);
-        let (_, second) = statements.define(&other, &classifier, None);
+        statements.define(&long, &classifier, None, 0);
+        let (_, second) = statements.define(&other, &classifier, None, 0);
         statements.undefine(second);
         statements.remove("s1");
         assert_eq!((statements.by_name.len(), statements.bytes), (0, 0));
-        statements.define(&short, &classifier, None);
+        statements.define(&short, &classifier, None, 0);
         statements.clear();
         assert_eq!(statements.bytes, 0);
     }
@@ -362,7 +426,7 @@ mod tests {
         let s1 = ParseView::read(b"s1\0SELECT 1\0\0\0").unwrap();
         let s2 = ParseView::read(b"s2\0SELECT 2\0\0\0").unwrap();
         statements.admits(&s1, 1).unwrap();
-        statements.define(&s1, &classifier, None);
+        statements.define(&s1, &classifier, None, 0);
         let refused = statements.admits(&s2, 1).unwrap_err();
         assert!(
             refused.message.contains("max_client_prepared_statements = 1"),
@@ -375,7 +439,7 @@ mod tests {
         let text = format!("SELECT '{}'", "x".repeat(CLIENT_STATEMENT_BYTES / 2));
         let body = [b"big\0".as_slice(), text.as_bytes(), b"\0\0\0"].concat();
         let big = ParseView::read(&body).unwrap();
-        let (statement, _) = statements.define(&big, &classifier, None);
+        let (statement, _) = statements.define(&big, &classifier, None, 0);
         let predicted = 3 + 5 + SERVER_NAME_LEN + 1 + text.len() + 1 + 2;
         assert_eq!(
             3 + statement.parse.len(),
@@ -385,6 +449,27 @@ mod tests {
         let body = [b"big2\0".as_slice(), text.as_bytes(), b"\0\0\0"].concat();
         let refused = statements.admits(&ParseView::read(&body).unwrap(), 0).unwrap_err();
         assert!(refused.message.contains("16 MiB"), "{}", refused.message);
+    }
+
+    #[test]
+    fn recognises_sql_execute_of_one_statement() {
+        let execute = |sql| parse_execute(sql).map(|e| (e.name, e.arguments.to_owned()));
+        assert_eq!(execute("EXECUTE foobar"), Some(("foobar".into(), "".into())));
+        assert_eq!(execute("execute FooBar (1, 'a;b')"), None, "a ; anywhere is not judged");
+        assert_eq!(
+            execute("execute FooBar (1, 'x') ;"),
+            Some(("foobar".into(), "(1, 'x')".into()))
+        );
+        assert_eq!(
+            execute("EXECUTE \"Foo\"\"x\"(2)"),
+            Some(("Foo\"x".into(), "(2)".into()))
+        );
+        assert_eq!(execute("EXECUTE foo; SELECT 1"), None);
+        assert_eq!(execute("EXECUTE foo bar"), None);
+        assert_eq!(execute("EXECUTEfoo"), None);
+        assert_eq!(execute("EXECUTE 1x"), None);
+        let query = execute_query("pgrelay_x", "(1)");
+        assert_eq!(&query[5..], b"EXECUTE pgrelay_x(1)\0");
     }
 
     #[test]

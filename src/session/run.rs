@@ -286,7 +286,15 @@ impl Session {
             && self.database.has_replicas()
             && !self.on_replica;
         let classifier = &self.database.classifier;
-        let pump = Pump::new(client, &mut server, &mut self.carried, &self.metrics, mode, classifier);
+        let pump = Pump::new(
+            client,
+            &mut server,
+            &mut self.carried,
+            &self.metrics,
+            mode,
+            classifier,
+            &self.database.schema,
+        );
         let pump = if capture_fences {
             pump.capturing_fences(&self.database.fences)
         } else {

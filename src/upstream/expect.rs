@@ -46,9 +46,10 @@ pub enum Expect {
     /// ReadyForQuery before its EmptyQueryResponse (`reached`) answer the client's
     /// Syncs.
     Barrier { reached: bool },
-    /// A Parse pgrelay refused, replaced by one the server refuses too (see
-    /// `prepared::refused_parse`): its ErrorResponse goes to the client as this error.
-    Refused { sqlstate: &'static str, message: Arc<str> },
+    /// A message pgrelay refused, replaced by a Parse the server refuses too (see
+    /// `prepared::refused_parse`): the server's ErrorResponse is replaced by `error`, a
+    /// whole ErrorResponse message.
+    Refused { error: bytes::Bytes },
     /// No reply: the client's CopyDone or CopyFail went to the server here. A COPY FROM
     /// STDIN that starts before this point ends here, so the Syncs in between are read
     /// in COPY mode, where the server ignores them. Dropped once it reaches the head.
@@ -92,9 +93,9 @@ pub struct Routing {
     pub skipped_statements: Vec<Arc<str>>,
     /// The same for client definitions (Parse of a named statement) the server skips.
     pub skipped_definitions: Vec<u64>,
-    /// For an ErrorResponse answering an [`Expect::Refused`]: the error the client gets
-    /// in its place.
-    pub replaced_by: Option<(&'static str, Arc<str>)>,
+    /// For an ErrorResponse answering an [`Expect::Refused`]: the ErrorResponse the
+    /// client gets in its place.
+    pub replaced_by: Option<bytes::Bytes>,
 }
 
 impl Default for Routing {
@@ -370,7 +371,7 @@ impl ResponseQueue {
                     _ => (None, None),
                 };
                 let replaced_by = match expect {
-                    Expect::Refused { sqlstate, message } => Some((*sqlstate, message.clone())),
+                    Expect::Refused { error } => Some(error.clone()),
                     _ => None,
                 };
                 // In the extended protocol an error makes the server skip every message
@@ -483,31 +484,19 @@ mod tests {
 
     #[test]
     fn a_refused_parse_is_answered_by_its_own_error_and_skips_to_sync() {
-        let message: Arc<str> = Arc::from("too many");
+        let error = bytes::Bytes::from_static(b"E\0\0\0\x04");
         let mut q = queue(&[
-            (
-                Expect::Refused {
-                    sqlstate: "53400",
-                    message: message.clone(),
-                },
-                Recipient::Client,
-            ),
+            (Expect::Refused { error: error.clone() }, Recipient::Client),
             (Expect::BindComplete { statement: None }, Recipient::Client),
             (Expect::ExecuteResult, Recipient::Client),
             (Expect::Ready, Recipient::Client),
         ]);
         let routing = q.on_message(B::ErrorResponse).unwrap();
-        assert_eq!(routing.replaced_by, Some(("53400", message)));
+        assert_eq!(routing.replaced_by, Some(error.clone()));
         assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
         assert!(q.is_empty());
 
-        let mut q = queue(&[(
-            Expect::Refused {
-                sqlstate: "53400",
-                message: Arc::from("x"),
-            },
-            Recipient::Client,
-        )]);
+        let mut q = queue(&[(Expect::Refused { error }, Recipient::Client)]);
         assert!(q.on_message(B::ParseComplete).is_err(), "only an error answers it");
     }
 

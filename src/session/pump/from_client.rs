@@ -7,11 +7,12 @@ use std::sync::Arc;
 use bytes::Buf;
 
 use super::{HIGH_WATER, Pump, PumpExit, move_bytes};
+use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{BindView, ObjectKind, ObjectRef, ParseView, query_text};
 use crate::protocol::{FrontendTag, Header, ProtocolError};
 use crate::session::prepared::{
-    Deallocate, PreparedStatement, checked_parse, close_statement, describe_statement, parse_deallocate, refused_parse,
-    rewrite_bind,
+    Deallocate, PreparedStatement, checked_parse, close_statement, describe_statement, execute_query, parse_deallocate,
+    parse_execute, refused_parse, rewrite_bind,
 };
 use std::time::Instant;
 
@@ -120,6 +121,17 @@ impl Pump<'_> {
                 self.unit_started.get_or_insert_with(Instant::now);
                 self.hold = self.mode.single_unit;
                 let sql = query_text(body).map_err(malformed)?;
+                if manage && !self.carried.pins.is_pinned() && parse_deallocate(sql) == Some(Deallocate::All) {
+                    // The client's names are all pgrelay's to drop; the server's statements
+                    // serve other clients too, and a client without SQL-level PREPAREs
+                    // (those pin it) has nothing else there to deallocate.
+                    self.carried.statements.clear();
+                    server.expect.push(
+                        Expect::Synthetic(Synthetic::QueryDone("DEALLOCATE ALL")),
+                        Recipient::Client,
+                    );
+                    return Ok(Disposition::Consumed);
+                }
                 if manage
                     && let Some(Deallocate::One(name)) = parse_deallocate(sql)
                     && self.carried.statements.remove(&name)
@@ -127,6 +139,34 @@ impl Pump<'_> {
                     server
                         .expect
                         .push(Expect::Synthetic(Synthetic::QueryDone("DEALLOCATE")), Recipient::Client);
+                    return Ok(Disposition::Consumed);
+                }
+                if manage
+                    && let Some(execute) = parse_execute(sql)
+                    && let Some(statement) = self.carried.statements.get(&execute.name)
+                {
+                    // A statement the client prepared with Parse, run with SQL EXECUTE:
+                    // under the name it has on the server.
+                    self.writes.note(&statement.class);
+                    let server = &mut *self.server;
+                    if !server.statements.contains(&statement.server_name) {
+                        // A Sync of pgrelay's own ends the injected Parse: the server skips
+                        // up to a Sync after an error, and would skip the Query too.
+                        prepare(
+                            server,
+                            &statement,
+                            None,
+                            self.mode.max_prepared_statements,
+                            self.metrics,
+                        );
+                        server.outbuf.extend_from_slice(&SYNC);
+                        server.expect.push(Expect::Ready, Recipient::Pgrelay);
+                    }
+                    server.statements.touch(&statement.server_name);
+                    server
+                        .outbuf
+                        .extend_from_slice(&execute_query(&statement.server_name, execute.arguments));
+                    server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
                     return Ok(Disposition::Consumed);
                 }
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
@@ -166,19 +206,20 @@ impl Pump<'_> {
                     .statements
                     .admits(&parse, self.mode.max_client_prepared_statements)
                 {
-                    server.outbuf.extend_from_slice(&refused_parse());
-                    server.expect.push(
-                        Expect::Refused {
-                            sqlstate: crate::error::sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-                            message: refusal.message.into(),
-                        },
-                        Recipient::Client,
+                    let mut error = bytes::BytesMut::new();
+                    compose::error(
+                        &mut error,
+                        Severity::Error,
+                        crate::error::sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                        &refusal.message,
                     );
+                    refuse(server, error.freeze());
                     return Ok(Disposition::Consumed);
                 }
                 let carried = &mut *self.carried;
                 let search_path = carried.wanted.get("search_path");
-                let (statement, definition) = carried.statements.define(&parse, self.classifier, search_path);
+                let epoch = self.schema.epoch();
+                let (statement, definition) = carried.statements.define(&parse, self.classifier, search_path, epoch);
                 let checked = server
                     .statements
                     .contains(&statement.server_name)
@@ -225,6 +266,13 @@ impl Pump<'_> {
                         .push(Expect::BindComplete { statement: None }, Recipient::Client);
                     return Ok(Disposition::Forward);
                 };
+                if let Some(stale) = self.schema.refusal(&statement.server_name) {
+                    // A server found its plan stale after a schema change: it fails here
+                    // too, as on the client's own server, until the client prepares it
+                    // again (which gives it a new name).
+                    refuse(server, stale.error);
+                    return Ok(Disposition::Consumed);
+                }
                 self.writes.note(&statement.class);
                 let server = &mut *self.server;
                 ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.metrics);
@@ -323,6 +371,18 @@ impl Pump<'_> {
         self.carried.statements.get(object.name)
     }
 }
+
+/// Answers the client's message with an error of pgrelay's, in the place of the
+/// stream it would have had: a Parse the server is sure to refuse goes in its stead, so
+/// the server skips the rest of the batch as the client expects, and its error is
+/// replaced by this one.
+fn refuse(server: &mut ServerConn, error: bytes::Bytes) {
+    server.outbuf.extend_from_slice(&refused_parse());
+    server.expect.push(Expect::Refused { error }, Recipient::Client);
+}
+
+/// A Sync message.
+const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
 /// COPY messages from the client go to the server while it is in COPY mode or may
 /// still enter it (it owes replies); otherwise they are leftovers of a failed COPY.

@@ -6,9 +6,9 @@ use bytes::Buf;
 
 use super::FenceCapture;
 use super::{Pump, PumpExit, move_bytes};
-use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
 use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
+use crate::runtime::StaleStatement;
 use crate::upstream::{FailedAt, Recipient, Routing, ServerFatal, SessionParams};
 
 /// Largest server message pgrelay buffers whole (DataRow and CopyData are streamed).
@@ -18,6 +18,21 @@ const SERVER_MESSAGE_LIMIT: usize = 256 * 1024 * 1024;
 /// cached plan whose result type changed after DDL (0A000), or a statement the server
 /// no longer has (26000).
 const STALE_STATEMENT_CODES: &[&str] = &["0A000", "26000"];
+
+/// Whether an error answering a Bind shows its statement's plan is stale: one of
+/// STALE_STATEMENT_CODES, or the internal error a plan referring to a type that was
+/// dropped (and maybe created again under a new OID) gets.
+fn shows_stale_statement(code: &str, message: &str) -> bool {
+    STALE_STATEMENT_CODES.contains(&code) || (code == "XX000" && message.starts_with("cache lookup failed for type"))
+}
+
+/// Whether a command tag is that of a schema change, after which prepared statements'
+/// plans may be stale (`ALTER TABLE`, `DROP TYPE`, `CREATE OR REPLACE VIEW`…).
+fn changes_schema(tag: &str) -> bool {
+    ["ALTER ", "DROP ", "CREATE ", "COMMENT", "IMPORT FOREIGN SCHEMA"]
+        .iter()
+        .any(|prefix| tag.starts_with(prefix))
+}
 
 impl Pump<'_> {
     /// Handles the server's input: forwards what belongs to the client, swallows the
@@ -100,13 +115,13 @@ impl Pump<'_> {
                 }
                 self.release_held();
             }
-            if let Some((sqlstate, message)) = &routing.replaced_by {
+            if let Some(error) = &routing.replaced_by {
                 // The server's error stands for one pgrelay raised: the client gets that.
                 move_bytes(&mut self.server.inbuf, run, &mut self.client.outbuf);
                 self.server.inbuf.advance(header.len);
                 run = 0;
                 self.replied = true;
-                compose::error(&mut self.client.outbuf, Severity::Error, sqlstate, message);
+                self.client.outbuf.extend_from_slice(error);
             } else if to_client {
                 self.replied = true;
                 run += header.len;
@@ -149,6 +164,9 @@ impl Pump<'_> {
                     return Err(PumpExit::TransactionInStatementMode);
                 }
                 if status == TxStatus::Idle {
+                    if std::mem::take(&mut self.schema_changed) {
+                        self.schema.changed();
+                    }
                     self.metrics.transaction(self.mode.role);
                     self.settle_effects();
                     if self.transaction_ended() {
@@ -184,8 +202,14 @@ impl Pump<'_> {
                 }
                 match &routing.failed_statement {
                     Some((FailedAt::Parse, name)) => server.statements.mark_stale(name.clone()),
-                    Some((FailedAt::Bind, name)) if STALE_STATEMENT_CODES.contains(&fields.code) => {
+                    Some((FailedAt::Bind, name)) if shows_stale_statement(fields.code, fields.message) => {
                         server.statements.mark_stale(name.clone());
+                        // Other connections hold it stale too. Clients that use it get
+                        // this error wherever they run it, as each would from its own
+                        // server; one that prepares it again (as drivers do on this
+                        // error) gets a new statement.
+                        let error = bytes::Bytes::copy_from_slice(&server.inbuf[start..start + len]);
+                        self.schema.refused(name.clone(), StaleStatement { error });
                     }
                     _ => {}
                 }
@@ -205,6 +229,12 @@ impl Pump<'_> {
                 server.state.copy_ended();
                 if to_client && let Ok(tag) = command_tag(body) {
                     self.pending.completed(tag);
+                    if changes_schema(tag) {
+                        // At once, for the statements this client prepares next in its
+                        // transaction, and again when it ends (see `schema_changed`).
+                        self.schema.changed();
+                        self.schema_changed = true;
+                    }
                     match tag {
                         // Every prepared statement and setting of the server is gone.
                         "DISCARD ALL" => {

@@ -25,7 +25,7 @@ use crate::protocol::ProtocolError;
 use crate::protocol::TxStatus;
 use crate::protocol::compose;
 use crate::route::{Classification, Classifier, PinReason, SessionEffect, Tables};
-use crate::runtime::Fences;
+use crate::runtime::{Fences, SchemaWatch};
 use crate::upstream::{ServerConn, Synthetic, UpstreamError};
 use effects::{PendingEffects, Settled};
 use std::time::Instant;
@@ -115,6 +115,13 @@ pub(super) struct Pump<'a> {
     fences: Option<&'a Fences>,
     /// What the transaction in progress wrote.
     writes: Writes,
+    /// The database's record of schema changes (see `runtime::SchemaWatch`), added to
+    /// here when a schema change passes through or a server refuses a stale statement.
+    schema: &'a SchemaWatch,
+    /// The transaction in progress changed the schema: the epoch advances again when it
+    /// ends, for the statements prepared meanwhile by other clients that still saw the
+    /// old schema.
+    schema_changed: bool,
     /// A commit position is being asked for.
     fence: FenceCapture,
     /// Something went to the client in this run: a reply from the server, or one pgrelay
@@ -194,8 +201,11 @@ impl<'a> Pump<'a> {
         metrics: &'a SessionMetrics,
         mode: PumpMode,
         classifier: &'a Classifier,
+        schema: &'a SchemaWatch,
     ) -> Self {
         Pump {
+            schema,
+            schema_changed: false,
             client,
             server,
             carried,
