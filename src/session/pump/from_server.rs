@@ -154,15 +154,16 @@ impl Pump<'_> {
             }
             BackendTag::ErrorResponse => {
                 let fields = ErrorFields::read(body).unwrap_or_default();
-                server.copy_in = false;
-                server.copy_from_client = false;
                 if fields.is_fatal() {
                     // The server closes right after; the client hears of it once, as
-                    // the failure of its server connection.
+                    // the failure of its server connection. A COPY it ends is lost, not
+                    // failed: the messages the server read in COPY mode stay ignored.
                     server.broken = true;
                     server.fatal = Some((fields.code.to_owned(), fields.message.to_owned()));
                     return Ok(false);
                 }
+                server.copy_in = false;
+                server.copy_from_client = false;
                 if to_client {
                     self.pending.failed();
                     self.error_since_ready = true;
