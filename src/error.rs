@@ -73,6 +73,11 @@ impl ClientError {
                 sqlstate::CONNECTION_FAILURE,
                 format!("server for database \"{database}\" did not answer within server_connect_timeout"),
             ),
+            PoolError::LoginWaitTimeout => Self::new(
+                Side::Server,
+                sqlstate::CONNECTION_FAILURE,
+                format!("server for database \"{database}\" did not finish pgrelay's login within query_wait_timeout"),
+            ),
             PoolError::Connect(upstream) => Self::from_upstream(upstream, database),
             PoolError::Closed => Self::new(
                 Side::Pgrelay,

@@ -41,6 +41,10 @@ pub enum PoolError {
     WaitTimeout,
     #[error("connecting to the server took longer than server_connect_timeout")]
     ConnectTimeout,
+    /// A new connection's login outlasted query_wait_timeout, before server_connect_timeout
+    /// (or with none set).
+    #[error("the login to the server did not finish within query_wait_timeout")]
+    LoginWaitTimeout,
     #[error(transparent)]
     Connect(#[from] UpstreamError),
     #[error("the pool was closed")]
@@ -225,9 +229,25 @@ impl ServerPool {
         if self.counters.waiting.load(Ordering::Acquire) > 0 {
             return Ok(None);
         }
-        match self.main.timeout_get(&self.without_waiting()).await {
+        // The new connection's login is a wait for a server like any other: bounded by
+        // query_wait_timeout as well as server_connect_timeout. (A queued client's wait,
+        // login included, is bounded in `checkout_waiting`.) Without this, a server that
+        // accepts and never answers held the client for ever when server_connect_timeout
+        // was "0", and for server_connect_timeout when that was the longer of the two.
+        let limits = self.limits.load();
+        let (create, by_wait) = match (limits.connect_timeout, limits.query_wait_timeout) {
+            (Some(connect), Some(wait)) if wait < connect => (Some(wait), true),
+            (None, Some(wait)) => (Some(wait), true),
+            (connect, _) => (connect, false),
+        };
+        let timeouts = Timeouts {
+            create,
+            ..self.without_waiting()
+        };
+        match self.main.timeout_get(&timeouts).await {
             Ok(object) => Ok(Some(object)),
             Err(managed::PoolError::Timeout(TimeoutType::Wait)) => Ok(None),
+            Err(managed::PoolError::Timeout(TimeoutType::Create)) if by_wait => Err(PoolError::LoginWaitTimeout),
             Err(error) => Err(map_error(error)),
         }
     }

@@ -119,7 +119,8 @@ pub(super) async fn checkout_patiently(
         let transient = match &error {
             PoolError::Connect(upstream) => upstream.is_transient(),
             PoolError::ConnectTimeout => true,
-            PoolError::WaitTimeout | PoolError::Closed => false,
+            // The client's patience is spent.
+            PoolError::WaitTimeout | PoolError::LoginWaitTimeout | PoolError::Closed => false,
         };
         if !transient || deadline.is_some_and(|deadline| Instant::now() + pause >= deadline) {
             return Err(error);
@@ -160,9 +161,9 @@ pub(super) async fn checkout_for(
                                 "replica refused a connection: set aside, reads go elsewhere");
                             database.host_health[index].ban(BAN_DURATION);
                         }
-                        Err(PoolError::ConnectTimeout) => {
+                        Err(PoolError::ConnectTimeout | PoolError::LoginWaitTimeout) => {
                             tracing::warn!(database = %database.name, replica = %pool.addr(),
-                                "replica did not answer within server_connect_timeout: set aside, reads go elsewhere");
+                                "replica did not finish pgrelay's login in time: set aside, reads go elsewhere");
                             database.host_health[index].ban(BAN_DURATION);
                         }
                         Err(other) => return Err(other),

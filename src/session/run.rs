@@ -650,7 +650,16 @@ impl Session {
                 // The client was told its BEGIN succeeded even if the server never ran it.
                 let in_transaction = server.status() != TxStatus::Idle || begun_here;
                 let mid_message = server.state.mid_message_to_client();
-                let owed = server.expect.readies_owed_on_loss();
+                let owed = server.expect.readies_owed_to_client();
+                // Syncs the client sent behind a COPY FROM STDIN (libpq sends one right
+                // after the Execute). While the COPY runs the server reads them in COPY
+                // mode and ignores them: no ReadyForQuery is owed for them. Once the COPY
+                // has failed, the server may answer them or not, which pgrelay had not yet
+                // settled (see `ResponseQueue::copy_started`): the client may be waiting
+                // for one more ReadyForQuery, or for none. One it is not waiting for would
+                // be read as the answer to its next statement; none, where it waits, would
+                // leave it waiting for ever. Only ending the session is right either way.
+                let answers_unknown = server.expect.has_uncertain_readies() && !server.state.in_copy();
                 // Extended-protocol messages went out after the last Sync: the client
                 // waits for their replies, or sends its Sync later.
                 let mid_batch = server.state.is_unsynced();
@@ -694,6 +703,9 @@ impl Session {
                 if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
                     // The client's session state (temporary tables, LISTEN...) was on that
                     // server: as on a direct connection, the session ends.
+                    return Some(End::ServerLost(error));
+                }
+                if answers_unknown {
                     return Some(End::ServerLost(error));
                 }
                 let status = if in_transaction {

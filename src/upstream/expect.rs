@@ -234,14 +234,8 @@ impl ResponseQueue {
         self.entries.is_empty()
     }
 
-    /// How many ReadyForQuery messages the client is still waiting for.
-    /// ReadyForQuery messages the client may still be waiting for when the server is
-    /// lost: those owed for certain, and those owed for Syncs sent behind a failed COPY
-    /// that the server may or may not have answered yet.
-    pub fn readies_owed_on_loss(&self) -> usize {
-        self.readies_owed_to_client() + self.uncertain_readies
-    }
-
+    /// How many ReadyForQuery messages the client is still waiting for, for certain
+    /// (without those of [`ResponseQueue::has_uncertain_readies`]).
     pub fn readies_owed_to_client(&self) -> usize {
         self.entries
             .iter()
@@ -320,7 +314,16 @@ impl ResponseQueue {
                     self.uncertain_readies = 0;
                     routing(false)
                 }
+                // An error in place of the EmptyQueryResponse: a cancel that hit the empty
+                // query, or a FATAL as the server ends the session. Only the ReadyForQuery
+                // after it shows that every answer before the barrier has come; a server
+                // that closes instead leaves the question open.
+                (BackendTag::ErrorResponse, false) => {
+                    *reached = true;
+                    routing(false)
+                }
                 (BackendTag::ReadyForQuery, true) => {
+                    self.uncertain_readies = 0;
                     self.pop_front();
                     routing(true)
                 }
@@ -680,6 +683,20 @@ mod tests {
         assert!(!q.has_uncertain_readies());
         assert_eq!(q.on_message(B::ReadyForQuery).unwrap().recipient, Recipient::Pgrelay);
         assert!(q.is_empty() && !q.needs_barrier());
+
+        // An error in place of the barrier's EmptyQueryResponse settles nothing by
+        // itself (a FATAL is followed by the close); the ReadyForQuery after it does.
+        let mut q = queue(&[(Expect::ExecuteResult, client), (Expect::Ready, client)]);
+        q.on_message(B::CopyInResponse).unwrap();
+        q.copy_started();
+        q.on_message(B::ErrorResponse).unwrap();
+        q.push(Expect::Ready, client);
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        q.push(Expect::Barrier { reached: false }, Recipient::Pgrelay);
+        assert_eq!(q.on_message(B::ErrorResponse).unwrap().recipient, Recipient::Pgrelay);
+        assert!(q.has_uncertain_readies());
+        assert_eq!(q.on_message(B::ReadyForQuery).unwrap().recipient, Recipient::Pgrelay);
+        assert!(q.is_empty() && !q.has_uncertain_readies());
 
         // A COPY that succeeds: its ignored Syncs are certain.
         let mut q = queue(&[(Expect::ExecuteResult, client), (Expect::Ready, client)]);

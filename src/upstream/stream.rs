@@ -20,8 +20,12 @@ impl ServerStream {
     pub fn probe_alive(&mut self) -> bool {
         match self {
             ServerStream::Tcp(tcp) => {
-                let mut byte = [0u8; 1];
-                match tcp.try_read(&mut byte) {
+                // Asked of the socket itself: tokio's try_read answers WouldBlock without
+                // looking while its reactor has not yet seen the socket become readable,
+                // so a connection the server closed a moment ago passed for alive, and a
+                // write was sent to it instead of to a new connection.
+                let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+                match socket2::SockRef::from(&*tcp).peek(&mut byte) {
                     Err(error) => error.kind() == io::ErrorKind::WouldBlock,
                     // Either EOF or bytes nobody asked for (a FATAL before closing): not reusable.
                     Ok(_) => false,
@@ -111,5 +115,52 @@ impl AsyncWrite for ServerStream {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::Write as _;
+
+    use super::ServerStream;
+
+    /// A connection whose server has written its FATAL and closed, handed over before the
+    /// runtime's reactor has seen any event of it.
+    fn closed_by_server() -> ServerStream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        theirs.write_all(b"E\0\0\0\x04").unwrap();
+        drop(theirs);
+        ours.set_nonblocking(true).unwrap();
+        ServerStream::Tcp(tokio::net::TcpStream::from_std(ours).unwrap())
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_is_seen_dead_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let mut stream = closed_by_server();
+        assert!(!stream.probe_alive());
+    }
+
+    #[test]
+    fn an_open_connection_is_alive() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut stream = ServerStream::Tcp(tokio::net::TcpStream::from_std(ours).unwrap());
+        assert!(stream.probe_alive());
     }
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
@@ -44,24 +45,41 @@ pub fn shared_cluster() -> &'static LocalCluster {
     })
 }
 
-/// Statics are never dropped: stop the shared cluster and remove its files at exit.
+/// A cluster of a test binary's own (for tests that stop, restart or kill its servers),
+/// kept for the life of the process and, like the shared one, stopped at exit.
+pub fn own_cluster(options: ClusterOptions) -> &'static LocalCluster {
+    let cluster = LocalCluster::new(options).expect("start a PostgreSQL cluster of the test's own");
+    let cluster: &'static LocalCluster = Box::leak(Box::new(cluster));
+    register_cleanup(cluster);
+    cluster
+}
+
+/// Statics are never dropped: stop the clusters and remove their files at exit.
 fn register_cleanup(cluster: &'static LocalCluster) {
-    static TO_CLEAN: Mutex<Option<&'static LocalCluster>> = Mutex::new(None);
+    static TO_CLEAN: Mutex<Vec<&'static LocalCluster>> = Mutex::new(Vec::new());
     extern "C" fn clean() {
-        if let Ok(mut slot) = TO_CLEAN.lock()
-            && let Some(cluster) = slot.take()
-        {
+        let clusters = TO_CLEAN
+            .lock()
+            .map(|mut list| std::mem::take(&mut *list))
+            .unwrap_or_default();
+        for cluster in clusters {
             cluster.teardown();
         }
     }
-    if let Ok(mut slot) = TO_CLEAN.lock() {
-        *slot = Some(cluster);
-    }
-    #[allow(unsafe_code)]
-    // SAFETY: `clean` is a plain function with no arguments, as atexit requires; it only
-    // touches a static behind a mutex.
-    unsafe {
-        libc::atexit(clean);
+    let first = match TO_CLEAN.lock() {
+        Ok(mut list) => {
+            list.push(cluster);
+            list.len() == 1
+        }
+        Err(_) => false,
+    };
+    if first {
+        #[allow(unsafe_code)]
+        // SAFETY: `clean` is a plain function with no arguments, as atexit requires; it
+        // only touches a static behind a mutex.
+        unsafe {
+            libc::atexit(clean);
+        }
     }
 }
 

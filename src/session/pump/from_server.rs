@@ -177,16 +177,17 @@ impl Pump<'_> {
             }
             BackendTag::ErrorResponse => {
                 let fields = ErrorFields::read(body).unwrap_or_default();
-                server.state.copy_ended();
                 if fields.is_fatal() {
                     // The server closes right after; the client hears of it once, as
-                    // the failure of its server connection.
+                    // the failure of its server connection. A COPY it ends is lost, not
+                    // failed: the messages the server read in COPY mode stay ignored.
                     server.state.server_ended(ServerFatal {
                         sqlstate: fields.code.to_owned(),
                         message: fields.message.to_owned(),
                     });
                     return Ok(false);
                 }
+                server.state.copy_ended();
                 if to_client {
                     self.pending.failed();
                     self.error_since_ready = true;
