@@ -16,6 +16,7 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -183,43 +184,76 @@ async fn assert_closed(raw: &mut Raw) {
 }
 
 /// Ends the server sessions on `ports` (pg_stat_activity.client_port) and waits until
-/// they are gone.
+/// they are gone. Each port is one pgrelay's message was held back on, so each has a
+/// session; should one not be listed yet, it is looked for again until BOUND.
 async fn terminate_ports(ports: &[u16]) {
     let admin = admin().await;
-    let ports: Vec<i32> = ports.iter().map(|&port| i32::from(port)).collect();
-    let ended: Vec<i32> = admin
+    let left = RefCell::new(ports.iter().map(|&port| i32::from(port)).collect::<Vec<_>>());
+    let ended = RefCell::new(Vec::new());
+    common::wait_until("a server session for each port", BOUND, || {
+        let (admin, left, ended) = (&admin, &left, &ended);
+        async move {
+            let ports = left.borrow().clone();
+            for (pid, port) in end_sessions(admin, &ports).await {
+                ended.borrow_mut().push(pid);
+                left.borrow_mut().retain(|left| *left != port);
+            }
+            left.borrow().is_empty()
+        }
+    })
+    .await;
+    wait_until_gone(&admin, &ended.into_inner()).await;
+}
+
+/// Ends every server session made through `relay`, and waits until pgrelay has been
+/// told (the relay closed its side), so that its next checkout finds them dead.
+///
+/// The relay lists a connection until it has seen the server close it, which is after
+/// the backend left pg_stat_activity (and, under load, may be well after): a listed port
+/// without a session is one already ending, not one to fail on. A backend not yet in
+/// pg_stat_activity (a monitor reconnecting) is ended on a later round.
+async fn terminate_relayed(relay: &Relay) {
+    let admin = admin().await;
+    let ended = RefCell::new(Vec::new());
+    common::wait_until("the relay closed its connections", BOUND, || {
+        let (admin, ended) = (&admin, &ended);
+        let ports: Vec<i32> = relay.server_side_ports().into_iter().map(i32::from).collect();
+        async move {
+            if ports.is_empty() {
+                return true;
+            }
+            let pids = end_sessions(admin, &ports).await.into_iter().map(|(pid, _)| pid);
+            ended.borrow_mut().extend(pids);
+            false
+        }
+    })
+    .await;
+    wait_until_gone(&admin, &ended.into_inner()).await;
+}
+
+/// Ends the server sessions listed on `ports` now; their pids and ports.
+async fn end_sessions(admin: &tokio_postgres::Client, ports: &[i32]) -> Vec<(i32, i32)> {
+    admin
         .query(
-            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE client_port = ANY($1)",
+            "SELECT pid, client_port, pg_terminate_backend(pid) FROM pg_stat_activity WHERE client_port = ANY($1)",
             &[&ports],
         )
         .await
         .unwrap()
         .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(ended.len(), ports.len(), "a server session for each port");
-    common::wait_until("the sessions are gone", BOUND, || {
-        let admin = &admin;
-        let ended = &ended;
-        async move {
-            let left: i64 = admin
-                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[ended])
-                .await
-                .unwrap()
-                .get(0);
-            left == 0
-        }
-    })
-    .await;
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
 }
 
-/// Ends every server session made through `relay`, and waits until pgrelay has been
-/// told (the relay closed its side), so that its next checkout finds them dead.
-async fn terminate_relayed(relay: &Relay) {
-    terminate_ports(&relay.server_side_ports()).await;
-    common::wait_until("the relay closed its connections", BOUND, || {
-        let open = relay.server_side_ports().is_empty();
-        async move { open }
+/// Waits until the server sessions `pids` are no longer in pg_stat_activity.
+async fn wait_until_gone(admin: &tokio_postgres::Client, pids: &[i32]) {
+    common::wait_until("the sessions are gone", BOUND, || async move {
+        let left: i64 = admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[&pids])
+            .await
+            .unwrap()
+            .get(0);
+        left == 0
     })
     .await;
 }

@@ -118,6 +118,9 @@ impl Relay {
 
     /// The relay's ports towards the server (`client_port` in pg_stat_activity) of the
     /// connections whose server side is open, or whose closing pgrelay has not been told.
+    /// A port leaves the list only once the relay has passed on the server's close, some
+    /// time after the backend has left pg_stat_activity: a port listed may have no
+    /// session any more.
     pub fn server_side_ports(&self) -> Vec<u16> {
         self.state.lock().unwrap().open.clone()
     }
