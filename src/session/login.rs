@@ -11,6 +11,7 @@ use crate::config::RoutingTarget;
 use crate::error::{ClientError, Side, sqlstate};
 use crate::net::ClientConn;
 use crate::protocol::{FrontendTag, TxStatus, compose, views};
+use crate::route::ClientEncoding;
 use crate::runtime::{ADMIN_DATABASE, ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry};
 use crate::upstream::{ParamDiff, SessionParams};
 
@@ -19,6 +20,8 @@ pub(super) struct LoggedIn {
     pub user: Arc<UserEntry>,
     pub database: Arc<DatabaseEntry>,
     pub wanted: SessionParams,
+    /// The client_encoding the client was greeted with.
+    pub client_encoding: ClientEncoding,
 }
 
 /// Where a client logged in to.
@@ -113,8 +116,13 @@ pub(super) async fn login(
         wanted.set("default_transaction_read_only", "on");
     }
     let reported = check_settings(&database, &user, &wanted).await.map_err(Some)?;
-    greet(client, &reported, &wanted, &database, cancel);
-    Ok(Destination::Database(LoggedIn { user, database, wanted }))
+    let client_encoding = greet(client, &reported, &wanted, &database, cancel);
+    Ok(Destination::Database(LoggedIn {
+        user,
+        database,
+        wanted,
+        client_encoding,
+    }))
 }
 
 /// What a client of the admin console is told after AuthenticationOk.
@@ -157,19 +165,22 @@ async fn check_settings(
         .await
         .map_err(|error| ClientError::from_pool(&error, &database.name))?;
     if let Some(diff) = ParamDiff::between(wanted, &server.params) {
-        let outcome = server
-            .run_own_query(&diff.sql)
-            .await
-            .map_err(|error| ClientError::from_upstream(&error, &database.name))?;
-        if let Some((code, message)) = outcome.errors.first() {
-            // The server has part of the settings now: it must not be reused.
-            server.state.abandon();
-            return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
+        let mut parameters = Vec::new();
+        for sql in diff.queries() {
+            let outcome = server
+                .run_own_query(sql)
+                .await
+                .map_err(|error| ClientError::from_upstream(&error, &database.name))?;
+            if let Some((code, message)) = outcome.errors.first() {
+                // The server has part of the settings now: it must not be reused.
+                server.state.abandon();
+                return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
+            }
+            parameters.extend(outcome.parameters);
         }
         server.params = wanted.clone();
         for (name, value) in wanted.iter() {
-            let reported = outcome
-                .parameters
+            let reported = parameters
                 .iter()
                 .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
                 .map(|(_, value)| value.clone());
@@ -180,14 +191,16 @@ async fn check_settings(
     Ok(reported)
 }
 
-/// Sends what a client expects after AuthenticationOk.
+/// Sends what a client expects after AuthenticationOk; returns the client_encoding it
+/// reported.
 fn greet(
     client: &mut ClientConn,
     reported: &[(String, String)],
     wanted: &SessionParams,
     database: &DatabaseEntry,
     cancel: &CancelHandle,
-) {
+) -> ClientEncoding {
+    let mut client_encoding = ClientEncoding::UNKNOWN;
     for (name, server_value) in reported {
         let value = match wanted.get(name) {
             Some(value) => database
@@ -196,10 +209,14 @@ fn greet(
                 .unwrap_or_else(|| value.to_owned()),
             None => server_value.clone(),
         };
+        if name.eq_ignore_ascii_case("client_encoding") {
+            client_encoding = ClientEncoding::named(&value);
+        }
         compose::parameter_status(&mut client.outbuf, name, &value);
     }
     compose::backend_key_data(&mut client.outbuf, cancel.process_id(), cancel.secret());
     compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
+    client_encoding
 }
 
 async fn authenticate(
@@ -217,7 +234,7 @@ async fn authenticate(
             let response = views::read_cstr(&response, "PasswordMessage")
                 .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
                 .0;
-            if auth::verify_md5_response(secret, user_name, salt, response.as_bytes()) {
+            if auth::verify_md5_response(secret, user_name, salt, response) {
                 Ok(())
             } else {
                 Err(Some(password_failed(user_name)))

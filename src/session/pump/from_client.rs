@@ -15,7 +15,10 @@ use crate::session::prepared::{
 };
 use std::time::Instant;
 
+use super::effects::PendingEffects;
 use crate::metrics::SessionMetrics;
+use crate::route::ClientEncoding;
+use crate::session::carried::{Carried, may_change_encoding};
 use crate::upstream::{Expect, Recipient, ServerConn, Synthetic};
 
 /// What becomes of one client message.
@@ -120,8 +123,10 @@ impl Pump<'_> {
                 self.unit_started.get_or_insert_with(Instant::now);
                 self.hold = self.mode.single_unit;
                 let sql = query_text(body).map_err(malformed)?;
+                let encoding = text_encoding(&self.pending, self.carried);
                 if manage
                     && let Some(Deallocate::One(name)) = parse_deallocate(sql)
+                    && encoding.charset.reads(sql)
                     && self.carried.statements.remove(&name)
                 {
                     server
@@ -130,7 +135,7 @@ impl Pump<'_> {
                     return Ok(Disposition::Consumed);
                 }
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
-                let class = self.classifier.classify(sql);
+                let class = self.classifier.classify_text(sql, encoding.charset);
                 if !class.session.is_empty() {
                     self.note_effects(&class.session);
                 }
@@ -146,6 +151,7 @@ impl Pump<'_> {
             FrontendTag::Parse => {
                 server.state.extended_sent();
                 let parse = ParseView::read(body).map_err(malformed)?;
+                let encoding = text_encoding(&self.pending, self.carried);
                 if !manage || parse.name.is_empty() {
                     server.expect.push(
                         Expect::ParseComplete {
@@ -154,7 +160,7 @@ impl Pump<'_> {
                         },
                         Recipient::Client,
                     );
-                    let class = self.classifier.classify(parse.query);
+                    let class = self.classifier.classify_text(parse.query, encoding.charset);
                     if !class.session.is_empty() {
                         self.note_effects(&class.session);
                     }
@@ -178,7 +184,9 @@ impl Pump<'_> {
                 }
                 let carried = &mut *self.carried;
                 let search_path = carried.wanted.get("search_path");
-                let (statement, definition) = carried.statements.define(&parse, self.classifier, search_path);
+                let (statement, definition) = carried
+                    .statements
+                    .define(&parse, self.classifier, search_path, encoding);
                 let checked = server
                     .statements
                     .contains(&statement.server_name)
@@ -321,6 +329,17 @@ impl Pump<'_> {
             return None;
         }
         self.carried.statements.get(object.name)
+    }
+}
+
+/// The encoding the client's next text is in: the one its settings name, unless a
+/// statement that may change it has not settled yet (then it is in doubt, and only ASCII
+/// text is read).
+fn text_encoding(pending: &PendingEffects, carried: &Carried) -> ClientEncoding {
+    if pending.any(may_change_encoding) {
+        ClientEncoding::UNKNOWN
+    } else {
+        carried.client_encoding()
     }
 }
 

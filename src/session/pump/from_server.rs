@@ -6,6 +6,7 @@ use bytes::Buf;
 
 use super::FenceCapture;
 use super::{Pump, PumpExit, move_bytes};
+use crate::error::MessageText;
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
 use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
@@ -106,7 +107,7 @@ impl Pump<'_> {
                 self.server.inbuf.advance(header.len);
                 run = 0;
                 self.replied = true;
-                compose::error(&mut self.client.outbuf, Severity::Error, sqlstate, message);
+                compose::error(&mut self.client.outbuf, Severity::Error, sqlstate, message.as_bytes());
             } else if to_client {
                 self.replied = true;
                 run += header.len;
@@ -165,7 +166,7 @@ impl Pump<'_> {
                     // the failure of its server connection.
                     server.state.server_ended(ServerFatal {
                         sqlstate: fields.code.to_owned(),
-                        message: fields.message.to_owned(),
+                        message: MessageText::from_server(fields.message),
                     });
                     return Ok(false);
                 }
@@ -193,7 +194,7 @@ impl Pump<'_> {
                     if server.expect.is_empty() {
                         return Err(self.server_broke("error outside any request".to_owned()));
                     }
-                    tracing::warn!(server = %server.addr(), sqlstate = fields.code, message = fields.message,
+                    tracing::warn!(server = %server.addr(), sqlstate = fields.code, message = %String::from_utf8_lossy(fields.message),
                         "a statement pgrelay sent on its own failed");
                 }
                 Ok(to_client)
