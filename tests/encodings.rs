@@ -2,8 +2,8 @@
 //! their text sent and their answers compared as bytes. Text pgrelay can read is routed
 //! as in UTF-8 (reads to the replica); SJIS text, whose characters may end in a byte that
 //! looks like a backslash, runs on the primary unread; prepared statements with such names
-//! and text work in transaction mode; and the server's errors and notices arrive byte for
-//! byte.
+//! and text work in transaction mode; the server's errors and notices arrive byte for byte;
+//! and the greeting spells every parameter as the server does.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -162,6 +162,49 @@ async fn sjis_text_runs_on_the_primary_unread() {
     proxy.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_greeting_spells_parameters_as_the_server_does() {
+    let cluster = shared_cluster();
+    let proxy = Proxy::start(&config_for(cluster, "size = 2")).await;
+    let primary = cluster.primary().addr();
+    for params in [
+        &[("client_encoding", "utf-8")][..],
+        &[("client_encoding", "euc-jp")],
+        &[
+            ("client_encoding", "Latin-9"),
+            ("DateStyle", "german"),
+            ("TimeZone", "utc"),
+        ],
+        &[("client_encoding", "utf_8"), ("DateStyle", "iso")],
+    ] {
+        let (_direct, direct) = Raw::connect_with(&primary, params).await;
+        // Twice: the second greeting comes from what pgrelay learnt the first time.
+        for _ in 0..2 {
+            let (_raw, relayed) = Raw::connect_with(&proxy.addr.to_string(), params).await;
+            for (name, _) in params {
+                let value = |reported: &[(String, String)]| {
+                    reported
+                        .iter()
+                        .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
+                        .map(|(_, value)| value.clone())
+                };
+                assert_eq!(value(&relayed), value(&direct), "{name} of {params:?}");
+            }
+        }
+    }
+    let (_raw, relayed) = Raw::connect_with(&proxy.addr.to_string(), &[("client_encoding", "utf-8")]).await;
+    assert!(
+        relayed.contains(&("client_encoding".into(), "UTF8".into())),
+        "{relayed:?}"
+    );
+    let (_raw, relayed) = Raw::connect_with(&proxy.addr.to_string(), &[("client_encoding", "euc-jp")]).await;
+    assert!(
+        relayed.contains(&("client_encoding".into(), "EUC_JP".into())),
+        "{relayed:?}"
+    );
+    proxy.shutdown().await;
+}
+
 /// Parse, Bind, Execute and Sync of `name` with one text parameter; the rows.
 async fn run_prepared(raw: &mut Raw, parse: Option<&[u8]>, name: &[u8], param: &[u8]) -> Vec<Row> {
     let mut messages = Vec::new();
@@ -229,5 +272,33 @@ async fn errors_and_notices_from_the_server_arrive_byte_for_byte() {
     assert_eq!(error_field(&error.1, b'M').unwrap(), b"caf\xe9 \xa4 \xbd");
     // The session goes on, in its encoding.
     assert_eq!(rows(&mut raw, b"SELECT '\xbd'").await, row(&[b"\xbd"]));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_move_between_clients_of_other_encodings_intact() {
+    let cluster = shared_cluster();
+    // One server connection, used in turn by both clients.
+    let proxy = Proxy::start(&config_for(cluster, "size = 1")).await;
+    let addr = proxy.addr.to_string();
+    let (mut utf8, _) = Raw::connect_with(&addr, &[("client_encoding", "UTF8"), ("DateStyle", "iso")]).await;
+    let (mut latin9, _) = Raw::connect_with(&addr, &[("client_encoding", "LATIN9"), ("DateStyle", "German")]).await;
+    rows(&mut utf8, "SET app.place = 'café'".as_bytes()).await;
+    for _ in 0..2 {
+        // The other client leaves the server in LATIN9 and German dates.
+        assert_eq!(
+            rows(&mut latin9, b"SELECT '\xe9', current_setting('DateStyle')").await,
+            row(&[b"\xe9", b"German, DMY"])
+        );
+        // Its setting comes back as it wrote it, in UTF-8; its dates as it asked.
+        assert_eq!(
+            rows(
+                &mut utf8,
+                b"SELECT current_setting('app.place'), current_setting('DateStyle')"
+            )
+            .await,
+            row(&["café".as_bytes(), b"ISO, MDY"])
+        );
+    }
     proxy.shutdown().await;
 }

@@ -1,6 +1,12 @@
 //! Logging a client in: startup parameters, protocol version negotiation, password
 //! authentication (SCRAM-SHA-256, md5 or trust), the database it asked for, and the
 //! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
+//!
+//! The greeting reports each parameter as the server spells it for the client's value
+//! (`client_encoding=utf-8` is reported `UTF8`, `DateStyle=iso` `ISO, MDY`). pgrelay takes
+//! that spelling from the server itself rather than from a table of aliases: only the
+//! server knows every spelling it accepts, and its answer is the one a direct connection
+//! would have got.
 
 use std::sync::Arc;
 
@@ -147,7 +153,8 @@ fn greet_admin(client: &mut ClientConn, cancel: &CancelHandle) {
 }
 
 /// Makes sure the servers accept the client's settings (the first time each value is
-/// seen) and returns the ParameterStatus values to report.
+/// seen), remembers how the server reports each value, and returns the ParameterStatus
+/// values to report.
 async fn check_settings(
     database: &DatabaseEntry,
     user: &UserEntry,
@@ -165,7 +172,6 @@ async fn check_settings(
         .await
         .map_err(|error| ClientError::from_pool(&error, &database.name))?;
     if let Some(diff) = ParamDiff::between(wanted, &server.params) {
-        let mut parameters = Vec::new();
         for sql in diff.queries() {
             let outcome = server
                 .run_own_query(sql)
@@ -176,16 +182,19 @@ async fn check_settings(
                 server.state.abandon();
                 return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
             }
-            parameters.extend(outcome.parameters);
         }
         server.params = wanted.clone();
-        for (name, value) in wanted.iter() {
-            let reported = parameters
-                .iter()
-                .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
-                .map(|(_, value)| value.clone());
-            database.remember_param(name, value, reported);
-        }
+    }
+    // The server has the settings now, whether just set or left by an earlier client.
+    // It reports a change only: what it last reported is the value in its spelling
+    // (a SET to the value it already had, `utf-8` over `UTF8`, reports nothing).
+    for (name, value) in wanted.iter() {
+        let reported = server
+            .reported_params()
+            .iter()
+            .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.clone());
+        database.remember_param(name, value, reported);
     }
     let reported = server.reported_params().to_vec();
     Ok(reported)

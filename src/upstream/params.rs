@@ -108,6 +108,12 @@ pub struct ParamDiff {
     pub sql: String,
 }
 
+/// Parameters whose new value is merged with the one in place: `DateStyle = iso` keeps
+/// the day order the session had (`ISO, DMY` after `German`). They are reset first, so
+/// that the value means what it meant in the client's startup packet or SET, whatever
+/// an earlier client left on the server.
+const MERGED: &[&str] = &["datestyle"];
+
 impl ParamDiff {
     /// `None` when the server already has exactly what the client wants.
     pub fn between(wanted: &SessionParams, applied: &SessionParams) -> Option<ParamDiff> {
@@ -124,6 +130,9 @@ impl ParamDiff {
                 } else {
                     &mut sql
                 };
+                if MERGED.iter().any(|merged| merged.eq_ignore_ascii_case(name)) {
+                    let _ = write!(out, "RESET {};", quote_name(name));
+                }
                 let _ = write!(out, "SET {} TO {};", quote_name(name), value);
             }
         }
@@ -198,6 +207,17 @@ mod tests {
             "SET \"application_name\" TO $pgrelay$it's$pgrelay$;RESET \"search_path\";"
         );
         assert_eq!(ParamDiff::between(&wanted, &wanted), None);
+    }
+
+    #[test]
+    fn a_datestyle_is_set_over_the_default_not_over_an_earlier_clients() {
+        let wanted = params(&[("DateStyle", "iso")]);
+        let applied = params(&[("DateStyle", "German")]);
+        let diff = ParamDiff::between(&wanted, &applied).unwrap();
+        assert_eq!(
+            diff.sql,
+            "RESET \"DateStyle\";SET \"DateStyle\" TO $pgrelay$iso$pgrelay$;"
+        );
     }
 
     #[test]
