@@ -36,18 +36,71 @@ pub enum Side {
     Pgrelay,
 }
 
+/// The text of an error as bytes. pgrelay's own words are UTF-8 (ASCII in practice), but a
+/// text a server sent is in the encoding of the session it came from, which need not be
+/// UTF-8 (LATIN9, SJIS…): quoted in one of pgrelay's messages it keeps its bytes, so the
+/// client reads it as the server wrote it. Shown (logs, `Display`) it is decoded lossily.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct MessageText(Vec<u8>);
+
+impl MessageText {
+    /// A server's text, as it sent it.
+    pub fn from_server(bytes: &[u8]) -> Self {
+        MessageText(bytes.to_vec())
+    }
+
+    /// `before`, then `quoted` unchanged, then `after`.
+    pub fn quoting(before: &str, quoted: &MessageText, after: &str) -> Self {
+        MessageText([before.as_bytes(), &quoted.0, after.as_bytes()].concat())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<String> for MessageText {
+    fn from(text: String) -> Self {
+        MessageText(text.into_bytes())
+    }
+}
+
+impl From<&str> for MessageText {
+    fn from(text: &str) -> Self {
+        MessageText(text.as_bytes().to_vec())
+    }
+}
+
+impl AsRef<[u8]> for MessageText {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for MessageText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl std::fmt::Debug for MessageText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&String::from_utf8_lossy(&self.0), f)
+    }
+}
+
 /// An error as a client will see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientError {
     pub side: Side,
     pub sqlstate: Cow<'static, str>,
-    pub message: String,
+    pub message: MessageText,
     /// Sending the same request again later may succeed.
     pub retryable: bool,
 }
 
 impl ClientError {
-    pub fn new(side: Side, sqlstate: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+    pub fn new(side: Side, sqlstate: impl Into<Cow<'static, str>>, message: impl Into<MessageText>) -> Self {
         ClientError {
             side,
             sqlstate: sqlstate.into(),
@@ -56,7 +109,7 @@ impl ClientError {
         }
     }
 
-    pub fn protocol_violation(message: impl Into<String>) -> Self {
+    pub fn protocol_violation(message: impl Into<MessageText>) -> Self {
         Self::new(Side::Client, sqlstate::PROTOCOL_VIOLATION, message)
     }
 
@@ -88,28 +141,33 @@ impl ClientError {
     }
 
     pub fn from_upstream(error: &UpstreamError, database: &str) -> Self {
-        let message = match error {
+        let message: MessageText = match error {
             UpstreamError::Connect { source, .. } => {
-                format!("server for database \"{database}\" is unreachable: {source}")
+                format!("server for database \"{database}\" is unreachable: {source}").into()
             }
-            UpstreamError::LoginRefused { message, .. } => {
-                format!("server for database \"{database}\" refused pgrelay's login: {message}")
-            }
+            UpstreamError::LoginRefused { message, .. } => MessageText::quoting(
+                &format!("server for database \"{database}\" refused pgrelay's login: "),
+                message,
+                "",
+            ),
             UpstreamError::Credentials { reason, .. } => {
-                format!("pgrelay cannot log in to the server for database \"{database}\": {reason}")
+                format!("pgrelay cannot log in to the server for database \"{database}\": {reason}").into()
             }
-            UpstreamError::Terminated { message, .. } => {
-                format!("server connection for database \"{database}\" was terminated: {message}")
-            }
+            UpstreamError::Terminated { message, .. } => MessageText::quoting(
+                &format!("server connection for database \"{database}\" was terminated: "),
+                message,
+                "",
+            ),
             UpstreamError::Closed { .. } | UpstreamError::Io { .. } => {
-                format!("server connection for database \"{database}\" was lost")
+                format!("server connection for database \"{database}\" was lost").into()
             }
             UpstreamError::Protocol { .. } | UpstreamError::Unusable { .. } => {
-                format!("server connection for database \"{database}\" failed")
+                format!("server connection for database \"{database}\" failed").into()
             }
             UpstreamError::QueryTimeout { .. } => format!(
                 "canceling statement due to query_timeout: the server of database \"{database}\" did not act on the cancel, so its connection was closed"
-            ),
+            )
+            .into(),
         };
         // The server's own reason when it gave one as it ended the session (57P01
         // administrator command, 57P02 crash of another process...): what a direct
@@ -120,5 +178,32 @@ impl ClientError {
             _ => sqlstate::CONNECTION_FAILURE.into(),
         };
         Self::new(Side::Server, code, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_text_keeps_its_bytes_in_pgrelays_messages() {
+        // A LATIN9 session's FATAL: 'ä' is one byte, not UTF-8.
+        let terminated = UpstreamError::Terminated {
+            addr: "db:5432".into(),
+            sqlstate: "57P01".into(),
+            message: MessageText::from_server(b"Verbindung abgebrochen \xe4"),
+        };
+        let error = ClientError::from_upstream(&terminated, "app");
+        assert_eq!(error.sqlstate, "57P01");
+        assert_eq!(
+            error.message.as_bytes(),
+            b"server connection for database \"app\" was terminated: Verbindung abgebrochen \xe4"
+        );
+        assert!(
+            error.message.to_string().ends_with("abgebrochen \u{fffd}"),
+            "shown lossily"
+        );
+        let wrapped = MessageText::quoting("lost (", &error.message, ")");
+        assert!(wrapped.as_bytes().ends_with(b"\xe4)"));
     }
 }

@@ -143,7 +143,7 @@ impl AdminSession {
             match FrontendTag::from_byte(frame.tag()) {
                 Some(FrontendTag::Terminate) | None => return,
                 Some(FrontendTag::Query) => {
-                    let text = query_text(frame.body()).unwrap_or_default().to_owned();
+                    let text = String::from_utf8_lossy(query_text(frame.body()).unwrap_or_default()).into_owned();
                     let outcome = self.execute(&text, &mut client.outbuf).await;
                     if let Err((code, message)) = outcome {
                         compose::error(&mut client.outbuf, Severity::Error, code, &message);

@@ -8,9 +8,7 @@ use bytes::{BufMut, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete};
-use pgwire::messages::response::{
-    CommandComplete, EmptyQueryResponse, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus,
-};
+use pgwire::messages::response::{CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
 
 use super::TxStatus;
@@ -42,24 +40,40 @@ fn put(buf: &mut BytesMut, message: &impl Message) {
     }
 }
 
-pub fn error(buf: &mut BytesMut, severity: Severity, sqlstate: &str, message: &str) {
-    let fields = vec![
-        (b'S', severity.as_str().to_owned()),
-        (b'V', severity.as_str().to_owned()),
-        (b'C', sqlstate.to_owned()),
-        (b'M', message.to_owned()),
-    ];
-    put(buf, &ErrorResponse::new(fields));
+/// An ErrorResponse. `message` is bytes: it may quote a server's text in the client's
+/// encoding, which goes out unchanged (up to a NUL byte, which cannot be sent).
+pub fn error(buf: &mut BytesMut, severity: Severity, sqlstate: &str, message: &(impl AsRef<[u8]> + ?Sized)) {
+    error_or_notice(buf, b'E', severity.as_str(), sqlstate, message.as_ref());
 }
 
-pub fn notice(buf: &mut BytesMut, sqlstate: &str, message: &str) {
-    let fields = vec![
-        (b'S', "NOTICE".to_owned()),
-        (b'V', "NOTICE".to_owned()),
-        (b'C', sqlstate.to_owned()),
-        (b'M', message.to_owned()),
+/// A NoticeResponse of severity NOTICE; `message` as for [`error`].
+pub fn notice(buf: &mut BytesMut, sqlstate: &str, message: &(impl AsRef<[u8]> + ?Sized)) {
+    error_or_notice(buf, b'N', "NOTICE", sqlstate, message.as_ref());
+}
+
+/// Written by hand rather than with pgwire, whose messages hold only UTF-8 text.
+fn error_or_notice(buf: &mut BytesMut, tag: u8, severity: &str, sqlstate: &str, message: &[u8]) {
+    let until_nul = |text: &'_ [u8]| -> usize { text.iter().position(|&b| b == 0).unwrap_or(text.len()) };
+    let fields: [(u8, &[u8]); 4] = [
+        (b'S', severity.as_bytes()),
+        (b'V', severity.as_bytes()),
+        (b'C', sqlstate.as_bytes()),
+        (b'M', message),
     ];
-    put(buf, &NoticeResponse::new(fields));
+    let body_len: usize = fields.iter().map(|(_, value)| 2 + until_nul(value)).sum::<usize>() + 1;
+    let Ok(len) = u32::try_from(body_len + 4) else {
+        tracing::error!("an error message for a client is too long to send");
+        return;
+    };
+    buf.reserve(1 + len as usize);
+    buf.put_u8(tag);
+    buf.put_u32(len);
+    for (field, value) in fields {
+        buf.put_u8(field);
+        buf.put_slice(&value[..until_nul(value)]);
+        buf.put_u8(0);
+    }
+    buf.put_u8(0);
 }
 
 pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
@@ -193,5 +207,21 @@ mod tests {
         assert_eq!(ready_status(ready.body()).unwrap(), TxStatus::InTransaction);
         let row = split_frame(&mut buf, 1 << 20).unwrap().unwrap();
         assert_eq!(row.body(), b"\0\x02\0\0\0\x01a\xff\xff\xff\xff");
+    }
+
+    #[test]
+    fn errors_and_notices_carry_a_servers_bytes_unchanged() {
+        let mut buf = BytesMut::new();
+        error(&mut buf, Severity::Error, "57P01", b"lost: caf\xe9".as_slice());
+        notice(&mut buf, "01000", b"cut\0here".as_slice());
+        let error_frame = split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            error_frame.body(),
+            b"SERROR\0VERROR\0C57P01\0Mlost: caf\xe9\0\0".as_slice()
+        );
+        let notice_frame = split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(notice_frame.tag(), b'N');
+        assert_eq!(ErrorFields::read(notice_frame.body()).unwrap().message, b"cut");
+        assert!(buf.is_empty());
     }
 }

@@ -1,16 +1,40 @@
-//! The classification cache: exact statement text → shared classification, bounded in entries
-//! (quick_cache's CLOCK-Pro keeps the statements an application repeats and lets one-off texts
-//! fall out). Texts over [`MAX_CACHED_LEN`] are not cached: they are rarely repeated and would
-//! make the bound in entries meaningless as a bound in bytes.
+//! The classification cache: exact statement bytes, and how they were read, → shared
+//! classification, bounded in entries (quick_cache's CLOCK-Pro keeps the statements an
+//! application repeats and lets one-off texts fall out). Texts over [`MAX_CACHED_LEN`] are not
+//! cached: they are rarely repeated and would make the bound in entries meaningless as a
+//! bound in bytes.
 
 use std::sync::Arc;
 
+use quick_cache::Equivalent;
 use quick_cache::sync::Cache;
 
 use crate::route::{Classification, MAX_CACHED_LEN};
 
+/// A cached text and how it was read: the same bytes mean different things in different
+/// client encodings, so each reading has entries of its own.
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct Key {
+    reading: u8,
+    text: Box<[u8]>,
+}
+
+/// A [`Key`] borrowed from the text being classified, for lookups without a copy. Its
+/// fields hash exactly as the key's do.
+#[derive(Hash)]
+struct Lookup<'a> {
+    reading: u8,
+    text: &'a [u8],
+}
+
+impl Equivalent<Key> for Lookup<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.reading == key.reading && *self.text == *key.text
+    }
+}
+
 pub(crate) struct ClassCache {
-    inner: Option<Cache<Box<str>, Arc<Classification>>>,
+    inner: Option<Cache<Key, Arc<Classification>>>,
 }
 
 impl ClassCache {
@@ -20,16 +44,20 @@ impl ClassCache {
         }
     }
 
-    pub(crate) fn get(&self, sql: &str) -> Option<Arc<Classification>> {
-        if sql.len() > MAX_CACHED_LEN {
+    pub(crate) fn get(&self, reading: u8, text: &[u8]) -> Option<Arc<Classification>> {
+        if text.len() > MAX_CACHED_LEN {
             return None;
         }
-        self.inner.as_ref()?.get(sql)
+        self.inner.as_ref()?.get(&Lookup { reading, text })
     }
 
-    pub(crate) fn insert(&self, sql: &str, class: &Arc<Classification>) {
-        if let Some(cache) = self.inner.as_ref().filter(|_| sql.len() <= MAX_CACHED_LEN) {
-            cache.insert(sql.into(), Arc::clone(class));
+    pub(crate) fn insert(&self, reading: u8, text: &[u8], class: &Arc<Classification>) {
+        if let Some(cache) = self.inner.as_ref().filter(|_| text.len() <= MAX_CACHED_LEN) {
+            let key = Key {
+                reading,
+                text: text.into(),
+            };
+            cache.insert(key, Arc::clone(class));
         }
     }
 

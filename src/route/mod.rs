@@ -79,6 +79,17 @@
 //!   `default_transaction_*` parameters. `SET ROLE`/`SET SESSION AUTHORIZATION` are both a `Set`
 //!   and a pin; their `LOCAL` forms only a `Set { local: true }`.
 //! - **Hints** count only in the first comment of the text (after whitespace).
+//! - **Client encodings**: a text is bytes in the client's encoding ([`encoding`], [`reading`]).
+//!   ASCII reads the same in all of them, UTF-8 in a UTF8 session is read as it is. In the other
+//!   encodings a server may use (LATIN9, WIN1252, EUC_JP…) an ASCII byte is always ASCII, so
+//!   the text is read through a Latin-1 view of its bytes; names with other characters are in
+//!   the client's spelling, not the server's: such tables are `Unknown`, such settings pin. In
+//!   the client-only encodings (SJIS, BIG5, GBK, UHC, GB18030, JOHAB, SHIFT_JIS_2004) a
+//!   character may end in a quote-like ASCII byte (`表` is 0x95 0x5C in SJIS): a text with a
+//!   non-ASCII byte is not read at all, a write (`Unparsed`) of unknown tables without hint,
+//!   pinning when its ASCII beginning shows a session effect or a later semicolon may start
+//!   another statement. UTF-8 that is not valid in a UTF8 session is refused by the server
+//!   and is `Unparsed` too.
 //! - **Limits**: texts over [`MAX_PARSE_LEN`] (1 MiB) are never read for tables (their
 //!   SELECTs are writes, `parsed = false`; DML keeps its keyword verdict and token target);
 //!   statements with more than [`MAX_OPERATORS`] operators are never given to sqlparser (its AST
@@ -91,12 +102,14 @@
 //!   read".
 
 mod cache;
+pub mod encoding;
 mod evidence;
 mod fast;
 mod functions;
 mod hint;
 mod lex;
 mod parsed;
+mod reading;
 mod relations;
 mod set;
 mod tx;
@@ -105,15 +118,19 @@ mod walk_expr;
 mod wrap;
 
 #[cfg(test)]
+mod encoding_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod table_tests;
 
 use std::sync::Arc;
 
+pub use crate::route::encoding::{Charset, ClientEncoding};
 use crate::route::fast::{Ctx, StmtClass};
 use crate::route::functions::FunctionLists;
 pub use crate::route::parsed::MAX_OPERATORS;
+use crate::route::reading::Reading;
 
 /// Texts longer than this are classified but not cached.
 pub const MAX_CACHED_LEN: usize = 8 * 1024;
@@ -582,14 +599,46 @@ impl Classifier {
         }
     }
 
-    /// Classifies `sql` (a Query message or a Parse text), from the cache when it can.
+    /// Classifies UTF-8 text (see [`Classifier::classify_text`]).
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
-        if let Some(hit) = self.cache.get(sql) {
+        self.classify_text(sql.as_bytes(), Charset::Utf8)
+    }
+
+    /// Classifies `sql` (a Query message or a Parse text), bytes in a client encoding read
+    /// as `charset` allows (see [`reading`]), from the cache when it can.
+    pub fn classify_text(&self, sql: &[u8], charset: Charset) -> Arc<Classification> {
+        let reading = Reading::of(sql, charset);
+        let tag = match reading {
+            Reading::Text(_) => 0,
+            Reading::Latin1View => 1,
+            Reading::Unread { .. } => 2,
+            // Cheap, and refused by the server whole: not worth a cache entry.
+            Reading::Invalid => return Arc::new(self.read(reading, sql)),
+        };
+        if let Some(hit) = self.cache.get(tag, sql) {
             return hit;
         }
-        let class = Arc::new(self.classify_uncached(sql));
-        self.cache.insert(sql, &class);
+        let class = Arc::new(self.read(reading, sql));
+        self.cache.insert(tag, sql, &class);
         class
+    }
+
+    fn read(&self, reading: Reading<'_>, sql: &[u8]) -> Classification {
+        match reading {
+            Reading::Text(text) => self.classify_uncached(text),
+            Reading::Latin1View => {
+                let mut class = self.classify_uncached(&reading::latin1_view(sql));
+                reading::keep_portable(&mut class);
+                class
+            }
+            Reading::Unread { readable } => {
+                // ASCII up to `readable`: valid UTF-8.
+                let ascii = std::str::from_utf8(sql.get(..readable).unwrap_or_default()).unwrap_or_default();
+                reading::unread(&self.classify_uncached(ascii), sql.get(readable..).unwrap_or_default())
+            }
+            // The server runs none of it.
+            Reading::Invalid => reading::unread(&Classification::empty(None), b""),
+        }
     }
 
     /// Classifies `sql` without touching the cache.

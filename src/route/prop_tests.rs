@@ -5,7 +5,9 @@
 use proptest::prelude::*;
 
 use crate::route::table_tests::CASES;
-use crate::route::{Access, Classification, Classifier, ClassifierSettings, Hint, Tables};
+use crate::route::{Access, Charset, Classification, Classifier, ClassifierSettings, Hint, Tables};
+
+const CHARSETS: [Charset; 3] = [Charset::Utf8, Charset::AsciiCompatible, Charset::Opaque];
 
 fn classifier() -> Classifier {
     Classifier::new(ClassifierSettings {
@@ -122,6 +124,30 @@ proptest! {
         let sql = picks.iter().map(|i| reads[i.index(reads.len())].trim_end_matches(';')).collect::<Vec<_>>().join(";\n");
         let class = check_invariants(&classifier(), &sql);
         prop_assert_eq!(class.access, Access::Read, "{}", sql);
+    }
+
+    /// Bytes in any client encoding: classified without panicking, consistently, the same
+    /// from the cache.
+    #[test]
+    fn never_panics_on_bytes_in_any_encoding(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let c = classifier();
+        for charset in CHARSETS {
+            let class = c.classify_text(&bytes, charset);
+            prop_assert_eq!(class.access == Access::Read, class.write_reason.is_none());
+            prop_assert!(class.parsed || class.access == Access::Write);
+            prop_assert_eq!(&*c.classify_text(&bytes, charset), &*class);
+        }
+    }
+
+    /// ASCII text means the same in every client encoding.
+    #[test]
+    fn ascii_reads_alike_in_every_encoding(sql in soup()) {
+        prop_assume!(sql.is_ascii());
+        let c = classifier();
+        let utf8 = c.classify_uncached(&sql);
+        for charset in CHARSETS {
+            prop_assert_eq!(&*c.classify_text(sql.as_bytes(), charset), &utf8);
+        }
     }
 
     /// A leading hint comment changes the hint and nothing else.

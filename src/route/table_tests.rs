@@ -14,7 +14,7 @@ use crate::route::{
 
 /// `R` or `W(reason)`, then ` tx=…`, ` end`, ` t=…` (tables, omitted when none, `?` unknown),
 /// ` w=…` (written), ` s=…;…` (session effects), ` hint=…`, ` unparsed`, ` n=…` (when not 1).
-fn render(c: &Classification) -> String {
+pub(super) fn render(c: &Classification) -> String {
     let mut out = match (&c.access, &c.write_reason) {
         (Access::Read, None) => "R".to_owned(),
         (Access::Write, Some(WriteReason::WritingFunction(f))) => format!("W(fn:{f})"),

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use super::prepared::ClientStatements;
-use crate::route::{PinReason, SessionEffect};
+use crate::route::{ClientEncoding, PinReason, SessionEffect};
 use crate::upstream::SessionParams;
 
 #[derive(Debug, Default)]
@@ -25,9 +25,23 @@ pub(crate) struct Carried {
     /// server failed first): its reads stay on the primary until a later write's
     /// position is known.
     pub fence_lost: bool,
+    /// The client_encoding of a session whose settings name none: the database's, as the
+    /// server reported it at login.
+    pub default_encoding: ClientEncoding,
 }
 
 impl Carried {
+    /// The encoding the client's text is in on whichever server it gets next: the one its
+    /// settings name, which pgrelay applies there before anything of the client's. Any
+    /// spelling of a SET (`'latin9'`, `ISO-8859-15`) and the server's own report
+    /// (`LATIN9`) name it alike.
+    pub fn client_encoding(&self) -> ClientEncoding {
+        match self.wanted.get("client_encoding") {
+            Some(setting) => ClientEncoding::named(setting),
+            None => self.default_encoding,
+        }
+    }
+
     /// Records the effect of a statement that completed. `server` is the settings
     /// pgrelay knows the attached server to have.
     pub fn apply(&mut self, effect: &SessionEffect, server: &mut SessionParams) {
@@ -153,6 +167,17 @@ impl PinSet {
     }
 }
 
+/// Whether `effect` may change the client's encoding once it runs: a SET or RESET of
+/// client_encoding (SET NAMES is one), a reset of everything, or a change pgrelay cannot
+/// follow.
+pub(crate) fn may_change_encoding(effect: &SessionEffect) -> bool {
+    match effect {
+        SessionEffect::Set { name, .. } | SessionEffect::Reset { name } => name.eq_ignore_ascii_case("client_encoding"),
+        SessionEffect::ResetAll | SessionEffect::DiscardAll | SessionEffect::Pin(PinReason::UntrackableSet) => true,
+        _ => false,
+    }
+}
+
 /// Drops one name; the reason goes with the last one.
 fn forget(names: &mut HashSet<String>, reasons: &mut HashSet<PinReason>, name: &str, reason: PinReason) {
     names.remove(name);
@@ -182,6 +207,41 @@ mod tests {
         pins.apply(&SessionEffect::Pin(PinReason::TempTable));
         pins.apply(&SessionEffect::DiscardAll);
         assert!(!pins.is_pinned());
+    }
+
+    #[test]
+    fn the_client_encoding_follows_its_settings() {
+        let mut carried = Carried {
+            default_encoding: ClientEncoding::UTF8,
+            ..Carried::default()
+        };
+        assert_eq!(
+            carried.client_encoding(),
+            ClientEncoding::UTF8,
+            "none set: the database's"
+        );
+        carried.startup.set("client_encoding", "euc-jp");
+        carried.wanted = carried.startup.clone();
+        assert_eq!(carried.client_encoding().name, Some("EUC_JP"));
+        let mut server = SessionParams::default();
+        let set_names = SessionEffect::Set {
+            name: "client_encoding".into(),
+            value: "'Shift_JIS'".into(),
+            local: false,
+        };
+        assert!(may_change_encoding(&set_names));
+        carried.apply(&set_names, &mut server);
+        assert_eq!(carried.client_encoding(), ClientEncoding::named("SJIS"));
+        assert_eq!(carried.client_encoding().charset, crate::route::Charset::Opaque);
+        let reset = SessionEffect::Reset {
+            name: "Client_Encoding".into(),
+        };
+        assert!(may_change_encoding(&reset));
+        carried.apply(&reset, &mut server);
+        assert_eq!(carried.client_encoding().name, Some("EUC_JP"));
+        assert!(!may_change_encoding(&SessionEffect::Reset {
+            name: "search_path".into()
+        }));
     }
 
     #[test]

@@ -4,11 +4,11 @@
 
 use bytes::BytesMut;
 
-use crate::error::{ClientError, Side, sqlstate};
+use crate::error::{ClientError, MessageText, Side, sqlstate};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{ObjectKind, ObjectRef, ParseView, query_text};
 use crate::protocol::{Frame, FrontendTag, TxStatus};
-use crate::route::{Classifier, Isolation, TxControl};
+use crate::route::{Charset, Classifier, Isolation, TxControl};
 
 /// The client's transaction state while no server is attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,14 +67,14 @@ impl LocalState {
 
     /// Looks at the first whole message of `inbuf` (the caller made sure it is there)
     /// and answers it if no server is needed, consuming it.
-    /// With `defer_begin`, a lone BEGIN is answered here and held back
-    /// (`transactions = "first_statement"`).
+    /// With `defer_begin` (the classifier, and how the client's text reads), a lone BEGIN
+    /// is answered here and held back (`transactions = "first_statement"`).
     pub fn answer(
         &mut self,
         tag: FrontendTag,
         inbuf: &mut BytesMut,
         out: &mut BytesMut,
-        defer_begin: Option<&Classifier>,
+        defer_begin: Option<(&Classifier, Charset)>,
     ) -> Answer {
         match tag {
             FrontendTag::Terminate => return Answer::Terminate,
@@ -128,7 +128,7 @@ impl LocalState {
                 Err(error) => return Answer::Broke(ClientError::protocol_violation(error.to_string())),
             },
             FrontendTag::FunctionCall => {
-                self.refuse_in_aborted("", out);
+                self.refuse_in_aborted(b"", out);
                 compose::ready_for_query(out, self.status());
             }
             FrontendTag::Parse => match ParseView::read(frame.body()) {
@@ -153,7 +153,7 @@ impl LocalState {
                 compose::no_data(out);
             }
             FrontendTag::Bind | FrontendTag::Execute | FrontendTag::Close | FrontendTag::Describe => {
-                self.refuse_extended("", out)
+                self.refuse_extended(b"", out)
             }
             FrontendTag::Terminate | FrontendTag::Password => {}
         }
@@ -165,13 +165,13 @@ impl LocalState {
         &mut self,
         inbuf: &mut BytesMut,
         out: &mut BytesMut,
-        defer_begin: Option<&Classifier>,
+        defer_begin: Option<(&Classifier, Charset)>,
     ) -> Option<Answer> {
         let header = crate::protocol::Header::peek(inbuf).ok()??;
         let sql = query_text(inbuf.get(crate::protocol::HEADER_LEN..header.len)?).ok()?;
         match (&self.tx, defer_begin) {
-            (LocalTx::Idle, Some(classifier)) => {
-                let class = classifier.classify(sql);
+            (LocalTx::Idle, Some((classifier, charset))) => {
+                let class = classifier.classify_text(sql, charset);
                 let lone_begin = class.statements == 1
                     && class.session.is_empty()
                     && matches!(
@@ -189,6 +189,9 @@ impl LocalState {
                 if !lone_begin {
                     return None;
                 }
+                // Held as text to be sent as it came; a BEGIN whose comments are not UTF-8
+                // simply goes to the server at once.
+                let sql = std::str::from_utf8(sql).ok()?;
                 self.tx = LocalTx::DeferredBegin { sql: sql.to_owned() };
                 take_frame(inbuf);
                 compose::command_complete(out, "BEGIN");
@@ -196,12 +199,7 @@ impl LocalState {
                 Some(Answer::Answered)
             }
             (LocalTx::DeferredBegin { .. }, _) if ends_transaction(sql) => {
-                let first = sql.trim_start().get(..5).unwrap_or_default().to_ascii_lowercase();
-                let tag = if first.starts_with("rollb") || first.starts_with("abort") {
-                    "ROLLBACK"
-                } else {
-                    "COMMIT"
-                };
+                let tag = if is_rollback(sql) { "ROLLBACK" } else { "COMMIT" };
                 self.tx = LocalTx::Idle;
                 take_frame(inbuf);
                 compose::command_complete(out, tag);
@@ -235,7 +233,7 @@ impl LocalState {
     /// never answered with the ROLLBACK tag PostgreSQL gives the end of a failed block,
     /// which drivers take for success (some never see the first error: tokio-postgres,
     /// for one, drops the reply to the Close it sends in the background).
-    fn may_end_lost_transaction(&mut self, sql: &str, out: &mut BytesMut) -> bool {
+    fn may_end_lost_transaction(&mut self, sql: &[u8], out: &mut BytesMut) -> bool {
         if !is_rollback(sql) {
             return false;
         }
@@ -246,7 +244,11 @@ impl LocalState {
                 compose::notice(
                     out,
                     &failure.sqlstate,
-                    &format!("the transaction was already lost with its server: {}", failure.message),
+                    &MessageText::quoting(
+                        "the transaction was already lost with its server: ",
+                        &failure.message,
+                        "",
+                    ),
                 );
                 true
             }
@@ -254,8 +256,9 @@ impl LocalState {
         }
     }
 
-    /// Refuses `sql` (empty when not a simple query) in the lost transaction.
-    fn refuse_in_aborted(&mut self, sql: &str, out: &mut BytesMut) {
+    /// Refuses `sql` (empty when not a simple query) in the lost transaction. The server's
+    /// reason is quoted as its bytes: it is in the client's encoding.
+    fn refuse_in_aborted(&mut self, sql: &[u8], out: &mut BytesMut) {
         let error = match &mut self.tx {
             LocalTx::Aborted { failure, reported } if !*reported => {
                 *reported = true;
@@ -264,17 +267,19 @@ impl LocalState {
             LocalTx::Aborted { failure, .. } if ends_transaction(sql) => ClientError::new(
                 Side::Server,
                 failure.sqlstate.clone(),
-                format!(
-                    "the transaction was lost with its server and cannot commit ({}); end it with ROLLBACK",
-                    failure.message
+                MessageText::quoting(
+                    "the transaction was lost with its server and cannot commit (",
+                    &failure.message,
+                    "); end it with ROLLBACK",
                 ),
             ),
             LocalTx::Aborted { failure, .. } => ClientError::new(
                 Side::Server,
                 sqlstate::IN_FAILED_TRANSACTION,
-                format!(
-                    "current transaction is aborted, commands ignored until end of transaction block ({})",
-                    failure.message
+                MessageText::quoting(
+                    "current transaction is aborted, commands ignored until end of transaction block (",
+                    &failure.message,
+                    ")",
                 ),
             ),
             LocalTx::Idle | LocalTx::DeferredBegin { .. } => return,
@@ -282,7 +287,7 @@ impl LocalState {
         compose::error(out, Severity::Error, &error.sqlstate, &error.message);
     }
 
-    fn refuse_extended(&mut self, sql: &str, out: &mut BytesMut) {
+    fn refuse_extended(&mut self, sql: &[u8], out: &mut BytesMut) {
         self.refuse_in_aborted(sql, out);
         self.skipping_to_sync = true;
     }
@@ -297,32 +302,35 @@ fn take_frame(inbuf: &mut BytesMut) -> Option<Frame> {
     Frame::from_bytes(inbuf.split_to(header.len).freeze()).ok()
 }
 
+/// The words of `sql`, split at ASCII whitespace: only keywords are compared, and no
+/// client encoding has whitespace bytes inside its characters.
+fn words(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
+    sql.split(u8::is_ascii_whitespace).filter(|word| !word.is_empty())
+}
+
 /// True for ROLLBACK and ABORT (not ROLLBACK TO SAVEPOINT or ROLLBACK PREPARED).
-fn is_rollback(sql: &str) -> bool {
-    let lowered: String = sql
-        .trim_start()
-        .chars()
-        .take(8)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    (lowered.starts_with("rollback") || lowered.starts_with("abort")) && ends_transaction(sql)
+fn is_rollback(sql: &[u8]) -> bool {
+    let first = words(sql).next().unwrap_or_default();
+    let first = first.strip_suffix(b";").unwrap_or(first);
+    (first.eq_ignore_ascii_case(b"rollback") || first.eq_ignore_ascii_case(b"abort")) && ends_transaction(sql)
 }
 
 /// True for statements that end a transaction block: in an aborted transaction they
 /// are answered with ROLLBACK, as PostgreSQL does.
-pub(super) fn ends_transaction(sql: &str) -> bool {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(str::to_ascii_lowercase)
-        .collect();
-    let second = words.get(1).map(String::as_str);
-    match words.first().map(String::as_str) {
+pub(super) fn ends_transaction(sql: &[u8]) -> bool {
+    let sql = sql.trim_ascii();
+    let mut sql = sql;
+    while let Some(rest) = sql.strip_suffix(b";") {
+        sql = rest;
+    }
+    let mut words = words(sql).map(<[u8]>::to_ascii_lowercase);
+    let first = words.next();
+    let second = words.next();
+    match first.as_deref() {
         // "ROLLBACK TO SAVEPOINT" and "ROLLBACK/COMMIT PREPARED" do not end the block.
-        Some("rollback") => !matches!(second, Some("to" | "prepared")),
-        Some("commit") => second != Some("prepared"),
-        Some("abort" | "end") => true,
+        Some(b"rollback") => !matches!(second.as_deref(), Some(b"to" | b"prepared")),
+        Some(b"commit") => second.as_deref() != Some(b"prepared"),
+        Some(b"abort" | b"end") => true,
         _ => false,
     }
 }
@@ -340,8 +348,10 @@ mod tests {
             "END WORK",
             "ABORT",
             "commit and no chain",
+            "rollback ;;",
+            "ABORT -- caf\u{e9}",
         ] {
-            assert!(ends_transaction(sql), "{sql}");
+            assert!(ends_transaction(sql.as_bytes()), "{sql}");
         }
         for sql in [
             "SELECT 1",
@@ -350,7 +360,7 @@ mod tests {
             "ROLLBACK PREPARED 'x'",
             "",
         ] {
-            assert!(!ends_transaction(sql), "{sql}");
+            assert!(!ends_transaction(sql.as_bytes()), "{sql}");
         }
     }
 
@@ -427,6 +437,26 @@ mod tests {
         assert_eq!(send(&mut state, "ABORT"), "N:57P01 C:ROLLBACK Z:I");
         let mut state = lost();
         assert_eq!(send(&mut state, "ROLLBACK TO SAVEPOINT a"), "E:57P01 Z:E");
+    }
+
+    #[test]
+    fn the_servers_reason_for_a_lost_transaction_keeps_its_bytes() {
+        let mut state = LocalState::new();
+        state.tx = LocalTx::Aborted {
+            failure: ClientError::new(Side::Server, "57P01", MessageText::from_server(b"abgebrochen \xe4")),
+            reported: true,
+        };
+        let mut out = BytesMut::new();
+        state.answer(FrontendTag::Query, &mut query("SELECT 1"), &mut out, None);
+        let message = out[..]
+            .split(|&b| b == 0)
+            .find_map(|field| field.strip_prefix(b"M"))
+            .unwrap()
+            .to_vec();
+        assert_eq!(
+            message,
+            b"current transaction is aborted, commands ignored until end of transaction block (abgebrochen \xe4)"
+        );
     }
 
     #[test]

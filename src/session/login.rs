@@ -1,6 +1,12 @@
 //! Logging a client in: startup parameters, protocol version negotiation, password
 //! authentication (SCRAM-SHA-256, md5 or trust), the database it asked for, and the
 //! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
+//!
+//! The greeting reports each parameter as the server spells it for the client's value
+//! (`client_encoding=utf-8` is reported `UTF8`, `DateStyle=iso` `ISO, MDY`). pgrelay takes
+//! that spelling from the server itself rather than from a table of aliases: only the
+//! server knows every spelling it accepts, and its answer is the one a direct connection
+//! would have got.
 
 use std::sync::Arc;
 
@@ -11,6 +17,7 @@ use crate::config::RoutingTarget;
 use crate::error::{ClientError, Side, sqlstate};
 use crate::net::ClientConn;
 use crate::protocol::{FrontendTag, TxStatus, compose, views};
+use crate::route::ClientEncoding;
 use crate::runtime::{ADMIN_DATABASE, ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry};
 use crate::upstream::{ParamDiff, SessionParams};
 
@@ -19,6 +26,8 @@ pub(super) struct LoggedIn {
     pub user: Arc<UserEntry>,
     pub database: Arc<DatabaseEntry>,
     pub wanted: SessionParams,
+    /// The client_encoding the client was greeted with.
+    pub client_encoding: ClientEncoding,
 }
 
 /// Where a client logged in to.
@@ -113,8 +122,13 @@ pub(super) async fn login(
         wanted.set("default_transaction_read_only", "on");
     }
     let reported = check_settings(&database, &user, &wanted).await.map_err(Some)?;
-    greet(client, &reported, &wanted, &database, cancel);
-    Ok(Destination::Database(LoggedIn { user, database, wanted }))
+    let client_encoding = greet(client, &reported, &wanted, &database, cancel);
+    Ok(Destination::Database(LoggedIn {
+        user,
+        database,
+        wanted,
+        client_encoding,
+    }))
 }
 
 /// What a client of the admin console is told after AuthenticationOk.
@@ -139,7 +153,8 @@ fn greet_admin(client: &mut ClientConn, cancel: &CancelHandle) {
 }
 
 /// Makes sure the servers accept the client's settings (the first time each value is
-/// seen) and returns the ParameterStatus values to report.
+/// seen), remembers how the server reports each value, and returns the ParameterStatus
+/// values to report.
 async fn check_settings(
     database: &DatabaseEntry,
     user: &UserEntry,
@@ -157,37 +172,44 @@ async fn check_settings(
         .await
         .map_err(|error| ClientError::from_pool(&error, &database.name))?;
     if let Some(diff) = ParamDiff::between(wanted, &server.params) {
-        let outcome = server
-            .run_own_query(&diff.sql)
-            .await
-            .map_err(|error| ClientError::from_upstream(&error, &database.name))?;
-        if let Some((code, message)) = outcome.errors.first() {
-            // The server has part of the settings now: it must not be reused.
-            server.state.abandon();
-            return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
+        for sql in diff.queries() {
+            let outcome = server
+                .run_own_query(sql)
+                .await
+                .map_err(|error| ClientError::from_upstream(&error, &database.name))?;
+            if let Some((code, message)) = outcome.errors.first() {
+                // The server has part of the settings now: it must not be reused.
+                server.state.abandon();
+                return Err(ClientError::new(Side::Client, code.clone(), message.clone()));
+            }
         }
         server.params = wanted.clone();
-        for (name, value) in wanted.iter() {
-            let reported = outcome
-                .parameters
-                .iter()
-                .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
-                .map(|(_, value)| value.clone());
-            database.remember_param(name, value, reported);
-        }
+    }
+    // The server has the settings now, whether just set or left by an earlier client.
+    // It reports a change only: what it last reported is the value in its spelling
+    // (a SET to the value it already had, `utf-8` over `UTF8`, reports nothing).
+    for (name, value) in wanted.iter() {
+        let reported = server
+            .reported_params()
+            .iter()
+            .find(|(reported, _)| reported.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.clone());
+        database.remember_param(name, value, reported);
     }
     let reported = server.reported_params().to_vec();
     Ok(reported)
 }
 
-/// Sends what a client expects after AuthenticationOk.
+/// Sends what a client expects after AuthenticationOk; returns the client_encoding it
+/// reported.
 fn greet(
     client: &mut ClientConn,
     reported: &[(String, String)],
     wanted: &SessionParams,
     database: &DatabaseEntry,
     cancel: &CancelHandle,
-) {
+) -> ClientEncoding {
+    let mut client_encoding = ClientEncoding::UNKNOWN;
     for (name, server_value) in reported {
         let value = match wanted.get(name) {
             Some(value) => database
@@ -196,10 +218,14 @@ fn greet(
                 .unwrap_or_else(|| value.to_owned()),
             None => server_value.clone(),
         };
+        if name.eq_ignore_ascii_case("client_encoding") {
+            client_encoding = ClientEncoding::named(&value);
+        }
         compose::parameter_status(&mut client.outbuf, name, &value);
     }
     compose::backend_key_data(&mut client.outbuf, cancel.process_id(), cancel.secret());
     compose::ready_for_query(&mut client.outbuf, TxStatus::Idle);
+    client_encoding
 }
 
 async fn authenticate(
@@ -217,7 +243,7 @@ async fn authenticate(
             let response = views::read_cstr(&response, "PasswordMessage")
                 .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
                 .0;
-            if auth::verify_md5_response(secret, user_name, salt, response.as_bytes()) {
+            if auth::verify_md5_response(secret, user_name, salt, response) {
                 Ok(())
             } else {
                 Err(Some(password_failed(user_name)))

@@ -12,15 +12,22 @@ use crate::cluster::Lsn;
 use crate::pool::{Checkout, PoolError};
 use crate::protocol::views::{BindView, ParseView, query_text};
 use crate::protocol::{FrontendTag, HEADER_LEN, Header};
-use crate::route::Classifier;
+use crate::route::{Charset, Classifier};
 use crate::router::{Batch, Decision, Reason, Target};
 use crate::runtime::{DatabaseEntry, UserPools};
 
-/// Reads the batch at the front of the client's input without consuming it.
-pub(super) fn plan_batch(inbuf: &[u8], statements: &ClientStatements, classifier: &Classifier, tx: &LocalTx) -> Batch {
+/// Reads the batch at the front of the client's input without consuming it; its text is
+/// in a client encoding read as `charset`.
+pub(super) fn plan_batch(
+    inbuf: &[u8],
+    statements: &ClientStatements,
+    classifier: &Classifier,
+    charset: Charset,
+    tx: &LocalTx,
+) -> Batch {
     let mut batch = Batch::new();
     if let LocalTx::DeferredBegin { sql } = tx {
-        batch.add(&classifier.classify(sql));
+        batch.add(&classifier.classify_text(sql.as_bytes(), charset));
     }
     let mut offset = 0;
     let mut unnamed_parsed = false;
@@ -37,7 +44,7 @@ pub(super) fn plan_batch(inbuf: &[u8], statements: &ClientStatements, classifier
         match FrontendTag::from_byte(header.tag) {
             Some(FrontendTag::Query) => {
                 match query_text(body) {
-                    Ok(sql) => batch.add(&classifier.classify(sql)),
+                    Ok(sql) => batch.add(&classifier.classify_text(sql, charset)),
                     Err(_) => batch.add_unknown(),
                 }
                 return batch;
@@ -45,7 +52,7 @@ pub(super) fn plan_batch(inbuf: &[u8], statements: &ClientStatements, classifier
             Some(FrontendTag::Parse) => match ParseView::read(body) {
                 Ok(parse) => {
                     unnamed_parsed |= parse.name.is_empty();
-                    batch.add(&classifier.classify(parse.query));
+                    batch.add(&classifier.classify_text(parse.query, charset));
                 }
                 Err(_) => batch.add_unknown(),
             },

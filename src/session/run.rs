@@ -125,6 +125,7 @@ impl Session {
             carried: Carried {
                 startup: logged_in.wanted.clone(),
                 wanted: logged_in.wanted,
+                default_encoding: logged_in.client_encoding,
                 ..Carried::default()
             },
             on_replica: false,
@@ -245,7 +246,7 @@ impl Session {
         if self.server.is_none() {
             let defer_begin = (self.database.routing.transactions == TransactionRouting::FirstStatement
                 && self.database.mode() == PoolMode::Transaction)
-                .then_some(&self.database.classifier);
+                .then_some((&self.database.classifier, self.carried.client_encoding().charset));
             match self
                 .local
                 .answer(tag, &mut client.inbuf, &mut client.outbuf, defer_begin)
@@ -531,6 +532,7 @@ impl Session {
             &client.inbuf,
             &self.carried.statements,
             &self.database.classifier,
+            self.carried.client_encoding().charset,
             &self.local.tx,
         );
         // Only reads, whole, outside any transaction: safe to run again elsewhere.
@@ -573,11 +575,18 @@ impl Session {
         if self.database.mode() == PoolMode::Session {
             server.state.client_state_added();
         }
-        if let Some(diff) = ParamDiff::between(&self.carried.wanted, &server.params)
-            && postgres_protocol::message::frontend::query(&diff.sql, &mut server.outbuf).is_ok()
-        {
-            server.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
-            server.params = self.carried.wanted.clone();
+        if let Some(diff) = ParamDiff::between(&self.carried.wanted, &server.params) {
+            let mut sent = true;
+            for sql in diff.queries() {
+                if postgres_protocol::message::frontend::query(sql, &mut server.outbuf).is_ok() {
+                    server.expect.push(Expect::ResultsUntilReady, Recipient::Pgrelay);
+                } else {
+                    sent = false;
+                }
+            }
+            if sent {
+                server.params = self.carried.wanted.clone();
+            }
         }
         if let LocalTx::DeferredBegin { sql } = &self.local.tx
             && postgres_protocol::message::frontend::query(sql, &mut server.outbuf).is_ok()

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::{BackendKey, ResponseQueue, ServerConn, ServerStream, SessionParams, UpstreamError};
 use crate::config::ServerTlsMode;
+use crate::error::MessageText;
 use crate::net::ServerTls;
 use crate::protocol::views::{ErrorFields, auth_request, backend_key, parameter_status, ready_status};
 use crate::protocol::{BackendTag, Frame, frame::split_frame};
@@ -124,7 +125,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
                 return Err(UpstreamError::LoginRefused {
                     addr: addr.to_string(),
                     sqlstate: fields.code.to_owned(),
-                    message: fields.message.to_owned(),
+                    message: MessageText::from_server(fields.message),
                 });
             }
             Some(BackendTag::NoticeResponse | BackendTag::NegotiateProtocolVersion) => {}

@@ -23,6 +23,7 @@ pub(crate) use state::{ConnState, ServerFatal};
 pub use statements::ServerStatements;
 pub use stream::ServerStream;
 
+use crate::error::MessageText;
 use crate::protocol::TxStatus;
 
 /// Why talking to a server failed. Says which side failed and what a client may be told.
@@ -34,7 +35,7 @@ pub enum UpstreamError {
     LoginRefused {
         addr: String,
         sqlstate: String,
-        message: String,
+        message: MessageText,
     },
     #[error("cannot log in to server {addr}: {reason}")]
     Credentials { addr: String, reason: String },
@@ -44,7 +45,7 @@ pub enum UpstreamError {
     Terminated {
         addr: String,
         sqlstate: String,
-        message: String,
+        message: MessageText,
     },
     #[error("i/o error with server {addr}: {source}")]
     Io { addr: String, source: io::Error },

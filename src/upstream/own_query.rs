@@ -5,6 +5,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Expect, Recipient, ServerConn, ServerFatal, UpstreamError};
+use crate::error::MessageText;
 use crate::protocol::BackendTag;
 use crate::protocol::frame::split_frame;
 use crate::protocol::views::{ErrorFields, parameter_status, ready_status};
@@ -16,7 +17,7 @@ const OWN_QUERY_REPLY_LIMIT: usize = 1 << 20;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OwnQueryOutcome {
     /// (SQLSTATE, message) of each error.
-    pub errors: Vec<(String, String)>,
+    pub errors: Vec<(String, MessageText)>,
     /// ParameterStatus messages the statement caused.
     pub parameters: Vec<(String, String)>,
 }
@@ -71,10 +72,12 @@ impl ServerConn {
                     if fields.is_fatal() {
                         self.state.server_ended(ServerFatal {
                             sqlstate: fields.code.to_owned(),
-                            message: fields.message.to_owned(),
+                            message: MessageText::from_server(fields.message),
                         });
                     }
-                    outcome.errors.push((fields.code.to_owned(), fields.message.to_owned()));
+                    outcome
+                        .errors
+                        .push((fields.code.to_owned(), MessageText::from_server(fields.message)));
                 }
                 BackendTag::ParameterStatus => {
                     let (name, value) = parameter_status(frame.body()).map_err(|e| protocol(e.to_string()))?;

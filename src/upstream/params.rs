@@ -100,12 +100,24 @@ impl SessionParams {
 /// The statements that make a server's applied settings equal to a client's wanted ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamDiff {
+    /// The change of client_encoding, to run as a message of its own before `sql`: the
+    /// server decodes a whole message in the encoding it has when the message arrives,
+    /// so a value with non-ASCII text in the client's encoding must come after it. `None`
+    /// when there is no such value (the change, if any, is then in `sql`).
+    pub encoding: Option<String>,
     pub sql: String,
 }
+
+/// Parameters whose new value is merged with the one in place: `DateStyle = iso` keeps
+/// the day order the session had (`ISO, DMY` after `German`). They are reset first, so
+/// that the value means what it meant in the client's startup packet or SET, whatever
+/// an earlier client left on the server.
+const MERGED: &[&str] = &["datestyle"];
 
 impl ParamDiff {
     /// `None` when the server already has exactly what the client wants.
     pub fn between(wanted: &SessionParams, applied: &SessionParams) -> Option<ParamDiff> {
+        let mut encoding = String::new();
         let mut sql = String::new();
         for (name, value, form) in &wanted.entries {
             if applied.entry(name) != Some((value.as_str(), *form)) {
@@ -113,15 +125,46 @@ impl ParamDiff {
                     Form::Literal => quote_literal(value),
                     Form::Sql => value.clone(),
                 };
-                let _ = write!(sql, "SET {} TO {};", quote_name(name), value);
+                let out = if name.eq_ignore_ascii_case("client_encoding") {
+                    &mut encoding
+                } else {
+                    &mut sql
+                };
+                if MERGED.iter().any(|merged| merged.eq_ignore_ascii_case(name)) {
+                    let _ = write!(out, "RESET {};", quote_name(name));
+                }
+                let _ = write!(out, "SET {} TO {};", quote_name(name), value);
             }
         }
         for (name, _) in applied.iter() {
             if wanted.entry(name).is_none() {
-                let _ = write!(sql, "RESET {};", quote_name(name));
+                let out = if name.eq_ignore_ascii_case("client_encoding") {
+                    &mut encoding
+                } else {
+                    &mut sql
+                };
+                let _ = write!(out, "RESET {};", quote_name(name));
             }
         }
-        (!sql.is_empty()).then_some(ParamDiff { sql })
+        if encoding.is_empty() || sql.is_ascii() {
+            encoding.push_str(&sql);
+            return (!encoding.is_empty()).then_some(ParamDiff {
+                encoding: None,
+                sql: encoding,
+            });
+        }
+        Some(ParamDiff {
+            encoding: Some(encoding),
+            sql,
+        })
+    }
+
+    /// The queries to run, in order.
+    pub fn queries(&self) -> impl Iterator<Item = &str> {
+        self.encoding
+            .as_deref()
+            .into_iter()
+            .chain(std::iter::once(self.sql.as_str()))
     }
 }
 
@@ -164,6 +207,48 @@ mod tests {
             "SET \"application_name\" TO $pgrelay$it's$pgrelay$;RESET \"search_path\";"
         );
         assert_eq!(ParamDiff::between(&wanted, &wanted), None);
+    }
+
+    #[test]
+    fn a_datestyle_is_set_over_the_default_not_over_an_earlier_clients() {
+        let wanted = params(&[("DateStyle", "iso")]);
+        let applied = params(&[("DateStyle", "German")]);
+        let diff = ParamDiff::between(&wanted, &applied).unwrap();
+        assert_eq!(
+            diff.sql,
+            "RESET \"DateStyle\";SET \"DateStyle\" TO $pgrelay$iso$pgrelay$;"
+        );
+    }
+
+    #[test]
+    fn a_change_of_encoding_goes_first_and_alone_before_text_it_decodes() {
+        let mut wanted = params(&[("client_encoding", "UTF8")]);
+        wanted.set_sql("app.x", "'café'");
+        let applied = params(&[("client_encoding", "LATIN9")]);
+        let diff = ParamDiff::between(&wanted, &applied).unwrap();
+        assert_eq!(
+            diff.queries().collect::<Vec<_>>(),
+            [
+                "SET \"client_encoding\" TO $pgrelay$UTF8$pgrelay$;",
+                "SET \"app\".\"x\" TO 'café';"
+            ]
+        );
+        // Gone from the client's settings: the reset goes first too.
+        let diff = ParamDiff::between(&params(&[("application_name", "é")]), &applied).unwrap();
+        assert_eq!(
+            diff.queries().collect::<Vec<_>>(),
+            [
+                "RESET \"client_encoding\";",
+                "SET \"application_name\" TO $pgrelay$é$pgrelay$;"
+            ]
+        );
+        // ASCII reads alike in every encoding: one message.
+        let diff = ParamDiff::between(&params(&[("client_encoding", "UTF8"), ("x.y", "z")]), &applied).unwrap();
+        assert_eq!(diff.encoding, None);
+        assert_eq!(
+            diff.sql,
+            "SET \"client_encoding\" TO $pgrelay$UTF8$pgrelay$;SET \"x\".\"y\" TO $pgrelay$z$pgrelay$;"
+        );
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::protocol::TxStatus;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ServerFatal {
     pub sqlstate: String,
-    pub message: String,
+    /// In the session's client encoding, as the server sent it.
+    pub message: crate::error::MessageText,
 }
 
 /// Whether the connection still works, and whether it may be used again.
@@ -261,7 +262,7 @@ mod tests {
     fn fatal() -> ServerFatal {
         ServerFatal {
             sqlstate: "57P01".to_owned(),
-            message: "terminating connection due to administrator command".to_owned(),
+            message: "terminating connection due to administrator command".into(),
         }
     }
 

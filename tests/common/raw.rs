@@ -68,6 +68,52 @@ impl Raw {
         raw
     }
 
+    /// Logs in as `app_trust` to database `app` at `addr` with more startup parameters;
+    /// returns the client and the ParameterStatus values it was greeted with.
+    pub async fn connect_with(addr: &str, params: &[(&str, &str)]) -> (Raw, Vec<(String, String)>) {
+        let mut body = 196_608u32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app_trust\0database\0app\0");
+        for (name, value) in params {
+            cstr(&mut body, name);
+            cstr(&mut body, value);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        let mut raw = Raw {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            input: Vec::new(),
+        };
+        raw.stream.write_all(&packet).await.unwrap();
+        let mut reported = Vec::new();
+        for (tag, body) in raw.messages_until_ready().await {
+            match tag {
+                b'S' => {
+                    let mut parts = body
+                        .split(|&b| b == 0)
+                        .map(|part| String::from_utf8_lossy(part).into_owned());
+                    reported.push((parts.next().unwrap(), parts.next().unwrap()));
+                }
+                b'E' => panic!("login refused: {:?}", String::from_utf8_lossy(&body)),
+                _ => {}
+            }
+        }
+        (raw, reported)
+    }
+
+    /// The messages up to and including the next ReadyForQuery, as (type, body).
+    pub async fn messages_until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut messages = Vec::new();
+        loop {
+            let message = self.next_message().await;
+            let ready = message.0 == b'Z';
+            messages.push(message);
+            if ready {
+                return messages;
+            }
+        }
+    }
+
     pub async fn send(&mut self, messages: &[Vec<u8>]) {
         self.stream.write_all(&messages.concat()).await.unwrap();
     }
@@ -244,4 +290,61 @@ pub fn flush() -> Vec<u8> {
 
 pub fn copy_done() -> Vec<u8> {
     message(b'c', b"")
+}
+
+/// A Query of `sql` as bytes: text in any client encoding.
+pub fn query_bytes(sql: &[u8]) -> Vec<u8> {
+    let mut body = sql.to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
+/// A Parse of `sql` under `name`, both bytes in any client encoding, with no types given.
+pub fn parse_bytes(name: &[u8], sql: &[u8]) -> Vec<u8> {
+    let mut body = name.to_vec();
+    body.push(0);
+    body.extend_from_slice(sql);
+    body.push(0);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    message(b'P', &body)
+}
+
+/// Binds the unnamed portal to statement `name` (bytes) with text parameters.
+pub fn bind_bytes(name: &[u8], params: &[&[u8]]) -> Vec<u8> {
+    let mut body = vec![0];
+    body.extend_from_slice(name);
+    body.push(0);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for param in params {
+        body.extend_from_slice(&(param.len() as i32).to_be_bytes());
+        body.extend_from_slice(param);
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    message(b'B', &body)
+}
+
+/// The values of a DataRow body; `None` is NULL.
+pub fn row_values(body: &[u8]) -> Vec<Option<Vec<u8>>> {
+    let count = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut rest = &body[2..];
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        rest = &rest[4..];
+        if len < 0 {
+            values.push(None);
+        } else {
+            values.push(Some(rest[..len as usize].to_vec()));
+            rest = &rest[len as usize..];
+        }
+    }
+    values
+}
+
+/// A field of an ErrorResponse or NoticeResponse body, as bytes.
+pub fn error_field(body: &[u8], field: u8) -> Option<Vec<u8>> {
+    body.split(|&b| b == 0)
+        .find(|part| part.first() == Some(&field))
+        .map(|part| part[1..].to_vec())
 }

@@ -46,6 +46,11 @@ impl PendingEffects {
         self.effects.extend_from_slice(effects);
     }
 
+    /// Whether an effect not settled yet satisfies `test`.
+    pub fn any(&self, test: impl Fn(&SessionEffect) -> bool) -> bool {
+        self.effects.iter().any(test)
+    }
+
     /// A statement of the client's completed with `tag`.
     pub fn completed(&mut self, tag: &str) {
         self.statement_ended();

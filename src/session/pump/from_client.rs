@@ -16,7 +16,10 @@ use crate::session::prepared::{
 };
 use std::time::Instant;
 
+use super::effects::PendingEffects;
 use crate::metrics::SessionMetrics;
+use crate::route::ClientEncoding;
+use crate::session::carried::{Carried, may_change_encoding};
 use crate::upstream::{Expect, Recipient, ServerConn, Synthetic};
 
 /// What becomes of one client message.
@@ -121,7 +124,12 @@ impl Pump<'_> {
                 self.unit_started.get_or_insert_with(Instant::now);
                 self.hold = self.mode.single_unit;
                 let sql = query_text(body).map_err(malformed)?;
-                if manage && !self.carried.pins.is_pinned() && parse_deallocate(sql) == Some(Deallocate::All) {
+                let encoding = text_encoding(&self.pending, self.carried);
+                if manage
+                    && !self.carried.pins.is_pinned()
+                    && encoding.charset.reads(sql)
+                    && parse_deallocate(sql) == Some(Deallocate::All)
+                {
                     // The client's names are all pgrelay's to drop; the server's statements
                     // serve other clients too, and a client without SQL-level PREPAREs
                     // (those pin it) has nothing else there to deallocate.
@@ -134,6 +142,7 @@ impl Pump<'_> {
                 }
                 if manage
                     && let Some(Deallocate::One(name)) = parse_deallocate(sql)
+                    && encoding.charset.reads(sql)
                     && self.carried.statements.remove(&name)
                 {
                     server
@@ -142,6 +151,7 @@ impl Pump<'_> {
                     return Ok(Disposition::Consumed);
                 }
                 if manage
+                    && encoding.charset.reads(sql)
                     && let Some(execute) = parse_execute(sql)
                     && let Some(statement) = self.carried.statements.get(&execute.name)
                 {
@@ -170,7 +180,7 @@ impl Pump<'_> {
                     return Ok(Disposition::Consumed);
                 }
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
-                let class = self.classifier.classify(sql);
+                let class = self.classifier.classify_text(sql, encoding.charset);
                 if !class.session.is_empty() {
                     self.note_effects(&class.session);
                 }
@@ -186,6 +196,7 @@ impl Pump<'_> {
             FrontendTag::Parse => {
                 server.state.extended_sent();
                 let parse = ParseView::read(body).map_err(malformed)?;
+                let encoding = text_encoding(&self.pending, self.carried);
                 if !manage || parse.name.is_empty() {
                     server.expect.push(
                         Expect::ParseComplete {
@@ -194,7 +205,7 @@ impl Pump<'_> {
                         },
                         Recipient::Client,
                     );
-                    let class = self.classifier.classify(parse.query);
+                    let class = self.classifier.classify_text(parse.query, encoding.charset);
                     if !class.session.is_empty() {
                         self.note_effects(&class.session);
                     }
@@ -219,7 +230,10 @@ impl Pump<'_> {
                 let carried = &mut *self.carried;
                 let search_path = carried.wanted.get("search_path");
                 let epoch = self.schema.epoch();
-                let (statement, definition) = carried.statements.define(&parse, self.classifier, search_path, epoch);
+                let (statement, definition) =
+                    carried
+                        .statements
+                        .define(&parse, self.classifier, search_path, encoding, epoch);
                 let checked = server
                     .statements
                     .contains(&statement.server_name)
@@ -383,6 +397,17 @@ fn refuse(server: &mut ServerConn, error: bytes::Bytes) {
 
 /// A Sync message.
 const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
+
+/// The encoding the client's next text is in: the one its settings name, unless a
+/// statement that may change it has not settled yet (then it is in doubt, and only ASCII
+/// text is read).
+fn text_encoding(pending: &PendingEffects, carried: &Carried) -> ClientEncoding {
+    if pending.any(may_change_encoding) {
+        ClientEncoding::UNKNOWN
+    } else {
+        carried.client_encoding()
+    }
+}
 
 /// COPY messages from the client go to the server while it is in COPY mode or may
 /// still enter it (it owes replies); otherwise they are leftovers of a failed COPY.

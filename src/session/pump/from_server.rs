@@ -6,6 +6,7 @@ use bytes::Buf;
 
 use super::FenceCapture;
 use super::{Pump, PumpExit, move_bytes};
+use crate::error::MessageText;
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
 use crate::protocol::{BackendTag, HEADER_LEN, Header, TxStatus};
 use crate::runtime::StaleStatement;
@@ -22,8 +23,8 @@ const STALE_STATEMENT_CODES: &[&str] = &["0A000", "26000"];
 /// Whether an error answering a Bind shows its statement's plan is stale: one of
 /// STALE_STATEMENT_CODES, or the internal error a plan referring to a type that was
 /// dropped (and maybe created again under a new OID) gets.
-fn shows_stale_statement(code: &str, message: &str) -> bool {
-    STALE_STATEMENT_CODES.contains(&code) || (code == "XX000" && message.starts_with("cache lookup failed for type"))
+fn shows_stale_statement(code: &str, message: &[u8]) -> bool {
+    STALE_STATEMENT_CODES.contains(&code) || (code == "XX000" && message.starts_with(b"cache lookup failed for type"))
 }
 
 /// Whether a command tag is that of a schema change, after which prepared statements'
@@ -183,7 +184,7 @@ impl Pump<'_> {
                     // failed: the messages the server read in COPY mode stay ignored.
                     server.state.server_ended(ServerFatal {
                         sqlstate: fields.code.to_owned(),
-                        message: fields.message.to_owned(),
+                        message: MessageText::from_server(fields.message),
                     });
                     return Ok(false);
                 }
@@ -218,7 +219,7 @@ impl Pump<'_> {
                     if server.expect.is_empty() {
                         return Err(self.server_broke("error outside any request".to_owned()));
                     }
-                    tracing::warn!(server = %server.addr(), sqlstate = fields.code, message = fields.message,
+                    tracing::warn!(server = %server.addr(), sqlstate = fields.code, message = %String::from_utf8_lossy(fields.message),
                         "a statement pgrelay sent on its own failed");
                 }
                 Ok(to_client)
