@@ -302,6 +302,52 @@ async def short_sessions_with_types():
         await conn.close()
 
 
+async def next_notification(received, what):
+    """The next notification the listener got, waiting at most 10 s for it."""
+    try:
+        return await asyncio.wait_for(received.get(), 10)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{what}: no notification within 10 s") from None
+
+
+async def listen_notify():
+    """LISTEN/NOTIFY with add_listener: the listener (pinned to its server in transaction
+    mode) gets each notification while it sends nothing; the sender is another connection."""
+    channel = f"drv_chan_{USER}"
+    listener = await connect()
+    sender = await connect()
+    try:
+        received = asyncio.Queue()
+
+        def on_notification(_conn, _pid, chan, payload):
+            received.put_nowait((chan, payload))
+
+        await listener.add_listener(channel, on_notification)
+        # The first notification right after LISTEN is not lost.
+        await sender.execute(f"NOTIFY {channel}, 'first'")
+        assert await next_notification(received, "the first notification") == (channel, "first")
+        # Fifty committed together reach the listener's server in one batch: all of them
+        # come, in order.
+        await sender.execute(f"SELECT pg_notify('{channel}', 'n' || g) FROM generate_series(1, 50) g")
+        batch = [await next_notification(received, f"notification {g} of 50") for g in range(1, 51)]
+        assert batch == [(channel, f"n{g}") for g in range(1, 51)], batch
+        # Sent from a transaction: delivered when it commits.
+        async with sender.transaction():
+            for k in range(3):
+                await sender.execute(f"NOTIFY {channel}, 'tx{k}'")
+        batch = [await next_notification(received, f"transaction notification {k}") for k in range(3)]
+        assert batch == [(channel, f"tx{k}") for k in range(3)], batch
+        # The listener works as usual in between, and still listens afterwards.
+        assert await listener.fetchval("SELECT pg_listening_channels()") == channel
+        await sender.execute(f"NOTIFY {channel}, 'after a query'")
+        assert await next_notification(received, "after a query") == (channel, "after a query")
+        await listener.remove_listener(channel, on_notification)
+        assert await listener.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+    finally:
+        await listener.close()
+        await sender.close()
+
+
 async def main():
     started = time.monotonic()
     log(f"asyncpg {asyncpg.__version__}, {WORKERS} clients, pool of {POOL_SIZE}")
@@ -314,6 +360,8 @@ async def main():
     log("large values done")
     await short_sessions_with_types()
     log("short sessions with types done")
+    await listen_notify()
+    log("LISTEN/NOTIFY done")
     conn = await connect()
     try:
         await conn.execute(f"DROP TABLE {TABLE}")

@@ -344,6 +344,23 @@ impl<'a> Pump<'a> {
         Poll::Pending
     }
 
+    /// The client is between messages and its kept server sent something of its own
+    /// accord; `read` is what reading it gave. Notifications, notices and parameter
+    /// changes go to the client's output; `Some` when the server is gone (a FATAL, the
+    /// end of the connection) or sent what it owes no one.
+    pub fn kept_server_spoke(mut self, read: std::io::Result<usize>) -> Option<PumpExit> {
+        match read {
+            Ok(0) => return Some(self.server_closed()),
+            Err(source) => return Some(self.server_io_failed(source)),
+            Ok(_) => {}
+        }
+        // Nothing is owed: what is not asynchronous breaks the protocol.
+        if let Err(exit) = self.on_server_input() {
+            return Some(exit);
+        }
+        self.server.state.fatal().is_some().then(|| self.server_closed())
+    }
+
     /// What the client had seen when the server failed.
     fn seen(&self) -> Seen {
         Seen {
