@@ -348,6 +348,45 @@ async def listen_notify():
         await sender.close()
 
 
+async def error_mid_batch():
+    """executemany of rows of 32 KB whose third row violates the primary key: asyncpg
+    watches for the server's error while it is still sending and stops early, as it does
+    on a direct connection (its generator is not drained). asyncpg's own test of this, with
+    128 rows, drains them all now and then even on a direct connection (the socket buffers
+    hold 4 MB): 512 rows, of which it must not pull half, tell early from late."""
+    table = "drv_asyncpg_batch"
+    rows_in_batch = 512
+    pulled = []
+    for attempt in range(3):
+        conn = await connect()
+        try:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+            await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, pad text)")
+            pos = 0
+
+            def rows():
+                nonlocal pos
+                while pos < rows_in_batch:
+                    pos += 1
+                    if pos <= 3:
+                        yield pos % 2, "a"  # rows 1 and 3 share id 1
+                    else:
+                        yield pos, "a" * 32768
+
+            await expect_error(
+                asyncpg.UniqueViolationError,
+                conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)", rows()),
+                "a duplicate in the third row",
+            )
+            pulled.append(pos)
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+            await conn.execute(f"DROP TABLE {table}")
+        finally:
+            await conn.close()
+    log(f"executemany stopped after pulling {pulled} of {rows_in_batch} rows")
+    assert all(pos < rows_in_batch // 2 for pos in pulled), f"the error arrived late: {pulled} rows pulled"
+
+
 async def main():
     started = time.monotonic()
     log(f"asyncpg {asyncpg.__version__}, {WORKERS} clients, pool of {POOL_SIZE}")
@@ -362,6 +401,8 @@ async def main():
     log("short sessions with types done")
     await listen_notify()
     log("LISTEN/NOTIFY done")
+    await error_mid_batch()
+    log("error mid-batch done")
     conn = await connect()
     try:
         await conn.execute(f"DROP TABLE {TABLE}")
