@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::raw::{Raw, bind, close_statement, copy_data, copy_done, execute, flush, parse, query, show, sync};
+use common::raw::{
+    Raw, bind, cancel, close_statement, copy_data, copy_done, copy_fail, execute, flush, parse, query, show, sync,
+};
 use common::{Proxy, config_for, direct, shared_cluster};
 
 const SCHEMA: &str = "proto_edges";
@@ -319,6 +321,153 @@ async fn the_same_text_under_different_search_paths_is_two_statements() {
     assert_eq!(b1, "1 2 C:SELECT 0 Z:I");
     assert_eq!(a2, "2 C:SELECT 0 Z:I");
     proxy.shutdown().await;
+}
+
+/// A client abandons COPY FROM STDIN with CopyFail (its data source failed): the server
+/// answers 57014 "COPY from stdin failed: " with the client's own text, in the simple and
+/// the extended protocol, inside a transaction or not, in both pooling modes, exactly as
+/// on a direct connection; the connection goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_the_client_abandons_fails_with_the_client_s_text() {
+    create_schema().await;
+    let copy = format!("COPY {SCHEMA}.copy_target (a) FROM STDIN");
+    let mut transcripts = Vec::new();
+    for mode in ["direct", "transaction", "session"] {
+        let proxy = match mode {
+            "direct" => None,
+            mode => Some(Proxy::start(&config_for(shared_cluster(), &format!("mode = \"{mode}\"\nsize = 2"))).await),
+        };
+        let addr = proxy
+            .as_ref()
+            .map_or_else(|| shared_cluster().primary().addr(), |proxy| proxy.addr.to_string());
+        let mut client = Raw::connect_to(&addr).await;
+        let mut transcript = Vec::new();
+        // Simple query; the data and CopyFail after CopyInResponse.
+        client.send(&[query(&copy)]).await;
+        assert_eq!(show(&client.replies_until('G').await), "G", "{mode}");
+        client
+            .send(&[copy_data("1\n"), copy_fail("the generator raised")])
+            .await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Simple query, all in one write (asyncpg does not wait for CopyInResponse).
+        client
+            .send(&[query(&copy), copy_data("2\n"), copy_fail("abandoned early")])
+            .await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Extended protocol as libpq does it: Sync before the data (ignored in COPY
+        // mode), Sync after CopyFail.
+        client.send(&[parse("", &copy), bind("", &[]), execute(), sync()]).await;
+        assert_eq!(show(&client.replies_until('G').await), "1 2 G", "{mode}");
+        client.send(&[copy_data("3\n"), copy_fail("libpq style"), sync()]).await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Extended protocol, all in one write.
+        client
+            .send(&[
+                parse("", &copy),
+                bind("", &[]),
+                execute(),
+                copy_data("4\n"),
+                copy_fail("in one go"),
+                sync(),
+            ])
+            .await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Inside a transaction: the transaction is failed until ROLLBACK.
+        client
+            .send(&[
+                query("BEGIN"),
+                query(&copy),
+                copy_data("5\n"),
+                copy_fail("in a transaction"),
+            ])
+            .await;
+        transcript.push(client.transcript_until_ready(2).await);
+        client.send(&[query("SELECT 1"), query("ROLLBACK")]).await;
+        transcript.push(client.transcript_until_ready(2).await);
+        client
+            .send(&[query(&format!(
+                "SELECT count(*) FROM {SCHEMA}.copy_target WHERE a BETWEEN 1 AND 5"
+            ))])
+            .await;
+        transcript.push(show(&client.replies_until_ready(1).await));
+        client.assert_quiet(Duration::from_millis(200)).await;
+        transcripts.push(transcript.join(" | "));
+        if let Some(proxy) = proxy {
+            proxy.shutdown().await;
+        }
+    }
+    let failed = |text: &str, status: char| format!("E:57014:COPY from stdin failed: {text} Z:{status}");
+    let expected = [
+        failed("the generator raised", 'I'),
+        format!("G {}", failed("abandoned early", 'I')),
+        failed("libpq style", 'I'),
+        format!("1 2 G {}", failed("in one go", 'I')),
+        format!("C:BEGIN Z:T G {}", failed("in a transaction", 'E')),
+        "E:25P02:current transaction is aborted, commands ignored until end of transaction block Z:E C:ROLLBACK Z:I"
+            .to_owned(),
+        "T D C:SELECT 1 Z:I".to_owned(),
+    ]
+    .join(" | ");
+    assert_eq!(transcripts[0], expected, "a direct connection");
+    assert_eq!(transcripts[1], expected, "transaction mode");
+    assert_eq!(transcripts[2], expected, "session mode");
+}
+
+/// asyncpg sends a CancelRequest right behind its CopyFail, and runs its next statement
+/// once the cancel connection is closed. PostgreSQL closes it only after it has signalled
+/// the backend, so the signal finds the failed COPY or an idle backend, never the next
+/// statement; pgrelay must not close it before the cancel is delivered either. Here with
+/// the server kept between statements: session mode, and a transaction in transaction
+/// mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_behind_a_copy_fail_never_cancels_the_next_statement() {
+    create_schema().await;
+    let copy = format!("COPY {SCHEMA}.copy_target (a) FROM STDIN");
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(&config_for(shared_cluster(), &format!("mode = \"{mode}\"\nsize = 2"))).await;
+        let addr = proxy.addr.to_string();
+        let (mut client, key) = Raw::connect_keyed(&addr, "").await;
+        let in_transaction = mode == "transaction";
+        for round in 0..5 {
+            if in_transaction {
+                client.send(&[query("BEGIN"), query("SAVEPOINT before_copy")]).await;
+                assert_eq!(
+                    show(&client.replies_until_ready(2).await),
+                    "C:BEGIN Z:T C:SAVEPOINT Z:T"
+                );
+            }
+            client
+                .send(&[query(&copy), copy_data("1\n"), copy_fail("the generator raised")])
+                .await;
+            cancel(&addr, key).await;
+            // The COPY fails with 57014 either way: from the CopyFail, or from the cancel
+            // if that reached the server first, as on a direct connection.
+            let status = if in_transaction { 'E' } else { 'I' };
+            let failed = show(&client.replies_until_ready(1).await);
+            assert_eq!(failed, format!("G E:57014 Z:{status}"), "{mode}, round {round}");
+            let status = if in_transaction { 'T' } else { 'I' };
+            if in_transaction {
+                client.send(&[query("ROLLBACK TO SAVEPOINT before_copy")]).await;
+                let rolled_back = show(&client.replies_until_ready(1).await);
+                assert_eq!(
+                    rolled_back, "C:ROLLBACK Z:T",
+                    "{mode}, round {round}: the next statement"
+                );
+            }
+            client.send(&[query("SELECT pg_sleep(0.1)")]).await;
+            let next = show(&client.replies_until_ready(1).await);
+            assert_eq!(
+                next,
+                format!("T D C:SELECT 1 Z:{status}"),
+                "{mode}, round {round}: the next statement"
+            );
+            if in_transaction {
+                client.send(&[query("ROLLBACK")]).await;
+                assert_eq!(show(&client.replies_until_ready(1).await), "C:ROLLBACK Z:I");
+            }
+        }
+        proxy.shutdown().await;
+    }
 }
 
 /// The server's error reaches the client while the client is still sending the rest of

@@ -387,6 +387,65 @@ async def error_mid_batch():
     assert all(pos < rows_in_batch // 2 for pos in pulled), f"the error arrived late: {pulled} rows pulled"
 
 
+class SourceFailed(Exception):
+    pass
+
+
+async def copy_aborted_by_client():
+    """A COPY whose record generator (or data source) raises: asyncpg sends CopyFail, then
+    a cancel request, and raises the generator's exception. The cancel must not hit the
+    statements that follow, on the same server (in a transaction) or not."""
+    conn = await connect()
+    try:
+
+        def records(base):
+            for k in range(1000):
+                if k == 500:
+                    raise SourceFailed("the record generator failed")
+                yield (base + k, 96, k)
+
+        class FailingSource:
+            def __init__(self):
+                self.chunks = 0
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                self.chunks += 1
+                if self.chunks > 3:
+                    raise SourceFailed("the data source failed")
+                return f"{1_100_000 + self.chunks}\t96\t0\n".encode()
+
+        columns = ["id", "worker", "val"]
+        for round_ in range(5):
+            await expect_error(
+                SourceFailed,
+                conn.copy_records_to_table(TABLE, records=records(1_000_000), columns=columns),
+                "a generator that raises",
+            )
+            assert await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+            await expect_error(
+                SourceFailed,
+                conn.copy_to_table(TABLE, source=FailingSource(), columns=columns),
+                "a source that raises",
+            )
+            assert await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+            # In a transaction, as a savepoint that rolls back: the server stays the same.
+            async with conn.transaction():
+                await conn.execute(INSERT, 1_200_000 + round_, 96, 0)
+
+                async def in_savepoint():
+                    async with conn.transaction():
+                        await conn.copy_records_to_table(TABLE, records=records(1_300_000), columns=columns)
+
+                await expect_error(SourceFailed, in_savepoint(), "a generator that raises in a savepoint")
+                assert await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+        assert await conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE worker = 96") == 5
+    finally:
+        await conn.close()
+
+
 async def main():
     started = time.monotonic()
     log(f"asyncpg {asyncpg.__version__}, {WORKERS} clients, pool of {POOL_SIZE}")
@@ -403,6 +462,8 @@ async def main():
     log("LISTEN/NOTIFY done")
     await error_mid_batch()
     log("error mid-batch done")
+    await copy_aborted_by_client()
+    log("COPY aborted by the client done")
     conn = await connect()
     try:
         await conn.execute(f"DROP TABLE {TABLE}")

@@ -324,6 +324,36 @@ def listen_notify():
         assert one(listener, "SELECT count(*) FROM pg_listening_channels()") == 0
 
 
+class SourceFailed(Exception):
+    pass
+
+
+def copy_aborted_by_client():
+    """An exception inside `with cur.copy(...)`: psycopg ends the COPY with CopyFail and
+    its own message, expects the server's 57014 for it, and re-raises the exception; the
+    connection goes on working, and a transaction is failed until it rolls back."""
+
+    def aborted(conn, base):
+        with conn.cursor() as cur, cur.copy(f"COPY {TABLE} (id, worker, val) FROM STDIN") as copy:
+            copy.write_row((base, 96, 0))
+            copy.write(f"{base + 1}\t96\t1\n".encode())
+            raise SourceFailed("the data source failed")
+
+    with connect() as conn:
+        for round_ in range(3):
+            expect_error(SourceFailed, lambda: aborted(conn, 1_000_000 + 10 * round_), "an exception in copy")
+            assert one(conn, "SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+        assert one(conn, f"SELECT count(*) FROM {TABLE} WHERE worker = 96") == 0
+    with connect(autocommit=False) as conn:
+        conn.execute(INSERT, (1_100_000, 96, 0))
+        expect_error(SourceFailed, lambda: aborted(conn, 1_100_001), "an exception in copy in a transaction")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.rollback()
+        assert value_of(conn, 1_100_000) is None
+        assert one(conn, "SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+        conn.commit()
+
+
 def main():
     started = time.monotonic()
     log(f"psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}), {WORKERS} clients, pool of {POOL_SIZE}")
@@ -334,6 +364,8 @@ def main():
     log("pipeline checks done")
     listen_notify()
     log("LISTEN/NOTIFY done")
+    copy_aborted_by_client()
+    log("COPY aborted by the client done")
     with connect() as conn:
         conn.execute(f"DROP TABLE {TABLE}")
         conn.execute(f"DROP TABLE {SCHEMA}.whereami")
