@@ -4,7 +4,11 @@
 //! A cancel is forwarded only while the client is attached to a server, and the server
 //! is not handed to anyone else until every cancel sent to it has been delivered: a
 //! late cancel can therefore never hit another client's query. A cancel that arrives
-//! while the client waits for a server ends the wait instead.
+//! while the client waits for a server ends the wait instead. The client's cancel
+//! connection is closed only once the cancel has been delivered, as PostgreSQL closes it
+//! only once it has signalled the backend: a client that waits for that before its next
+//! statement (asyncpg does, after the CopyFail of an aborted COPY) never has that
+//! statement cancelled instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,9 +76,10 @@ impl CancelRegistry {
         }
     }
 
-    /// Handles a CancelRequest received on its own connection. Unknown keys are ignored
-    /// silently, as PostgreSQL does, so keys cannot be probed.
-    pub fn cancel(&self, key: &CancelKey) {
+    /// Handles a CancelRequest received on its own connection, returning once it has
+    /// been delivered (or given up on). Unknown keys are ignored silently, as PostgreSQL
+    /// does, so keys cannot be probed.
+    pub async fn cancel(&self, key: &CancelKey) {
         let Some(slot) = self.slots.get(&key.process_id).map(|slot| slot.clone()) else {
             return;
         };
@@ -92,13 +97,15 @@ impl CancelRegistry {
         // Counted before the target can be detached, so the server stays with this
         // client until delivery is over.
         slot.in_flight.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        // A task of its own: the count goes down even if the client hangs up first.
+        let delivery = tokio::spawn(async move {
             if let Err(error) = tokio::time::timeout(DELIVERY_TIMEOUT, deliver(&target)).await {
                 tracing::warn!(server = %target.addr, %error, "cancel request was not delivered in time");
             }
             slot.in_flight.fetch_sub(1, Ordering::AcqRel);
             slot.delivered.notify_waiters();
         });
+        let _ = delivery.await;
     }
 }
 
@@ -225,9 +232,9 @@ mod tests {
         };
         let waiting = handle.cancelled_while_waiting();
         tokio::pin!(waiting);
-        registry.cancel(&wrong);
+        registry.cancel(&wrong).await;
         assert!(futures_poll_once(waiting.as_mut()).await.is_none());
-        registry.cancel(&right);
+        registry.cancel(&right).await;
         tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap();
     }
 

@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::raw::{Raw, bind, close_statement, copy_data, copy_done, execute, parse, query, show, sync};
+use common::raw::{
+    Raw, bind, cancel, close_statement, copy_data, copy_done, copy_fail, execute, flush, parse, query, show, sync,
+};
 use common::{Proxy, config_for, direct, shared_cluster};
 
 const SCHEMA: &str = "proto_edges";
@@ -319,4 +321,287 @@ async fn the_same_text_under_different_search_paths_is_two_statements() {
     assert_eq!(b1, "1 2 C:SELECT 0 Z:I");
     assert_eq!(a2, "2 C:SELECT 0 Z:I");
     proxy.shutdown().await;
+}
+
+/// A client abandons COPY FROM STDIN with CopyFail (its data source failed): the server
+/// answers 57014 "COPY from stdin failed: " with the client's own text, in the simple and
+/// the extended protocol, inside a transaction or not, in both pooling modes, exactly as
+/// on a direct connection; the connection goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_the_client_abandons_fails_with_the_client_s_text() {
+    create_schema().await;
+    let copy = format!("COPY {SCHEMA}.copy_target (a) FROM STDIN");
+    let mut transcripts = Vec::new();
+    for mode in ["direct", "transaction", "session"] {
+        let proxy = match mode {
+            "direct" => None,
+            mode => Some(Proxy::start(&config_for(shared_cluster(), &format!("mode = \"{mode}\"\nsize = 2"))).await),
+        };
+        let addr = proxy
+            .as_ref()
+            .map_or_else(|| shared_cluster().primary().addr(), |proxy| proxy.addr.to_string());
+        let mut client = Raw::connect_to(&addr).await;
+        let mut transcript = Vec::new();
+        // Simple query; the data and CopyFail after CopyInResponse.
+        client.send(&[query(&copy)]).await;
+        assert_eq!(show(&client.replies_until('G').await), "G", "{mode}");
+        client
+            .send(&[copy_data("1\n"), copy_fail("the generator raised")])
+            .await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Simple query, all in one write (asyncpg does not wait for CopyInResponse).
+        client
+            .send(&[query(&copy), copy_data("2\n"), copy_fail("abandoned early")])
+            .await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Extended protocol as libpq does it: Sync before the data (ignored in COPY
+        // mode), Sync after CopyFail.
+        client.send(&[parse("", &copy), bind("", &[]), execute(), sync()]).await;
+        assert_eq!(show(&client.replies_until('G').await), "1 2 G", "{mode}");
+        client.send(&[copy_data("3\n"), copy_fail("libpq style"), sync()]).await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Extended protocol, all in one write.
+        client
+            .send(&[
+                parse("", &copy),
+                bind("", &[]),
+                execute(),
+                copy_data("4\n"),
+                copy_fail("in one go"),
+                sync(),
+            ])
+            .await;
+        transcript.push(client.transcript_until_ready(1).await);
+        // Inside a transaction: the transaction is failed until ROLLBACK.
+        client
+            .send(&[
+                query("BEGIN"),
+                query(&copy),
+                copy_data("5\n"),
+                copy_fail("in a transaction"),
+            ])
+            .await;
+        transcript.push(client.transcript_until_ready(2).await);
+        client.send(&[query("SELECT 1"), query("ROLLBACK")]).await;
+        transcript.push(client.transcript_until_ready(2).await);
+        client
+            .send(&[query(&format!(
+                "SELECT count(*) FROM {SCHEMA}.copy_target WHERE a BETWEEN 1 AND 5"
+            ))])
+            .await;
+        transcript.push(show(&client.replies_until_ready(1).await));
+        client.assert_quiet(Duration::from_millis(200)).await;
+        transcripts.push(transcript.join(" | "));
+        if let Some(proxy) = proxy {
+            proxy.shutdown().await;
+        }
+    }
+    let failed = |text: &str, status: char| format!("E:57014:COPY from stdin failed: {text} Z:{status}");
+    let expected = [
+        failed("the generator raised", 'I'),
+        format!("G {}", failed("abandoned early", 'I')),
+        failed("libpq style", 'I'),
+        format!("1 2 G {}", failed("in one go", 'I')),
+        format!("C:BEGIN Z:T G {}", failed("in a transaction", 'E')),
+        "E:25P02:current transaction is aborted, commands ignored until end of transaction block Z:E C:ROLLBACK Z:I"
+            .to_owned(),
+        "T D C:SELECT 1 Z:I".to_owned(),
+    ]
+    .join(" | ");
+    assert_eq!(transcripts[0], expected, "a direct connection");
+    assert_eq!(transcripts[1], expected, "transaction mode");
+    assert_eq!(transcripts[2], expected, "session mode");
+}
+
+/// asyncpg sends a CancelRequest right behind its CopyFail, and runs its next statement
+/// once the cancel connection is closed. PostgreSQL closes it only after it has signalled
+/// the backend, so the signal finds the failed COPY or an idle backend, never the next
+/// statement; pgrelay must not close it before the cancel is delivered either. Here with
+/// the server kept between statements: session mode, and a transaction in transaction
+/// mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_behind_a_copy_fail_never_cancels_the_next_statement() {
+    create_schema().await;
+    let copy = format!("COPY {SCHEMA}.copy_target (a) FROM STDIN");
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(&config_for(shared_cluster(), &format!("mode = \"{mode}\"\nsize = 2"))).await;
+        let addr = proxy.addr.to_string();
+        let (mut client, key) = Raw::connect_keyed(&addr, "").await;
+        let in_transaction = mode == "transaction";
+        for round in 0..5 {
+            if in_transaction {
+                client.send(&[query("BEGIN"), query("SAVEPOINT before_copy")]).await;
+                assert_eq!(
+                    show(&client.replies_until_ready(2).await),
+                    "C:BEGIN Z:T C:SAVEPOINT Z:T"
+                );
+            }
+            client
+                .send(&[query(&copy), copy_data("1\n"), copy_fail("the generator raised")])
+                .await;
+            cancel(&addr, key).await;
+            // The COPY fails with 57014 either way: from the CopyFail, or from the cancel
+            // if that reached the server first (before CopyInResponse, even), as on a
+            // direct connection.
+            let status = if in_transaction { 'E' } else { 'I' };
+            let failed = show(&client.replies_until_ready(1).await);
+            let failed = failed.strip_prefix("G ").unwrap_or(&failed);
+            assert_eq!(failed, format!("E:57014 Z:{status}"), "{mode}, round {round}");
+            let status = if in_transaction { 'T' } else { 'I' };
+            if in_transaction {
+                client.send(&[query("ROLLBACK TO SAVEPOINT before_copy")]).await;
+                let rolled_back = show(&client.replies_until_ready(1).await);
+                assert_eq!(
+                    rolled_back, "C:ROLLBACK Z:T",
+                    "{mode}, round {round}: the next statement"
+                );
+            }
+            client.send(&[query("SELECT pg_sleep(0.1)")]).await;
+            let next = show(&client.replies_until_ready(1).await);
+            assert_eq!(
+                next,
+                format!("T D C:SELECT 1 Z:{status}"),
+                "{mode}, round {round}: the next statement"
+            );
+            if in_transaction {
+                client.send(&[query("ROLLBACK")]).await;
+                assert_eq!(show(&client.replies_until_ready(1).await), "C:ROLLBACK Z:I");
+            }
+        }
+        proxy.shutdown().await;
+    }
+}
+
+/// The server's error reaches the client while the client is still sending the rest of
+/// its batch, as on a direct connection, so that a client that watches for it can stop
+/// early (asyncpg's executemany does). The client sends a statement that fails after a
+/// moment, then keeps sending (Flush messages, faster than pgrelay can take them) and
+/// stops when a reply arrives. pgrelay's worker looks at its sockets only when it runs
+/// out of work (what a busy worker does), and a relay in front of the server takes
+/// everything at once, so the server never makes pgrelay wait: pgrelay must still read
+/// the server's socket while the client's input keeps coming. The client and the relay
+/// are plain threads, so that nothing on their side pauses the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reaches_the_client_while_it_is_still_sending_its_batch() {
+    /// Bytes the client gives up after: far more than the kernel and pgrelay buffer.
+    const CAP: usize = 256 << 20;
+    let relay = relay(&shared_cluster().primary().addr());
+    let config = config_for(shared_cluster(), "mode = \"transaction\"\nsize = 1")
+        .replace(&shared_cluster().primary().addr(), &relay);
+    let proxy = Proxy::start_busy(&config).await;
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let client = Raw::connect_to(&proxy.addr.to_string()).await;
+        let stream = client.stream.into_std().unwrap();
+        sent.push(
+            tokio::task::spawn_blocking(move || sent_before_the_error(stream, CAP))
+                .await
+                .unwrap(),
+        );
+    }
+    println!("bytes sent before the error arrived: {sent:?}");
+    assert!(
+        sent.iter().all(|&sent| sent < CAP),
+        "the error arrived only after the whole batch: {sent:?} bytes"
+    );
+    proxy.shutdown().await;
+}
+
+/// Sends a statement that fails after a moment, then Flush messages, 64 KB at a time,
+/// until a reply arrives or `cap` bytes went out, then the batch's Sync; returns the bytes
+/// sent before the reply.
+fn sent_before_the_error(stream: std::net::TcpStream, cap: usize) -> usize {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    stream.set_nonblocking(false).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = stream;
+    let statement = [
+        parse("", "SELECT pg_sleep(0.2), 1 / (random() * 0)::int"),
+        bind("", &[]),
+        execute(),
+    ]
+    .concat();
+    writer.write_all(&statement).unwrap();
+    let replied = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writing = std::thread::spawn({
+        let (replied, sent) = (replied.clone(), sent.clone());
+        move || {
+            let flushes = flush().repeat(64 * 1024 / flush().len());
+            while !replied.load(Ordering::Acquire) && sent.load(Ordering::Acquire) < cap {
+                writer.write_all(&flushes).unwrap();
+                sent.fetch_add(flushes.len(), Ordering::AcqRel);
+            }
+            writer.write_all(&sync()).unwrap();
+        }
+    });
+    reader.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut input = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let read = reader.read(&mut buf).expect("a reply within 60 s");
+    let sent_before = sent.load(Ordering::Acquire);
+    replied.store(true, Ordering::Release);
+    input.extend_from_slice(&buf[..read]);
+    writing.join().unwrap();
+    let mut replies = Vec::new();
+    loop {
+        while input.len() >= 5 {
+            let len = u32::from_be_bytes([input[1], input[2], input[3], input[4]]) as usize;
+            if input.len() <= len {
+                break;
+            }
+            let message: Vec<u8> = input.drain(..=len).collect();
+            replies.push(common::raw::parse_reply(&message));
+        }
+        if replies.last() == Some(&common::raw::Reply::Ready('I')) {
+            break;
+        }
+        let read = reader.read(&mut buf).expect("a reply within 60 s");
+        assert!(read > 0, "the connection closed");
+        input.extend_from_slice(&buf[..read]);
+    }
+    assert_eq!(show(&replies), "1 2 E:22012 Z:I");
+    sent_before
+}
+
+/// A TCP relay in front of `server` that reads whatever comes at once, so that the
+/// server's own pace never holds its client back; returns its address. Plain threads:
+/// it lives as long as the test binary.
+fn relay(server: &str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = server.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let (Ok(mut client), Ok(mut upstream)) = (client, std::net::TcpStream::connect(&server)) else {
+                continue;
+            };
+            let (Ok(mut client_out), Ok(mut upstream_in)) = (client.try_clone(), upstream.try_clone()) else {
+                continue;
+            };
+            let (queue, queued) = std::sync::mpsc::channel::<Vec<u8>>();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client.read(&mut buf) {
+                    if queue.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                for bytes in queued {
+                    if upstream.write_all(&bytes).is_err() {
+                        break;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut upstream_in, &mut client_out);
+            });
+        }
+    });
+    addr
 }

@@ -365,3 +365,88 @@ async fn settings_of_transactions_that_partly_committed_stay_with_their_client()
     .await;
     proxy.shutdown().await;
 }
+
+/// A NotificationResponse body: the channel and the payload.
+fn notification(tag: u8, body: &[u8]) -> (String, String) {
+    assert_eq!(tag, b'A', "expected a notification, got {:?}", tag as char);
+    let mut fields = body[4..]
+        .split(|&b| b == 0)
+        .map(|text| String::from_utf8_lossy(text).into_owned());
+    (fields.next().unwrap_or_default(), fields.next().unwrap_or_default())
+}
+
+/// A client that LISTENs keeps its server (it is pinned) and hears every notification as
+/// soon as the server sends it, while it sends nothing itself, as on a direct connection:
+/// the first one after LISTEN, and each of a batch that arrives at once. When that server
+/// ends the session, the client is told at once too, not at its next statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_client_hears_notifications_and_its_server_s_end_while_idle() {
+    let cluster = shared_cluster();
+    let admin = common::direct(&cluster.primary().addr(), "app").await;
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&config_for(cluster, &format!("mode = \"{mode}\"\nsize = 2"))).await;
+        let name = format!("raw_listener_{mode}");
+        let channel = format!("raw_channel_{mode}");
+        let mut listener = common::raw::Raw::connect_named(&proxy.addr.to_string(), &name).await;
+        listener.send(&[common::raw::query(&format!("LISTEN {channel}"))]).await;
+        assert_eq!(
+            common::raw::show(&listener.replies_until_ready(1).await),
+            "C:LISTEN Z:I",
+            "{mode}"
+        );
+        let sender = proxy.app().await;
+
+        sender
+            .batch_execute(&format!("NOTIFY {channel}, 'first'"))
+            .await
+            .unwrap();
+        let (tag, body) = listener.next_message().await;
+        assert_eq!(
+            notification(tag, &body),
+            (channel.clone(), "first".to_owned()),
+            "{mode}"
+        );
+
+        // Fifty notifications committed together reach the server's socket in one go.
+        sender
+            .batch_execute(&format!(
+                "SELECT pg_notify('{channel}', 'n' || g) FROM generate_series(1, 50) g"
+            ))
+            .await
+            .unwrap();
+        for expected in 1..=50 {
+            let (tag, body) = listener.next_message().await;
+            assert_eq!(notification(tag, &body).1, format!("n{expected}"), "{mode}");
+        }
+
+        // Still usable, and still on the same server.
+        listener.send(&[common::raw::query("SELECT 1")]).await;
+        assert_eq!(
+            common::raw::show(&listener.replies_until_ready(1).await),
+            "T D C:SELECT 1 Z:I",
+            "{mode}"
+        );
+
+        // Its server is terminated while it idles: the FATAL arrives at once, and the
+        // connection closes, as on a direct connection.
+        let ended = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ended.len(), 1, "{mode}: the listener's server connection");
+        let (tag, body) = listener.next_message().await;
+        let reply = common::raw::parse_reply(&[&[tag, 0, 0, 0, 0][..], &body].concat());
+        assert_eq!(reply, common::raw::Reply::Error("57P01".to_owned()), "{mode}");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            use tokio::io::AsyncReadExt;
+            listener.stream.read_to_end(&mut rest).await
+        })
+        .await;
+        assert!(matches!(closed, Ok(Ok(0))), "{mode}: {closed:?} {rest:?}");
+        proxy.shutdown().await;
+    }
+}

@@ -119,7 +119,7 @@ async fn start(
         })?;
     let (minor_version, params) = match opening {
         Opening::Cancel(key) => {
-            shared.cancel.cancel(&key);
+            shared.cancel.cancel(&key).await;
             return Ok(None);
         }
         Opening::Session { minor_version, params } => (minor_version, params),

@@ -2,6 +2,8 @@
 //! server for it (per transaction, per statement, or once for the whole session),
 //! forward until the server is idle again, and give the server back.
 
+mod wait;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use crate::metrics::{
 use crate::net::ClientConn;
 use crate::pool::Checkout;
 use crate::protocol::compose::{self, Severity};
-use crate::protocol::{FrontendTag, Header, ProtocolError, TxStatus};
+use crate::protocol::{FrontendTag, TxStatus};
 use crate::registry::{ClientRegistration, LinkState};
 use crate::route::PinReason;
 use crate::router::{self, Decision, Reason, Target};
@@ -268,16 +270,7 @@ impl Session {
         }
         let mut server = self.server.take()?;
         self.prepare(&mut server);
-        let mode = PumpMode {
-            statement_mode: self.database.mode() == PoolMode::Statement,
-            manage_statements: self.database.mode() != PoolMode::Session,
-            max_prepared_statements: self.database.pool.max_prepared_statements,
-            max_client_prepared_statements: self.database.pool.max_client_prepared_statements,
-            single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
-            role: if self.on_replica { Role::Replica } else { Role::Primary },
-            idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
-            query_timeout: self.database.pool.query_timeout,
-        };
+        let mode = self.pump_mode();
         // Fences only matter where reads may go to a replica.
         let routing = &self.database.routing;
         let capture_fences = routing.consistency != Consistency::Eventual
@@ -306,65 +299,17 @@ impl Session {
         self.after_pump(client, server, exit, rerun).await
     }
 
-    /// Waits until the input holds a whole message and returns its type.
-    async fn next_message(&mut self, client: &mut ClientConn) -> Result<FrontendTag, End> {
-        loop {
-            match Header::peek(&client.inbuf) {
-                Err(error) => return Err(End::ClientBroke(ClientError::protocol_violation(error.to_string()))),
-                Ok(Some(header)) => {
-                    if header.len > client.max_message {
-                        let error = ProtocolError::TooLarge {
-                            tag: header.tag,
-                            len: header.len,
-                            limit: client.max_message,
-                        };
-                        return Err(End::ClientBroke(ClientError::protocol_violation(format!(
-                            "{error} (max_message_size)"
-                        ))));
-                    }
-                    let Some(tag) = FrontendTag::from_byte(header.tag) else {
-                        let error = ProtocolError::UnexpectedTag(header.tag);
-                        return Err(End::ClientBroke(ClientError::protocol_violation(error.to_string())));
-                    };
-                    if client.inbuf.len() >= header.len {
-                        return Ok(tag);
-                    }
-                    // Wait for the whole message, even with a server attached: between
-                    // batches the server is in no COPY, so the pump would not stream it
-                    // either, and handing it a partial message made it return at once
-                    // (its server idle) into this loop, which then never read again.
-                    // Room for all of it is made once, so no byte is copied twice.
-                    client.inbuf.reserve(header.len - client.inbuf.len());
-                }
-                Ok(None) => {}
-            }
-            if client.inbuf.is_empty() {
-                self.wait_readable(client).await?;
-            }
-            match client.read_more().await {
-                Ok(0) | Err(_) => return Err(End::ClientLeft),
-                Ok(_) => {}
-            }
-        }
-    }
-
-    /// Waits, holding no buffer, until the client sends something; ends the session on
-    /// client_idle_timeout or when pgrelay shuts down.
-    async fn wait_readable(&mut self, client: &ClientConn) -> Result<(), End> {
-        let idle_limit = async {
-            match self.idle_timeout {
-                Some(limit) => {
-                    tokio::time::sleep(limit).await;
-                    limit
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let shutting_down = self.shutting_down.wait_for(|stopping| *stopping);
-        tokio::select! {
-            readable = client.stream.readable() => readable.map_err(|_| End::ClientLeft),
-            limit = idle_limit => Err(End::IdleTimeout(limit)),
-            _ = shutting_down => Err(End::Shutdown),
+    /// How the pump treats the attached server.
+    fn pump_mode(&self) -> PumpMode {
+        PumpMode {
+            statement_mode: self.database.mode() == PoolMode::Statement,
+            manage_statements: self.database.mode() != PoolMode::Session,
+            max_prepared_statements: self.database.pool.max_prepared_statements,
+            max_client_prepared_statements: self.database.pool.max_client_prepared_statements,
+            single_unit: self.on_replica && self.database.mode() != PoolMode::Session,
+            role: if self.on_replica { Role::Replica } else { Role::Primary },
+            idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
+            query_timeout: self.database.pool.query_timeout,
         }
     }
 

@@ -273,9 +273,12 @@ impl ResponseQueue {
 
     /// Matches one server message against the head of the queue and advances it.
     ///
-    /// Asynchronous messages (notices, notifications, parameter changes) may come at
-    /// any time and go to whoever the head entry belongs to, or to the client when
-    /// nothing is owed.
+    /// Asynchronous messages may come at any time. Notices and parameter changes go to
+    /// whoever the head entry belongs to, or to the client when nothing is owed: a notice
+    /// about one of pgrelay's own statements is pgrelay's. Notifications always go to the
+    /// client: only its LISTEN can have asked for them, and the server sends those that
+    /// arrived during a transaction right before its ReadyForQuery, which may be the
+    /// answer to pgrelay's own query (the settings, the fence).
     pub fn on_message(&mut self, tag: BackendTag) -> Result<Routing, OutOfOrder> {
         let recipient = self
             .entries
@@ -288,10 +291,10 @@ impl ResponseQueue {
                 ..Routing::default()
             })
         };
-        if matches!(
-            tag,
-            BackendTag::NoticeResponse | BackendTag::NotificationResponse | BackendTag::ParameterStatus
-        ) {
+        if tag == BackendTag::NotificationResponse {
+            return Ok(Routing::default());
+        }
+        if matches!(tag, BackendTag::NoticeResponse | BackendTag::ParameterStatus) {
             return routing(false);
         }
         if tag == BackendTag::ReadyForQuery && self.uncertain_readies > 0 && !self.head_takes_ready() {
@@ -731,6 +734,20 @@ mod tests {
         assert_eq!(routing.skipped_statements, vec![evicted, name]);
         assert_eq!(routing.skipped_definitions, vec![7]);
         assert!(!q.skipping_to_sync());
+    }
+
+    #[test]
+    fn notifications_go_to_the_client_whoever_owns_the_head() {
+        let mut q = queue(&[(Expect::ResultsUntilReady, Recipient::Pgrelay)]);
+        assert_eq!(q.on_message(B::NoticeResponse).unwrap().recipient, Recipient::Pgrelay);
+        assert_eq!(q.on_message(B::ParameterStatus).unwrap().recipient, Recipient::Pgrelay);
+        assert_eq!(
+            q.on_message(B::NotificationResponse).unwrap().recipient,
+            Recipient::Client
+        );
+        // Nothing of pgrelay's reply was consumed.
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -16,6 +16,22 @@ pub enum ServerStream {
 }
 
 impl ServerStream {
+    /// Waits until the socket has something to read, without a buffer to read it into.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            ServerStream::Tcp(tcp) => tcp.readable().await,
+            ServerStream::Tls(tls) => {
+                let (tcp, connection) = tls.get_ref();
+                // Decrypted bytes the last read did not take, or a close_notify, are
+                // readable now; the socket may never become readable again for them.
+                if !connection.wants_read() {
+                    return Ok(());
+                }
+                tcp.readable().await
+            }
+        }
+    }
+
     /// True unless the peer has closed or reset the socket. Never waits.
     pub fn probe_alive(&mut self) -> bool {
         match self {

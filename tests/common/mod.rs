@@ -120,12 +120,26 @@ impl Proxy {
     /// `pgrelay run`: should pgrelay stall a worker, the test's own runtime goes on, so
     /// the test fails by its timeouts instead of hanging with it.
     pub async fn start_isolated(config: &str, workers: usize) -> Proxy {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.worker_threads(workers);
+        Proxy::start_on(config, runtime).await
+    }
+
+    /// Like [`Proxy::start_isolated`] with one worker thread that looks at its sockets
+    /// only when it has no task to run. A worker with tasks always waiting does that
+    /// only every few dozen tasks, at a time that depends on them: this makes it certain.
+    pub async fn start_busy(config: &str) -> Proxy {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.worker_threads(1).event_interval(u32::MAX);
+        Proxy::start_on(config, runtime).await
+    }
+
+    async fn start_on(config: &str, mut runtime: tokio::runtime::Builder) -> Proxy {
         init_test_log();
         let text = format!("{}\n", config.replace("LISTEN", "127.0.0.1:0"));
         let config =
             pgrelay::config::parse(&text).unwrap_or_else(|errors| panic!("test config invalid:\n{errors}\n{text}"));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
+        let runtime = runtime
             .thread_name("pgrelay-test-worker")
             .enable_all()
             .build()

@@ -50,6 +50,11 @@ impl Raw {
     /// Logs in as `app_trust` to database `app` with `application_name` (unless empty), by
     /// which the test can find the server connection it gets in pg_stat_activity.
     pub async fn connect_named(addr: &str, application_name: &str) -> Raw {
+        Raw::connect_keyed(addr, application_name).await.0
+    }
+
+    /// [`Raw::connect_named`], with the cancel key the login gave (BackendKeyData).
+    pub async fn connect_keyed(addr: &str, application_name: &str) -> (Raw, CancelKey) {
         let mut body = 196_608u32.to_be_bytes().to_vec();
         body.extend_from_slice(b"user\0app_trust\0database\0app\0");
         if !application_name.is_empty() {
@@ -63,9 +68,42 @@ impl Raw {
             input: Vec::new(),
         };
         raw.stream.write_all(&packet).await.unwrap();
-        let login = raw.replies_until_ready(1).await;
+        let mut key = None;
+        let mut login = Vec::new();
+        loop {
+            let (tag, body) = raw.next_message().await;
+            if tag == b'K' && body.len() == 8 {
+                key = Some(CancelKey {
+                    process_id: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    secret: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                });
+            }
+            login.push(parse_reply(&[&[tag, 0, 0, 0, 0][..], &body].concat()));
+            if tag == b'Z' {
+                break;
+            }
+        }
         assert_eq!(login.last(), Some(&Reply::Ready('I')), "{}", show(&login));
-        raw
+        (raw, key.expect("BackendKeyData"))
+    }
+
+    /// Replies until the `count`-th ReadyForQuery, as [`show`] gives them but with each
+    /// error's message: `G E:57014:COPY from stdin failed: why Z:I`.
+    pub async fn transcript_until_ready(&mut self, count: usize) -> String {
+        let mut parts = Vec::new();
+        let mut seen = 0;
+        while seen < count {
+            let (tag, body) = self.next_message().await;
+            let whole = [&[tag, 0, 0, 0, 0][..], &body].concat();
+            match parse_reply(&whole) {
+                Reply::Error(code) => parts.push(format!("E:{code}:{}", error_message(&body))),
+                reply => {
+                    seen += usize::from(matches!(reply, Reply::Ready(_)));
+                    parts.push(show(&[reply]));
+                }
+            }
+        }
+        parts.join(" ")
     }
 
     /// Logs in as `app_trust` to database `app` at `addr` with more startup parameters;
@@ -205,6 +243,38 @@ impl Raw {
             self.input.extend_from_slice(&chunk[..read]);
         }
     }
+}
+
+/// A backend's cancel key, as BackendKeyData gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelKey {
+    pub process_id: u32,
+    pub secret: u32,
+}
+
+/// Sends a CancelRequest for `key` to `addr` and returns once the other side has closed
+/// the connection: PostgreSQL closes it after it has signalled the backend.
+pub async fn cancel(addr: &str, key: CancelKey) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut packet = 16u32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+    packet.extend_from_slice(&key.process_id.to_be_bytes());
+    packet.extend_from_slice(&key.secret.to_be_bytes());
+    stream.write_all(&packet).await.unwrap();
+    let mut sink = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while stream.read(&mut sink).await.unwrap_or(0) > 0 {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the cancel connection was not closed within 10 s");
+}
+
+/// The message (field M) of an ErrorResponse or NoticeResponse body.
+pub fn error_message(body: &[u8]) -> String {
+    body.split(|&b| b == 0)
+        .find_map(|field| field.strip_prefix(b"M"))
+        .map(|text| String::from_utf8_lossy(text).into_owned())
+        .unwrap_or_default()
 }
 
 pub fn parse_reply(message: &[u8]) -> Reply {
@@ -347,4 +417,11 @@ pub fn error_field(body: &[u8], field: u8) -> Option<Vec<u8>> {
     body.split(|&b| b == 0)
         .find(|part| part.first() == Some(&field))
         .map(|part| part[1..].to_vec())
+}
+
+/// CopyFail: the client abandons COPY FROM STDIN, giving `reason`.
+pub fn copy_fail(reason: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, reason);
+    message(b'f', &body)
 }

@@ -302,6 +302,153 @@ async def short_sessions_with_types():
         await conn.close()
 
 
+async def next_notification(received, what):
+    """The next notification the listener got, waiting at most 10 s for it."""
+    try:
+        return await asyncio.wait_for(received.get(), 10)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{what}: no notification within 10 s") from None
+
+
+async def listen_notify():
+    """LISTEN/NOTIFY with add_listener: the listener (pinned to its server in transaction
+    mode) gets each notification while it sends nothing; the sender is another connection."""
+    channel = f"drv_chan_{USER}"
+    listener = await connect()
+    sender = await connect()
+    try:
+        received = asyncio.Queue()
+
+        def on_notification(_conn, _pid, chan, payload):
+            received.put_nowait((chan, payload))
+
+        await listener.add_listener(channel, on_notification)
+        # The first notification right after LISTEN is not lost.
+        await sender.execute(f"NOTIFY {channel}, 'first'")
+        assert await next_notification(received, "the first notification") == (channel, "first")
+        # Fifty committed together reach the listener's server in one batch: all of them
+        # come, in order.
+        await sender.execute(f"SELECT pg_notify('{channel}', 'n' || g) FROM generate_series(1, 50) g")
+        batch = [await next_notification(received, f"notification {g} of 50") for g in range(1, 51)]
+        assert batch == [(channel, f"n{g}") for g in range(1, 51)], batch
+        # Sent from a transaction: delivered when it commits.
+        async with sender.transaction():
+            for k in range(3):
+                await sender.execute(f"NOTIFY {channel}, 'tx{k}'")
+        batch = [await next_notification(received, f"transaction notification {k}") for k in range(3)]
+        assert batch == [(channel, f"tx{k}") for k in range(3)], batch
+        # The listener works as usual in between, and still listens afterwards.
+        assert await listener.fetchval("SELECT pg_listening_channels()") == channel
+        await sender.execute(f"NOTIFY {channel}, 'after a query'")
+        assert await next_notification(received, "after a query") == (channel, "after a query")
+        await listener.remove_listener(channel, on_notification)
+        assert await listener.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+    finally:
+        await listener.close()
+        await sender.close()
+
+
+async def error_mid_batch():
+    """executemany of rows of 32 KB whose third row violates the primary key: asyncpg
+    watches for the server's error while it is still sending and stops early, as it does
+    on a direct connection (its generator is not drained). How far it gets first depends on
+    how much the socket buffers on the way take while the error travels back: asyncpg's own
+    test of this, with 128 rows (4 MB), drains them all now and then even on a direct
+    connection, and through pgrelay there are two sockets, with room for up to 36 MB on
+    this kernel when pgrelay falls behind (a busy machine). 2048 rows (64 MB), of which it
+    must not pull three quarters, tell early from late."""
+    table = "drv_asyncpg_batch"
+    rows_in_batch = 2048
+    pulled = []
+    for attempt in range(3):
+        conn = await connect()
+        try:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+            await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, pad text)")
+            pos = 0
+
+            def rows():
+                nonlocal pos
+                while pos < rows_in_batch:
+                    pos += 1
+                    if pos <= 3:
+                        yield pos % 2, "a"  # rows 1 and 3 share id 1
+                    else:
+                        yield pos, "a" * 32768
+
+            await expect_error(
+                asyncpg.UniqueViolationError,
+                conn.executemany(f"INSERT INTO {table} VALUES ($1, $2)", rows()),
+                "a duplicate in the third row",
+            )
+            pulled.append(pos)
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+            await conn.execute(f"DROP TABLE {table}")
+        finally:
+            await conn.close()
+    log(f"executemany stopped after pulling {pulled} of {rows_in_batch} rows")
+    assert all(pos < rows_in_batch * 3 // 4 for pos in pulled), f"the error arrived late: {pulled} rows pulled"
+
+
+class SourceFailed(Exception):
+    pass
+
+
+async def copy_aborted_by_client():
+    """A COPY whose record generator (or data source) raises: asyncpg sends CopyFail, then
+    a cancel request, and raises the generator's exception. The cancel must not hit the
+    statements that follow, on the same server (in a transaction) or not."""
+    conn = await connect()
+    try:
+
+        def records(base):
+            for k in range(1000):
+                if k == 500:
+                    raise SourceFailed("the record generator failed")
+                yield (base + k, 96, k)
+
+        class FailingSource:
+            def __init__(self):
+                self.chunks = 0
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                self.chunks += 1
+                if self.chunks > 3:
+                    raise SourceFailed("the data source failed")
+                return f"{1_100_000 + self.chunks}\t96\t0\n".encode()
+
+        columns = ["id", "worker", "val"]
+        for round_ in range(5):
+            await expect_error(
+                SourceFailed,
+                conn.copy_records_to_table(TABLE, records=records(1_000_000), columns=columns),
+                "a generator that raises",
+            )
+            assert await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+            await expect_error(
+                SourceFailed,
+                conn.copy_to_table(TABLE, source=FailingSource(), columns=columns),
+                "a source that raises",
+            )
+            assert await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+            # In a transaction, as a savepoint that rolls back: the server stays the same.
+            async with conn.transaction():
+                await conn.execute(INSERT, 1_200_000 + round_, 96, 0)
+
+                async def in_savepoint():
+                    async with conn.transaction():
+                        await conn.copy_records_to_table(TABLE, records=records(1_300_000), columns=columns)
+
+                await expect_error(SourceFailed, in_savepoint(), "a generator that raises in a savepoint")
+                assert await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+        assert await conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE worker = 96") == 5
+    finally:
+        await conn.close()
+
+
 async def main():
     started = time.monotonic()
     log(f"asyncpg {asyncpg.__version__}, {WORKERS} clients, pool of {POOL_SIZE}")
@@ -314,6 +461,12 @@ async def main():
     log("large values done")
     await short_sessions_with_types()
     log("short sessions with types done")
+    await listen_notify()
+    log("LISTEN/NOTIFY done")
+    await error_mid_batch()
+    log("error mid-batch done")
+    await copy_aborted_by_client()
+    log("COPY aborted by the client done")
     conn = await connect()
     try:
         await conn.execute(f"DROP TABLE {TABLE}")

@@ -293,6 +293,67 @@ def pipeline_checks():
         conn.commit()
 
 
+def listen_notify():
+    """LISTEN/NOTIFY with the notifies() generator: the listener (pinned to its server in
+    transaction mode) gets each notification while it sends nothing; the sender is another
+    connection."""
+    channel = f"drv_chan_{USER}"
+    with connect() as listener, connect() as sender:
+        listener.execute(f"LISTEN {channel}")
+        # The first notification right after LISTEN is not lost.
+        sender.execute(f"NOTIFY {channel}, 'first'")
+        got = [(n.channel, n.payload) for n in listener.notifies(timeout=10, stop_after=1)]
+        assert got == [(channel, "first")], f"the first notification: {got}"
+        # Fifty committed together reach the listener's server in one batch: all of them
+        # come, in order.
+        sender.execute(f"SELECT pg_notify('{channel}', 'n' || g) FROM generate_series(1, 50) g")
+        got = [n.payload for n in listener.notifies(timeout=10, stop_after=50)]
+        assert got == [f"n{g}" for g in range(1, 51)], f"a batch of 50: {got}"
+        # Sent from a transaction: delivered when it commits.
+        with sender.transaction():
+            for k in range(3):
+                sender.execute(f"NOTIFY {channel}, 'tx{k}'")
+        got = [n.payload for n in listener.notifies(timeout=10, stop_after=3)]
+        assert got == ["tx0", "tx1", "tx2"], f"from a transaction: {got}"
+        # The listener works as usual in between, and still listens afterwards.
+        assert one(listener, "SELECT pg_listening_channels()") == channel
+        sender.execute(f"NOTIFY {channel}, 'after a query'")
+        got = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+        assert got == ["after a query"], f"after a query: {got}"
+        listener.execute(f"UNLISTEN {channel}")
+        assert one(listener, "SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+class SourceFailed(Exception):
+    pass
+
+
+def copy_aborted_by_client():
+    """An exception inside `with cur.copy(...)`: psycopg ends the COPY with CopyFail and
+    its own message, expects the server's 57014 for it, and re-raises the exception; the
+    connection goes on working, and a transaction is failed until it rolls back."""
+
+    def aborted(conn, base):
+        with conn.cursor() as cur, cur.copy(f"COPY {TABLE} (id, worker, val) FROM STDIN") as copy:
+            copy.write_row((base, 96, 0))
+            copy.write(f"{base + 1}\t96\t1\n".encode())
+            raise SourceFailed("the data source failed")
+
+    with connect() as conn:
+        for round_ in range(3):
+            expect_error(SourceFailed, lambda: aborted(conn, 1_000_000 + 10 * round_), "an exception in copy")
+            assert one(conn, "SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+        assert one(conn, f"SELECT count(*) FROM {TABLE} WHERE worker = 96") == 0
+    with connect(autocommit=False) as conn:
+        conn.execute(INSERT, (1_100_000, 96, 0))
+        expect_error(SourceFailed, lambda: aborted(conn, 1_100_001), "an exception in copy in a transaction")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.rollback()
+        assert value_of(conn, 1_100_000) is None
+        assert one(conn, "SELECT 1 FROM pg_sleep(0.05)") == 1, "the next statement"
+        conn.commit()
+
+
 def main():
     started = time.monotonic()
     log(f"psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}), {WORKERS} clients, pool of {POOL_SIZE}")
@@ -301,6 +362,10 @@ def main():
     log("workers done")
     pipeline_checks()
     log("pipeline checks done")
+    listen_notify()
+    log("LISTEN/NOTIFY done")
+    copy_aborted_by_client()
+    log("COPY aborted by the client done")
     with connect() as conn:
         conn.execute(f"DROP TABLE {TABLE}")
         conn.execute(f"DROP TABLE {SCHEMA}.whereami")

@@ -37,10 +37,15 @@ const FENCE_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
 const HIGH_WATER: usize = 256 * 1024;
 
-/// Rounds of reading and writing one poll may do before it lets the worker serve other
-/// clients. Each round handles what one read from each side brought (and stops taking
-/// input past HIGH_WATER), so this bounds one poll even when both peers always have more.
+/// Rounds of reading and writing one poll may do before it yields to the runtime. Each
+/// round handles what one read from each side brought (and stops taking input past
+/// HIGH_WATER), so this bounds one poll even when both peers always have more.
 const ROUNDS_PER_POLL: usize = 32;
+
+/// Bytes read from both sides after which a poll yields to the runtime even before
+/// ROUNDS_PER_POLL rounds: the input of the other side is looked at again after at most
+/// this much of one side's (see `yield_to_io`).
+const BYTES_PER_POLL: usize = 256 * 1024;
 
 /// Why forwarding stopped.
 #[derive(Debug)]
@@ -266,10 +271,12 @@ impl<'a> Pump<'a> {
 
     /// One poll: rounds of writing, reading and handling input while any of them makes
     /// progress. It ends when no side can move without waiting (`Pending`, woken by the
-    /// sockets), or after ROUNDS_PER_POLL rounds (`Pending` after waking itself, so the
-    /// task goes to the back of the queue). Tokio's budget also turns socket operations
-    /// `Pending` once a task has done enough in one go.
+    /// sockets), or after ROUNDS_PER_POLL rounds or BYTES_PER_POLL bytes read (`Pending`,
+    /// to be polled again once the runtime has looked at the sockets: `yield_to_io`).
+    /// Tokio's budget also turns socket operations `Pending` once a task has done enough
+    /// in one go.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<PumpExit> {
+        let mut read = 0;
         for _ in 0..ROUNDS_PER_POLL {
             if self.server.expect.needs_barrier() {
                 // Settles whether answers to Syncs behind a failed COPY are still coming.
@@ -283,8 +290,9 @@ impl<'a> Pump<'a> {
                 reserve_for_read(&mut self.server.inbuf);
                 match poll_read_buf(std::pin::Pin::new(&mut self.server.stream), cx, &mut self.server.inbuf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(self.server_closed()),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(n)) => {
                         progress = true;
+                        read += n;
                         if let Err(exit) = self.on_server_input() {
                             return Poll::Ready(exit);
                         }
@@ -327,8 +335,9 @@ impl<'a> Pump<'a> {
                 }
                 match self.client.poll_read_more(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(n)) => {
                         progress = true;
+                        read += n;
                         if let Err(exit) = self.on_client_input() {
                             return Poll::Ready(exit);
                         }
@@ -345,13 +354,33 @@ impl<'a> Pump<'a> {
             }
             // Something moved: the client is not idle in its transaction.
             self.idle_in_transaction = None;
+            if read >= BYTES_PER_POLL {
+                break;
+            }
         }
         // A statement that streams without pause is timed too.
         if let Poll::Ready(exit) = self.poll_query_timeout(cx) {
             return Poll::Ready(exit);
         }
-        cx.waker().wake_by_ref();
+        yield_to_io(cx);
         Poll::Pending
+    }
+
+    /// The client is between messages and its kept server sent something of its own
+    /// accord; `read` is what reading it gave. Notifications, notices and parameter
+    /// changes go to the client's output; `Some` when the server is gone (a FATAL, the
+    /// end of the connection) or sent what it owes no one.
+    pub fn kept_server_spoke(mut self, read: std::io::Result<usize>) -> Option<PumpExit> {
+        match read {
+            Ok(0) => return Some(self.server_closed()),
+            Err(source) => return Some(self.server_io_failed(source)),
+            Ok(_) => {}
+        }
+        // Nothing is owed: what is not asynchronous breaks the protocol.
+        if let Err(exit) = self.on_server_input() {
+            return Some(exit);
+        }
+        self.server.state.fatal().is_some().then(|| self.server_closed())
     }
 
     /// What the client had seen when the server failed.
@@ -621,6 +650,24 @@ impl<'a> Pump<'a> {
     }
 }
 
+/// Arranges for the task to be polled again once the runtime has looked at its sockets.
+///
+/// Tokio learns that a socket became readable only when a worker polls its I/O driver;
+/// until then a read of that socket returns `Pending` at once, whatever has arrived. A
+/// plain self-wake puts the task straight back in the run queue, and a worker that
+/// always has a task to run polls the driver only every few dozen of them: a client that
+/// streams a long batch would keep its server's socket unread that long, and the error
+/// that should stop the client early would reach it after the whole batch. A deferred
+/// wake (what `tokio::task::yield_now` does) runs the task again only after the driver
+/// has been polled, so a busy direction never hides the other one.
+fn yield_to_io(cx: &mut Context<'_>) {
+    let mut yielded = std::pin::pin!(tokio::task::yield_now());
+    // Its first poll defers the wake and is always Pending; dropping it keeps the wake.
+    if yielded.as_mut().poll(cx).is_ready() {
+        cx.waker().wake_by_ref();
+    }
+}
+
 /// Moves the first `n` bytes of `from` to the end of `to`, without copying when `to`
 /// is empty.
 fn move_bytes(from: &mut BytesMut, n: usize, to: &mut BytesMut) {
@@ -632,5 +679,53 @@ fn move_bytes(from: &mut BytesMut, n: usize, to: &mut BytesMut) {
     } else {
         to.extend_from_slice(&from[..n]);
         from.advance(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A task that always has more to do and yields with `yield_to_io` still learns that
+    /// a socket became readable, on a worker that otherwise looks at its sockets only when
+    /// it runs out of tasks (a plain self-wake never lets it).
+    #[test]
+    fn a_busy_task_that_yields_to_io_sees_a_socket_become_readable() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .event_interval(u32::MAX)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let polls = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+            let (socket, _) = listener.accept().await.expect("accept");
+            // Nothing to read yet: tokio forgets that the socket may be readable.
+            let nothing = socket.try_read(&mut [0u8; 1]).expect_err("no data yet");
+            assert_eq!(nothing.kind(), std::io::ErrorKind::WouldBlock);
+            tokio::spawn(async move {
+                let mut polls = 0u32;
+                poll_fn(|cx| {
+                    polls += 1;
+                    if socket.poll_read_ready(cx).is_ready() {
+                        return Poll::Ready(Some(polls));
+                    }
+                    if polls == 10 {
+                        peer.write_all(b"x").expect("write");
+                    }
+                    if polls == 100_000 {
+                        return Poll::Ready(None);
+                    }
+                    yield_to_io(cx);
+                    Poll::Pending
+                })
+                .await
+            })
+            .await
+            .expect("task")
+        });
+        assert!(polls.is_some_and(|polls| polls < 20), "readable after {polls:?} polls");
     }
 }
