@@ -82,6 +82,7 @@ max_replica_lag = "0"
 health_check_interval = "500ms"
 write_functions = ["bump_counter"]
 read_only_functions = ["pure_fn"]
+function_volatility = "lists"
 target = "primary"
 
 [databases."*"]
@@ -187,6 +188,7 @@ fn full_file_with_every_key() {
             health_check_interval: Duration::from_millis(500),
             write_functions: vec!["bump_counter".to_owned()],
             read_only_functions: vec!["pure_fn".to_owned()],
+            function_volatility: FunctionVolatility::Lists,
             target: RoutingTarget::Primary,
         }
     );

@@ -138,6 +138,8 @@ pub enum RouteReason {
     Hint,
     /// The classifier could not read it: primary.
     Unparsed,
+    /// It calls a function the catalog marks `VOLATILE` (and nothing else made it a write): primary.
+    VolatileFunction,
     /// A read sent to the primary because every replica lags more than `max_replica_lag`.
     Lag,
     /// A read sent to the primary because no replica has replayed what the client must see
@@ -148,7 +150,7 @@ pub enum RouteReason {
 }
 
 impl RouteReason {
-    pub const ALL: [RouteReason; 8] = [
+    pub const ALL: [RouteReason; 9] = [
         RouteReason::Write,
         RouteReason::Read,
         RouteReason::Transaction,
@@ -157,6 +159,7 @@ impl RouteReason {
         RouteReason::Lag,
         RouteReason::Consistency,
         RouteReason::NoReplica,
+        RouteReason::VolatileFunction,
     ];
 
     pub fn label(self) -> &'static str {
@@ -169,6 +172,7 @@ impl RouteReason {
             RouteReason::Lag => "lag",
             RouteReason::Consistency => "consistency",
             RouteReason::NoReplica => "no_replica",
+            RouteReason::VolatileFunction => "volatile_function",
         }
     }
 
@@ -182,6 +186,7 @@ impl RouteReason {
             RouteReason::Lag => 5,
             RouteReason::Consistency => 6,
             RouteReason::NoReplica => 7,
+            RouteReason::VolatileFunction => 8,
         }
     }
 }

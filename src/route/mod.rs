@@ -11,8 +11,9 @@
 //!
 //! # Decisions where SPEC.md is silent
 //!
-//! - **Unknown functions**: only built-in write functions and `write_functions` make a SELECT a
-//!   write (see `functions` for the list and the risk). `read_only_functions` wins over both,
+//! - **Functions**: built-in write functions, `write_functions` and, once the database's catalog
+//!   is loaded, every function it marks `VOLATILE` but a few read-safe built-ins make a SELECT
+//!   a write (see `functions` and `volatility`). `read_only_functions` wins over both,
 //!   for routing only: `set_config` and advisory-lock effects are reported whatever the lists say.
 //!   `currval`/`lastval` count as writes (their value exists only in the session that called
 //!   `nextval`); `pg_sequence_last_value` and other catalog readers are reads. `lo_*` are all
@@ -113,6 +114,7 @@ mod reading;
 mod relations;
 mod set;
 mod tx;
+mod volatility;
 mod walk;
 mod walk_expr;
 mod wrap;
@@ -131,6 +133,7 @@ use crate::route::fast::{Ctx, StmtClass};
 use crate::route::functions::FunctionLists;
 pub use crate::route::parsed::MAX_OPERATORS;
 use crate::route::reading::Reading;
+pub use crate::route::volatility::VolatileSet;
 
 /// Texts longer than this are classified but not cached.
 pub const MAX_CACHED_LEN: usize = 8 * 1024;
@@ -160,6 +163,8 @@ pub enum WriteReason {
     SelectInto,
     /// A call of a function on the write list (its name as written, lower-cased).
     WritingFunction(String),
+    /// A call of a function the catalog marks `VOLATILE` (its name as written).
+    VolatileFunction(String),
     /// INSERT/UPDATE/DELETE/MERGE inside a WITH clause of a SELECT.
     DataModifyingCte,
     /// COPY … FROM, or COPY … TO a server file or program.
@@ -192,6 +197,7 @@ impl WriteReason {
             WriteReason::LockingClause => "locking_clause",
             WriteReason::SelectInto => "select_into",
             WriteReason::WritingFunction(_) => "writing_function",
+            WriteReason::VolatileFunction(_) => "volatile_function",
             WriteReason::DataModifyingCte => "data_modifying_cte",
             WriteReason::Copy => "copy",
             WriteReason::Call => "call",
@@ -574,19 +580,34 @@ pub struct ClassifierSettings {
     pub read_only_functions: Vec<String>,
     /// Cached classifications (by exact text); 0 disables the cache.
     pub cache_capacity: usize,
+    /// Calls of functions the catalog marks volatile are writes, once
+    /// [`Classifier::set_volatile`] has given the catalog (`function_volatility = "catalog"`).
+    pub catalog_volatility: bool,
+}
+
+/// What classifications depend on besides the text and the lists: the volatile functions,
+/// and the cache of classifications made with them. Replaced whole when the set changes, so
+/// no classification made with an old set is ever served from the new cache.
+struct Catalog {
+    volatile: Option<Arc<VolatileSet>>,
+    cache: cache::ClassCache,
 }
 
 /// Classifies SQL texts for one database. Cheap to share (`Arc`) across sessions.
 pub struct Classifier {
     lists: FunctionLists,
-    cache: cache::ClassCache,
+    catalog_volatility: bool,
+    cache_capacity: usize,
+    catalog: arc_swap::ArcSwap<Catalog>,
 }
 
 impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let catalog = self.catalog.load();
         f.debug_struct("Classifier")
             .field("lists", &self.lists)
-            .field("cached", &self.cache.len())
+            .field("volatile", &catalog.volatile.as_ref().map(|set| set.len()))
+            .field("cached", &catalog.cache.len())
             .finish()
     }
 }
@@ -595,8 +616,37 @@ impl Classifier {
     pub fn new(settings: ClassifierSettings) -> Self {
         Classifier {
             lists: FunctionLists::new(&settings.write_functions, &settings.read_only_functions),
-            cache: cache::ClassCache::new(settings.cache_capacity),
+            catalog_volatility: settings.catalog_volatility,
+            cache_capacity: settings.cache_capacity,
+            catalog: arc_swap::ArcSwap::from_pointee(Catalog {
+                volatile: None,
+                cache: cache::ClassCache::new(settings.cache_capacity),
+            }),
         }
+    }
+
+    /// Whether this classifier wants the catalog's volatile functions.
+    pub fn wants_catalog(&self) -> bool {
+        self.catalog_volatility
+    }
+
+    /// The catalog's volatile functions, freshly read. Returns whether classification
+    /// changed: a set equal to the current one keeps the cache; a different one starts an
+    /// empty cache. Ignored (false) unless the settings ask for the catalog.
+    pub fn set_volatile(&self, set: VolatileSet) -> bool {
+        if !self.catalog_volatility || self.catalog.load().volatile.as_deref() == Some(&set) {
+            return false;
+        }
+        self.catalog.store(Arc::new(Catalog {
+            volatile: Some(Arc::new(set)),
+            cache: cache::ClassCache::new(self.cache_capacity),
+        }));
+        true
+    }
+
+    /// Whether the catalog's volatile functions are in use.
+    pub fn catalog_loaded(&self) -> bool {
+        self.catalog.load().volatile.is_some()
     }
 
     /// Classifies UTF-8 text (see [`Classifier::classify_text`]).
@@ -607,34 +657,39 @@ impl Classifier {
     /// Classifies `sql` (a Query message or a Parse text), bytes in a client encoding read
     /// as `charset` allows (see [`reading`]), from the cache when it can.
     pub fn classify_text(&self, sql: &[u8], charset: Charset) -> Arc<Classification> {
+        let catalog = self.catalog.load();
+        let volatile = catalog.volatile.as_deref();
         let reading = Reading::of(sql, charset);
         let tag = match reading {
             Reading::Text(_) => 0,
             Reading::Latin1View => 1,
             Reading::Unread { .. } => 2,
             // Cheap, and refused by the server whole: not worth a cache entry.
-            Reading::Invalid => return Arc::new(self.read(reading, sql)),
+            Reading::Invalid => return Arc::new(self.read(reading, sql, volatile)),
         };
-        if let Some(hit) = self.cache.get(tag, sql) {
+        if let Some(hit) = catalog.cache.get(tag, sql) {
             return hit;
         }
-        let class = Arc::new(self.read(reading, sql));
-        self.cache.insert(tag, sql, &class);
+        let class = Arc::new(self.read(reading, sql, volatile));
+        catalog.cache.insert(tag, sql, &class);
         class
     }
 
-    fn read(&self, reading: Reading<'_>, sql: &[u8]) -> Classification {
+    fn read(&self, reading: Reading<'_>, sql: &[u8], volatile: Option<&VolatileSet>) -> Classification {
         match reading {
-            Reading::Text(text) => self.classify_uncached(text),
+            Reading::Text(text) => self.classify_with(text, volatile),
             Reading::Latin1View => {
-                let mut class = self.classify_uncached(&reading::latin1_view(sql));
+                let mut class = self.classify_with(&reading::latin1_view(sql), volatile);
                 reading::keep_portable(&mut class);
                 class
             }
             Reading::Unread { readable } => {
                 // ASCII up to `readable`: valid UTF-8.
                 let ascii = std::str::from_utf8(sql.get(..readable).unwrap_or_default()).unwrap_or_default();
-                reading::unread(&self.classify_uncached(ascii), sql.get(readable..).unwrap_or_default())
+                reading::unread(
+                    &self.classify_with(ascii, volatile),
+                    sql.get(readable..).unwrap_or_default(),
+                )
             }
             // The server runs none of it.
             Reading::Invalid => reading::unread(&Classification::empty(None), b""),
@@ -643,8 +698,13 @@ impl Classifier {
 
     /// Classifies `sql` without touching the cache.
     pub fn classify_uncached(&self, sql: &str) -> Classification {
+        self.classify_with(sql, self.catalog.load().volatile.as_deref())
+    }
+
+    fn classify_with(&self, sql: &str, volatile: Option<&VolatileSet>) -> Classification {
         let ctx = Ctx {
             lists: &self.lists,
+            volatile,
             parse_allowed: sql.len() <= MAX_PARSE_LEN,
         };
         let mut class = Classification::empty(hint::leading_hint(sql));

@@ -470,6 +470,7 @@ impl Session {
             Reason::Transaction => RouteReason::Transaction,
             Reason::Hint => RouteReason::Hint,
             Reason::Unparsed => RouteReason::Unparsed,
+            Reason::VolatileFunction => RouteReason::VolatileFunction,
             Reason::Lag => RouteReason::Lag,
             Reason::Consistency => RouteReason::Consistency,
             Reason::NoReplica => RouteReason::NoReplica,
