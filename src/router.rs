@@ -22,6 +22,8 @@ pub enum Reason {
     Unparsed,
     /// A write only because it calls a function the catalog marks volatile.
     VolatileFunction,
+    /// A replica refused the batch as a write: it runs again on the primary.
+    ReplicaRefused,
     Lag,
     Consistency,
     NoReplica,
@@ -36,6 +38,7 @@ impl Reason {
             Reason::Hint => "hint",
             Reason::Unparsed => "unparsed",
             Reason::VolatileFunction => "volatile_function",
+            Reason::ReplicaRefused => "replica_refused",
             Reason::Lag => "lag",
             Reason::Consistency => "consistency",
             Reason::NoReplica => "no_replica",

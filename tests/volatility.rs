@@ -30,6 +30,10 @@ async fn setup(primary: &tokio_postgres::Client, replica: &tokio_postgres::Clien
     replayed(replica).await;
 }
 
+/// Routing of the catalog tests: refusals are not run again, so that only the catalog can
+/// send a call to the primary.
+const NO_RETRY: &str = "consistency = \"eventual\"\nretry_refused_on_primary = false";
+
 /// Notes the primary holds in `vol.events`.
 async fn notes(primary: &tokio_postgres::Client) -> Vec<String> {
     primary
@@ -59,7 +63,9 @@ async fn volatile_calls_run_on_the_primary_and_stable_ones_on_the_replica() {
     let primary = direct(&cluster.primary().addr(), "app").await;
     let replica = direct(&cluster.replicas()[0].addr(), "app").await;
     setup(&primary, &replica).await;
-    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", "consistency = \"eventual\"")).await;
+    // Without the retry of refusals, a call succeeds only if pgrelay sent it to the primary
+    // by itself.
+    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", NO_RETRY)).await;
     let client = proxy.app().await;
     // Until the catalog is read, the call goes to the replica and is refused there.
     wait_until("the catalog is read", Duration::from_secs(30), || async {
@@ -122,7 +128,9 @@ async fn a_function_created_through_pgrelay_is_known_after_the_ddl() {
     let primary = direct(&cluster.primary().addr(), "app").await;
     let replica = direct(&cluster.replicas()[0].addr(), "app").await;
     setup(&primary, &replica).await;
-    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", "consistency = \"eventual\"")).await;
+    // Without the retry of refusals, a call succeeds only if pgrelay sent it to the primary
+    // by itself.
+    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", NO_RETRY)).await;
     let client = proxy.app().await;
     wait_until("the catalog is read", Duration::from_secs(30), || async {
         client.simple_query("SELECT vol.log_event('probe-ddl')").await.is_ok()
@@ -145,7 +153,53 @@ async fn a_function_created_through_pgrelay_is_known_after_the_ddl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_function_volatility_lists_an_unlisted_function_is_a_read() {
+async fn with_lists_and_no_retry_an_unlisted_function_is_refused_by_the_replica() {
+    let cluster = shared_cluster();
+    let primary = direct(&cluster.primary().addr(), "app").await;
+    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
+    setup(&primary, &replica).await;
+    let proxy = Proxy::start(&config_with_replica(
+        cluster,
+        "size = 3",
+        "consistency = \"eventual\"\nfunction_volatility = \"lists\"\nretry_refused_on_primary = false",
+    ))
+    .await;
+    let client = proxy.app().await;
+    let error = client
+        .simple_query("SELECT vol.log_event('lists')")
+        .await
+        .expect_err("sent to the replica, which refuses the insert");
+    assert_eq!(sqlstate(&error), "25006");
+    assert!(!notes(&primary).await.contains(&"lists".to_owned()));
+    proxy.shutdown().await;
+}
+
+/// `pgrelay_routing_decisions_total{reason="replica_refused"}` of database `app`.
+fn refusals(proxy: &Proxy) -> f64 {
+    proxy
+        .running()
+        .shared()
+        .metrics
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "pgrelay_routing_decisions_total")
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|metric| {
+            let label = |name: &str| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_owned())
+            };
+            label("reason").as_deref() == Some("replica_refused") && label("database").as_deref() == Some("app")
+        })
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_catalog_a_refusal_is_run_again_on_the_primary_once() {
     let cluster = shared_cluster();
     let primary = direct(&cluster.primary().addr(), "app").await;
     let replica = direct(&cluster.replicas()[0].addr(), "app").await;
@@ -157,11 +211,50 @@ async fn with_function_volatility_lists_an_unlisted_function_is_a_read() {
     ))
     .await;
     let client = proxy.app().await;
-    let error = client
-        .simple_query("SELECT vol.log_event('lists')")
+    let calls = [
+        "SELECT vol.log_event('refused-select-list')",
+        "SELECT 1 WHERE vol.log_event('refused-where') = 1",
+        "SELECT * FROM vol.log_event('refused-from')",
+        "SELECT \"vol\".\"log_event\"('refused-quoted')",
+    ];
+    for (i, sql) in calls.iter().enumerate() {
+        // The first run is refused by the replica and run again on the primary; the second
+        // goes to the primary at once.
+        client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(refusals(&proxy), (i + 1) as f64, "{sql}: refused once");
+        client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(
+            refusals(&proxy),
+            (i + 1) as f64,
+            "{sql}: the second run went to the primary"
+        );
+    }
+    // The extended protocol too, with a text not seen before.
+    let rows = client
+        .query_typed("SELECT vol.log_event('refused-extended')", &[])
         .await
-        .expect_err("sent to the replica, which refuses the insert");
-    assert_eq!(sqlstate(&error), "25006");
-    assert!(!notes(&primary).await.contains(&"lists".to_owned()));
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(refusals(&proxy), 5.0);
+    let ran = notes(&primary).await;
+    for note in ["refused-select-list", "refused-where", "refused-from", "refused-quoted"] {
+        assert_eq!(
+            ran.iter().filter(|n| *n == note).count(),
+            2,
+            "{note} ran twice on the primary"
+        );
+    }
+    assert_eq!(ran.iter().filter(|n| *n == "refused-extended").count(), 1);
+    // A read that the replica answers is not affected.
+    assert_eq!(
+        first_value(&client.simple_query("SELECT vol.where_am_i()").await.unwrap()),
+        "t"
+    );
     proxy.shutdown().await;
 }

@@ -73,6 +73,9 @@ pub struct RoutingConfig {
     pub read_only_functions: Vec<String>,
     /// Whether calls of functions the catalog marks volatile are writes.
     pub function_volatility: FunctionVolatility,
+    /// A replica's read-only refusal of an autocommit batch, before any reply reached the
+    /// client, runs the batch again on the primary.
+    pub retry_refused_on_primary: bool,
     pub target: RoutingTarget,
 }
 
@@ -88,6 +91,7 @@ impl Default for RoutingConfig {
             write_functions: Vec::new(),
             read_only_functions: Vec::new(),
             function_volatility: FunctionVolatility::Catalog,
+            retry_refused_on_primary: true,
             target: RoutingTarget::Auto,
         }
     }

@@ -101,6 +101,7 @@ struct RawRouting {
     write_functions: Option<Vec<String>>,
     read_only_functions: Option<Vec<String>>,
     function_volatility: Option<FunctionVolatility>,
+    retry_refused_on_primary: Option<bool>,
     target: Option<RoutingTarget>,
 }
 
@@ -349,6 +350,9 @@ fn routing(raw: RawRouting) -> RoutingConfig {
         write_functions: raw.write_functions.unwrap_or_default(),
         read_only_functions: raw.read_only_functions.unwrap_or_default(),
         function_volatility: raw.function_volatility.unwrap_or(defaults.function_volatility),
+        retry_refused_on_primary: raw
+            .retry_refused_on_primary
+            .unwrap_or(defaults.retry_refused_on_primary),
         target: raw.target.unwrap_or(defaults.target),
     }
 }

@@ -140,6 +140,8 @@ pub enum RouteReason {
     Unparsed,
     /// It calls a function the catalog marks `VOLATILE` (and nothing else made it a write): primary.
     VolatileFunction,
+    /// A replica refused it as a write before answering: run again on the primary.
+    ReplicaRefused,
     /// A read sent to the primary because every replica lags more than `max_replica_lag`.
     Lag,
     /// A read sent to the primary because no replica has replayed what the client must see
@@ -150,7 +152,7 @@ pub enum RouteReason {
 }
 
 impl RouteReason {
-    pub const ALL: [RouteReason; 9] = [
+    pub const ALL: [RouteReason; 10] = [
         RouteReason::Write,
         RouteReason::Read,
         RouteReason::Transaction,
@@ -160,6 +162,7 @@ impl RouteReason {
         RouteReason::Consistency,
         RouteReason::NoReplica,
         RouteReason::VolatileFunction,
+        RouteReason::ReplicaRefused,
     ];
 
     pub fn label(self) -> &'static str {
@@ -173,6 +176,7 @@ impl RouteReason {
             RouteReason::Consistency => "consistency",
             RouteReason::NoReplica => "no_replica",
             RouteReason::VolatileFunction => "volatile_function",
+            RouteReason::ReplicaRefused => "replica_refused",
         }
     }
 
@@ -187,6 +191,7 @@ impl RouteReason {
             RouteReason::Consistency => 6,
             RouteReason::NoReplica => 7,
             RouteReason::VolatileFunction => 8,
+            RouteReason::ReplicaRefused => 9,
         }
     }
 }

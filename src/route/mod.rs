@@ -111,6 +111,7 @@ mod hint;
 mod lex;
 mod parsed;
 mod reading;
+mod refused;
 mod relations;
 mod set;
 mod tx;
@@ -180,6 +181,8 @@ pub enum WriteReason {
     Notify,
     /// LISTEN / UNLISTEN (refused by a hot standby).
     Listen,
+    /// A replica refused it as a write (`retry_refused_on_primary`): remembered by text.
+    ReplicaRefused,
     /// EXECUTE of an SQL-level prepared statement: its body is not known here.
     Execute,
     /// COMMIT PREPARED / ROLLBACK PREPARED.
@@ -198,6 +201,7 @@ impl WriteReason {
             WriteReason::SelectInto => "select_into",
             WriteReason::WritingFunction(_) => "writing_function",
             WriteReason::VolatileFunction(_) => "volatile_function",
+            WriteReason::ReplicaRefused => "replica_refused",
             WriteReason::DataModifyingCte => "data_modifying_cte",
             WriteReason::Copy => "copy",
             WriteReason::Call => "call",
@@ -599,6 +603,8 @@ pub struct Classifier {
     catalog_volatility: bool,
     cache_capacity: usize,
     catalog: arc_swap::ArcSwap<Catalog>,
+    /// Texts a replica refused as writes, carried into each new cache (see `refused`).
+    refused: refused::Refused,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -622,7 +628,19 @@ impl Classifier {
                 volatile: None,
                 cache: cache::ClassCache::new(settings.cache_capacity),
             }),
+            refused: refused::Refused::default(),
         }
+    }
+
+    /// A replica refused `sql` as a write: from now on it is one, for every client of the
+    /// database (until the classification cache lets it go, or `refused` overflows).
+    pub fn remember_refused(&self, sql: &[u8], charset: Charset) {
+        let Some(tag) = reading_tag(&Reading::of(sql, charset)) else {
+            return;
+        };
+        let class = Arc::new(refused::as_write(&self.classify_text(sql, charset)));
+        self.catalog.load().cache.insert(tag, sql, &class);
+        self.refused.add(tag, sql, class);
     }
 
     /// Whether this classifier wants the catalog's volatile functions.
@@ -637,9 +655,11 @@ impl Classifier {
         if !self.catalog_volatility || self.catalog.load().volatile.as_deref() == Some(&set) {
             return false;
         }
+        let cache = cache::ClassCache::new(self.cache_capacity);
+        self.refused.replay(&cache);
         self.catalog.store(Arc::new(Catalog {
             volatile: Some(Arc::new(set)),
-            cache: cache::ClassCache::new(self.cache_capacity),
+            cache,
         }));
         true
     }
@@ -660,12 +680,8 @@ impl Classifier {
         let catalog = self.catalog.load();
         let volatile = catalog.volatile.as_deref();
         let reading = Reading::of(sql, charset);
-        let tag = match reading {
-            Reading::Text(_) => 0,
-            Reading::Latin1View => 1,
-            Reading::Unread { .. } => 2,
-            // Cheap, and refused by the server whole: not worth a cache entry.
-            Reading::Invalid => return Arc::new(self.read(reading, sql, volatile)),
+        let Some(tag) = reading_tag(&reading) else {
+            return Arc::new(self.read(reading, sql, volatile));
         };
         if let Some(hit) = catalog.cache.get(tag, sql) {
             return hit;
@@ -710,5 +726,16 @@ impl Classifier {
         let mut class = Classification::empty(hint::leading_hint(sql));
         lex::for_each_statement(sql, |stmt| class.push(fast::classify_stmt(&ctx, stmt, 0)));
         class.finish()
+    }
+}
+
+/// The cache's key part for how a text was read; `None` for invalid text, which is cheap to
+/// classify and refused by the server whole: not worth a cache entry.
+fn reading_tag(reading: &Reading<'_>) -> Option<u8> {
+    match reading {
+        Reading::Text(_) => Some(0),
+        Reading::Latin1View => Some(1),
+        Reading::Unread { .. } => Some(2),
+        Reading::Invalid => None,
     }
 }

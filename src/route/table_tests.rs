@@ -1919,3 +1919,17 @@ fn the_catalog_replaces_cached_classifications_and_only_when_asked_for() {
     assert!(lists.classify("SELECT log_event('x')").is_read());
     assert!(!lists.classify("SELECT nextval('s')").is_read());
 }
+
+#[test]
+fn a_refused_text_is_a_write_from_then_on_even_with_a_new_catalog() {
+    let c = catalog_classifier();
+    let sql = "SELECT report_by_trigger(1)";
+    assert!(c.classify(sql).is_read());
+    c.remember_refused(sql.as_bytes(), crate::route::Charset::Utf8);
+    assert_eq!(render(&c.classify(sql)), "W(replica_refused) w=?");
+    // A new catalog starts a new cache; the refused text stays a write.
+    assert!(c.set_volatile(crate::route::VolatileSet::default()));
+    assert_eq!(render(&c.classify(sql)), "W(replica_refused) w=?");
+    // Other texts are untouched.
+    assert!(c.classify("SELECT report_by_trigger(2)").is_read());
+}
