@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::database::DatabaseEntry;
 use crate::cluster::MonitorSettings;
+use crate::config::RoutingTarget;
 
 /// Functions created without passing through pgrelay are seen at most this late.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(300);
@@ -24,14 +25,22 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// The catalog query gets this long.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts the reader of `database` if its classifier wants the catalog.
+/// Starts the reader of `database` if its classifier wants the catalog and its reads may go
+/// to a replica at all (otherwise every statement goes to the primary and the catalog would
+/// change nothing).
 pub(super) fn watch_catalog(database: &Arc<DatabaseEntry>, settings: MonitorSettings) {
-    if !database.classifier.wants_catalog() {
+    let routing = &database.routing;
+    let splits = routing.read_write_split && routing.target == RoutingTarget::Auto && database.has_replicas();
+    if !database.classifier.wants_catalog() || !splits {
         return;
     }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(database = %database.name, "no runtime: function volatility is not read from the catalog");
+        return;
+    };
     let weak = Arc::downgrade(database);
     let changes = database.schema.subscribe();
-    tokio::spawn(run(weak, changes, settings));
+    runtime.spawn(run(weak, changes, settings));
 }
 
 async fn run(weak: Weak<DatabaseEntry>, mut changes: tokio::sync::watch::Receiver<u64>, settings: MonitorSettings) {
