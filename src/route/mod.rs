@@ -128,6 +128,7 @@ mod prop_tests;
 mod table_tests;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::route::encoding::{Charset, ClientEncoding};
 use crate::route::fast::{Ctx, StmtClass};
@@ -589,31 +590,30 @@ pub struct ClassifierSettings {
     pub catalog_volatility: bool,
 }
 
-/// What classifications depend on besides the text and the lists: the volatile functions,
-/// and the cache of classifications made with them. Replaced whole when the set changes, so
-/// no classification made with an old set is ever served from the new cache.
-struct Catalog {
-    volatile: Option<Arc<VolatileSet>>,
-    cache: cache::ClassCache,
-}
-
 /// Classifies SQL texts for one database. Cheap to share (`Arc`) across sessions.
+///
+/// Classifications depend on the text, the lists and the catalog's volatile functions.
+/// Cache keys carry the generation of the volatile set they were made with, so a new set
+/// makes every older entry unreachable at once; a cache hit costs one atomic load more than
+/// without the catalog, and only a miss loads the set itself.
 pub struct Classifier {
     lists: FunctionLists,
     catalog_volatility: bool,
-    cache_capacity: usize,
-    catalog: arc_swap::ArcSwap<Catalog>,
-    /// Texts a replica refused as writes, carried into each new cache (see `refused`).
+    cache: cache::ClassCache,
+    volatile: arc_swap::ArcSwapOption<VolatileSet>,
+    /// Bumped after each new `volatile` (Release; read with Acquire), so that a key of the
+    /// new generation is never paired with the old set.
+    generation: AtomicU64,
+    /// Texts a replica refused as writes, carried into each new generation (see `refused`).
     refused: refused::Refused,
 }
 
 impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let catalog = self.catalog.load();
         f.debug_struct("Classifier")
             .field("lists", &self.lists)
-            .field("volatile", &catalog.volatile.as_ref().map(|set| set.len()))
-            .field("cached", &catalog.cache.len())
+            .field("volatile", &self.volatile.load().as_ref().map(|set| set.len()))
+            .field("cached", &self.cache.len())
             .finish()
     }
 }
@@ -623,24 +623,27 @@ impl Classifier {
         Classifier {
             lists: FunctionLists::new(&settings.write_functions, &settings.read_only_functions),
             catalog_volatility: settings.catalog_volatility,
-            cache_capacity: settings.cache_capacity,
-            catalog: arc_swap::ArcSwap::from_pointee(Catalog {
-                volatile: None,
-                cache: cache::ClassCache::new(settings.cache_capacity),
-            }),
+            cache: cache::ClassCache::new(settings.cache_capacity),
+            volatile: arc_swap::ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             refused: refused::Refused::default(),
         }
+    }
+
+    /// The cache key's tag for a reading tag in the current generation.
+    fn key_tag(&self, reading: u8) -> u64 {
+        (self.generation.load(Ordering::Acquire) << 2) | u64::from(reading)
     }
 
     /// A replica refused `sql` as a write: from now on it is one, for every client of the
     /// database (until the classification cache lets it go, or `refused` overflows).
     pub fn remember_refused(&self, sql: &[u8], charset: Charset) {
-        let Some(tag) = reading_tag(&Reading::of(sql, charset)) else {
+        let Some(reading) = reading_tag(&Reading::of(sql, charset)) else {
             return;
         };
         let class = Arc::new(refused::as_write(&self.classify_text(sql, charset)));
-        self.catalog.load().cache.insert(tag, sql, &class);
-        self.refused.add(tag, sql, class);
+        self.cache.insert(self.key_tag(reading), sql, &class);
+        self.refused.add(reading, sql, class);
     }
 
     /// Whether this classifier wants the catalog's volatile functions.
@@ -649,24 +652,24 @@ impl Classifier {
     }
 
     /// The catalog's volatile functions, freshly read. Returns whether classification
-    /// changed: a set equal to the current one keeps the cache; a different one starts an
-    /// empty cache. Ignored (false) unless the settings ask for the catalog.
+    /// changed: a set equal to the current one keeps the cache; a different one starts a
+    /// new generation of it. Ignored (false) unless the settings ask for the catalog.
     pub fn set_volatile(&self, set: VolatileSet) -> bool {
-        if !self.catalog_volatility || self.catalog.load().volatile.as_deref() == Some(&set) {
+        if !self.catalog_volatility || self.volatile.load().as_deref() == Some(&set) {
             return false;
         }
-        let cache = cache::ClassCache::new(self.cache_capacity);
-        self.refused.replay(&cache);
-        self.catalog.store(Arc::new(Catalog {
-            volatile: Some(Arc::new(set)),
-            cache,
-        }));
+        self.volatile.store(Some(Arc::new(set)));
+        self.generation.fetch_add(1, Ordering::Release);
+        // Older entries are unreachable now: make room at once.
+        self.cache.clear();
+        self.refused
+            .replay(|reading, text, class| self.cache.insert(self.key_tag(reading), text, class));
         true
     }
 
     /// Whether the catalog's volatile functions are in use.
     pub fn catalog_loaded(&self) -> bool {
-        self.catalog.load().volatile.is_some()
+        self.volatile.load().is_some()
     }
 
     /// Classifies UTF-8 text (see [`Classifier::classify_text`]).
@@ -677,17 +680,18 @@ impl Classifier {
     /// Classifies `sql` (a Query message or a Parse text), bytes in a client encoding read
     /// as `charset` allows (see [`reading`]), from the cache when it can.
     pub fn classify_text(&self, sql: &[u8], charset: Charset) -> Arc<Classification> {
-        let catalog = self.catalog.load();
-        let volatile = catalog.volatile.as_deref();
         let reading = Reading::of(sql, charset);
-        let Some(tag) = reading_tag(&reading) else {
-            return Arc::new(self.read(reading, sql, volatile));
+        let Some(reading_tag) = reading_tag(&reading) else {
+            return Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
         };
-        if let Some(hit) = catalog.cache.get(tag, sql) {
+        // The generation before the set: a set newer than the key is harmless (the entry
+        // is unreachable), a key newer than the set cannot happen.
+        let tag = self.key_tag(reading_tag);
+        if let Some(hit) = self.cache.get(tag, sql) {
             return hit;
         }
-        let class = Arc::new(self.read(reading, sql, volatile));
-        catalog.cache.insert(tag, sql, &class);
+        let class = Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
+        self.cache.insert(tag, sql, &class);
         class
     }
 
@@ -714,7 +718,7 @@ impl Classifier {
 
     /// Classifies `sql` without touching the cache.
     pub fn classify_uncached(&self, sql: &str) -> Classification {
-        self.classify_with(sql, self.catalog.load().volatile.as_deref())
+        self.classify_with(sql, self.volatile.load().as_deref())
     }
 
     fn classify_with(&self, sql: &str, volatile: Option<&VolatileSet>) -> Classification {

@@ -1,11 +1,10 @@
 //! Texts a replica refused as writes (`retry_refused_on_primary`): each is cached as a write,
-//! and kept in a short list that is put back into every new classification cache, so that a
-//! new catalog of volatile functions does not send them to a replica again.
+//! and kept in a short list that is put back into the cache at every new generation, so that
+//! a new catalog of volatile functions does not send them to a replica again.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::route::cache::ClassCache;
 use crate::route::{Access, Classification, Tables, WriteReason};
 
 /// Refused texts kept for new caches; past it the oldest are forgotten (they are then
@@ -31,11 +30,11 @@ impl Refused {
         texts.push_back((reading, text.into(), class));
     }
 
-    /// Puts every refused text into `cache`.
-    pub(crate) fn replay(&self, cache: &ClassCache) {
+    /// Hands every refused text to `insert` (into a new generation of the cache).
+    pub(crate) fn replay(&self, mut insert: impl FnMut(u8, &[u8], &Arc<Classification>)) {
         let texts = self.texts.lock().unwrap_or_else(PoisonError::into_inner);
         for (reading, text, class) in texts.iter() {
-            cache.insert(*reading, text, class);
+            insert(*reading, text, class);
         }
     }
 }
