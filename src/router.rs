@@ -3,7 +3,7 @@
 //! reason (which is also the metric label).
 
 use crate::config::{RoutingConfig, RoutingTarget, TransactionRouting};
-use crate::route::{Classification, Hint, Isolation, Tables, TxControl};
+use crate::route::{Classification, Hint, Isolation, Tables, TxControl, WriteReason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -20,6 +20,10 @@ pub enum Reason {
     Transaction,
     Hint,
     Unparsed,
+    /// A write only because it calls a function the catalog marks volatile.
+    VolatileFunction,
+    /// A replica refused the batch as a write: it runs again on the primary.
+    ReplicaRefused,
     Lag,
     Consistency,
     NoReplica,
@@ -33,6 +37,8 @@ impl Reason {
             Reason::Transaction => "transaction",
             Reason::Hint => "hint",
             Reason::Unparsed => "unparsed",
+            Reason::VolatileFunction => "volatile_function",
+            Reason::ReplicaRefused => "replica_refused",
             Reason::Lag => "lag",
             Reason::Consistency => "consistency",
             Reason::NoReplica => "no_replica",
@@ -78,6 +84,8 @@ pub struct Batch {
     pub seen: usize,
     /// The tables the statements touch.
     pub tables: Tables,
+    /// The first write in the batch is one only because it calls a volatile function.
+    pub volatile_write: bool,
 }
 
 impl Batch {
@@ -112,6 +120,9 @@ impl Batch {
             _ => {}
         }
         self.tables.union(class.tables.clone());
+        if self.all_read && !class.is_read() {
+            self.volatile_write = matches!(class.write_reason, Some(WriteReason::VolatileFunction(_)));
+        }
         self.all_read &= class.is_read();
         self.unparsed |= !class.parsed;
         self.pins |= class.pins();
@@ -181,7 +192,11 @@ pub fn decide(batch: &Batch, routing: &RoutingConfig, replica_usable: bool) -> D
     if batch.all_read && batch.complete {
         return replica_or(Reason::Read);
     }
-    Decision::primary(Reason::Write)
+    Decision::primary(if batch.volatile_write {
+        Reason::VolatileFunction
+    } else {
+        Reason::Write
+    })
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //!
 //! Files: `lsn` (WAL positions), `view` (the published snapshot), `state` (the bookkeeping:
 //! primary discovery, split brain, lag; no I/O), `probe` (one side connection and its query),
-//! `monitor` (the tasks and the handle).
+//! `monitor` (the tasks and the handle), `catalog` (the volatile functions, read for routing).
 
+mod catalog;
 mod error;
 mod lsn;
 mod monitor;
@@ -19,6 +20,7 @@ mod view;
 #[cfg(test)]
 mod tests;
 
+pub use catalog::volatile_functions;
 pub use error::ClusterError;
 pub use lsn::Lsn;
 pub use monitor::{ClusterMonitor, DEFAULT_LSN_POLL_INTERVAL, MonitorSettings, MonitorTls};

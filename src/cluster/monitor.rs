@@ -24,7 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::HostHealth;
 use super::error::ClusterError;
 use super::lsn::Lsn;
-use super::probe::{APPLICATION_NAME, Failure, Probe};
+use super::probe::{Failure, Probe, side_config};
 use super::state::{Event, Tracker};
 use super::view::ClusterView;
 
@@ -162,23 +162,7 @@ impl ClusterMonitor {
         }
         let mut configs = Vec::with_capacity(settings.hosts.len());
         for addr in &settings.hosts {
-            let (host, port) =
-                crate::config::split_host_port(addr).map_err(|_| ClusterError::BadAddress(addr.to_string()))?;
-            let mut config = tokio_postgres::Config::new();
-            config
-                .host(host)
-                .port(port)
-                .user(&settings.user)
-                .dbname(&settings.dbname)
-                .application_name(APPLICATION_NAME)
-                .keepalives(true);
-            if let Some(password) = &settings.password {
-                config.password(password);
-            }
-            if let Some(tls) = &settings.tls {
-                config.ssl_mode(tls.mode);
-            }
-            configs.push(config);
+            configs.push(side_config(&settings, addr)?);
         }
         let timing = Timing::new(&settings);
         let tracker = Tracker::new(settings.database.clone(), &settings.hosts, settings.max_replica_lag);

@@ -48,10 +48,31 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// The side connection's settings for the host `addr`, as `settings` log in.
+pub(super) fn side_config(settings: &super::MonitorSettings, addr: &str) -> Result<Config, super::ClusterError> {
+    let (host, port) =
+        crate::config::split_host_port(addr).map_err(|_| super::ClusterError::BadAddress(addr.to_owned()))?;
+    let mut config = Config::new();
+    config
+        .host(host)
+        .port(port)
+        .user(&settings.user)
+        .dbname(&settings.dbname)
+        .application_name(APPLICATION_NAME)
+        .keepalives(true);
+    if let Some(password) = &settings.password {
+        config.password(password);
+    }
+    if let Some(tls) = &settings.tls {
+        config.ssl_mode(tls.mode);
+    }
+    Ok(config)
+}
+
 /// Connects with or without TLS and drives the connection in the background: its future
 /// does the socket I/O and ends when the client is dropped (the monitor stopping, or giving
 /// up on this connection).
-async fn open(config: &Config, tls: Option<&MakeRustlsConnect>) -> Result<Client, tokio_postgres::Error> {
+pub(super) async fn open(config: &Config, tls: Option<&MakeRustlsConnect>) -> Result<Client, tokio_postgres::Error> {
     fn drive(connection: impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static) {
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::enums::{Consistency, LoadBalance, RoutingTarget, ServerTlsMode, TransactionRouting};
+use super::enums::{Consistency, FunctionVolatility, LoadBalance, RoutingTarget, ServerTlsMode, TransactionRouting};
 use super::pool::{PoolConfig, PoolOverrides};
 
 /// One `[databases.NAME]` entry (NAME is the key of [`super::Config::databases`]).
@@ -71,6 +71,11 @@ pub struct RoutingConfig {
     pub write_functions: Vec<String>,
     /// Function names known to be safe on a replica.
     pub read_only_functions: Vec<String>,
+    /// Whether calls of functions the catalog marks volatile are writes.
+    pub function_volatility: FunctionVolatility,
+    /// A replica's read-only refusal of an autocommit batch, before any reply reached the
+    /// client, runs the batch again on the primary.
+    pub retry_refused_on_primary: bool,
     pub target: RoutingTarget,
 }
 
@@ -85,6 +90,8 @@ impl Default for RoutingConfig {
             health_check_interval: Duration::from_secs(1),
             write_functions: Vec::new(),
             read_only_functions: Vec::new(),
+            function_volatility: FunctionVolatility::Catalog,
+            retry_refused_on_primary: true,
             target: RoutingTarget::Auto,
         }
     }

@@ -134,6 +134,16 @@ keyword_enum! {
 }
 
 keyword_enum! {
+    /// Where pgrelay learns which function calls make a statement a write.
+    FunctionVolatility default Catalog {
+        /// Every function the database's catalog marks `VOLATILE`, but a few read-safe built-ins.
+        Catalog = "catalog",
+        /// Only the built-in rules and `write_functions`.
+        Lists = "lists",
+    }
+}
+
+keyword_enum! {
     /// Per-database override of the read/write routing.
     RoutingTarget default Auto {
         /// Route by statement.

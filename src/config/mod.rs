@@ -21,7 +21,8 @@ use std::path::Path;
 pub use database::{DatabaseConfig, RoutingConfig, ServerTlsConfig};
 pub use duration::{format_duration, format_limit, format_size, parse_duration, parse_size};
 pub use enums::{
-    AuthMethod, ClientTlsMode, Consistency, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode, TransactionRouting,
+    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode,
+    TransactionRouting,
 };
 pub use pool::{PoolConfig, PoolOverrides};
 pub use secret::{PasswordForm, SecretError, check_md5, check_password};

@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::duration::{ByteSize, DurationValue};
 use super::enums::{
-    AuthMethod, ClientTlsMode, Consistency, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode, TransactionRouting,
+    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode,
+    TransactionRouting,
 };
 use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
@@ -99,6 +100,8 @@ struct RawRouting {
     health_check_interval: Option<DurationValue>,
     write_functions: Option<Vec<String>>,
     read_only_functions: Option<Vec<String>>,
+    function_volatility: Option<FunctionVolatility>,
+    retry_refused_on_primary: Option<bool>,
     target: Option<RoutingTarget>,
 }
 
@@ -346,6 +349,10 @@ fn routing(raw: RawRouting) -> RoutingConfig {
             .map_or(defaults.health_check_interval, |d| d.0),
         write_functions: raw.write_functions.unwrap_or_default(),
         read_only_functions: raw.read_only_functions.unwrap_or_default(),
+        function_volatility: raw.function_volatility.unwrap_or(defaults.function_volatility),
+        retry_refused_on_primary: raw
+            .retry_refused_on_primary
+            .unwrap_or(defaults.retry_refused_on_primary),
         target: raw.target.unwrap_or(defaults.target),
     }
 }

@@ -82,6 +82,8 @@ max_replica_lag = "0"
 health_check_interval = "500ms"
 write_functions = ["bump_counter"]
 read_only_functions = ["pure_fn"]
+function_volatility = "lists"
+retry_refused_on_primary = false
 target = "primary"
 
 [databases."*"]
@@ -187,6 +189,8 @@ fn full_file_with_every_key() {
             health_check_interval: Duration::from_millis(500),
             write_functions: vec!["bump_counter".to_owned()],
             read_only_functions: vec!["pure_fn".to_owned()],
+            function_volatility: FunctionVolatility::Lists,
+            retry_refused_on_primary: false,
             target: RoutingTarget::Primary,
         }
     );

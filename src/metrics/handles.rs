@@ -19,7 +19,7 @@ use super::registry::Families;
 pub(crate) struct DatabaseHandles {
     name: Box<str>,
     pub(crate) query_duration: [Histogram; 2],
-    pub(crate) routing: [[IntCounter; 8]; 2],
+    pub(crate) routing: [[IntCounter; RouteReason::ALL.len()]; 2],
     pub(crate) pinned: [IntGauge; PinReason::ALL.len()],
     pub(crate) evictions: IntCounter,
     known_errors: [IntCounter; KNOWN_SQLSTATES.len()],

@@ -138,6 +138,10 @@ pub enum RouteReason {
     Hint,
     /// The classifier could not read it: primary.
     Unparsed,
+    /// It calls a function the catalog marks `VOLATILE` (and nothing else made it a write): primary.
+    VolatileFunction,
+    /// A replica refused it as a write before answering: run again on the primary.
+    ReplicaRefused,
     /// A read sent to the primary because every replica lags more than `max_replica_lag`.
     Lag,
     /// A read sent to the primary because no replica has replayed what the client must see
@@ -148,7 +152,7 @@ pub enum RouteReason {
 }
 
 impl RouteReason {
-    pub const ALL: [RouteReason; 8] = [
+    pub const ALL: [RouteReason; 10] = [
         RouteReason::Write,
         RouteReason::Read,
         RouteReason::Transaction,
@@ -157,6 +161,8 @@ impl RouteReason {
         RouteReason::Lag,
         RouteReason::Consistency,
         RouteReason::NoReplica,
+        RouteReason::VolatileFunction,
+        RouteReason::ReplicaRefused,
     ];
 
     pub fn label(self) -> &'static str {
@@ -169,6 +175,8 @@ impl RouteReason {
             RouteReason::Lag => "lag",
             RouteReason::Consistency => "consistency",
             RouteReason::NoReplica => "no_replica",
+            RouteReason::VolatileFunction => "volatile_function",
+            RouteReason::ReplicaRefused => "replica_refused",
         }
     }
 
@@ -182,6 +190,8 @@ impl RouteReason {
             RouteReason::Lag => 5,
             RouteReason::Consistency => 6,
             RouteReason::NoReplica => 7,
+            RouteReason::VolatileFunction => 8,
+            RouteReason::ReplicaRefused => 9,
         }
     }
 }

@@ -1,8 +1,8 @@
-//! The classification cache: exact statement bytes, and how they were read, → shared
-//! classification, bounded in entries (quick_cache's CLOCK-Pro keeps the statements an
-//! application repeats and lets one-off texts fall out). Texts over [`MAX_CACHED_LEN`] are not
-//! cached: they are rarely repeated and would make the bound in entries meaningless as a
-//! bound in bytes.
+//! The classification cache: exact statement bytes, how they were read and the
+//! classifier's generation (see `Classifier`) → shared classification, bounded in entries
+//! (quick_cache's CLOCK-Pro keeps the statements an application repeats and lets one-off
+//! texts fall out). Texts over [`MAX_CACHED_LEN`] are not cached: they are rarely repeated
+//! and would make the bound in entries meaningless as a bound in bytes.
 
 use std::sync::Arc;
 
@@ -15,7 +15,8 @@ use crate::route::{Classification, MAX_CACHED_LEN};
 /// client encodings, so each reading has entries of its own.
 #[derive(Debug, Hash, PartialEq, Eq)]
 struct Key {
-    reading: u8,
+    /// How it was read, and the classifier's generation (see `Classifier::key_tag`).
+    reading: u64,
     text: Box<[u8]>,
 }
 
@@ -23,7 +24,7 @@ struct Key {
 /// fields hash exactly as the key's do.
 #[derive(Hash)]
 struct Lookup<'a> {
-    reading: u8,
+    reading: u64,
     text: &'a [u8],
 }
 
@@ -44,20 +45,26 @@ impl ClassCache {
         }
     }
 
-    pub(crate) fn get(&self, reading: u8, text: &[u8]) -> Option<Arc<Classification>> {
+    pub(crate) fn get(&self, reading: u64, text: &[u8]) -> Option<Arc<Classification>> {
         if text.len() > MAX_CACHED_LEN {
             return None;
         }
         self.inner.as_ref()?.get(&Lookup { reading, text })
     }
 
-    pub(crate) fn insert(&self, reading: u8, text: &[u8], class: &Arc<Classification>) {
+    pub(crate) fn insert(&self, reading: u64, text: &[u8], class: &Arc<Classification>) {
         if let Some(cache) = self.inner.as_ref().filter(|_| text.len() <= MAX_CACHED_LEN) {
             let key = Key {
                 reading,
                 text: text.into(),
             };
             cache.insert(key, Arc::clone(class));
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        if let Some(cache) = &self.inner {
+            cache.clear();
         }
     }
 

@@ -6,6 +6,7 @@
 use crate::route::functions::FunctionLists;
 use crate::route::lex::{self, Kind, Stmt, string_value};
 use crate::route::tx::last_name;
+use crate::route::volatility::VolatileSet;
 use crate::route::{PinReason, SessionEffect, Tables, TxControl, WriteReason, parsed, set, tx, wrap};
 
 /// How deep EXPLAIN / DECLARE / PREPARE / COPY may wrap each other.
@@ -13,6 +14,8 @@ const MAX_NESTING: u8 = 4;
 
 pub(crate) struct Ctx<'a> {
     pub lists: &'a FunctionLists,
+    /// The database's volatile functions, once its catalog is loaded.
+    pub volatile: Option<&'a VolatileSet>,
     /// False for texts over `MAX_PARSE_LEN`: sqlparser is never called on them.
     pub parse_allowed: bool,
 }

@@ -6,16 +6,17 @@
 //! position the parser knows or not (subqueries, CTEs, table functions, unparsable statements),
 //! and never inside literals, comments or dollar-quoted bodies.
 //!
-//! Unknown user functions are *not* writes: only listed ones are (SPEC "Routing rules"). The risk
-//! is a user function that writes, called from a plain SELECT outside a transaction: it is sent to
-//! a replica and fails there with "cannot execute … in a read-only transaction" (SQLSTATE 25006).
-//! Operators list such functions in `write_functions`. A function that changes session state
+//! Once the database's catalog is loaded (`volatility`), a call of any function it marks
+//! `VOLATILE` is a write too, unless it is a read-safe built-in or listed in
+//! `read_only_functions`. Before that (or with `function_volatility = "lists"`) unknown user
+//! functions are *not* writes: only listed ones are. A function that changes session state
 //! without writing (a user function calling `set_config`) cannot be seen at all.
 
 use std::collections::HashSet;
 
 use crate::route::lex::{Kind, Stmt, string_value};
-use crate::route::{PinReason, SessionEffect, Tables};
+use crate::route::volatility::VolatileSet;
+use crate::route::{PinReason, SessionEffect, Tables, WriteReason};
 
 /// What a call to a listed function does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,25 +126,44 @@ impl FunctionLists {
         }
     }
 
-    /// Whether a call to `qualified` (`schema.name` or `name`) makes a statement a write.
-    fn writes(&self, qualified: &str, bare: &str, kind: Option<FnKind>) -> bool {
+    /// What the lists say of a call to `qualified` (`schema.name` or `name`), given its
+    /// built-in rule. Names in the lists are lower-case: `"App"."F"` matches an entry only if
+    /// it was written so (the catalog, which keeps case, is matched in `volatility`).
+    fn decide(&self, qualified: &str, bare: &str, kind: Option<FnKind>) -> Listed {
         let listed = |set: &HashSet<String>| set.contains(qualified) || set.contains(bare);
-        !listed(&self.read_only) && (listed(&self.write) || kind.is_some())
+        if listed(&self.read_only) {
+            Listed::ReadOnly
+        } else if listed(&self.write) || kind.is_some() {
+            Listed::Write
+        } else {
+            Listed::No
+        }
     }
+}
+
+/// A call as the configured lists and built-in rules see it.
+enum Listed {
+    /// In `read_only_functions`: a read whatever else says so.
+    ReadOnly,
+    /// In `write_functions` or a built-in write rule.
+    Write,
+    /// Neither: the catalog decides, when known.
+    No,
 }
 
 /// What the calls of one statement do.
 #[derive(Debug, Default)]
 pub(crate) struct Calls {
-    /// The first call that makes the statement a write.
-    pub write: Option<String>,
+    /// Why the first call that makes the statement a write does.
+    pub write: Option<WriteReason>,
     /// Tables (sequences) written by those calls; `Unknown` once any call may write anything.
     pub written: Option<Tables>,
     pub effects: Vec<SessionEffect>,
 }
 
-/// Scans the tokens of `stmt` for calls of listed functions.
-pub(crate) fn scan_calls(lists: &FunctionLists, stmt: &Stmt<'_>) -> Calls {
+/// Scans the tokens of `stmt` for calls of listed functions, and of volatile ones when the
+/// catalog is known (`volatile`).
+pub(crate) fn scan_calls(lists: &FunctionLists, volatile: Option<&VolatileSet>, stmt: &Stmt<'_>) -> Calls {
     let mut calls = Calls::default();
     let toks = stmt.toks;
     for i in 0..toks.len().saturating_sub(1) {
@@ -151,14 +171,22 @@ pub(crate) fn scan_calls(lists: &FunctionLists, stmt: &Stmt<'_>) -> Calls {
             continue;
         }
         let bare = crate::route::lex::ident_value(stmt.src, &toks[i]);
-        let qualified = if i >= 2 && toks[i - 1].is_punct(b'.') && toks[i - 2].is_name() {
-            format!("{}.{bare}", crate::route::lex::ident_value(stmt.src, &toks[i - 2]))
-        } else {
-            bare.clone()
+        let schema = (i >= 2 && toks[i - 1].is_punct(b'.') && toks[i - 2].is_name())
+            .then(|| crate::route::lex::ident_value(stmt.src, &toks[i - 2]));
+        let qualified = match &schema {
+            Some(schema) => format!("{schema}.{bare}"),
+            None => bare.clone(),
         };
         let kind = builtin(&bare);
-        if lists.writes(&qualified, &bare, kind) {
-            calls.write.get_or_insert_with(|| qualified.clone());
+        let reason = match lists.decide(&qualified, &bare, kind) {
+            Listed::ReadOnly => None,
+            Listed::Write => Some(WriteReason::WritingFunction(qualified)),
+            Listed::No => volatile
+                .filter(|set| set.writes(schema.as_deref(), &bare))
+                .map(|_| WriteReason::VolatileFunction(qualified)),
+        };
+        if let Some(reason) = reason {
+            calls.write.get_or_insert(reason);
             let written = match kind {
                 Some(FnKind::Sequence) => sequence_arg(stmt, i + 2).map_or(Tables::Unknown, |s| Tables::Known(vec![s])),
                 Some(FnKind::Unknown) | None => Tables::Unknown,

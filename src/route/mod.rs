@@ -11,8 +11,9 @@
 //!
 //! # Decisions where SPEC.md is silent
 //!
-//! - **Unknown functions**: only built-in write functions and `write_functions` make a SELECT a
-//!   write (see `functions` for the list and the risk). `read_only_functions` wins over both,
+//! - **Functions**: built-in write functions, `write_functions` and, once the database's catalog
+//!   is loaded, every function it marks `VOLATILE` but a few read-safe built-ins make a SELECT
+//!   a write (see `functions` and `volatility`). `read_only_functions` wins over both,
 //!   for routing only: `set_config` and advisory-lock effects are reported whatever the lists say.
 //!   `currval`/`lastval` count as writes (their value exists only in the session that called
 //!   `nextval`); `pg_sequence_last_value` and other catalog readers are reads. `lo_*` are all
@@ -110,9 +111,11 @@ mod hint;
 mod lex;
 mod parsed;
 mod reading;
+mod refused;
 mod relations;
 mod set;
 mod tx;
+mod volatility;
 mod walk;
 mod walk_expr;
 mod wrap;
@@ -125,12 +128,14 @@ mod prop_tests;
 mod table_tests;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::route::encoding::{Charset, ClientEncoding};
 use crate::route::fast::{Ctx, StmtClass};
 use crate::route::functions::FunctionLists;
 pub use crate::route::parsed::MAX_OPERATORS;
 use crate::route::reading::Reading;
+pub use crate::route::volatility::VolatileSet;
 
 /// Texts longer than this are classified but not cached.
 pub const MAX_CACHED_LEN: usize = 8 * 1024;
@@ -160,6 +165,8 @@ pub enum WriteReason {
     SelectInto,
     /// A call of a function on the write list (its name as written, lower-cased).
     WritingFunction(String),
+    /// A call of a function the catalog marks `VOLATILE` (its name as written).
+    VolatileFunction(String),
     /// INSERT/UPDATE/DELETE/MERGE inside a WITH clause of a SELECT.
     DataModifyingCte,
     /// COPY … FROM, or COPY … TO a server file or program.
@@ -175,6 +182,8 @@ pub enum WriteReason {
     Notify,
     /// LISTEN / UNLISTEN (refused by a hot standby).
     Listen,
+    /// A replica refused it as a write (`retry_refused_on_primary`): remembered by text.
+    ReplicaRefused,
     /// EXECUTE of an SQL-level prepared statement: its body is not known here.
     Execute,
     /// COMMIT PREPARED / ROLLBACK PREPARED.
@@ -192,6 +201,8 @@ impl WriteReason {
             WriteReason::LockingClause => "locking_clause",
             WriteReason::SelectInto => "select_into",
             WriteReason::WritingFunction(_) => "writing_function",
+            WriteReason::VolatileFunction(_) => "volatile_function",
+            WriteReason::ReplicaRefused => "replica_refused",
             WriteReason::DataModifyingCte => "data_modifying_cte",
             WriteReason::Copy => "copy",
             WriteReason::Call => "call",
@@ -574,18 +585,34 @@ pub struct ClassifierSettings {
     pub read_only_functions: Vec<String>,
     /// Cached classifications (by exact text); 0 disables the cache.
     pub cache_capacity: usize,
+    /// Calls of functions the catalog marks volatile are writes, once
+    /// [`Classifier::set_volatile`] has given the catalog (`function_volatility = "catalog"`).
+    pub catalog_volatility: bool,
 }
 
 /// Classifies SQL texts for one database. Cheap to share (`Arc`) across sessions.
+///
+/// Classifications depend on the text, the lists and the catalog's volatile functions.
+/// Cache keys carry the generation of the volatile set they were made with, so a new set
+/// makes every older entry unreachable at once; a cache hit costs one atomic load more than
+/// without the catalog, and only a miss loads the set itself.
 pub struct Classifier {
     lists: FunctionLists,
+    catalog_volatility: bool,
     cache: cache::ClassCache,
+    volatile: arc_swap::ArcSwapOption<VolatileSet>,
+    /// Bumped after each new `volatile` (Release; read with Acquire), so that a key of the
+    /// new generation is never paired with the old set.
+    generation: AtomicU64,
+    /// Texts a replica refused as writes, carried into each new generation (see `refused`).
+    refused: refused::Refused,
 }
 
 impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Classifier")
             .field("lists", &self.lists)
+            .field("volatile", &self.volatile.load().as_ref().map(|set| set.len()))
             .field("cached", &self.cache.len())
             .finish()
     }
@@ -595,8 +622,54 @@ impl Classifier {
     pub fn new(settings: ClassifierSettings) -> Self {
         Classifier {
             lists: FunctionLists::new(&settings.write_functions, &settings.read_only_functions),
+            catalog_volatility: settings.catalog_volatility,
             cache: cache::ClassCache::new(settings.cache_capacity),
+            volatile: arc_swap::ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
+            refused: refused::Refused::default(),
         }
+    }
+
+    /// The cache key's tag for a reading tag in the current generation.
+    fn key_tag(&self, reading: u8) -> u64 {
+        (self.generation.load(Ordering::Acquire) << 2) | u64::from(reading)
+    }
+
+    /// A replica refused `sql` as a write: from now on it is one, for every client of the
+    /// database (until the classification cache lets it go, or `refused` overflows).
+    pub fn remember_refused(&self, sql: &[u8], charset: Charset) {
+        let Some(reading) = reading_tag(&Reading::of(sql, charset)) else {
+            return;
+        };
+        let class = Arc::new(refused::as_write(&self.classify_text(sql, charset)));
+        self.cache.insert(self.key_tag(reading), sql, &class);
+        self.refused.add(reading, sql, class);
+    }
+
+    /// Whether this classifier wants the catalog's volatile functions.
+    pub fn wants_catalog(&self) -> bool {
+        self.catalog_volatility
+    }
+
+    /// The catalog's volatile functions, freshly read. Returns whether classification
+    /// changed: a set equal to the current one keeps the cache; a different one starts a
+    /// new generation of it. Ignored (false) unless the settings ask for the catalog.
+    pub fn set_volatile(&self, set: VolatileSet) -> bool {
+        if !self.catalog_volatility || self.volatile.load().as_deref() == Some(&set) {
+            return false;
+        }
+        self.volatile.store(Some(Arc::new(set)));
+        self.generation.fetch_add(1, Ordering::Release);
+        // Older entries are unreachable now: make room at once.
+        self.cache.clear();
+        self.refused
+            .replay(|reading, text, class| self.cache.insert(self.key_tag(reading), text, class));
+        true
+    }
+
+    /// Whether the catalog's volatile functions are in use.
+    pub fn catalog_loaded(&self) -> bool {
+        self.volatile.load().is_some()
     }
 
     /// Classifies UTF-8 text (see [`Classifier::classify_text`]).
@@ -608,33 +681,35 @@ impl Classifier {
     /// as `charset` allows (see [`reading`]), from the cache when it can.
     pub fn classify_text(&self, sql: &[u8], charset: Charset) -> Arc<Classification> {
         let reading = Reading::of(sql, charset);
-        let tag = match reading {
-            Reading::Text(_) => 0,
-            Reading::Latin1View => 1,
-            Reading::Unread { .. } => 2,
-            // Cheap, and refused by the server whole: not worth a cache entry.
-            Reading::Invalid => return Arc::new(self.read(reading, sql)),
+        let Some(reading_tag) = reading_tag(&reading) else {
+            return Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
         };
+        // The generation before the set: a set newer than the key is harmless (the entry
+        // is unreachable), a key newer than the set cannot happen.
+        let tag = self.key_tag(reading_tag);
         if let Some(hit) = self.cache.get(tag, sql) {
             return hit;
         }
-        let class = Arc::new(self.read(reading, sql));
+        let class = Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
         self.cache.insert(tag, sql, &class);
         class
     }
 
-    fn read(&self, reading: Reading<'_>, sql: &[u8]) -> Classification {
+    fn read(&self, reading: Reading<'_>, sql: &[u8], volatile: Option<&VolatileSet>) -> Classification {
         match reading {
-            Reading::Text(text) => self.classify_uncached(text),
+            Reading::Text(text) => self.classify_with(text, volatile),
             Reading::Latin1View => {
-                let mut class = self.classify_uncached(&reading::latin1_view(sql));
+                let mut class = self.classify_with(&reading::latin1_view(sql), volatile);
                 reading::keep_portable(&mut class);
                 class
             }
             Reading::Unread { readable } => {
                 // ASCII up to `readable`: valid UTF-8.
                 let ascii = std::str::from_utf8(sql.get(..readable).unwrap_or_default()).unwrap_or_default();
-                reading::unread(&self.classify_uncached(ascii), sql.get(readable..).unwrap_or_default())
+                reading::unread(
+                    &self.classify_with(ascii, volatile),
+                    sql.get(readable..).unwrap_or_default(),
+                )
             }
             // The server runs none of it.
             Reading::Invalid => reading::unread(&Classification::empty(None), b""),
@@ -643,12 +718,28 @@ impl Classifier {
 
     /// Classifies `sql` without touching the cache.
     pub fn classify_uncached(&self, sql: &str) -> Classification {
+        self.classify_with(sql, self.volatile.load().as_deref())
+    }
+
+    fn classify_with(&self, sql: &str, volatile: Option<&VolatileSet>) -> Classification {
         let ctx = Ctx {
             lists: &self.lists,
+            volatile,
             parse_allowed: sql.len() <= MAX_PARSE_LEN,
         };
         let mut class = Classification::empty(hint::leading_hint(sql));
         lex::for_each_statement(sql, |stmt| class.push(fast::classify_stmt(&ctx, stmt, 0)));
         class.finish()
+    }
+}
+
+/// The cache's key part for how a text was read; `None` for invalid text, which is cheap to
+/// classify and refused by the server whole: not worth a cache entry.
+fn reading_tag(reading: &Reading<'_>) -> Option<u8> {
+    match reading {
+        Reading::Text(_) => Some(0),
+        Reading::Latin1View => Some(1),
+        Reading::Unread { .. } => Some(2),
+        Reading::Invalid => None,
     }
 }

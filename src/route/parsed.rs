@@ -115,14 +115,14 @@ fn dml_written(written: Tables) -> Tables {
 /// SELECT / WITH / VALUES / TABLE / `(`: a read only if nothing in it writes.
 pub(crate) fn query(ctx: &Ctx<'_>, stmt: &Stmt<'_>) -> StmtClass {
     let ev = evidence(stmt);
-    let calls = scan_calls(ctx.lists, stmt);
+    let calls = scan_calls(ctx.lists, ctx.volatile, stmt);
     let mut blank = only_blanks(stmt);
     blank.extend_from_slice(&ev.blank);
     let found = find_tables(ctx, stmt, &blank, usize::MAX);
     let mut reason = ev
         .reason()
         .or_else(|| found.as_ref().and_then(|f| f.ast_reason.clone()))
-        .or_else(|| calls.write.clone().map(WriteReason::WritingFunction));
+        .or_else(|| calls.write.clone());
     if reason.is_none()
         && found
             .as_ref()
@@ -183,7 +183,7 @@ pub(crate) fn query(ctx: &Ctx<'_>, stmt: &Stmt<'_>) -> StmtClass {
 
 /// INSERT / UPDATE / DELETE / MERGE: a write, whose tables are still wanted.
 pub(crate) fn dml(ctx: &Ctx<'_>, stmt: &Stmt<'_>) -> StmtClass {
-    let calls = scan_calls(ctx.lists, stmt);
+    let calls = scan_calls(ctx.lists, ctx.volatile, stmt);
     let (mut tables, mut written) = match find_tables(ctx, stmt, &only_blanks(stmt), DML_PARSE_LEN) {
         Some(found) => (found.tables, dml_written(found.written)),
         None => (

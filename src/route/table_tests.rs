@@ -18,6 +18,7 @@ pub(super) fn render(c: &Classification) -> String {
     let mut out = match (&c.access, &c.write_reason) {
         (Access::Read, None) => "R".to_owned(),
         (Access::Write, Some(WriteReason::WritingFunction(f))) => format!("W(fn:{f})"),
+        (Access::Write, Some(WriteReason::VolatileFunction(f))) => format!("W(volatile:{f})"),
         (Access::Write, Some(r)) => format!("W({})", r.label()),
         (a, r) => format!("INCONSISTENT({a:?},{r:?})"),
     };
@@ -1536,6 +1537,7 @@ fn classifier(write: &[&str], read_only: &[&str]) -> Classifier {
         write_functions: write.iter().map(|s| s.to_string()).collect(),
         read_only_functions: read_only.iter().map(|s| s.to_string()).collect(),
         cache_capacity: 10_000,
+        ..Default::default()
     })
 }
 
@@ -1675,6 +1677,7 @@ fn bounded_work_on_huge_or_deep_inputs() {
     let lists = FunctionLists::default();
     let ctx = Ctx {
         lists: &lists,
+        volatile: None,
         parse_allowed: true,
     };
     let mut ast = None;
@@ -1713,6 +1716,7 @@ fn token_reader_matches_the_ast() {
     let lists = FunctionLists::default();
     let ctx = Ctx {
         lists: &lists,
+        volatile: None,
         parse_allowed: true,
     };
     let (mut compared, mut reader_only) = (0, Vec::new());
@@ -1793,3 +1797,139 @@ const EXTRA_TABLE_CASES: &[&str] = &[
     "SELECT * FROM a WHERE x IN (TABLE b)",
     "TABLE a UNION TABLE b",
 ];
+
+/// Volatile functions as a database's catalog would list them (schema, name).
+const CATALOG: &[(&str, &str)] = &[
+    ("app", "log_event"),
+    ("App", "Log Event"),
+    ("public", "bump"),
+    ("public", "audit"),
+    ("pg_catalog", "nextval"),
+    ("pg_catalog", "random"),
+    ("pg_catalog", "clock_timestamp"),
+    ("pg_catalog", "pg_current_wal_lsn"),
+    ("pg_catalog", "pg_is_in_recovery"),
+    ("pg_catalog", "pg_stat_get_activity"),
+    ("pg_catalog", "pg_sleep"),
+    ("pg_catalog", "set_config"),
+    ("app", "random"),
+];
+
+/// With the catalog above loaded, and `write_functions` / `read_only_functions` as given in
+/// `catalog_classifier`: volatile calls in every position are writes; stable ones (not in the
+/// catalog list) and read-safe built-ins stay reads; the lists still win.
+const VOLATILE_CASES: &[(&str, &str)] = &[
+    ("SELECT log_event('x')", "W(volatile:log_event) t=? w=?"),
+    ("SELECT app.log_event('x')", "W(volatile:app.log_event) t=? w=?"),
+    ("SELECT \"app\".\"log_event\"('x')", "W(volatile:app.log_event) t=? w=?"),
+    ("SELECT \"App\".\"Log Event\"('x')", "W(volatile:App.Log Event) t=? w=?"),
+    (
+        "SELECT * FROM t WHERE id = log_event('x')",
+        "W(volatile:log_event) t=? w=?",
+    ),
+    ("SELECT * FROM log_event('x')", "W(volatile:log_event) t=? w=?"),
+    (
+        "SELECT * FROM t WHERE id IN (SELECT bump())",
+        "W(volatile:bump) t=? w=?",
+    ),
+    (
+        "WITH x AS (SELECT public.bump()) SELECT * FROM x",
+        "W(volatile:public.bump) t=? w=?",
+    ),
+    // The case of an unquoted name folds: "App"."Log Event" is not app.log_event.
+    ("SELECT app.\"Log Event\"('x')", "R"),
+    ("SELECT other.log_event('x')", "R"),
+    ("SELECT pg_current_wal_lsn()", "W(volatile:pg_current_wal_lsn) t=? w=?"),
+    (
+        "SELECT pg_catalog.pg_current_wal_lsn()",
+        "W(volatile:pg_catalog.pg_current_wal_lsn) t=? w=?",
+    ),
+    // Stable and immutable functions are not in the catalog's list; configured writes still are.
+    ("SELECT now(), lower(name) FROM t", "R t=t"),
+    ("SELECT report_total(1)", "W(fn:report_total) t=? w=?"),
+    // Read-safe built-ins, unqualified or in pg_catalog; a user's own `random` is not.
+    ("SELECT random(), clock_timestamp()", "R"),
+    ("SELECT pg_catalog.random()", "R"),
+    ("SELECT app.random()", "W(volatile:app.random) t=? w=?"),
+    ("SELECT pg_is_in_recovery()", "R"),
+    ("SELECT pg_stat_get_activity(NULL)", "R"),
+    ("SELECT pg_sleep(1)", "R"),
+    // Built-in rules keep their reasons and effects.
+    ("SELECT nextval('s')", "W(fn:nextval) t=s w=s"),
+    // The lists win: `audit` is read-only, `report_total` a write by configuration.
+    ("SELECT audit()", "R"),
+    ("SELECT report_total(1), log_event('x')", "W(fn:report_total) t=? w=?"),
+    // Names in literals and comments are not calls.
+    ("SELECT 'log_event(1)' /* bump() */", "R"),
+];
+
+fn catalog_classifier() -> Classifier {
+    let c = Classifier::new(ClassifierSettings {
+        write_functions: vec!["report_total".into()],
+        read_only_functions: vec!["audit".into()],
+        cache_capacity: 10_000,
+        catalog_volatility: true,
+    });
+    let rows = CATALOG.iter().map(|(s, n)| (s.to_string(), n.to_string()));
+    assert!(c.set_volatile(crate::route::VolatileSet::from_rows(rows)));
+    c
+}
+
+#[test]
+fn volatile_functions_from_the_catalog() {
+    let c = catalog_classifier();
+    let failures: Vec<String> = VOLATILE_CASES
+        .iter()
+        .filter_map(|(sql, expected)| {
+            let got = render(&c.classify(sql));
+            (got != *expected).then(|| format!("{sql:?}\n    expected: {expected}\n    got:      {got}"))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_catalog_replaces_cached_classifications_and_only_when_asked_for() {
+    let rows = || CATALOG.iter().map(|(s, n)| (s.to_string(), n.to_string()));
+    let c = Classifier::new(ClassifierSettings {
+        cache_capacity: 10_000,
+        catalog_volatility: true,
+        ..Default::default()
+    });
+    // Before the catalog: the built-in lists only.
+    assert!(c.classify("SELECT log_event('x')").is_read());
+    assert!(!c.catalog_loaded());
+    assert!(c.set_volatile(crate::route::VolatileSet::from_rows(rows())));
+    assert!(
+        !c.classify("SELECT log_event('x')").is_read(),
+        "cached read served after the catalog"
+    );
+    // The same set again keeps the cache; a set without the function makes it a read again.
+    assert!(!c.set_volatile(crate::route::VolatileSet::from_rows(rows())));
+    assert!(c.set_volatile(crate::route::VolatileSet::from_rows(
+        rows().filter(|(_, n)| n != "log_event")
+    )));
+    assert!(c.classify("SELECT log_event('x')").is_read());
+
+    let lists = Classifier::new(ClassifierSettings {
+        cache_capacity: 10_000,
+        ..Default::default()
+    });
+    assert!(!lists.set_volatile(crate::route::VolatileSet::from_rows(rows())));
+    assert!(lists.classify("SELECT log_event('x')").is_read());
+    assert!(!lists.classify("SELECT nextval('s')").is_read());
+}
+
+#[test]
+fn a_refused_text_is_a_write_from_then_on_even_with_a_new_catalog() {
+    let c = catalog_classifier();
+    let sql = "SELECT report_by_trigger(1)";
+    assert!(c.classify(sql).is_read());
+    c.remember_refused(sql.as_bytes(), crate::route::Charset::Utf8);
+    assert_eq!(render(&c.classify(sql)), "W(replica_refused) w=?");
+    // A new catalog starts a new cache; the refused text stays a write.
+    assert!(c.set_volatile(crate::route::VolatileSet::default()));
+    assert_eq!(render(&c.classify(sql)), "W(replica_refused) w=?");
+    // Other texts are untouched.
+    assert!(c.classify("SELECT report_by_trigger(2)").is_read());
+}

@@ -12,7 +12,9 @@ use super::consistency::Fences;
 use super::schema::SchemaWatch;
 use super::{Observers, UserEntry};
 use crate::cluster::{ClusterMonitor, ClusterView, HostHealth, Lsn, MonitorSettings, MonitorTls, Role as HostRole};
-use crate::config::{DatabaseConfig, LoadBalance, PoolConfig, PoolMode, RoutingConfig, ServerTlsMode, TcpOptions};
+use crate::config::{
+    DatabaseConfig, FunctionVolatility, LoadBalance, PoolConfig, PoolMode, RoutingConfig, ServerTlsMode, TcpOptions,
+};
 use crate::metrics::Metrics;
 use crate::net::ServerTls;
 use crate::pool::{PoolLimits, PoolObservers, ServerPool};
@@ -127,6 +129,7 @@ impl DatabaseEntry {
                 write_functions: config.routing.write_functions.clone(),
                 read_only_functions: config.routing.read_only_functions.clone(),
                 cache_capacity: CLASSIFICATION_CACHE,
+                catalog_volatility: config.routing.function_volatility == FunctionVolatility::Catalog,
             }),
             next_replica: AtomicUsize::new(0),
             paused: Arc::new(tokio::sync::watch::Sender::new(false)),
@@ -134,10 +137,9 @@ impl DatabaseEntry {
         }
     }
 
-    /// Starts watching the hosts' health with `user`'s credentials (needs a plaintext
-    /// password: the side connections log in like any client of PostgreSQL).
-    pub(super) fn start_monitor(&mut self, user: &UserEntry) {
-        let settings = MonitorSettings {
+    /// How side connections (the monitor's, the catalog reader's) log in, as `user`.
+    pub(super) fn side_settings(&self, user: &UserEntry) -> MonitorSettings {
+        MonitorSettings {
             database: self.name.clone(),
             dbname: self.server_dbname.clone(),
             hosts: self.hosts.clone(),
@@ -148,7 +150,13 @@ impl DatabaseEntry {
             connect_timeout: self.pool.server_connect_timeout.unwrap_or_default(),
             lsn_poll_interval: crate::cluster::DEFAULT_LSN_POLL_INTERVAL,
             tls: monitor_tls(&self.server_tls),
-        };
+        }
+    }
+
+    /// Starts watching the hosts' health with `user`'s credentials (needs a plaintext
+    /// password: the side connections log in like any client of PostgreSQL).
+    pub(super) fn start_monitor(&mut self, user: &UserEntry) {
+        let settings = self.side_settings(user);
         match ClusterMonitor::start(settings) {
             Ok(monitor) => {
                 self.host_health = (0..self.hosts.len())

@@ -5,6 +5,7 @@
 mod consistency;
 mod database;
 mod schema;
+mod volatility;
 
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
@@ -198,6 +199,15 @@ impl Snapshot {
                 }
             }
             entry.watch_generations();
+            if let Some(user) = &monitor_user {
+                volatility::watch_catalog(entry, entry.side_settings(user));
+            }
+        }
+        // Entries made from "*" and carried over from before a reload are new too.
+        if let Some(user) = &monitor_user {
+            for entry in self.dynamic.iter() {
+                volatility::watch_catalog(entry.value(), entry.value().side_settings(user));
+            }
         }
     }
 
@@ -248,6 +258,9 @@ impl Snapshot {
                     }
                     let entry = Arc::new(entry);
                     entry.watch_generations();
+                    if let Some(user) = self.monitor_user() {
+                        volatility::watch_catalog(&entry, entry.side_settings(&user));
+                    }
                     entry
                 })
                 .clone(),

@@ -9,6 +9,9 @@
 //! name (the epoch is part of it), and an old one that a server has refused is refused
 //! on every server connection, with the same error, instead of being prepared afresh with
 //! a shape the client does not expect.
+//!
+//! A schema change may also have created or altered functions: it asks the database's
+//! catalog reader (`runtime::volatility`) to read function volatility again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,13 +29,27 @@ pub struct StaleStatement {
     pub error: bytes::Bytes,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SchemaWatch {
     epoch: AtomicU64,
     /// Some statement was refused: only then is `refused` looked up (every Bind of a
     /// prepared statement asks, and nearly always nothing was).
     any_refused: AtomicBool,
     refused: Mutex<HashMap<Arc<str>, StaleStatement>>,
+    /// Bumped at each change; the catalog reader waits on it. Its receivers see the sender
+    /// dropped when the database entry and its sessions are gone, and stop.
+    catalog_refresh: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for SchemaWatch {
+    fn default() -> Self {
+        SchemaWatch {
+            epoch: AtomicU64::new(0),
+            any_refused: AtomicBool::new(false),
+            refused: Mutex::new(HashMap::new()),
+            catalog_refresh: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl SchemaWatch {
@@ -44,6 +61,12 @@ impl SchemaWatch {
     /// The schema may have changed: statements prepared from now on get new names.
     pub fn changed(&self) {
         self.epoch.fetch_add(1, Ordering::Relaxed);
+        self.catalog_refresh.send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Changes to come, for the catalog reader.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.catalog_refresh.subscribe()
     }
 
     /// A server refused the statement `name` because its plan went stale: every client

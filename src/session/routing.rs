@@ -93,6 +93,32 @@ pub(super) fn batch_copy(inbuf: &[u8]) -> Option<bytes::Bytes> {
     }
 }
 
+/// The SQL texts of a batch [`batch_copy`] made: its Query's, or its unnamed Parses'.
+pub(super) fn batch_texts(batch: &[u8]) -> Vec<&[u8]> {
+    let mut texts = Vec::new();
+    let mut offset = 0;
+    while let Ok(Some(header)) = Header::peek(&batch[offset..]) {
+        let Some(body) = batch.get(offset + HEADER_LEN..offset + header.len) else {
+            break;
+        };
+        offset += header.len;
+        match FrontendTag::from_byte(header.tag) {
+            Some(FrontendTag::Query) => {
+                if let Ok(sql) = query_text(body) {
+                    texts.push(sql);
+                }
+            }
+            Some(FrontendTag::Parse) => {
+                if let Ok(parse) = ParseView::read(body) {
+                    texts.push(parse.query);
+                }
+            }
+            _ => {}
+        }
+    }
+    texts
+}
+
 /// Where a batch ended up: the host, whether it is a replica, and why.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Placement {

@@ -93,6 +93,9 @@ pub(crate) struct Session {
     /// The last exchange put its batch back to run it again (a bounded number of times):
     /// it made progress even though the input looks the same.
     rerun_pending: bool,
+    /// The batch put back at the front of the input was refused by a replica as a write:
+    /// it goes to the primary (`retry_refused_on_primary`).
+    refused_rerun: bool,
     /// A held-back BEGIN (transactions = "first_statement") went out with this batch:
     /// the client is in a transaction even before the server has said so.
     deferred_begin_sent: bool,
@@ -134,6 +137,7 @@ impl Session {
             rerunnable: false,
             read_retries: (0, None),
             rerun_pending: false,
+            refused_rerun: false,
             deferred_begin_sent: false,
             local: LocalState::new(),
             server: None,
@@ -264,7 +268,8 @@ impl Session {
                 Err(Some(end)) => return Some(end),
                 Err(None) => return None,
             }
-            if self.rerunnable && self.database.pool.retry_reads && !self.carried.pins.is_pinned() {
+            let catch_refusal = self.on_replica && self.database.routing.retry_refused_on_primary;
+            if self.rerunnable && (self.database.pool.retry_reads || catch_refusal) && !self.carried.pins.is_pinned() {
                 rerun = routing::batch_copy(&client.inbuf);
             }
         }
@@ -295,6 +300,11 @@ impl Session {
             pump
         };
         let pump = if rerun.is_some() { pump.rerunnable() } else { pump };
+        let pump = if rerun.is_some() && self.on_replica && self.database.routing.retry_refused_on_primary {
+            pump.catching_refusals()
+        } else {
+            pump
+        };
         let exit = pump.run().await;
         self.after_pump(client, server, exit, rerun).await
     }
@@ -316,7 +326,14 @@ impl Session {
     /// Waits for a server for the message at the front of the input. On failure the
     /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
     async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
-        let (decision, fence, rerunnable) = self.route(client);
+        let (mut decision, fence, mut rerunnable) = self.route(client);
+        if std::mem::take(&mut self.refused_rerun) {
+            decision = Decision {
+                target: Target::Primary,
+                reason: Reason::ReplicaRefused,
+            };
+            rerunnable = false;
+        }
         self.rerunnable = rerunnable;
         self.set_state(ClientState::Waiting);
         let database = self.database.clone();
@@ -415,6 +432,8 @@ impl Session {
             Reason::Transaction => RouteReason::Transaction,
             Reason::Hint => RouteReason::Hint,
             Reason::Unparsed => RouteReason::Unparsed,
+            Reason::VolatileFunction => RouteReason::VolatileFunction,
+            Reason::ReplicaRefused => RouteReason::ReplicaRefused,
             Reason::Lag => RouteReason::Lag,
             Reason::Consistency => RouteReason::Consistency,
             Reason::NoReplica => RouteReason::NoReplica,
@@ -556,6 +575,10 @@ impl Session {
         self.sync_pins();
         let begun_here = std::mem::take(&mut self.deferred_begin_sent);
         match exit {
+            PumpExit::ReplicaRefused { error, sqlstate } => {
+                self.after_refusal(client, server, (error, sqlstate), rerun, begun_here)
+                    .await
+            }
             PumpExit::ServerIdle => {
                 self.read_retries = (0, None);
                 if self.database.mode() == PoolMode::Session || self.carried.pins.is_pinned() {
@@ -632,6 +655,7 @@ impl Session {
                 // Only this read batch was in flight and nothing of it reached the client:
                 // it runs again, elsewhere, as if the failure never happened.
                 if let Some(batch) = rerun
+                    && self.database.pool.retry_reads
                     && !seen.replied
                     && !in_transaction
                     && owed == 1
@@ -692,6 +716,69 @@ impl Session {
                 None
             }
         }
+    }
+
+    /// A replica refused the read batch `rerun` as a write before anything of its reply
+    /// reached the client: it runs again on the primary, and its texts are writes from now
+    /// on. When it cannot run again (never expected: the pump catches refusals only of
+    /// whole autocommit batches), the client gets the refusal as the replica sent it.
+    async fn after_refusal(
+        &mut self,
+        client: &mut ClientConn,
+        mut server: Checkout,
+        refusal: (bytes::Bytes, String),
+        rerun: Option<bytes::Bytes>,
+        begun_here: bool,
+    ) -> Option<End> {
+        let (error, sqlstate) = refusal;
+        let owed = server.expect.readies_owed_to_client();
+        let mid_batch = server.state.is_unsynced();
+        let in_transaction = server.status() != TxStatus::Idle || begun_here;
+        self.cancel.detach().await;
+        let replica = server.addr().to_owned();
+        // Mid-reply (its ReadyForQuery is still to come): closed rather than drained.
+        server.state.server_lost();
+        server.discard();
+        self.set_state(ClientState::Idle);
+        if let Some(batch) = rerun
+            && owed == 1
+            && !mid_batch
+            && !in_transaction
+        {
+            let charset = self.carried.client_encoding().charset;
+            let texts = routing::batch_texts(&batch);
+            for text in &texts {
+                self.database.classifier.remember_refused(text, charset);
+            }
+            let statement: String = texts
+                .first()
+                .map(|text| String::from_utf8_lossy(text).chars().take(200).collect())
+                .unwrap_or_default();
+            tracing::info!(client = %client.peer, database = %self.database.name, server = replica, %sqlstate,
+                %statement, "a replica refused a read as a write: running it on the primary, and sending it \
+                there from now on (declare the functions it calls VOLATILE, or list them in write_functions)");
+            let rest = std::mem::take(&mut client.inbuf);
+            client.inbuf.reserve(batch.len() + rest.len());
+            client.inbuf.extend_from_slice(&batch);
+            client.inbuf.extend_from_slice(&rest);
+            self.rerun_pending = true;
+            self.refused_rerun = true;
+            return None;
+        }
+        self.metrics.client_error(&sqlstate);
+        client.outbuf.extend_from_slice(&error);
+        let status = if in_transaction {
+            TxStatus::Failed
+        } else {
+            TxStatus::Idle
+        };
+        for _ in 0..owed {
+            compose::ready_for_query(&mut client.outbuf, status);
+        }
+        if mid_batch {
+            self.local.skipping_to_sync = true;
+        }
+        None
     }
 
     /// Whether the read batch whose server just failed may run again: at most

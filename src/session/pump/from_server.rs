@@ -106,6 +106,14 @@ impl Pump<'_> {
                     break Err(exit);
                 }
             };
+            if to_client && self.catch_refusal && self.hold_metadata && tag == BackendTag::ErrorResponse {
+                let message = &self.server.inbuf[run..run + header.len];
+                if let Some(exit) = super::refusal::refused(message) {
+                    self.server.inbuf.advance(header.len);
+                    self.held = bytes::BytesMut::new();
+                    break Err(exit);
+                }
+            }
             if to_client && self.hold_metadata {
                 // Nothing has gone to the client yet (`run` is empty): hold what carries no
                 // data, release it all before the first reply that does.

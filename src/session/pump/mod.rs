@@ -10,6 +10,7 @@
 mod effects;
 mod from_client;
 mod from_server;
+mod refusal;
 
 use std::future::poll_fn;
 use std::task::{Context, Poll};
@@ -64,6 +65,10 @@ pub(super) enum PumpExit {
     IdleInTransaction(std::time::Duration),
     /// The server connection failed; it must not be reused.
     ServerFailed { failure: UpstreamError, seen: Seen },
+    /// The replica refused the batch as a write before any reply reached the client (see
+    /// `refusal`); `error` is its ErrorResponse, not forwarded. The server is mid-reply
+    /// and must not be reused.
+    ReplicaRefused { error: bytes::Bytes, sqlstate: String },
 }
 
 /// What the client had seen, and sent, of the exchange when its server failed.
@@ -138,6 +143,9 @@ pub(super) struct Pump<'a> {
     /// no data are held in `held` until the first one that does.
     hold_metadata: bool,
     held: BytesMut,
+    /// On a replica with `retry_refused_on_primary`: a read-only refusal that arrives while
+    /// `hold_metadata` still holds ends the pump with [`PumpExit::ReplicaRefused`].
+    catch_refusal: bool,
     /// Runs while the client is idle inside a transaction (idle_transaction_timeout).
     idle_in_transaction: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Runs while a batch is in flight (query_timeout); `cancelled`: the CancelRequest
@@ -228,6 +236,7 @@ impl<'a> Pump<'a> {
             error_since_ready: false,
             hold_metadata: false,
             held: BytesMut::new(),
+            catch_refusal: false,
             idle_in_transaction: None,
             query_deadline: None,
         }
@@ -238,6 +247,13 @@ impl<'a> Pump<'a> {
     /// the ones that do not are held back, so that the client has seen nothing.
     pub fn rerunnable(mut self) -> Self {
         self.hold_metadata = true;
+        self
+    }
+
+    /// On a rerunnable pump attached to a replica: a refusal of the batch as a write, before
+    /// anything reached the client, is not forwarded (see `refusal`).
+    pub fn catching_refusals(mut self) -> Self {
+        self.catch_refusal = self.hold_metadata;
         self
     }
 
