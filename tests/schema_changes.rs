@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::raw::{Raw, bind, execute, parse, query, sync};
+use common::raw::{Raw, bind, execute, parse, query, row_values, sync};
 use common::{Proxy, config_for, direct, shared_cluster};
 
 const BOUND: Duration = Duration::from_secs(10);
@@ -206,5 +206,43 @@ async fn sql_execute_and_deallocate_reach_a_statement_prepared_with_parse() {
     assert_eq!(replies(&mut raw).await, "E:26000 Z:I");
     other.send(&[query("COMMIT")]).await;
     assert_eq!(replies(&mut other).await, "C:COMMIT Z:I");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_dropped_behind_pgrelays_back_fails_once_and_for_that_client_only() {
+    let proxy = Proxy::start(&config_for(shared_cluster(), "mode = \"transaction\"\nsize = 1")).await;
+    let addr = proxy.addr.to_string();
+    let mut owner = Raw::connect_to(&addr).await;
+    assert_eq!(
+        prepare_and_run(&mut owner, "s", "SELECT 7").await,
+        "1 2 D1 C:SELECT 1 Z:I"
+    );
+    // Another client of the same (only) server connection drops pgrelay's statement.
+    let mut other = Raw::connect_to(&addr).await;
+    other
+        .send(&[query(
+            "SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT 7'",
+        )])
+        .await;
+    let name = loop {
+        let (tag, body) = tokio::time::timeout(BOUND, other.next_message()).await.unwrap();
+        if tag == b'D' {
+            break String::from_utf8(row_values(&body)[0].clone().unwrap()).unwrap();
+        }
+    };
+    assert_eq!(replies(&mut other).await, "C:SELECT 1 Z:I");
+    other.send(&[query(&format!("DEALLOCATE \"{name}\""))]).await;
+    assert_eq!(replies(&mut other).await, "C:DEALLOCATE Z:I");
+    // Its owner hears of it once, as the server says it, then runs it again.
+    owner.send(&[bind("s", &[]), execute(), sync()]).await;
+    assert_eq!(replies(&mut owner).await, "E:26000 Z:I");
+    owner.send(&[bind("s", &[]), execute(), sync()]).await;
+    assert_eq!(replies(&mut owner).await, "2 D1 C:SELECT 1 Z:I");
+    // And no one else is refused the statement for it.
+    assert_eq!(
+        prepare_and_run(&mut other, "t", "SELECT 7").await,
+        "1 2 D1 C:SELECT 1 Z:I"
+    );
     proxy.shutdown().await;
 }

@@ -93,6 +93,9 @@ pub struct Routing {
     pub skipped_statements: Vec<Arc<str>>,
     /// The same for client definitions (Parse of a named statement) the server skips.
     pub skipped_definitions: Vec<u64>,
+    /// The message was the ReadyForQuery ending a simple query (`ResultsUntilReady`), not
+    /// a Sync's: tells the answer to pgrelay's own query from that to a Sync of its own.
+    pub answered_query: bool,
     /// For an ErrorResponse answering an [`Expect::Refused`]: the ErrorResponse the
     /// client gets in its place.
     pub replaced_by: Option<bytes::Bytes>,
@@ -107,6 +110,7 @@ impl Default for Routing {
             failed_definition: None,
             skipped_statements: Vec::new(),
             skipped_definitions: Vec::new(),
+            answered_query: false,
             replaced_by: None,
         }
     }
@@ -360,8 +364,14 @@ impl ResponseQueue {
                 | BackendTag::CopyDone,
             ) => routing(false),
             (Expect::ResultsUntilReady | Expect::Ready, BackendTag::ReadyForQuery) => {
+                let answered_query = *expect == Expect::ResultsUntilReady;
                 self.pop_front();
-                routing(true)
+                Ok(Routing {
+                    recipient,
+                    ready: true,
+                    answered_query,
+                    ..Routing::default()
+                })
             }
             (Expect::ResultsUntilReady, tag) if !is_startup_only(tag) => routing(false),
             (Expect::Synthetic(_), _) => Err(OutOfOrder {
@@ -412,6 +422,7 @@ impl ResponseQueue {
                     failed_definition,
                     skipped_statements,
                     skipped_definitions,
+                    answered_query: false,
                     replaced_by,
                 })
             }

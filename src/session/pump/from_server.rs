@@ -27,6 +27,22 @@ fn shows_stale_statement(code: &str, message: &[u8]) -> bool {
     STALE_STATEMENT_CODES.contains(&code) || (code == "XX000" && message.starts_with(b"cache lookup failed for type"))
 }
 
+/// Largest refusal kept to be replayed to other clients: the server's own is a few
+/// hundred bytes; anything much larger is not that error.
+const MAX_REPLAYED_ERROR: usize = 4096;
+
+/// Whether an error is PostgreSQL's plan cache refusing a statement whose result type a
+/// schema change altered (`cached plan must not change result type`, raised in
+/// RevalidateCachedQuery), which every connection holding the statement would give too.
+/// Other 0A000 errors at Bind can come from the parameter values (a function folded at
+/// plan time) and are the client's alone.
+fn is_stale_plan_refusal(code: &str, body: &[u8]) -> bool {
+    code == "0A000"
+        && body
+            .split(|&byte| byte == 0)
+            .any(|field| field == b"RRevalidateCachedQuery")
+}
+
 /// Whether a command tag is that of a schema change, after which prepared statements'
 /// plans may be stale (`ALTER TABLE`, `DROP TYPE`, `CREATE OR REPLACE VIEW`…).
 fn changes_schema(tag: &str) -> bool {
@@ -162,7 +178,7 @@ impl Pump<'_> {
                 };
                 server.state.ready(status);
                 if !to_client {
-                    if self.fence != FenceCapture::None && routing.ready {
+                    if self.fence != FenceCapture::None && routing.ready && routing.answered_query {
                         self.fence_captured();
                     }
                     return Ok(false);
@@ -214,12 +230,21 @@ impl Pump<'_> {
                     Some((FailedAt::Parse, name)) => server.statements.mark_stale(name.clone()),
                     Some((FailedAt::Bind, name)) if shows_stale_statement(fields.code, fields.message) => {
                         server.statements.mark_stale(name.clone());
-                        // Other connections hold it stale too. Clients that use it get
-                        // this error wherever they run it, as each would from its own
-                        // server; one that prepares it again (as drivers do on this
-                        // error) gets a new statement.
-                        let error = bytes::Bytes::copy_from_slice(&server.inbuf[start..start + len]);
-                        self.schema.refused(name.clone(), StaleStatement { error });
+                        let error = &server.inbuf[start..start + len];
+                        if is_stale_plan_refusal(fields.code, body) && error.len() <= MAX_REPLAYED_ERROR {
+                            // The server's plan cache refused it after a schema change:
+                            // other connections hold it stale too. Clients that use it get
+                            // this error wherever they run it, as each would from its own
+                            // server; one that prepares it again (as drivers do on this
+                            // error) gets a new statement.
+                            let error = bytes::Bytes::copy_from_slice(error);
+                            self.schema.refused(name.clone(), StaleStatement { error });
+                        } else if fields.code != "26000" {
+                            // A type it used was dropped: a statement prepared again gets
+                            // a new name. (26000 only says this connection lost it, which
+                            // says nothing about the schema or other connections.)
+                            self.schema.changed();
+                        }
                     }
                     _ => {}
                 }
