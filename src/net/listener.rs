@@ -33,11 +33,17 @@ pub struct Listener {
     inner: TcpListener,
 }
 
-/// Binds `addr` with SO_REUSEADDR and SO_REUSEPORT set.
+/// Binds `addr` with SO_REUSEADDR and SO_REUSEPORT set; SO_REUSEPORT only for a port
+/// named in the configuration.
 pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    // Port 0 asks the kernel for a free port; with SO_REUSEPORT, Linux may hand out one
+    // that another SO_REUSEPORT listener of the same user already has, and the two would
+    // then share its connections. Sharing is only meant for a port named on purpose.
+    if addr.port() != 0 {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
