@@ -239,10 +239,11 @@ impl Pump<'_> {
                             // error) gets a new statement.
                             let error = bytes::Bytes::copy_from_slice(error);
                             self.schema.refused(name.clone(), StaleStatement { error });
-                        } else if fields.code != "26000" {
+                        } else if fields.code == "XX000" {
                             // A type it used was dropped: a statement prepared again gets
-                            // a new name. (26000 only says this connection lost it, which
-                            // says nothing about the schema or other connections.)
+                            // a new name. (26000 only says this connection lost it, and
+                            // another 0A000 may come from the parameter values: neither
+                            // says anything about the schema or other connections.)
                             self.schema.changed();
                         }
                     }
