@@ -109,14 +109,20 @@ impl Batch {
         }
         match (&self.transaction, &class.transaction) {
             (None, _) => self.transaction = class.transaction.clone(),
-            // `BEGIN; SET TRANSACTION READ ONLY …` is a read-only transaction too.
+            // `BEGIN; SET TRANSACTION READ ONLY …` is a read-only transaction too, at the
+            // isolation the SET gives, else the BEGIN's.
             (
                 Some(TxControl::Begin {
                     read_only: None,
-                    isolation: None,
+                    isolation: begun,
                 }),
-                Some(set @ TxControl::SetTransaction { .. }),
-            ) => self.transaction = Some(set.clone()),
+                Some(TxControl::SetTransaction { read_only, isolation }),
+            ) => {
+                self.transaction = Some(TxControl::SetTransaction {
+                    read_only: *read_only,
+                    isolation: isolation.or(*begun),
+                })
+            }
             _ => {}
         }
         self.tables.union(class.tables.clone());
@@ -307,6 +313,27 @@ mod tests {
         assert_eq!(
             decide_for(&["BEGIN", "SET TRANSACTION READ ONLY", "SELECT 1"], &routing).target,
             Target::Replica
+        );
+        // The isolation of the BEGIN still counts: a standby refuses SERIALIZABLE.
+        for (begin, target) in [
+            ("BEGIN ISOLATION LEVEL REPEATABLE READ", Target::Replica),
+            ("START TRANSACTION", Target::Replica),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE", Target::Primary),
+            ("BEGIN READ WRITE", Target::Primary),
+        ] {
+            assert_eq!(
+                decide_for(&[begin, "SET TRANSACTION READ ONLY"], &routing).target,
+                target,
+                "{begin}"
+            );
+        }
+        assert_eq!(
+            decide_for(
+                &["BEGIN", "SET TRANSACTION READ ONLY", "INSERT INTO t VALUES (1)"],
+                &routing
+            )
+            .target,
+            Target::Primary
         );
         assert_eq!(
             decide_for(&["/* pgrelay: replica */ CREATE TEMP TABLE x (a int)"], &routing).target,

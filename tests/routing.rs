@@ -123,6 +123,51 @@ async fn first_statement_transactions_follow_their_first_statement() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_transaction_read_only_as_the_first_statement_sends_the_transaction_to_a_replica() {
+    let cluster = shared_cluster();
+    // The default `transactions = "primary"`: only a read-only transaction leaves the primary.
+    let proxy = Proxy::start(&config_with_replica(cluster, "size = 2", "consistency = \"eventual\"")).await;
+    let client = proxy.app().await;
+    for begin in ["BEGIN", "START TRANSACTION", "BEGIN ISOLATION LEVEL REPEATABLE READ"] {
+        client.simple_query(begin).await.unwrap();
+        client.simple_query("SET TRANSACTION READ ONLY").await.unwrap();
+        assert_eq!(in_recovery(&client, "SELECT pg_is_in_recovery()").await, "t", "{begin}");
+        assert_eq!(
+            in_recovery(&client, "SHOW transaction_read_only").await,
+            "on",
+            "{begin}: the server ran the SET TRANSACTION"
+        );
+        client.simple_query("COMMIT").await.unwrap();
+    }
+    // A write in it fails as it would on the primary, and the client ends the block as usual.
+    client.simple_query("BEGIN").await.unwrap();
+    client.simple_query("SET TRANSACTION READ ONLY").await.unwrap();
+    let error = client
+        .simple_query("INSERT INTO items (owner, value) VALUES ('set-tx-ro', 1)")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|code| code.code()), Some("25006"));
+    client.simple_query("ROLLBACK").await.unwrap();
+    // Any other first statement keeps the transaction on the primary, a read included.
+    client.simple_query("BEGIN").await.unwrap();
+    assert_eq!(in_recovery(&client, "SELECT pg_is_in_recovery()").await, "f");
+    client.simple_query("COMMIT").await.unwrap();
+    client.simple_query("BEGIN").await.unwrap();
+    client.simple_query("SET TRANSACTION READ WRITE").await.unwrap();
+    assert_eq!(in_recovery(&client, "SELECT pg_is_in_recovery()").await, "f");
+    client.simple_query("COMMIT").await.unwrap();
+    // SERIALIZABLE is refused by a hot standby: it stays on the primary even when READ ONLY.
+    client.simple_query("BEGIN").await.unwrap();
+    client
+        .simple_query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY")
+        .await
+        .unwrap();
+    assert_eq!(in_recovery(&client, "SELECT pg_is_in_recovery()").await, "f");
+    client.simple_query("COMMIT").await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_only_alias_and_a_switched_off_split() {
     let cluster = shared_cluster();
     let replica = cluster.replicas()[0].addr();

@@ -135,6 +135,9 @@ pub struct ErrorFields<'a> {
     pub code: &'a str,
     /// In the session's client encoding, and passed on as it is.
     pub message: &'a [u8],
+    /// The server function that raised it (field 'R'): names the cause whatever the
+    /// server's `lc_messages`.
+    pub routine: &'a str,
 }
 
 impl<'a> ErrorFields<'a> {
@@ -152,6 +155,7 @@ impl<'a> ErrorFields<'a> {
                 b'S' if fields.severity.is_empty() => fields.severity = ascii().unwrap_or_default(),
                 b'C' => fields.code = ascii().unwrap_or_default(),
                 b'M' => fields.message = value,
+                b'R' => fields.routine = ascii().unwrap_or_default(),
                 _ => {}
             }
             rest = after;

@@ -11,6 +11,7 @@ use super::ClientSlot;
 use super::carried::Carried;
 use super::local::{Answer, LocalState, LocalTx};
 use super::login::LoggedIn;
+use super::pump::refusal::Refusal;
 use super::pump::{Pump, PumpExit, PumpMode};
 use super::routing::{self, Placement};
 use crate::cancel::{CancelHandle, CancelTarget};
@@ -244,14 +245,26 @@ impl Session {
         }
     }
 
+    /// Whether a lone plain BEGIN is held back until the next batch says where the
+    /// transaction goes: with `transactions = "first_statement"`, or whenever a replica could
+    /// take it, so that `SET TRANSACTION READ ONLY` as its first statement sends it to one
+    /// (with `transactions = "primary"` anything else still goes to the primary). Only in
+    /// transaction mode: a session-mode client keeps its server anyway.
+    fn defers_begin(&self) -> bool {
+        let routing = &self.database.routing;
+        self.database.mode() == PoolMode::Transaction
+            && (routing.transactions == TransactionRouting::FirstStatement
+                || (routing.read_write_split && routing.target == RoutingTarget::Auto && self.database.has_replicas()))
+    }
+
     /// Serves the message at the front of the input: answers it, or gets a server and
     /// forwards until the server is idle again. `Some` ends the session.
     async fn exchange(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Option<End> {
         // A copy of a read-only batch, to run it again should its server fail first.
         let mut rerun = None;
         if self.server.is_none() {
-            let defer_begin = (self.database.routing.transactions == TransactionRouting::FirstStatement
-                && self.database.mode() == PoolMode::Transaction)
+            let defer_begin = self
+                .defers_begin()
                 .then_some((&self.database.classifier, self.carried.client_encoding().charset));
             match self
                 .local
@@ -575,8 +588,8 @@ impl Session {
         self.sync_pins();
         let begun_here = std::mem::take(&mut self.deferred_begin_sent);
         match exit {
-            PumpExit::ReplicaRefused { error, sqlstate } => {
-                self.after_refusal(client, server, (error, sqlstate), rerun, begun_here)
+            PumpExit::ReplicaRefused { error, sqlstate, kind } => {
+                self.after_refusal(client, server, (error, sqlstate, kind), rerun, begun_here)
                     .await
             }
             PumpExit::ServerIdle => {
@@ -726,11 +739,11 @@ impl Session {
         &mut self,
         client: &mut ClientConn,
         mut server: Checkout,
-        refusal: (bytes::Bytes, String),
+        refusal: (bytes::Bytes, String, Refusal),
         rerun: Option<bytes::Bytes>,
         begun_here: bool,
     ) -> Option<End> {
-        let (error, sqlstate) = refusal;
+        let (error, sqlstate, kind) = refusal;
         let owed = server.expect.readies_owed_to_client();
         let mid_batch = server.state.is_unsynced();
         let in_transaction = server.status() != TxStatus::Idle || begun_here;
@@ -745,18 +758,29 @@ impl Session {
             && !mid_batch
             && !in_transaction
         {
-            let charset = self.carried.client_encoding().charset;
             let texts = routing::batch_texts(&batch);
-            for text in &texts {
-                self.database.classifier.remember_refused(text, charset);
-            }
             let statement: String = texts
                 .first()
                 .map(|text| String::from_utf8_lossy(text).chars().take(200).collect())
                 .unwrap_or_default();
-            tracing::info!(client = %client.peer, database = %self.database.name, server = replica, %sqlstate,
-                %statement, "a replica refused a read as a write: running it on the primary, and sending it \
-                there from now on (declare the functions it calls VOLATILE, or list them in write_functions)");
+            match kind {
+                Refusal::Write => {
+                    let charset = self.carried.client_encoding().charset;
+                    for text in &texts {
+                        self.database.classifier.remember_refused(text, charset);
+                    }
+                    tracing::info!(client = %client.peer, database = %self.database.name, server = replica,
+                        %sqlstate, %statement, "a replica refused a read as a write: running it on the primary, \
+                        and sending it there from now on (declare the functions it calls VOLATILE, or list them \
+                        in write_functions)");
+                }
+                Refusal::RecoveryConflict => {
+                    self.shared.metrics.retry(&self.database.name, "recovery_conflict");
+                    tracing::info!(client = %client.peer, database = %self.database.name, server = replica,
+                        %sqlstate, %statement, "a replica cancelled a read for a conflict with its WAL replay: \
+                        running it on the primary");
+                }
+            }
             let rest = std::mem::take(&mut client.inbuf);
             client.inbuf.reserve(batch.len() + rest.len());
             client.inbuf.extend_from_slice(&batch);

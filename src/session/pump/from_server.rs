@@ -36,11 +36,8 @@ const MAX_REPLAYED_ERROR: usize = 4096;
 /// RevalidateCachedQuery), which every connection holding the statement would give too.
 /// Other 0A000 errors at Bind can come from the parameter values (a function folded at
 /// plan time) and are the client's alone.
-fn is_stale_plan_refusal(code: &str, body: &[u8]) -> bool {
-    code == "0A000"
-        && body
-            .split(|&byte| byte == 0)
-            .any(|field| field == b"RRevalidateCachedQuery")
+fn is_stale_plan_refusal(fields: &ErrorFields<'_>) -> bool {
+    fields.code == "0A000" && fields.routine == "RevalidateCachedQuery"
 }
 
 /// Whether a command tag is that of a schema change, after which prepared statements'
@@ -231,7 +228,7 @@ impl Pump<'_> {
                     Some((FailedAt::Bind, name)) if shows_stale_statement(fields.code, fields.message) => {
                         server.statements.mark_stale(name.clone());
                         let error = &server.inbuf[start..start + len];
-                        if is_stale_plan_refusal(fields.code, body) && error.len() <= MAX_REPLAYED_ERROR {
+                        if is_stale_plan_refusal(&fields) && error.len() <= MAX_REPLAYED_ERROR {
                             // The server's plan cache refused it after a schema change:
                             // other connections hold it stale too. Clients that use it get
                             // this error wherever they run it, as each would from its own

@@ -10,7 +10,7 @@
 mod effects;
 mod from_client;
 mod from_server;
-mod refusal;
+pub(super) mod refusal;
 
 use std::future::poll_fn;
 use std::task::{Context, Poll};
@@ -68,7 +68,11 @@ pub(super) enum PumpExit {
     /// The replica refused the batch as a write before any reply reached the client (see
     /// `refusal`); `error` is its ErrorResponse, not forwarded. The server is mid-reply
     /// and must not be reused.
-    ReplicaRefused { error: bytes::Bytes, sqlstate: String },
+    ReplicaRefused {
+        error: bytes::Bytes,
+        sqlstate: String,
+        kind: refusal::Refusal,
+    },
 }
 
 /// What the client had seen, and sent, of the exchange when its server failed.
