@@ -1,18 +1,21 @@
 //! Pure (no I/O) authentication logic: config password secrets, SCRAM-SHA-256 (server side towards
-//! clients, key-only client side towards PostgreSQL) and MD5 password checks.
+//! clients, with channel binding on TLS; key-only client side towards PostgreSQL) and MD5
+//! password checks.
 //!
 //! Nothing here touches a socket; callers own message framing and decide which PostgreSQL
 //! error to send. Every parser takes untrusted bytes and reports problems as errors, never panics.
 
+pub mod channel_binding;
 pub mod md5;
 pub mod scram;
 pub mod secret;
 
+pub use self::channel_binding::{ChannelBindingError, TLS_SERVER_END_POINT, tls_server_end_point};
 pub use self::md5::{md5_password_hash, md5_salted_response, md5_stored_string, verify_md5_response};
 pub use self::scram::{
-    SCRAM_SHA_256, SCRAM_SHA_256_PLUS, SaslInitialResponse, ScramError, ScramKeyClient, ScramKeyClientAwaitingFinal,
-    ScramServer, ScramServerAwaitingFinal, ScramSuccess, authentication_sasl_body, authentication_sasl_continue_body,
-    authentication_sasl_final_body, generate_nonce, parse_sasl_initial_response,
+    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, SaslInitialResponse, ScramError, ScramKeyClient,
+    ScramKeyClientAwaitingFinal, ScramServer, ScramServerAwaitingFinal, ScramSuccess, authentication_sasl_body,
+    authentication_sasl_continue_body, authentication_sasl_final_body, generate_nonce, parse_sasl_initial_response,
 };
 pub use self::secret::{
     SCRAM_DEFAULT_ITERATIONS, SCRAM_DEFAULT_SALT_LEN, SCRAM_KEY_LEN, ScramVerifier, Secret, SecretError,

@@ -1,9 +1,11 @@
-//! SCRAM-SHA-256 as PostgreSQL speaks it (RFC 5802 / RFC 7677, no channel binding): the server
-//! side pgrelay runs towards its clients, a client side that logs in to PostgreSQL knowing only
-//! ClientKey, and the SASL message bodies that carry them.
+//! SCRAM-SHA-256 as PostgreSQL speaks it (RFC 5802 / RFC 7677): the server side pgrelay runs
+//! towards its clients, with SCRAM-SHA-256-PLUS (`tls-server-end-point` channel binding) for
+//! clients on TLS, a client side that logs in to PostgreSQL knowing only ClientKey, and the
+//! SASL message bodies that carry them.
 //!
 //! Server-side flow (message framing is the caller's):
-//! 1. send AuthenticationSASL with [`authentication_sasl_body`]`(&[SCRAM_SHA_256])`;
+//! 1. send AuthenticationSASL with [`authentication_sasl_body`]`(&[SCRAM_SHA_256])` (on TLS,
+//!    with [`SCRAM_SHA_256_PLUS`] before it, as PostgreSQL lists them);
 //! 2. parse the client's SASLInitialResponse with [`parse_sasl_initial_response`]; if it has no
 //!    data, send an empty SASLContinue and take the client-first-message from the next
 //!    SASLResponse (PostgreSQL does the same);
@@ -12,7 +14,9 @@
 //!    `server_final` in AuthenticationSASLFinal, then AuthenticationOk.
 //!
 //! On [`ScramError::WrongPassword`] send ErrorResponse 28P01 ("password authentication failed");
-//! on errors where [`ScramError::is_protocol_violation`] holds, 08P01. PostgreSQL never sends a
+//! where [`ScramError::is_authorization_failure`] holds (a channel binding that does not
+//! match, or a downgrade), 28000 as PostgreSQL does; on errors where
+//! [`ScramError::is_protocol_violation`] holds, 08P01. PostgreSQL never sends a
 //! SCRAM `e=` message, and neither should we.
 
 use std::fmt;
@@ -24,9 +28,9 @@ use thiserror::Error;
 use super::secret::{SCRAM_KEY_LEN, ScramVerifier};
 use super::{ct_eq, hmac_sha256, sha256};
 
-/// The only mechanism pgrelay offers.
+/// SCRAM without channel binding, offered to every client.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
-/// The channel-binding variant; pgrelay does not offer it, so clients selecting it are refused.
+/// The channel-binding variant, offered to clients on TLS only.
 pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// Real SCRAM messages are ~100-200 bytes; the bound keeps a hostile peer from making us
 /// buffer, base64-decode or hash arbitrarily large input.
@@ -47,6 +51,33 @@ const AUTH_SASL_FINAL: i32 = 12;
 /// `y,,` (supports it but thinks we do not). This is what `c=` must carry.
 const CBIND_N: &[u8] = b"biws";
 const CBIND_Y: &[u8] = b"eSws";
+/// The gs2 header of a client that binds to our certificate; its `c=` is the base64 of this
+/// followed by the binding data.
+const GS2_TLS_SERVER_END_POINT: &[u8] = b"p=tls-server-end-point,,";
+
+/// Where channel binding stands for one exchange, fixed by what pgrelay offered and which
+/// mechanism the client picked from AuthenticationSASL.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Plaintext connection (or a certificate without a binding hash): only SCRAM-SHA-256
+    /// was offered.
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS was offered, the client picked SCRAM-SHA-256.
+    Declined,
+    /// The client picked SCRAM-SHA-256-PLUS; the `tls-server-end-point` data of our
+    /// certificate.
+    Selected(Vec<u8>),
+}
+
+impl fmt::Debug for ChannelBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelBinding::NotOffered => f.write_str("NotOffered"),
+            ChannelBinding::Declined => f.write_str("Declined"),
+            ChannelBinding::Selected(data) => write!(f, "Selected({} bytes)", data.len()),
+        }
+    }
+}
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ScramError {
@@ -58,9 +89,31 @@ pub enum ScramError {
     MessageTooLong,
     #[error("SCRAM nonce longer than {MAX_NONCE_LEN} bytes")]
     NonceTooLong,
-    /// The client chose `p=...` (SCRAM-SHA-256-PLUS), which we never advertise.
-    #[error("client selected SCRAM channel binding, but it was not offered")]
+    /// The gs2 header says `p=...` but the client did not pick SCRAM-SHA-256-PLUS.
+    #[error(
+        "malformed SCRAM message: the client selected SCRAM-SHA-256 without channel binding, \
+         but the SCRAM message includes channel binding data"
+    )]
     ChannelBindingNotOffered,
+    /// The client picked SCRAM-SHA-256-PLUS but its gs2 header is `n` or `y`.
+    #[error(
+        "malformed SCRAM message: the client selected SCRAM-SHA-256-PLUS, but the SCRAM \
+         message does not include channel binding data"
+    )]
+    ChannelBindingMissing,
+    #[error("unsupported SCRAM channel-binding type")]
+    UnsupportedChannelBindingType,
+    /// `y`: the client could bind but thinks we cannot, though we offered -PLUS: someone in
+    /// the middle may have removed it from the list.
+    #[error(
+        "SCRAM channel binding negotiation error: the client supports SCRAM channel binding \
+         but thinks the server does not; however, this server does support channel binding"
+    )]
+    ChannelBindingDowngrade,
+    /// The client bound to another certificate than ours: it talks to pgrelay through
+    /// someone who terminates TLS in between.
+    #[error("SCRAM channel binding check failed")]
+    ChannelBindingCheckFailed,
     /// `c=` in client-final does not match the gs2 header of client-first.
     #[error("unexpected SCRAM channel-binding attribute in client-final-message")]
     ChannelBindingMismatch,
@@ -109,6 +162,15 @@ impl ScramError {
         matches!(self, ScramError::WrongPassword)
     }
 
+    /// True for a failed or downgraded channel binding: answer with 28000
+    /// invalid_authorization_specification, as PostgreSQL does.
+    pub fn is_authorization_failure(&self) -> bool {
+        matches!(
+            self,
+            ScramError::ChannelBindingCheckFailed | ScramError::ChannelBindingDowngrade
+        )
+    }
+
     /// True when the peer broke the protocol: answer with 08P01 protocol_violation.
     pub fn is_protocol_violation(&self) -> bool {
         matches!(
@@ -117,6 +179,8 @@ impl ScramError {
                 | ScramError::MessageTooLong
                 | ScramError::NonceTooLong
                 | ScramError::ChannelBindingNotOffered
+                | ScramError::ChannelBindingMissing
+                | ScramError::UnsupportedChannelBindingType
                 | ScramError::ChannelBindingMismatch
                 | ScramError::AuthzidNotSupported
                 | ScramError::UnsupportedExtension
@@ -153,6 +217,7 @@ pub struct ScramServer {
     salt_b64: String,
     iterations: u32,
     server_nonce: String,
+    binding: ChannelBinding,
 }
 
 /// Server side, after sending server-first, waiting for client-final.
@@ -160,7 +225,11 @@ pub struct ScramServerAwaitingFinal {
     keys: Keys,
     client_first_bare: Vec<u8>,
     server_first: String,
-    expected_cbind: &'static [u8],
+    /// What `c=` must be, base64-encoded.
+    expected_cbind: Vec<u8>,
+    /// Whether the client bound to our certificate: a wrong `c=` is then a failed binding
+    /// check, not a malformed message.
+    bound: bool,
     full_nonce: String,
 }
 
@@ -196,7 +265,15 @@ impl ScramServer {
             salt_b64: STANDARD.encode(&verifier.salt),
             iterations: verifier.iterations,
             server_nonce,
+            binding: ChannelBinding::NotOffered,
         }
+    }
+
+    /// Sets what was offered and chosen (see [`ChannelBinding`]); the default is
+    /// [`ChannelBinding::NotOffered`].
+    pub fn channel_binding(mut self, binding: ChannelBinding) -> Self {
+        self.binding = binding;
+        self
     }
 
     /// Takes the client-first-message (the SASLInitialResponse data) and returns the
@@ -205,12 +282,24 @@ impl ScramServer {
         check_len(client_first)?;
 
         let (cbind_flag, rest) = split_at_comma(client_first)?;
-        let expected_cbind = match cbind_flag {
-            b"n" => CBIND_N,
-            // 'y' means the client could bind but believes we cannot, which is true: we never
-            // advertise SCRAM-SHA-256-PLUS, so there is no downgrade to detect.
-            b"y" => CBIND_Y,
-            f if f.starts_with(b"p=") => return Err(ScramError::ChannelBindingNotOffered),
+        // The rules of PostgreSQL's read_client_first_message: the gs2 flag must agree with
+        // the mechanism the client picked.
+        let (expected_cbind, bound) = match (cbind_flag, &self.binding) {
+            (b"n" | b"y", ChannelBinding::Selected(_)) => return Err(ScramError::ChannelBindingMissing),
+            (b"n", _) => (CBIND_N.to_vec(), false),
+            // 'y': the client could bind but believes we cannot. Over TLS we offered
+            // SCRAM-SHA-256-PLUS, so someone removed it from the list on the way.
+            (b"y", ChannelBinding::Declined) => return Err(ScramError::ChannelBindingDowngrade),
+            (b"y", ChannelBinding::NotOffered) => (CBIND_Y.to_vec(), false),
+            (flag, ChannelBinding::Selected(data)) if flag.starts_with(b"p=") => {
+                if flag != &GS2_TLS_SERVER_END_POINT[..GS2_TLS_SERVER_END_POINT.len() - 2] {
+                    return Err(ScramError::UnsupportedChannelBindingType);
+                }
+                let mut input = GS2_TLS_SERVER_END_POINT.to_vec();
+                input.extend_from_slice(data);
+                (STANDARD.encode(input).into_bytes(), true)
+            }
+            (flag, _) if flag.starts_with(b"p=") => return Err(ScramError::ChannelBindingNotOffered),
             _ => return Err(ScramError::Malformed("invalid gs2 channel-binding flag")),
         };
         let (authzid, bare) = split_at_comma(rest)?;
@@ -252,6 +341,7 @@ impl ScramServer {
                 client_first_bare: bare.to_vec(),
                 server_first: server_first.clone(),
                 expected_cbind,
+                bound,
                 full_nonce,
             },
             server_first,
@@ -267,8 +357,12 @@ impl ScramServerAwaitingFinal {
 
         let mut fields = client_final.split(|&b| b == b',');
         let cbind = expect_attr(fields.next(), b'c', "expected channel-binding attribute (c=)")?;
-        if cbind != self.expected_cbind {
-            return Err(ScramError::ChannelBindingMismatch);
+        if cbind != self.expected_cbind.as_slice() {
+            return Err(if self.bound {
+                ScramError::ChannelBindingCheckFailed
+            } else {
+                ScramError::ChannelBindingMismatch
+            });
         }
         let nonce = expect_attr(fields.next(), b'r', "expected nonce attribute (r=)")?;
         if nonce != self.full_nonce.as_bytes() {
@@ -1034,6 +1128,110 @@ mod tests {
         // An unknown extension before p= is ignored (and signed): well-formed, wrong proof.
         let err = client_final_err(format!("c=biws,r={n},x=ext,p={zero_proof}").as_bytes());
         assert_eq!(err, ScramError::WrongPassword);
+    }
+
+    /// RFC 5802 §3: ClientKey = ClientProof XOR ClientSignature, where ClientSignature =
+    /// HMAC(StoredKey, AuthMessage). On RFC 7677's exchange that gives back the ClientKey
+    /// derived from the password, which is what pass-through logs in to PostgreSQL with.
+    #[test]
+    fn client_key_recovered_from_rfc7677_proof() {
+        let proof = decode_key(b"dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=").unwrap();
+        let bare = RFC_CLIENT_FIRST.strip_prefix("n,,").unwrap();
+        let without_proof = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
+        let signature = hmac_sha256(
+            &RFC_VERIFIER.stored_key,
+            &[
+                bare.as_bytes(),
+                b",",
+                RFC_SERVER_FIRST.as_bytes(),
+                b",",
+                without_proof.as_bytes(),
+            ],
+        );
+        assert_eq!(xor(&proof, &signature), *RFC_CLIENT_KEY);
+        let (server, _) = ScramServer::new(&RFC_VERIFIER, RFC_SERVER_NONCE)
+            .unwrap()
+            .handle_client_first(RFC_CLIENT_FIRST.as_bytes())
+            .unwrap();
+        let success = server.handle_client_final(RFC_CLIENT_FINAL.as_bytes()).unwrap();
+        assert_eq!(success.client_key, *RFC_CLIENT_KEY);
+    }
+
+    /// A SCRAM-SHA-256-PLUS exchange with postgres-protocol's client (libpq's rules), bound to
+    /// `client_data` while the server expects `server_data`.
+    fn plus_exchange(client_data: &[u8], server_data: &[u8]) -> Result<[u8; 32], ScramError> {
+        let mut client = ScramSha256::new(b"pencil", ChannelBinding::tls_server_end_point(client_data.to_vec()));
+        assert!(client.message().starts_with(b"p=tls-server-end-point,,"));
+        let (server, server_first) = ScramServer::with_random_nonce(&RFC_VERIFIER)
+            .channel_binding(super::ChannelBinding::Selected(server_data.to_vec()))
+            .handle_client_first(client.message())?;
+        client.update(server_first.as_bytes()).unwrap();
+        let success = server.handle_client_final(client.message())?;
+        client.finish(success.server_final.as_bytes()).unwrap();
+        Ok(success.client_key)
+    }
+
+    #[test]
+    fn channel_binding_plus() {
+        let hash = sha256(b"our certificate");
+        assert_eq!(plus_exchange(&hash, &hash).unwrap(), *RFC_CLIENT_KEY);
+        let other = sha256(b"a man in the middle's certificate");
+        let error = plus_exchange(&other, &hash).unwrap_err();
+        assert_eq!(error, ScramError::ChannelBindingCheckFailed);
+        assert!(error.is_authorization_failure() && !error.is_protocol_violation() && !error.is_auth_failure());
+    }
+
+    #[test]
+    fn gs2_flag_must_agree_with_the_mechanism() {
+        use super::ChannelBinding as Binding;
+        let selected = || Binding::Selected(vec![1; 32]);
+        let first = |flag: &str| format!("{flag},,n=,r=abc");
+        let cases: &[(&str, Binding, Option<ScramError>)] = &[
+            ("n", Binding::NotOffered, None),
+            ("y", Binding::NotOffered, None),
+            ("n", Binding::Declined, None),
+            ("y", Binding::Declined, Some(ScramError::ChannelBindingDowngrade)),
+            ("n", selected(), Some(ScramError::ChannelBindingMissing)),
+            ("y", selected(), Some(ScramError::ChannelBindingMissing)),
+            ("p=tls-server-end-point", selected(), None),
+            (
+                "p=tls-unique",
+                selected(),
+                Some(ScramError::UnsupportedChannelBindingType),
+            ),
+            (
+                "p=tls-server-end-point",
+                Binding::Declined,
+                Some(ScramError::ChannelBindingNotOffered),
+            ),
+            (
+                "p=tls-server-end-point",
+                Binding::NotOffered,
+                Some(ScramError::ChannelBindingNotOffered),
+            ),
+        ];
+        for (flag, binding, expected) in cases {
+            let result = ScramServer::with_random_nonce(&RFC_VERIFIER)
+                .channel_binding(binding.clone())
+                .handle_client_first(first(flag).as_bytes());
+            assert_eq!(result.err(), expected.clone(), "{flag} with {binding:?}");
+        }
+        assert!(ScramError::ChannelBindingDowngrade.is_authorization_failure());
+        assert!(ScramError::ChannelBindingMissing.is_protocol_violation());
+    }
+
+    /// A client that was offered -PLUS but picked plain SCRAM with 'n' (libpq with
+    /// channel_binding=disable) logs in as usual.
+    #[test]
+    fn plain_scram_when_plus_was_declined() {
+        let mut client = ScramSha256::new(b"pencil", ChannelBinding::unsupported());
+        let (server, server_first) = ScramServer::with_random_nonce(&RFC_VERIFIER)
+            .channel_binding(super::ChannelBinding::Declined)
+            .handle_client_first(client.message())
+            .unwrap();
+        client.update(server_first.as_bytes()).unwrap();
+        let success = server.handle_client_final(client.message()).unwrap();
+        assert_eq!(success.client_key, *RFC_CLIENT_KEY);
     }
 
     #[test]

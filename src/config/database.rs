@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::auth_query::AuthQueryKeys;
 use super::enums::{Consistency, FunctionVolatility, LoadBalance, RoutingTarget, ServerTlsMode, TransactionRouting};
 use super::pool::{PoolConfig, PoolOverrides};
 
@@ -19,6 +20,9 @@ pub struct DatabaseConfig {
     /// The `[pool]` keys this database sets itself; see [`DatabaseConfig::pool`].
     pub pool_overrides: PoolOverrides,
     pub routing: RoutingConfig,
+    /// `auth_user` / `auth_query` / `auth_cache_ttl` as this entry wrote them; see
+    /// [`super::Config::auth_query`] for the effective settings.
+    pub auth_query: AuthQueryKeys,
 }
 
 impl DatabaseConfig {
@@ -31,6 +35,7 @@ impl DatabaseConfig {
             server_tls: ServerTlsConfig::default(),
             pool_overrides: PoolOverrides::default(),
             routing: RoutingConfig::default(),
+            auth_query: AuthQueryKeys::default(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! problem found: TOML syntax (with line and column), unknown keys, wrong types, missing
 //! required keys and semantic mistakes, each as `key.path: message`.
 
+mod auth_query;
 mod database;
 pub mod duration;
 mod enums;
@@ -18,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
+pub use auth_query::{AuthQueryConfig, AuthQueryKeys, DEFAULT_AUTH_CACHE_TTL, DEFAULT_AUTH_QUERY};
 pub use database::{DatabaseConfig, RoutingConfig, ServerTlsConfig};
 pub use duration::{format_duration, format_limit, format_size, parse_duration, parse_size};
 pub use enums::{

@@ -16,8 +16,8 @@ use super::enums::{
 use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
 use super::{
-    ClientTlsConfig, Config, DatabaseConfig, PoolConfig, PoolOverrides, Problem, RoutingConfig, ServerConfig,
-    ServerTlsConfig, TcpOptions, UserConfig,
+    AuthQueryKeys, ClientTlsConfig, Config, DatabaseConfig, PoolConfig, PoolOverrides, Problem, RoutingConfig,
+    ServerConfig, ServerTlsConfig, TcpOptions, UserConfig,
 };
 
 const TOP_LEVEL_KEYS: &[&str] = &["server", "pool", "users", "databases"];
@@ -38,6 +38,9 @@ struct RawServer {
     tcp_keepalive: Option<bool>,
     tcp_keepalive_idle: Option<DurationValue>,
     tcp_user_timeout: Option<DurationValue>,
+    auth_user: Option<String>,
+    auth_query: Option<String>,
+    auth_cache_ttl: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +85,9 @@ struct RawDatabase {
     replicas: Option<Vec<String>>,
     server_tls: Option<TableOf<RawServerTls>>,
     routing: Option<TableOf<RawRouting>>,
+    auth_user: Option<String>,
+    auth_query: Option<String>,
+    auth_cache_ttl: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +225,20 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
             },
             user_timeout: limit(raw.tcp_user_timeout).unwrap_or(defaults.tcp.user_timeout),
         },
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+    }
+}
+
+/// Zero is kept as zero so that validation can refuse it with its key path.
+fn auth_query_keys(
+    auth_user: Option<String>,
+    auth_query: Option<String>,
+    auth_cache_ttl: Option<DurationValue>,
+) -> AuthQueryKeys {
+    AuthQueryKeys {
+        auth_user,
+        auth_query,
+        auth_cache_ttl: auth_cache_ttl.map(|DurationValue(ttl)| ttl),
     }
 }
 
@@ -332,6 +352,7 @@ fn database(
             }),
         pool_overrides,
         routing,
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
     }
 }
 

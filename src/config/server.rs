@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::auth_query::AuthQueryKeys;
 use super::enums::{AuthMethod, ClientTlsMode};
 use super::secret::PasswordForm;
 use crate::auth::ScramVerifier;
@@ -33,6 +34,8 @@ pub struct ServerConfig {
     pub tls: Option<ClientTlsConfig>,
     /// Keepalive and user timeout of client and server sockets.
     pub tcp: TcpOptions,
+    /// Defaults of `auth_user` / `auth_query` / `auth_cache_ttl` for every database.
+    pub auth_query: AuthQueryKeys,
 }
 
 /// TCP settings of every client and server socket: they find a peer that vanished (a
@@ -70,6 +73,7 @@ impl Default for ServerConfig {
             max_message_size: 64 << 20,
             tls: None,
             tcp: TcpOptions::default(),
+            auth_query: AuthQueryKeys::default(),
         }
     }
 }

@@ -25,6 +25,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     for (name, database) in &config.databases {
         self::database(name, database, &config.pool, &mut out);
     }
+    super::auth_query::validate(config, &mut out);
     out
 }
 

@@ -46,6 +46,7 @@ pub(crate) struct Families {
     pub(crate) reloads: IntCounterVec,
     pub(crate) runtime_stalls: IntCounter,
     pub(crate) retries: IntCounterVec,
+    pub(crate) login_refusals: IntCounterVec,
 }
 
 impl Families {
@@ -142,8 +143,15 @@ impl Families {
                 ),
                 &["database", "reason"],
             )?,
+            login_refusals: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_login_refusals_total",
+                    "Logins pgrelay refused, by reason: password (a wrong password, an unknown user, or a failed SCRAM channel binding).",
+                ),
+                &["reason"],
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 14] = [
+        let collectors: [Box<dyn Collector>; 15] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -158,6 +166,7 @@ impl Families {
             Box::new(families.reloads.clone()),
             Box::new(families.runtime_stalls.clone()),
             Box::new(families.retries.clone()),
+            Box::new(families.login_refusals.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -263,6 +272,11 @@ impl Metrics {
     /// here is fine.
     pub fn retry(&self, database: &str, reason: &str) {
         self.families.retries.with_label_values(&[database, reason]).inc();
+    }
+
+    /// Counts one refused login (`reason`: password). Rare: the label look-up here is fine.
+    pub fn login_refused(&self, reason: &str) {
+        self.families.login_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Counts one stall seen by the watchdog.

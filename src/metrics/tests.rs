@@ -81,6 +81,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_config_reloads_total", "counter", &["result"]),
     ("pgrelay_runtime_stalls_total", "counter", &[]),
     ("pgrelay_retries_total", "counter", &["database", "reason"]),
+    ("pgrelay_login_refusals_total", "counter", &["reason"]),
 ];
 
 /// A registry where every family has at least one series.
@@ -95,6 +96,7 @@ fn busy_metrics() -> Metrics {
     session.prepared_statements_evicted(2);
     metrics.server_connect_errors("app", "10.0.0.1:5432").inc();
     metrics.retry("app", "connect");
+    metrics.login_refused("password");
     metrics.set_state_source(|sink| {
         sink.pool("app", "alice", Role::Primary, "10.0.0.1:5432", pool(20, 5, 3, 1, 0));
         sink.backend("app", Role::Primary, "10.0.0.1:5432", true);

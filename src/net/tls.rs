@@ -51,6 +51,9 @@ fn provider() -> Arc<CryptoProvider> {
 pub struct ClientTls {
     acceptor: TlsAcceptor,
     required: bool,
+    /// `tls-server-end-point` data of the certificate clients get, for SCRAM-SHA-256-PLUS;
+    /// `None` when its signature algorithm defines none (see `auth::channel_binding`).
+    channel_binding: Option<Arc<[u8]>>,
 }
 
 impl ClientTls {
@@ -61,6 +64,16 @@ impl ClientTls {
             return Ok(None);
         }
         let certs = read_certificates(&config.cert)?;
+        // The certificate a client binds to is the first of the chain it receives.
+        let channel_binding = match certs.first().map(|cert| crate::auth::tls_server_end_point(cert)) {
+            Some(Ok(data)) => Some(Arc::from(data)),
+            Some(Err(error)) => {
+                tracing::warn!(cert = %config.cert.display(), %error,
+                    "SCRAM-SHA-256-PLUS (channel binding) is not offered to TLS clients");
+                None
+            }
+            None => None,
+        };
         let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|error| match error {
             pem::Error::NoItemsFound => TlsError::file(&config.key, "no PEM private key found"),
             error => TlsError::file(&config.key, error),
@@ -79,7 +92,14 @@ impl ClientTls {
         Ok(Some(ClientTls {
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             required: config.mode == ClientTlsMode::Require,
+            channel_binding,
         }))
+    }
+
+    /// The `tls-server-end-point` channel binding data of pgrelay's certificate, if its
+    /// signature algorithm defines one.
+    pub fn channel_binding(&self) -> Option<&[u8]> {
+        self.channel_binding.as_deref()
     }
 
     pub fn acceptor(&self) -> &TlsAcceptor {
@@ -94,7 +114,10 @@ impl ClientTls {
 
 impl fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientTls").field("required", &self.required).finish()
+        f.debug_struct("ClientTls")
+            .field("required", &self.required)
+            .field("channel_binding", &self.channel_binding.is_some())
+            .finish()
     }
 }
 

@@ -426,6 +426,11 @@ impl DatabaseEntry {
         }
     }
 
+    /// TLS towards this database's servers.
+    pub(super) fn server_tls(&self) -> Arc<ServerTls> {
+        self.server_tls.clone()
+    }
+
     /// The reported value of a startup parameter the servers already accepted, or
     /// `None` if it was never checked.
     pub fn known_param(&self, name: &str, value: &str) -> Option<Option<String>> {

@@ -2,11 +2,13 @@
 //! `ArcSwap` so a reload replaces it in one step. Sessions load it once per connection
 //! and keep what they resolved (their database, user and pools) for their lifetime.
 
+mod auth_query;
 mod consistency;
 mod database;
 mod schema;
 mod volatility;
 
+pub use auth_query::{AuthLookup, LookupError};
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
 pub use schema::{SchemaWatch, StaleStatement};
@@ -41,6 +43,9 @@ pub enum ClientAuth {
     Trust,
     Md5(Secret),
     Scram(ScramVerifier),
+    /// Not in `[[users]]`: the password comes from the database's auth_query at each login
+    /// (see [`AuthLookup`]); this entry only carries the user's pools and credentials.
+    Query,
 }
 
 /// A `[[users]]` entry, ready for use.
@@ -84,8 +89,16 @@ pub struct Snapshot {
     /// The `"*"` entry's server TLS, built once for every database made from it.
     fallback_tls: Arc<ServerTls>,
     dynamic: DashMap<String, Arc<DatabaseEntry>>,
+    /// auth_query of each configured database that has one.
+    auth_lookups: HashMap<String, Arc<AuthLookup>>,
+    /// auth_query of databases made from `"*"`, made on a login's first lookup (bounded).
+    fallback_lookups: DashMap<String, Arc<AuthLookup>>,
     observers: Observers,
 }
+
+/// Databases made from `"*"` whose auth_query pgrelay keeps a side connection and cache for:
+/// names are the client's choice, so they must not make this grow without bound.
+const MAX_FALLBACK_LOOKUPS: usize = 256;
 
 /// The name of the admin console's database.
 pub const ADMIN_DATABASE: &str = "pgrelay";
@@ -133,6 +146,15 @@ impl Snapshot {
                 source,
             })?
             .flatten();
+        let auth_lookups = config
+            .databases
+            .keys()
+            .filter(|name| name.as_str() != "*")
+            .filter_map(|name| {
+                let lookup = build_auth_lookup(&config, &users, name, name, databases.get(name)?.server_tls())?;
+                Some((name.clone(), Arc::new(lookup)))
+            })
+            .collect();
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -149,13 +171,57 @@ impl Snapshot {
             fallback,
             fallback_tls,
             dynamic: DashMap::new(),
+            auth_lookups,
+            fallback_lookups: DashMap::new(),
             observers: observers.clone(),
         })
+    }
+
+    /// The auth_query of the database a client asked for, and the address to run it on (the
+    /// primary the monitor found, else the configured one). `None` when it has none. Makes
+    /// nothing but the lookup itself: the database entry of a `"*"` name is made only once a
+    /// client has logged in.
+    pub fn auth_lookup(&self, dbname: &str) -> Option<(Arc<AuthLookup>, Arc<str>)> {
+        if let Some(database) = self.databases.get(dbname) {
+            let lookup = self.auth_lookups.get(dbname)?.clone();
+            return Some((lookup, database.hosts[database.primary_index()].clone()));
+        }
+        let fallback = self.fallback.as_ref()?;
+        if dbname.is_empty() || dbname == ADMIN_DATABASE {
+            return None;
+        }
+        let primary = match self.dynamic.get(dbname) {
+            Some(database) => database.hosts[database.primary_index()].clone(),
+            None => Arc::from(fallback.primary.as_str()),
+        };
+        if let Some(lookup) = self.fallback_lookups.get(dbname) {
+            return Some((lookup.clone(), primary));
+        }
+        if self.fallback_lookups.len() >= MAX_FALLBACK_LOOKUPS {
+            tracing::warn!(database = %dbname, "too many databases made from \"*\" use auth_query: not looked up");
+            return None;
+        }
+        let lookup = build_auth_lookup(&self.config, &self.users, "*", dbname, self.fallback_tls.clone())?;
+        let lookup = self
+            .fallback_lookups
+            .entry(dbname.to_owned())
+            .or_insert_with(|| Arc::new(lookup))
+            .clone();
+        Some((lookup, primary))
     }
 
     /// Takes over from the snapshot this one replaces whatever is still valid (see
     /// [`DatabaseEntry::carry_over`]). Call before the snapshot is shared.
     pub fn carry_over(&mut self, old: &Snapshot) {
+        // Credentials that did not change keep what clients' logins taught them (SCRAM
+        // pass-through keys), and with them their pools.
+        for (name, user) in self.users.iter_mut() {
+            if let (Some(old_user), Some(user)) = (old.users.get(name), Arc::get_mut(user))
+                && old_user.server_credentials == user.server_credentials
+            {
+                user.server_credentials = old_user.server_credentials.clone();
+            }
+        }
         for (name, entry) in self.databases.iter_mut() {
             if let (Some(old_entry), Some(entry)) = (old.databases.get(name), Arc::get_mut(entry)) {
                 entry.carry_over(old_entry, &self.users);
@@ -293,6 +359,28 @@ fn build_server_tls(name: &str, database: &DatabaseConfig) -> Result<Arc<ServerT
         })
 }
 
+/// The auth_query of the `[databases]` entry `key`, serving clients' `dbname`.
+fn build_auth_lookup(
+    config: &Config,
+    users: &HashMap<String, Arc<UserEntry>>,
+    key: &str,
+    dbname: &str,
+    tls: Arc<ServerTls>,
+) -> Option<AuthLookup> {
+    let settings = config.auth_query(key)?;
+    let database = config.databases.get(key)?;
+    // Validation makes sure the auth_user exists.
+    let auth_user = users.get(&settings.auth_user)?.server_credentials.clone();
+    Some(AuthLookup::new(
+        settings,
+        database.server_dbname(dbname).to_owned(),
+        auth_user,
+        tls,
+        config.server.tcp,
+        database.pool(&config.pool).server_connect_timeout,
+    ))
+}
+
 fn build_user(user: &crate::config::UserConfig) -> Result<UserEntry, BuildError> {
     let invalid = |reason: String| BuildError::User {
         user: user.name.clone(),
@@ -326,11 +414,7 @@ fn build_user(user: &crate::config::UserConfig) -> Result<UserEntry, BuildError>
     Ok(UserEntry {
         name: user.name.clone(),
         auth,
-        server_credentials: Arc::new(ServerCredentials {
-            user: user.name.clone(),
-            password,
-            md5_hash,
-        }),
+        server_credentials: Arc::new(ServerCredentials::new(user.name.clone(), password, md5_hash)),
     })
 }
 

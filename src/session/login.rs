@@ -1,6 +1,7 @@
-//! Logging a client in: startup parameters, protocol version negotiation, password
-//! authentication (SCRAM-SHA-256, md5 or trust), the database it asked for, and the
-//! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
+//! Logging a client in: startup parameters, protocol version negotiation, who the user is
+//! (`[[users]]`, else the database's auth_query), password authentication (SCRAM-SHA-256,
+//! with channel binding on TLS, md5 or trust), the database it asked for, and the greeting
+//! (ParameterStatus, BackendKeyData, ReadyForQuery).
 //!
 //! The greeting reports each parameter as the server spells it for the client's value
 //! (`client_encoding=utf-8` is reported `UTF8`, `DateStyle=iso` `ISO, MDY`). pgrelay takes
@@ -11,7 +12,7 @@
 use std::sync::Arc;
 
 use super::options::parse_startup_options;
-use crate::auth::{self, ScramError, ScramServer, ScramVerifier};
+use crate::auth::{self, ChannelBinding, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
 use crate::config::RoutingTarget;
 use crate::error::{ClientError, Side, sqlstate};
@@ -19,7 +20,7 @@ use crate::net::ClientConn;
 use crate::protocol::{FrontendTag, TxStatus, compose, views};
 use crate::route::ClientEncoding;
 use crate::runtime::{ADMIN_DATABASE, ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry};
-use crate::upstream::{ParamDiff, SessionParams};
+use crate::upstream::{ParamDiff, PassThrough, SessionParams};
 
 /// Who logged in, where, and with which settings.
 pub(super) struct LoggedIn {
@@ -98,12 +99,27 @@ pub(super) async fn login(
         }
     }
 
-    let user = snapshot.user(user_name);
-    authenticate(client, shared, user_name, user.as_deref()).await?;
+    let (user, auth) = resolve_user(snapshot, user_name, database_name).await?;
+    let learned = authenticate(client, shared, snapshot, user_name, auth.as_ref())
+        .await
+        .inspect_err(|error| {
+            if error.as_ref().is_some_and(|error| {
+                error.sqlstate == sqlstate::INVALID_PASSWORD || error.sqlstate == sqlstate::INVALID_AUTHORIZATION
+            }) {
+                shared.metrics.login_refused("password");
+            }
+        })?;
     let Some(user) = user else {
         // authenticate() never lets an unknown user through.
         return Err(Some(password_failed(user_name)));
     };
+    // Pass-through: without a configured password, the pools log in to PostgreSQL with what
+    // this login proved (the newest login's secret wins, so a changed password takes over).
+    if let Some(secret) = learned
+        && !user.server_credentials.has_configured_secret()
+    {
+        user.server_credentials.learn(secret);
+    }
     compose::auth_ok(&mut client.outbuf);
 
     if database_name == ADMIN_DATABASE {
@@ -228,14 +244,51 @@ fn greet(
     client_encoding
 }
 
+/// Who `user_name` is and how it must prove it: its `[[users]]` entry, else what the
+/// database's auth_query answers, else nobody (`None`, `None`: it goes through a login that
+/// cannot succeed). The admin console knows configured users only.
+async fn resolve_user(
+    snapshot: &Snapshot,
+    user_name: &str,
+    database_name: &str,
+) -> Result<(Option<Arc<UserEntry>>, Option<ClientAuth>), LoginError> {
+    if let Some(user) = snapshot.user(user_name) {
+        let auth = user.auth.clone();
+        return Ok((Some(user), Some(auth)));
+    }
+    if database_name == ADMIN_DATABASE {
+        return Ok((None, None));
+    }
+    let Some((lookup, primary)) = snapshot.auth_lookup(database_name) else {
+        return Ok((None, None));
+    };
+    match lookup.lookup(user_name, &primary).await {
+        Ok(Some((user, auth))) => Ok((Some(user), Some(auth))),
+        Ok(None) => Ok((None, None)),
+        Err(error) => {
+            tracing::warn!(database = %database_name, user = %user_name, %error, "auth_query failed");
+            Err(Some(ClientError::new(
+                Side::Server,
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "could not look up the password of user \"{user_name}\": auth_query failed (see pgrelay's log)"
+                ),
+            )))
+        }
+    }
+}
+
+/// Runs the exchange `auth` calls for; returns what the login proved that can log in to
+/// PostgreSQL in the client's place (SCRAM keys, an md5 hash), if anything.
 async fn authenticate(
     client: &mut ClientConn,
     shared: &Shared,
+    snapshot: &Snapshot,
     user_name: &str,
-    user: Option<&UserEntry>,
-) -> Result<(), LoginError> {
-    match user.map(|user| &user.auth) {
-        Some(ClientAuth::Trust) => Ok(()),
+    auth: Option<&ClientAuth>,
+) -> Result<Option<PassThrough>, LoginError> {
+    match auth {
+        Some(ClientAuth::Trust) => Ok(None),
         Some(ClientAuth::Md5(secret)) => {
             let salt: [u8; 4] = rand::random();
             compose::auth_md5(&mut client.outbuf, salt);
@@ -244,34 +297,67 @@ async fn authenticate(
                 .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
                 .0;
             if auth::verify_md5_response(secret, user_name, salt, response) {
-                Ok(())
+                Ok(secret.md5_hash(user_name).map(PassThrough::Md5))
             } else {
                 Err(Some(password_failed(user_name)))
             }
         }
-        Some(ClientAuth::Scram(verifier)) => scram(client, user_name, verifier).await,
+        Some(ClientAuth::Scram(verifier)) => {
+            let client_key = scram(client, snapshot, user_name, verifier).await?;
+            Ok(Some(PassThrough::Scram {
+                verifier: verifier.clone(),
+                client_key,
+            }))
+        }
         // Unknown users go through a SCRAM exchange that cannot succeed, so the answer
-        // does not reveal which users exist.
-        None => scram(client, user_name, &ScramVerifier::mock(user_name, &shared.mock_secret)).await,
+        // does not reveal which users exist. (`Query` is never handed here: `resolve_user`
+        // replaces it with the looked-up secret.)
+        Some(ClientAuth::Query) | None => {
+            let mock = ScramVerifier::mock(user_name, &shared.mock_secret);
+            scram(client, snapshot, user_name, &mock).await?;
+            Err(Some(password_failed(user_name)))
+        }
     }
 }
 
-async fn scram(client: &mut ClientConn, user_name: &str, verifier: &ScramVerifier) -> Result<(), LoginError> {
-    compose::auth_sasl(&mut client.outbuf, &[auth::SCRAM_SHA_256]);
+/// A SCRAM exchange with the client; returns the ClientKey its proof gave away. Clients on
+/// TLS are offered SCRAM-SHA-256-PLUS first, as PostgreSQL lists them, bound to pgrelay's
+/// certificate (`tls-server-end-point`).
+async fn scram(
+    client: &mut ClientConn,
+    snapshot: &Snapshot,
+    user_name: &str,
+    verifier: &ScramVerifier,
+) -> Result<[u8; auth::SCRAM_KEY_LEN], LoginError> {
+    let binding_data = if client.stream.is_tls() {
+        snapshot.client_tls.as_ref().and_then(|tls| tls.channel_binding())
+    } else {
+        None
+    };
+    let mechanisms: &[&str] = match binding_data {
+        Some(_) => &[auth::SCRAM_SHA_256_PLUS, auth::SCRAM_SHA_256],
+        None => &[auth::SCRAM_SHA_256],
+    };
+    compose::auth_sasl(&mut client.outbuf, mechanisms);
     let initial = read_password_message(client).await?;
     let initial = auth::parse_sasl_initial_response(&initial).map_err(|error| scram_error(&error, user_name))?;
-    if initial.mechanism != auth::SCRAM_SHA_256 {
-        return Err(Some(ClientError::protocol_violation(format!(
-            "client selected an invalid SASL authentication mechanism \"{}\"",
-            initial.mechanism
-        ))));
-    }
+    let binding = match (initial.mechanism, binding_data) {
+        (auth::SCRAM_SHA_256, None) => ChannelBinding::NotOffered,
+        (auth::SCRAM_SHA_256, Some(_)) => ChannelBinding::Declined,
+        (auth::SCRAM_SHA_256_PLUS, Some(data)) => ChannelBinding::Selected(data.to_vec()),
+        (mechanism, _) => {
+            return Err(Some(ClientError::protocol_violation(format!(
+                "client selected an invalid SASL authentication mechanism \"{mechanism}\""
+            ))));
+        }
+    };
     let Some(client_first) = initial.data else {
         return Err(Some(ClientError::protocol_violation(
             "SASLInitialResponse without data",
         )));
     };
     let (awaiting, server_first) = ScramServer::with_random_nonce(verifier)
+        .channel_binding(binding)
         .handle_client_first(client_first)
         .map_err(|error| scram_error(&error, user_name))?;
     compose::auth_sasl_continue(&mut client.outbuf, server_first.as_bytes());
@@ -280,7 +366,7 @@ async fn scram(client: &mut ClientConn, user_name: &str, verifier: &ScramVerifie
         .handle_client_final(&client_final)
         .map_err(|error| scram_error(&error, user_name))?;
     compose::auth_sasl_final(&mut client.outbuf, success.server_final.as_bytes());
-    Ok(())
+    Ok(success.client_key)
 }
 
 /// Largest password or SASL message PostgreSQL takes before login
@@ -310,6 +396,13 @@ async fn read_password_message(client: &mut ClientConn) -> Result<Vec<u8>, Login
 fn scram_error(error: &ScramError, user_name: &str) -> LoginError {
     if error.is_auth_failure() {
         Some(password_failed(user_name))
+    } else if error.is_authorization_failure() {
+        // PostgreSQL's words and code for a binding that fails or was stripped.
+        Some(ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_AUTHORIZATION,
+            error.to_string(),
+        ))
     } else {
         Some(ClientError::protocol_violation(error.to_string()))
     }

@@ -1,20 +1,18 @@
 //! Opening a server connection: TCP, TLS as the database's `server_tls` says, the startup
-//! message, authentication with whatever method the server asks for (SCRAM-SHA-256, md5,
-//! cleartext, trust), and reading the server's parameters and cancel key up to the first
-//! ReadyForQuery.
+//! message, authentication (see `login`), and reading the server's parameters and cancel key
+//! up to the first ReadyForQuery.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use md5::{Digest, Md5};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{BackendKey, ResponseQueue, ServerConn, ServerStream, SessionParams, UpstreamError};
+use super::login::Login;
+use super::{BackendKey, ResponseQueue, ServerConn, ServerCredentials, ServerStream, SessionParams, UpstreamError};
 use crate::config::ServerTlsMode;
 use crate::error::MessageText;
 use crate::net::ServerTls;
@@ -35,16 +33,6 @@ pub struct ConnectSpec {
     pub tls: Arc<ServerTls>,
     /// Keepalive and user timeout of the socket.
     pub tcp: crate::config::TcpOptions,
-}
-
-/// What pgrelay can prove to a server about a user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerCredentials {
-    pub user: String,
-    /// Plaintext password: works with every method.
-    pub password: Option<String>,
-    /// `md5` + hex(md5(password + user)): works for md5 only.
-    pub md5_hash: Option<String>,
 }
 
 pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
@@ -88,11 +76,7 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
     frontend::startup_message(params, &mut out).map_err(io_error)?;
     write_out(&mut conn.stream, &out).await.map_err(io_error)?;
 
-    let mut login = Login {
-        credentials: &spec.credentials,
-        addr: &addr,
-        scram: None,
-    };
+    let mut login = Login::new(&spec.credentials, &addr);
     loop {
         let frame = read_frame(&mut conn).await?;
         let body = frame.body();
@@ -243,117 +227,5 @@ async fn read_frame(conn: &mut ServerConn) -> Result<Frame, UpstreamError> {
                 addr: conn.addr.to_string(),
             });
         }
-    }
-}
-
-/// The client side of the authentication exchange.
-struct Login<'a> {
-    credentials: &'a ServerCredentials,
-    addr: &'a str,
-    scram: Option<ScramSha256>,
-}
-
-impl Login<'_> {
-    /// Writes the answer to one Authentication request into `out` (nothing for Ok).
-    fn answer(&mut self, code: i32, data: &[u8], out: &mut BytesMut) -> Result<(), UpstreamError> {
-        let io = |source| UpstreamError::Io {
-            addr: self.addr.to_owned(),
-            source,
-        };
-        match code {
-            0 => Ok(()),
-            3 => {
-                let password = self.password("cleartext password")?;
-                frontend::password_message(password.as_bytes(), out).map_err(io)
-            }
-            5 => {
-                let salt = data
-                    .get(..4)
-                    .and_then(|salt| <[u8; 4]>::try_from(salt).ok())
-                    .ok_or_else(|| self.refused("md5 request without salt"))?;
-                let response = self.md5_response(salt)?;
-                frontend::password_message(response.as_bytes(), out).map_err(io)
-            }
-            10 => {
-                let offers_scram = data.split(|&b| b == 0).any(|mechanism| mechanism == b"SCRAM-SHA-256");
-                if !offers_scram {
-                    return Err(self.refused("server offers no SASL mechanism pgrelay supports"));
-                }
-                let password = self.password("SCRAM-SHA-256")?;
-                let scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), out).map_err(io)?;
-                self.scram = Some(scram);
-                Ok(())
-            }
-            11 => {
-                let addr = self.addr;
-                let scram = self
-                    .scram
-                    .as_mut()
-                    .ok_or_else(|| refused(addr, "SASL continue before start"))?;
-                scram.update(data).map_err(io)?;
-                frontend::sasl_response(scram.message(), out).map_err(io)
-            }
-            12 => {
-                let addr = self.addr;
-                let scram = self
-                    .scram
-                    .as_mut()
-                    .ok_or_else(|| refused(addr, "SASL final before start"))?;
-                scram.finish(data).map_err(io)
-            }
-            other => Err(UpstreamError::Credentials {
-                addr: self.addr.to_owned(),
-                reason: format!("server asks for an unsupported authentication method ({other})"),
-            }),
-        }
-    }
-
-    fn password(&self, method: &str) -> Result<&str, UpstreamError> {
-        self.credentials.password.as_deref().ok_or_else(|| UpstreamError::Credentials {
-            addr: self.addr.to_owned(),
-            reason: format!(
-                "server asks for {method} but no plaintext password is configured for user \"{}\" (set server_password)",
-                self.credentials.user
-            ),
-        })
-    }
-
-    /// md5(hex(md5(password + user)) + salt), from the plaintext or the stored hash.
-    fn md5_response(&self, salt: [u8; 4]) -> Result<String, UpstreamError> {
-        if let Some(password) = &self.credentials.password {
-            return Ok(postgres_protocol::authentication::md5_hash(
-                self.credentials.user.as_bytes(),
-                password.as_bytes(),
-                salt,
-            ));
-        }
-        let inner = self
-            .credentials
-            .md5_hash
-            .as_deref()
-            .and_then(|hash| hash.strip_prefix("md5"))
-            .ok_or_else(|| self.refused("server asks for md5 but no password or md5 hash is configured"))?;
-        let mut hasher = Md5::new();
-        hasher.update(inner.as_bytes());
-        hasher.update(salt);
-        let digest = hasher.finalize();
-        let mut response = String::with_capacity(35);
-        response.push_str("md5");
-        for byte in digest {
-            response.push_str(&format!("{byte:02x}"));
-        }
-        Ok(response)
-    }
-
-    fn refused(&self, reason: &str) -> UpstreamError {
-        refused(self.addr, reason)
-    }
-}
-
-fn refused(addr: &str, reason: &str) -> UpstreamError {
-    UpstreamError::Credentials {
-        addr: addr.to_owned(),
-        reason: reason.to_owned(),
     }
 }

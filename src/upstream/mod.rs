@@ -3,7 +3,10 @@
 //! applied, replies still owed) and the few queries pgrelay runs on it by itself.
 
 mod connect;
+mod credentials;
 pub mod expect;
+mod login;
+mod lookup;
 mod own_query;
 mod params;
 mod state;
@@ -15,8 +18,10 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
-pub use connect::{ConnectSpec, ServerCredentials, connect};
+pub use connect::{ConnectSpec, connect};
+pub use credentials::{PassThrough, ServerCredentials};
 pub use expect::{CopyStart, Expect, FailedAt, Recipient, ResponseQueue, Routing, Synthetic};
+pub use lookup::LookupRows;
 pub use own_query::OwnQueryOutcome;
 pub use params::{ParamDiff, SessionParams};
 pub(crate) use state::{ConnState, ServerFatal};
