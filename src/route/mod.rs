@@ -680,16 +680,20 @@ impl Classifier {
     /// Classifies `sql` (a Query message or a Parse text), bytes in a client encoding read
     /// as `charset` allows (see [`reading`]), from the cache when it can.
     pub fn classify_text(&self, sql: &[u8], charset: Charset) -> Arc<Classification> {
-        let reading = Reading::of(sql, charset);
-        let Some(reading_tag) = reading_tag(&reading) else {
-            return Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
-        };
         // The generation before the set: a set newer than the key is harmless (the entry
         // is unreachable), a key newer than the set cannot happen.
-        let tag = self.key_tag(reading_tag);
+        let expected = expected_reading_tag(sql, charset);
+        let tag = self.key_tag(expected);
+        // A hit needs no validation: only text read as `expected_reading_tag` says was
+        // stored under that tag, and these very bytes read the same way again.
         if let Some(hit) = self.cache.get(tag, sql) {
             return hit;
         }
+        let reading = Reading::of(sql, charset);
+        let Some(found) = reading_tag(&reading) else {
+            return Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
+        };
+        debug_assert_eq!(found, expected, "a text is stored under the tag it is looked up by");
         let class = Arc::new(self.read(reading, sql, self.volatile.load().as_deref()));
         self.cache.insert(tag, sql, &class);
         class
@@ -730,6 +734,17 @@ impl Classifier {
         let mut class = Classification::empty(hint::leading_hint(sql));
         lex::for_each_statement(sql, |stmt| class.push(fast::classify_stmt(&ctx, stmt, 0)));
         class.finish()
+    }
+}
+
+/// The tag `reading_tag` gives `sql` if it is valid, found without validating it (a UTF-8
+/// check costs as much as the cache lookup itself): UTF-8 and ASCII text read as text.
+fn expected_reading_tag(sql: &[u8], charset: Charset) -> u8 {
+    match charset {
+        Charset::Utf8 => 0,
+        _ if sql.is_ascii() => 0,
+        Charset::AsciiCompatible => 1,
+        Charset::Opaque => 2,
     }
 }
 
