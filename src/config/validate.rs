@@ -106,6 +106,26 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
             ),
         );
     }
+    let rate = &server.login_rate;
+    if rate.attempts_per_second > 0 && rate.burst < 1 {
+        push(
+            out,
+            "server.login_rate.burst".to_owned(),
+            "must be at least 1 while attempts_per_second is set",
+        );
+    }
+    if rate.ban_after > 0 && rate.ban_duration.is_zero() {
+        push(
+            out,
+            "server.login_rate.ban_duration".to_owned(),
+            "must be greater than 0 (set ban_after = 0 for no bans)",
+        );
+    }
+    if let Some(super::hba::HbaSource::File(file)) = &server.hba
+        && file.as_os_str().is_empty()
+    {
+        push(out, "server.hba_file".to_owned(), "must not be empty");
+    }
     if let Some(tls) = &server.tls {
         for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
             if file.as_os_str().is_empty() {
@@ -156,6 +176,14 @@ fn pool(prefix: &str, pool: &PoolConfig, overrides: Option<&PoolOverrides>, out:
     }
     if own_prepared && pool.max_prepared_statements < 1 {
         push(out, key_path(prefix, "max_prepared_statements"), "must be at least 1");
+    }
+    // A user's server connections span databases: one database cannot set their limit.
+    if overrides.is_some_and(|o| o.max_user_connections.is_some()) {
+        push(
+            out,
+            key_path(prefix, "max_user_connections"),
+            "a user's limit covers every database: set it in [pool]",
+        );
     }
 }
 

@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use super::handles::{DatabaseHandles, SessionMetrics};
-use super::labels::{NO_DATABASE, ReloadOutcome, sqlstate_label};
+use super::labels::{LoginRefusal, NO_DATABASE, ReloadOutcome, sqlstate_label};
 use super::scrape::{StateCollector, StateSink};
 
 /// Upper bounds (seconds) shared by both histograms: 50 µs (a checkout from a warm pool, a
@@ -46,6 +46,7 @@ pub(crate) struct Families {
     pub(crate) reloads: IntCounterVec,
     pub(crate) runtime_stalls: IntCounter,
     pub(crate) retries: IntCounterVec,
+    pub(crate) login_refusals: IntCounterVec,
 }
 
 impl Families {
@@ -142,8 +143,15 @@ impl Families {
                 ),
                 &["database", "reason"],
             )?,
+            login_refusals: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_login_refusals_total",
+                    "Logins refused by reason: rate (a login-rate bucket of the address or user was empty), ban (the address failed too often), hba (no client address rule let it in), limit (max_client_conn, max_client_conn_per_user, max_client_conn_per_address), password (wrong password or unknown user).",
+                ),
+                &["reason"],
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 14] = [
+        let collectors: [Box<dyn Collector>; 15] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -158,6 +166,7 @@ impl Families {
             Box::new(families.reloads.clone()),
             Box::new(families.runtime_stalls.clone()),
             Box::new(families.retries.clone()),
+            Box::new(families.login_refusals.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -180,6 +189,7 @@ pub struct Metrics {
     /// that the registry no longer exports.
     databases: DashMap<Box<str>, Arc<DatabaseHandles>>,
     reloads: [IntCounter; 2],
+    login_refusals: [IntCounter; 5],
     state: StateCollector,
 }
 
@@ -199,12 +209,16 @@ impl Metrics {
         // Both results exist from the start, so an alert on increase(…{result="error"}) fires on
         // the first failure rather than waiting for a second one.
         let reloads = ReloadOutcome::ALL.map(|outcome| families.reloads.with_label_values(&[outcome.label()]));
+        // Every reason from the start, for the same reason.
+        let login_refusals =
+            LoginRefusal::ALL.map(|reason| families.login_refusals.with_label_values(&[reason.label()]));
 
         Ok(Metrics {
             registry,
             families,
             databases: DashMap::new(),
             reloads,
+            login_refusals,
             state,
         })
     }
@@ -252,6 +266,11 @@ impl Metrics {
                 .with_label_values(&[NO_DATABASE, sqlstate_label(sqlstate)])
                 .inc(),
         }
+    }
+
+    /// Counts one refused login.
+    pub fn login_refusal(&self, reason: LoginRefusal) {
+        self.login_refusals[reason.index()].inc();
     }
 
     /// Counts one configuration reload.

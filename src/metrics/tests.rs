@@ -81,6 +81,13 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_config_reloads_total", "counter", &["result"]),
     ("pgrelay_runtime_stalls_total", "counter", &[]),
     ("pgrelay_retries_total", "counter", &["database", "reason"]),
+    ("pgrelay_login_refusals_total", "counter", &["reason"]),
+    ("pgrelay_user_servers", "gauge", &["user"]),
+    ("pgrelay_max_user_connections", "gauge", &["user"]),
+    ("pgrelay_database_servers", "gauge", &["database"]),
+    ("pgrelay_max_db_connections", "gauge", &["database"]),
+    ("pgrelay_login_banned_addresses", "gauge", &[]),
+    ("pgrelay_login_tracked_addresses", "gauge", &[]),
 ];
 
 /// A registry where every family has at least one series.
@@ -101,6 +108,9 @@ fn busy_metrics() -> Metrics {
         sink.backend("app", Role::Replica, "10.0.0.2:5432", true);
         sink.replica_lag("app", "10.0.0.2:5432", Duration::from_millis(120));
         sink.max_replica_lag("app", Duration::from_secs(1));
+        sink.user_servers("alice", 3, Some(5));
+        sink.database_servers("app", 3, Some(10));
+        sink.login_addresses(1, 4);
     });
     metrics
 }

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use super::options::parse_startup_options;
+use crate::access::Gate;
 use crate::auth::{self, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
 use crate::config::RoutingTarget;
@@ -50,6 +51,7 @@ pub(super) async fn login(
     minor_version: u16,
     params: Vec<(String, String)>,
     cancel: &CancelHandle,
+    gate: &mut Gate,
 ) -> Result<Destination, LoginError> {
     let param = |name: &str| {
         params
@@ -99,11 +101,19 @@ pub(super) async fn login(
     }
 
     let user = snapshot.user(user_name);
-    authenticate(client, shared, user_name, user.as_deref()).await?;
+    // A matching client address rule decides the method; without rules, the user's own.
+    let auth = match gate.method {
+        Some((method, line)) => {
+            super::method::client_auth(method, line, user_name, user.as_deref(), &shared.mock_secret).map_err(Some)?
+        }
+        None => user.as_ref().map(|user| user.auth.clone()),
+    };
+    authenticate(client, shared, user_name, auth.as_ref()).await?;
     let Some(user) = user else {
         // authenticate() never lets an unknown user through.
         return Err(Some(password_failed(user_name)));
     };
+    gate.authenticated(&user.name).map_err(Some)?;
     compose::auth_ok(&mut client.outbuf);
 
     if database_name == ADMIN_DATABASE {
@@ -232,10 +242,21 @@ async fn authenticate(
     client: &mut ClientConn,
     shared: &Shared,
     user_name: &str,
-    user: Option<&UserEntry>,
+    auth: Option<&ClientAuth>,
 ) -> Result<(), LoginError> {
-    match user.map(|user| &user.auth) {
+    match auth {
         Some(ClientAuth::Trust) => Ok(()),
+        Some(ClientAuth::Cleartext(secret)) => {
+            compose::auth_cleartext(&mut client.outbuf);
+            let response = read_password_message(client).await?;
+            let password = views::read_cstr(&response, "PasswordMessage")
+                .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
+                .0;
+            match std::str::from_utf8(password) {
+                Ok(password) if secret.verify_cleartext(user_name, password) => Ok(()),
+                _ => Err(Some(password_failed(user_name))),
+            }
+        }
         Some(ClientAuth::Md5(secret)) => {
             let salt: [u8; 4] = rand::random();
             compose::auth_md5(&mut client.outbuf, salt);

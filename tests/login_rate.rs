@@ -1,0 +1,147 @@
+//! Login rate limiting end to end (`[server.login_rate]`): failed passwords from one
+//! address are answered later and later, then the address is banned (even with the right
+//! password) while other addresses log in; a burst of attempts empties the address's bucket
+//! and is refused with 53300, while logins that succeed give their tokens back; cancel
+//! requests from a banned address still cancel; every refusal is counted by reason.
+//!
+//! Clients bind their sockets to 127.0.0.x to come from distinct addresses. The attack
+//! measured against a pgbench load is `benches/login_attack.rs`, not a test: its numbers
+//! depend on the machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Proxy, config_for, connect_from, first_value, message, shared_cluster, sqlstate, stream_from};
+use tokio_postgres::NoTls;
+
+fn config(login_rate: &str) -> String {
+    config_for(shared_cluster(), "size = 4")
+        .replace("\n[pool]", &format!("\n[server.login_rate]\n{login_rate}\n\n[pool]"))
+}
+
+fn refusals(proxy: &Proxy, reason: &str) -> f64 {
+    proxy
+        .running()
+        .shared()
+        .metrics
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "pgrelay_login_refusals_total")
+        .flat_map(|family| family.get_metric())
+        .filter(|metric| metric.get_label().iter().any(|label| label.value() == reason))
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_passwords_are_delayed_then_the_address_is_banned() {
+    let proxy = Proxy::start(&config(
+        "attempts_per_second = 1000\nburst = 1000\nfailed_delay = \"40ms\"\nban_after = 5\nban_duration = \"1m\"",
+    ))
+    .await;
+    for failure in 1..=5u32 {
+        let started = Instant::now();
+        let error = connect_from(proxy.addr, "127.0.0.7", "app", "wrong", "app")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&error), "28P01", "{error:?}");
+        // The answer waits failed_delay times the address's failures (a lower bound only:
+        // a busy machine may take longer, never shorter).
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(40) * failure,
+            "failure {failure} answered after {waited:?}"
+        );
+    }
+    let banned = connect_from(proxy.addr, "127.0.0.7", "app", "app", "app")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&banned), "28000");
+    assert!(
+        message(&banned).starts_with("address \"127.0.0.7\" is banned for "),
+        "{}",
+        message(&banned)
+    );
+    // Other addresses, and the same user from them, are not affected.
+    let other = connect_from(proxy.addr, "127.0.0.8", "app", "app", "app")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&other.simple_query("SELECT 1").await.unwrap()), "1");
+    assert_eq!(refusals(&proxy, "password"), 5.0);
+    assert_eq!(refusals(&proxy, "ban"), 1.0);
+    let text = String::from_utf8(proxy.running().shared().metrics.render().unwrap()).unwrap();
+    assert!(text.contains("pgrelay_login_banned_addresses 1"), "{text}");
+
+    // A cancel request from the banned address is not a login: it still cancels.
+    let cancel_token = other.cancel_token();
+    let running = tokio::spawn(async move { other.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    common::wait_until("the sleep runs", Duration::from_secs(10), || async {
+        !proxy
+            .running()
+            .shared()
+            .registry
+            .clients()
+            .iter()
+            .all(|client| client.state().as_str() != "active")
+    })
+    .await;
+    let stream = stream_from("127.0.0.7", proxy.addr).await;
+    cancel_token.cancel_query_raw(stream, NoTls).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&cancelled), "57014");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_empties_the_bucket_and_successful_logins_give_tokens_back() {
+    let proxy = Proxy::start(&config(
+        "attempts_per_second = 1\nburst = 3\nfailed_delay = \"0\"\nban_after = 0",
+    ))
+    .await;
+    // Logins that succeed cost nothing in the end: many in a row from one address.
+    for _ in 0..10 {
+        let client = connect_from(proxy.addr, "127.0.0.10", "app", "app", "app")
+            .await
+            .unwrap();
+        drop(client);
+    }
+    // Failed ones keep their tokens: after the burst (and what refilled meanwhile, one a
+    // second), attempts are refused before any password is asked for.
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        let error = connect_from(proxy.addr, "127.0.0.11", "app_t8", "wrong", "app")
+            .await
+            .unwrap_err();
+        outcomes.push((sqlstate(&error), message(&error)));
+    }
+    assert_eq!(
+        outcomes[..3].iter().filter(|(code, _)| code == "28P01").count(),
+        3,
+        "{outcomes:?}"
+    );
+    let refused: Vec<_> = outcomes.iter().filter(|(code, _)| code == "53300").collect();
+    assert!(!refused.is_empty(), "{outcomes:?}");
+    assert_eq!(
+        refused[0].1,
+        "too many login attempts from address \"127.0.0.11\" (server.login_rate: 1 per second, burst 3); try again later"
+    );
+    assert_eq!(refusals(&proxy, "rate"), refused.len() as f64);
+    // The user's own bucket: other addresses trying the same user name.
+    let mut user_refused = 0;
+    for source in 12..=30 {
+        if let Err(error) = connect_from(proxy.addr, &format!("127.0.0.{source}"), "app_t9", "wrong", "app").await
+            && message(&error).starts_with("too many login attempts for user \"app_t9\"")
+        {
+            user_refused += 1;
+        }
+    }
+    assert!(user_refused > 0, "the user's bucket refused nothing");
+    proxy.shutdown().await;
+}
