@@ -623,6 +623,52 @@ replicas = ["127.0.0.1:5433"]
     }
 
     #[test]
+    fn access_keys() {
+        let config = parse(&format!(
+            "{BASE}[server]\nmax_client_conn_per_user = 3\nhba = [\"host all all 10.0.0.0/8 md5\"]\n\
+             [server.login_rate]\nburst = 5\nban_duration = \"1m\"\n[pool]\nmax_user_connections = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(config.server.max_client_conn_per_user, 3);
+        assert_eq!(config.server.login_rate.burst, 5);
+        assert_eq!(config.server.login_rate.attempts_per_second, 20, "default kept");
+        assert_eq!(
+            config.server.login_rate.ban_duration,
+            std::time::Duration::from_secs(60)
+        );
+        assert_eq!(config.pool.max_user_connections, 4);
+        match &config.server.hba {
+            Some(super::super::hba::HbaSource::Inline(rules)) => assert_eq!(rules.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert_problem(
+            "[server]\nhba = [\"host all all 10.0.0.0/8 md5\", \"host all all 10.0.0.1 md5\"]\n",
+            "server.hba[1]: specify an address range in CIDR notation, or provide a separate netmask",
+        );
+        assert_problem(
+            "[server]\nhba = []\nhba_file = \"x\"\n",
+            "server.hba: set either hba_file or hba, not both",
+        );
+        assert_problem(
+            "[server.login_rate]\nburst = 0\n",
+            "server.login_rate.burst: must be at least 1 while attempts_per_second is set",
+        );
+        assert_problem(
+            "[server.login_rate]\nban_duration = \"0\"\n",
+            "server.login_rate.ban_duration: must be greater than 0 (set ban_after = 0 for no bans)",
+        );
+        assert_problem(
+            "[server.login_rate]\nbaan_after = 3\n",
+            "server.login_rate.baan_after: unknown key (did you mean \"ban_after\"?)",
+        );
+        assert_problem(
+            "max_user_connections = 3\n",
+            "databases.app.max_user_connections: a user's limit covers every database: set it in [pool]",
+        );
+        assert_eq!(problems("max_db_connections = 3\n"), Vec::<String>::new());
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let found = problems("[server]\nmax_client_conn = 0\n[pool]\nsize = 0\n[databases.pgrelay]\nprimary = \"x\"\n");
         assert_eq!(

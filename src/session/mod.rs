@@ -110,7 +110,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             }
             if refused == Some(Refusal::Password) {
                 // The answer waits, growing with the address's failures; an async sleep
-                // holds no thread, and the connection keeps its max_client_conn places.
+                // holds no thread. The connection's places were given back with the failed
+                // login: waiting ones are bounded by the login rate (a token per attempt)
+                // times the longest delay (10 s), per address.
                 let delay = shared.access.failed_password(settings, peer.ip());
                 tokio::time::sleep(delay).await;
             }
@@ -167,7 +169,13 @@ async fn start(
             .map(|(_, value)| value.as_str())
             .filter(|value| !value.is_empty())
     };
-    let user_name = param("user").unwrap_or_default();
+    let Some(user_name) = param("user") else {
+        return Err(Some(ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )));
+    };
     let request = LoginRequest {
         ip: client.peer.ip(),
         tls: client.stream.is_tls(),
