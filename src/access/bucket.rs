@@ -1,7 +1,7 @@
 //! A token bucket: `burst` tokens at most, refilled at `rate` per second. Pure: the
 //! caller passes the time, so tests need no clock.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBucket {
@@ -41,6 +41,14 @@ impl TokenBucket {
         }
     }
 
+    /// How long until the bucket holds a token (zero if it holds one now).
+    pub fn time_to_token(&self, refill: Refill, now: Instant) -> Duration {
+        let mut copy = *self;
+        copy.refill(refill, now);
+        let missing = (1.0 - copy.tokens).max(0.0);
+        Duration::from_secs_f64(missing / refill.per_second)
+    }
+
     /// Gives a token back (a login that succeeded), never above `burst`.
     pub fn give_back(&mut self, refill: Refill) {
         self.tokens = (self.tokens + 1.0).min(refill.burst);
@@ -68,10 +76,16 @@ mod tests {
 
     #[test]
     fn burst_then_rate() {
+        use std::time::Duration;
         let start = Instant::now();
         let mut bucket = TokenBucket::full(REFILL, start);
         assert!((0..3).all(|_| bucket.try_take(REFILL, start)), "the burst");
         assert!(!bucket.try_take(REFILL, start), "empty");
+        assert_eq!(bucket.time_to_token(REFILL, start), Duration::from_millis(500));
+        assert_eq!(
+            bucket.time_to_token(REFILL, start + Duration::from_millis(200)),
+            Duration::from_millis(300)
+        );
         // Two tokens a second: one after half a second, not before.
         assert!(!bucket.try_take(REFILL, start + Duration::from_millis(400)));
         assert!(bucket.try_take(REFILL, start + Duration::from_millis(500)));

@@ -44,6 +44,12 @@ pub struct AccessSettings {
     pub max_client_conn_per_address: Option<usize>,
 }
 
+/// Longest an attempt waits for a login-rate token before it is refused. Waiting rather
+/// than refusing at once lets an application that opens many connections at once in (their
+/// tokens come back as each logs in), while a flood of failing attempts still gets no more
+/// than the rate; a waiting attempt costs a timer, not a thread.
+const MAX_RATE_WAIT: Duration = Duration::from_secs(2);
+
 /// One login on its way through the checks.
 #[derive(Debug)]
 pub struct Gate {
@@ -59,21 +65,33 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// The checks before authentication, cheapest first: ban, address rules, rate buckets.
-    pub fn open(
+    /// The checks before authentication, cheapest first: address rules, ban, rate buckets.
+    /// An empty bucket is waited for (an async sleep) up to [`MAX_RATE_WAIT`].
+    pub async fn open(
         access: &Arc<Access>,
         settings: &AccessSettings,
         request: &LoginRequest<'_>,
-        now: Instant,
     ) -> Result<Gate, (Refusal, ClientError)> {
         let method = match &settings.hba {
             Some(rules) => Some(rules.method_for(request).map_err(|error| (Refusal::Hba, error))?),
             None => None,
         };
-        let attempt = access
-            .rate
-            .admit(&settings.login_rate, request.ip, request.user, now)
-            .map_err(|refused| refusal(&settings.login_rate, request, refused))?;
+        let started = Instant::now();
+        let attempt = loop {
+            match access
+                .rate
+                .admit(&settings.login_rate, request.ip, request.user, Instant::now())
+            {
+                Ok(attempt) => break attempt,
+                Err(Refused::AddressRate(next) | Refused::UserRate(next))
+                    if started.elapsed() + next <= MAX_RATE_WAIT =>
+                {
+                    // At least a millisecond: a token given back meanwhile is taken then.
+                    tokio::time::sleep(next.max(Duration::from_millis(1))).await;
+                }
+                Err(refused) => return Err(refusal(&settings.login_rate, request, refused)),
+            }
+        };
         Ok(Gate {
             access: access.clone(),
             login_rate: settings.login_rate.clone(),
@@ -122,7 +140,7 @@ fn refusal(config: &LoginRateConfig, request: &LoginRequest<'_>, refused: Refuse
         config.attempts_per_second, config.burst
     );
     match refused {
-        Refused::AddressRate => (
+        Refused::AddressRate(_) => (
             Refusal::Rate,
             ClientError::new(
                 Side::Client,
@@ -133,7 +151,7 @@ fn refusal(config: &LoginRateConfig, request: &LoginRequest<'_>, refused: Refuse
                 ),
             ),
         ),
-        Refused::UserRate => (
+        Refused::UserRate(_) => (
             Refusal::Rate,
             ClientError::new(
                 Side::Client,

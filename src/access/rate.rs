@@ -32,10 +32,10 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Why a login attempt was refused before authentication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
-    /// The address's bucket is empty.
-    AddressRate,
-    /// The user name's bucket is empty.
-    UserRate,
+    /// The address's bucket is empty; it has a token again after this long.
+    AddressRate(Duration),
+    /// The user name's bucket is empty; it has a token again after this long.
+    UserRate(Duration),
     /// The address failed too often; banned for this much longer.
     Banned(Duration),
 }
@@ -199,7 +199,7 @@ impl LoginRate {
             });
         };
         if !entry.bucket.try_take(refill, now) {
-            return Err(Refused::AddressRate);
+            return Err(Refused::AddressRate(entry.bucket.time_to_token(refill, now)));
         }
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
         let bucket = users.entry(
@@ -210,7 +210,7 @@ impl LoginRate {
         );
         if !bucket.try_take(refill, now) {
             entry.bucket.give_back(refill);
-            return Err(Refused::UserRate);
+            return Err(Refused::UserRate(bucket.time_to_token(refill, now)));
         }
         Ok(Attempt {
             ip,
@@ -331,13 +331,13 @@ mod tests {
         let _b = rate.admit(&config, ip("10.0.0.1"), "other", now).unwrap();
         assert_eq!(
             rate.admit(&config, ip("10.0.0.1"), "third", now).map(|_| ()),
-            Err(Refused::AddressRate)
+            Err(Refused::AddressRate(Duration::from_secs(1)))
         );
         // Another address has its own bucket, but user "app" has one token left.
         let _c = rate.admit(&config, ip("10.0.0.2"), "app", now).unwrap();
         assert_eq!(
             rate.admit(&config, ip("10.0.0.3"), "app", now).map(|_| ()),
-            Err(Refused::UserRate)
+            Err(Refused::UserRate(Duration::from_secs(1)))
         );
         // The refused user attempt did not cost 10.0.0.3 its token.
         let _d = rate.admit(&config, ip("10.0.0.3"), "x", now).unwrap();

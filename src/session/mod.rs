@@ -15,7 +15,7 @@ mod run;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -182,8 +182,9 @@ async fn start(
         user: user_name,
         database: param("database").unwrap_or(user_name),
     };
-    let mut gate =
-        Gate::open(&shared.access, &snapshot.access, &request, Instant::now()).map_err(|(reason, error)| {
+    let mut gate = Gate::open(&shared.access, &snapshot.access, &request)
+        .await
+        .map_err(|(reason, error)| {
             *refused = Some(reason);
             Some(error)
         })?;
