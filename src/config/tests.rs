@@ -132,6 +132,8 @@ fn full_file_with_every_key() {
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
+            max_user_connections: 0,
+            max_db_connections: 0,
         }
     );
 
@@ -176,6 +178,8 @@ fn full_file_with_every_key() {
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
+            max_user_connections: 0,
+            max_db_connections: 0,
         }
     );
     assert_eq!(

@@ -17,7 +17,7 @@ use crate::config::{
 };
 use crate::metrics::Metrics;
 use crate::net::ServerTls;
-use crate::pool::{PoolLimits, PoolObservers, ServerPool};
+use crate::pool::{Budgets, PoolLimits, PoolObservers, ServerPool};
 use crate::registry::Registry;
 use crate::route::{Classifier, ClassifierSettings};
 use crate::router::Reason;
@@ -78,6 +78,8 @@ pub struct DatabaseEntry {
     pools: DashMap<String, Arc<UserPools>>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
+    /// max_user_connections and max_db_connections over every pool.
+    budgets: Arc<Budgets>,
     /// Reads the statements clients send, for routing and session tracking.
     pub classifier: Classifier,
     /// PAUSE: while true, new transactions wait. Shared with the entry that replaces
@@ -112,6 +114,7 @@ impl DatabaseEntry {
             tcp,
             metrics: observers.metrics.clone(),
             registry: observers.registry.clone(),
+            budgets: observers.budgets.clone(),
             name: name.to_owned(),
             server_dbname: config.server_dbname(name).to_owned(),
             pool: config.pool(defaults),
@@ -396,6 +399,7 @@ impl DatabaseEntry {
                             connect_errors: Some(self.metrics.server_connect_errors(&self.name, addr)),
                             registry: Some((self.registry.clone(), self.name.clone())),
                         },
+                        self.budgets.for_pool(&user.name, &self.name),
                     )
                 };
                 Arc::new(UserPools {
@@ -423,6 +427,8 @@ impl DatabaseEntry {
             connect_timeout: self.pool.server_connect_timeout,
             idle_timeout: self.pool.server_idle_timeout,
             lifetime: self.pool.server_lifetime,
+            max_user_connections: (self.pool.max_user_connections > 0).then_some(self.pool.max_user_connections),
+            max_db_connections: (self.pool.max_db_connections > 0).then_some(self.pool.max_db_connections),
         }
     }
 

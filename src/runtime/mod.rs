@@ -20,11 +20,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
+use crate::access::{Access, AccessSettings, HbaRules};
 use crate::auth::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
+use crate::config::hba::{HbaMethod, HbaSource};
 use crate::config::{AuthMethod, Config, DatabaseConfig};
 use crate::metrics::Metrics;
 use crate::net::{ClientTls, ServerTls, TlsError};
+use crate::pool::Budgets;
 use crate::registry::Registry;
 use crate::upstream::ServerCredentials;
 
@@ -46,6 +49,8 @@ pub enum ClientAuth {
     /// Not in `[[users]]`: the password comes from the database's auth_query at each login
     /// (see [`AuthLookup`]); this entry only carries the user's pools and credentials.
     Query,
+    /// The password in clear (hba method `password`), checked against the secret.
+    Cleartext(Secret),
 }
 
 /// A `[[users]]` entry, ready for use.
@@ -61,6 +66,9 @@ pub struct UserEntry {
 pub struct Observers {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
+    /// Server connections per user and per database over every pool
+    /// (max_user_connections, max_db_connections).
+    pub budgets: Arc<Budgets>,
 }
 
 /// Why a config could not be turned into a running state.
@@ -70,6 +78,8 @@ pub enum BuildError {
     User { user: String, reason: String },
     #[error("{key}: {source}")]
     Tls { key: String, source: TlsError },
+    #[error("server.hba_file: {0}")]
+    Hba(String),
 }
 
 /// One consistent view of users, databases and pools.
@@ -82,6 +92,9 @@ pub struct Snapshot {
     /// `[server.tls]`, its files read when the snapshot is built (so a reload reads them
     /// again); `None`: SSLRequest is answered 'N'.
     pub client_tls: Option<ClientTls>,
+    /// Address rules (the hba file read when the snapshot is built), login rate and client
+    /// limits.
+    pub access: AccessSettings,
     users: HashMap<String, Arc<UserEntry>>,
     databases: HashMap<String, Arc<DatabaseEntry>>,
     /// The `"*"` entry: databases not listed are created from it on first use.
@@ -155,6 +168,7 @@ impl Snapshot {
                 Some((name.clone(), Arc::new(lookup)))
             })
             .collect();
+        let access = access_settings(&config.server)?;
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -166,6 +180,7 @@ impl Snapshot {
             config: Arc::new(config),
             client_limits,
             client_tls,
+            access,
             users,
             databases,
             fallback,
@@ -350,6 +365,36 @@ impl Snapshot {
     }
 }
 
+/// The access settings of `[server]`; an hba file is read now, so a reload reads it again
+/// and an unreadable or invalid one fails the reload, keeping the rules in force.
+fn access_settings(server: &crate::config::ServerConfig) -> Result<AccessSettings, BuildError> {
+    let hba = match &server.hba {
+        None => None,
+        Some(HbaSource::Inline(rules)) => Some(HbaRules {
+            source: "server.hba".to_owned(),
+            rules: Arc::new(rules.clone()),
+        }),
+        Some(HbaSource::File(path)) => {
+            let rules = crate::config::hba::read_file(path).map_err(BuildError::Hba)?;
+            if rules.iter().any(|rule| rule.method == HbaMethod::Cert) {
+                tracing::warn!(file = %path.display(),
+                    "\"cert\" rules refuse every client: pgrelay does not request client certificates");
+            }
+            Some(HbaRules {
+                source: path.display().to_string(),
+                rules: Arc::new(rules),
+            })
+        }
+    };
+    let limit = |value: usize| (value > 0).then_some(value);
+    Ok(AccessSettings {
+        hba,
+        login_rate: server.login_rate.clone(),
+        max_client_conn_per_user: limit(server.max_client_conn_per_user),
+        max_client_conn_per_address: limit(server.max_client_conn_per_address),
+    })
+}
+
 fn build_server_tls(name: &str, database: &DatabaseConfig) -> Result<Arc<ServerTls>, BuildError> {
     ServerTls::build(&database.server_tls)
         .map(Arc::new)
@@ -433,6 +478,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Connected clients and server connections, for the admin console.
     pub registry: Arc<Registry>,
+    /// Server connections per user and per database over every pool.
+    pub budgets: Arc<Budgets>,
+    /// Client counts per user and per address, login buckets and bans.
+    pub access: Arc<Access>,
     /// The file a reload reads, if pgrelay was started from one.
     config_path: Option<std::path::PathBuf>,
     /// The admin console's SHUTDOWN.
@@ -452,6 +501,8 @@ impl Shared {
             workers: std::sync::OnceLock::new(),
             metrics: observers.metrics,
             registry: observers.registry,
+            budgets: observers.budgets,
+            access: Arc::new(Access::default()),
             snapshot: ArcSwap::from_pointee(snapshot),
             cancel: Arc::new(CancelRegistry::default()),
             clients: std::sync::atomic::AtomicUsize::new(0),
@@ -495,6 +546,7 @@ impl Shared {
         Observers {
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
+            budgets: self.budgets.clone(),
         }
     }
 

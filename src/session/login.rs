@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use super::options::parse_startup_options;
+use crate::access::Gate;
 use crate::auth::{self, ChannelBinding, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
 use crate::config::RoutingTarget;
@@ -51,6 +52,7 @@ pub(super) async fn login(
     minor_version: u16,
     params: Vec<(String, String)>,
     cancel: &CancelHandle,
+    gate: &mut Gate,
 ) -> Result<Destination, LoginError> {
     let param = |name: &str| {
         params
@@ -99,20 +101,20 @@ pub(super) async fn login(
         }
     }
 
-    let (user, auth) = resolve_user(snapshot, user_name, database_name).await?;
-    let learned = authenticate(client, shared, snapshot, user_name, auth.as_ref())
-        .await
-        .inspect_err(|error| {
-            if error.as_ref().is_some_and(|error| {
-                error.sqlstate == sqlstate::INVALID_PASSWORD || error.sqlstate == sqlstate::INVALID_AUTHORIZATION
-            }) {
-                shared.metrics.login_refused("password");
-            }
-        })?;
+    let (user, known) = resolve_user(snapshot, user_name, database_name).await?;
+    // A matching client address rule decides the method; without rules, the user's own.
+    let auth = match gate.method {
+        Some((method, line)) => {
+            super::method::client_auth(method, line, user_name, known.as_ref(), &shared.mock_secret).map_err(Some)?
+        }
+        None => known,
+    };
+    let learned = authenticate(client, shared, snapshot, user_name, auth.as_ref()).await?;
     let Some(user) = user else {
         // authenticate() never lets an unknown user through.
         return Err(Some(password_failed(user_name)));
     };
+    gate.authenticated(&user.name).map_err(Some)?;
     // Pass-through: without a configured password, the pools log in to PostgreSQL with what
     // this login proved (the newest login's secret wins, so a changed password takes over).
     if let Some(secret) = learned
@@ -289,6 +291,17 @@ async fn authenticate(
 ) -> Result<Option<PassThrough>, LoginError> {
     match auth {
         Some(ClientAuth::Trust) => Ok(None),
+        Some(ClientAuth::Cleartext(secret)) => {
+            compose::auth_cleartext(&mut client.outbuf);
+            let response = read_password_message(client).await?;
+            let password = views::read_cstr(&response, "PasswordMessage")
+                .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
+                .0;
+            match std::str::from_utf8(password) {
+                Ok(password) if secret.verify_cleartext(user_name, password) => Ok(None),
+                _ => Err(Some(password_failed(user_name))),
+            }
+        }
         Some(ClientAuth::Md5(secret)) => {
             let salt: [u8; 4] = rand::random();
             compose::auth_md5(&mut client.outbuf, salt);

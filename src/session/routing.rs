@@ -153,7 +153,11 @@ pub(super) async fn checkout_patiently(
             PoolError::Connect(upstream) => upstream.is_transient(),
             PoolError::ConnectTimeout => true,
             // The client's patience is spent.
-            PoolError::WaitTimeout | PoolError::LoginWaitTimeout | PoolError::Closed => false,
+            PoolError::WaitTimeout
+            | PoolError::LoginWaitTimeout
+            | PoolError::LimitWaitTimeout { .. }
+            | PoolError::Spent(_)
+            | PoolError::Closed => false,
         };
         if !transient || deadline.is_some_and(|deadline| Instant::now() + pause >= deadline) {
             return Err(error);

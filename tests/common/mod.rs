@@ -206,6 +206,39 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// A TCP stream to `addr` from `source` (an address of 127.0.0.0/8).
+pub async fn stream_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Logs in to pgrelay at `addr` from `source` without TLS.
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: &str,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(addr.port())
+        .user(user)
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(10));
+    if !password.is_empty() {
+        config.password(password);
+    }
+    let stream = stream_from(source, addr).await;
+    let (client, connection) = config.connect_raw(stream, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 /// A direct connection to a node of the cluster as the superuser.
 pub async fn direct(addr: &str, db: &str) -> Client {
     let (host, port) = addr.split_once(':').expect("host:port");
