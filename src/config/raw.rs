@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::duration::{ByteSize, DurationValue};
 use super::enums::{
-    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode,
-    TransactionRouting,
+    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode,
+    RoutingTarget, ServerTlsMode, TransactionRouting,
 };
 use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
@@ -41,6 +41,7 @@ struct RawServer {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +49,7 @@ struct RawClientTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     mode: Option<ClientTlsMode>,
+    channel_binding: Option<ChannelBindingMode>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +90,7 @@ struct RawDatabase {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +200,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
         cert: required(tls.cert, "server.tls.cert".to_owned(), problems),
         key: required(tls.key, "server.tls.key".to_owned(), problems),
         mode: tls.mode.unwrap_or_default(),
+        channel_binding: tls.channel_binding.unwrap_or_default(),
     });
     ServerConfig {
         listen: raw.listen.unwrap_or(defaults.listen),
@@ -225,7 +229,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
             },
             user_timeout: limit(raw.tcp_user_timeout).unwrap_or(defaults.tcp.user_timeout),
         },
-        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
     }
 }
 
@@ -234,10 +238,12 @@ fn auth_query_keys(
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
 ) -> AuthQueryKeys {
     AuthQueryKeys {
         auth_user,
         auth_query,
+        auth_dbname,
         auth_cache_ttl: auth_cache_ttl.map(|DurationValue(ttl)| ttl),
     }
 }
@@ -352,7 +358,7 @@ fn database(
             }),
         pool_overrides,
         routing,
-        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
     }
 }
 

@@ -274,7 +274,7 @@ impl Metrics {
         self.families.retries.with_label_values(&[database, reason]).inc();
     }
 
-    /// Counts one refused login (`reason`: password). Rare: the label look-up here is fine.
+    /// Counts one refused login (`reason`: password, channel_binding). Rare: the label look-up here is fine.
     pub fn login_refused(&self, reason: &str) {
         self.families.login_refusals.with_label_values(&[reason]).inc();
     }

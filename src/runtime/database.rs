@@ -390,6 +390,7 @@ impl DatabaseEntry {
                             credentials: user.server_credentials.clone(),
                             tls: self.server_tls.clone(),
                             tcp: self.tcp,
+                            application_name: None,
                         },
                         self.limits(),
                         PoolObservers {
