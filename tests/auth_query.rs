@@ -225,17 +225,11 @@ async fn scram_role_from_postgres_logs_in_with_pass_through() {
     let other = common::connect(&url(&proxy, user, password, "app")).await.unwrap();
     client.batch_execute("BEGIN; SELECT 1").await.unwrap();
     assert_eq!(server_role(&other).await, user);
+    // Two server connections of this proxy, not any two in the cluster: the backends differ.
+    let ours: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let theirs: i32 = other.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(ours, theirs);
     client.batch_execute("COMMIT").await.unwrap();
-    let backends = direct(&cluster().primary().addr(), "postgres")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = 'app'",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0);
-    assert!(backends >= 2, "{backends} server connections of {user}");
 
     let (code, message) = login_error(&proxy, user, "wrong", "app").await;
     assert_eq!(
@@ -264,15 +258,28 @@ async fn md5_role_and_unknown_users() {
         assert_eq!(code, "28P01", "{db}");
         assert_eq!(message, "password authentication failed for user \"nobody_here\"");
     }
-    let refused = proxy
+    // Two wrong passwords and three unknown users, all counted as reason="password".
+    assert_eq!(refusals(&proxy, "password"), 5.0);
+}
+
+/// `pgrelay_login_refusals_total{reason}` of this proxy.
+fn refusals(proxy: &Proxy, reason: &str) -> f64 {
+    proxy
         .running()
         .shared()
         .metrics
         .gather()
         .iter()
-        .find(|family| family.name() == "pgrelay_login_refusals_total")
-        .map_or(0.0, |family| family.get_metric()[0].get_counter().get_value());
-    assert!(refused >= 5.0, "{refused}");
+        .filter(|family| family.name() == "pgrelay_login_refusals_total")
+        .flat_map(|family| family.get_metric())
+        .filter(|metric| {
+            metric
+                .get_label()
+                .iter()
+                .any(|label| label.name() == "reason" && label.value() == reason)
+        })
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
 }
 
 #[tokio::test]
@@ -415,6 +422,8 @@ async fn plus_is_offered_on_tls_only_and_checks_the_binding() {
         plus_login(&proxy, "nobody_here", password, theirs).await,
         Err(("28000".to_owned(), "SCRAM channel binding check failed".to_owned()))
     );
+    assert_eq!(refusals(&proxy, "channel_binding"), 2.0);
+    assert_eq!(refusals(&proxy, "password"), 0.0);
 }
 
 /// A SCRAM-SHA-256-PLUS login over TLS bound to `binding`: Ok, or (SQLSTATE, message).
@@ -617,6 +626,36 @@ auth_query = "SELECT usename, passwd FROM pgrelay.user_lookup($1)"
     let client = common::connect(&url(&proxy, user, password, "app")).await.unwrap();
     assert_eq!(server_role(&client).await, user);
     assert_eq!(side_connections("pgrelay_star").await, 1);
+
+    // A reload that changes nothing of the lookup keeps its side connection (and cache): the
+    // next lookup runs on the same backend.
+    let before = side_pids("pgrelay_star").await;
+    {
+        let shared = proxy.running().shared();
+        let old = shared.snapshot();
+        let mut next = pgrelay::runtime::Snapshot::build((*old.config).clone(), &shared.observers()).unwrap();
+        next.carry_over(&old);
+        next.start_monitors();
+        shared.swap(next);
+    }
+    let (user, password) = (ROTATED_ROLE, "wrong");
+    assert_eq!(login_error(&proxy, user, password, "app").await.0, "28P01");
+    assert_eq!(side_pids("pgrelay_star").await, before);
+}
+
+/// Backend pids of the lookup side connections logged in as `role`.
+async fn side_pids(role: &str) -> Vec<i32> {
+    direct(&cluster().primary().addr(), "postgres")
+        .await
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND application_name = $2 ORDER BY pid",
+            &[&role, &pgrelay::runtime::LOOKUP_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }
 
 /// `[server.tls] channel_binding`: "offer" answers a client that could bind but was told it

@@ -224,6 +224,19 @@ impl AuthLookup {
         );
     }
 
+    /// This lookup's entry for a user an older lookup (before a reload) found: the same
+    /// entry if this is that lookup, else one of its own that starts with what the old
+    /// entry's logins taught it, so the user's pools can log in before its next login.
+    pub fn adopt(&self, old: &UserEntry) -> Arc<UserEntry> {
+        let entry = self.user_entry(&old.name);
+        if entry.server_credentials.learned().is_none()
+            && let Some(secret) = old.server_credentials.learned()
+        {
+            entry.server_credentials.learn((*secret).clone());
+        }
+        entry
+    }
+
     fn user_entry(&self, user_name: &str) -> Arc<UserEntry> {
         let make = || {
             Arc::new(UserEntry {
