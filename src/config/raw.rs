@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::duration::{ByteSize, DurationValue};
 use super::enums::{
-    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode,
-    TransactionRouting,
+    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode,
+    RoutingTarget, ServerTlsMode, TransactionRouting,
 };
 use super::hba::{HbaRule, HbaSource};
 use super::secret::PasswordForm;
@@ -42,6 +42,7 @@ struct RawServer {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
     max_client_conn_per_user: Option<usize>,
     max_client_conn_per_address: Option<usize>,
     hba_file: Option<PathBuf>,
@@ -63,6 +64,7 @@ struct RawClientTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     mode: Option<ClientTlsMode>,
+    channel_binding: Option<ChannelBindingMode>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +107,7 @@ struct RawDatabase {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +218,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
         cert: required(tls.cert, "server.tls.cert".to_owned(), problems),
         key: required(tls.key, "server.tls.key".to_owned(), problems),
         mode: tls.mode.unwrap_or_default(),
+        channel_binding: tls.channel_binding.unwrap_or_default(),
     });
     ServerConfig {
         listen: raw.listen.unwrap_or(defaults.listen),
@@ -249,7 +253,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
         login_rate: raw
             .login_rate
             .map_or_else(LoginRateConfig::default, |TableOf(raw)| login_rate(raw)),
-        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
     }
 }
 
@@ -258,10 +262,12 @@ fn auth_query_keys(
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
 ) -> AuthQueryKeys {
     AuthQueryKeys {
         auth_user,
         auth_query,
+        auth_dbname,
         auth_cache_ttl: auth_cache_ttl.map(|DurationValue(ttl)| ttl),
     }
 }
@@ -420,7 +426,7 @@ fn database(
             }),
         pool_overrides,
         routing,
-        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
     }
 }
 

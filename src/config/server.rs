@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::auth_query::AuthQueryKeys;
-use super::enums::{AuthMethod, ClientTlsMode};
+use super::enums::{AuthMethod, ChannelBindingMode, ClientTlsMode};
 use super::hba::HbaSource;
 use super::secret::PasswordForm;
 use crate::auth::ScramVerifier;
@@ -125,6 +125,7 @@ pub struct ClientTlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub mode: ClientTlsMode,
+    pub channel_binding: ChannelBindingMode,
 }
 
 /// One `[[users]]` entry. `Debug` hides the passwords because configs end up in logs.

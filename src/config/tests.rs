@@ -111,6 +111,7 @@ fn full_file_with_every_key() {
             cert: PathBuf::from("server.crt"),
             key: PathBuf::from("server.key"),
             mode: ClientTlsMode::Require,
+            channel_binding: crate::config::ChannelBindingMode::Offer,
         })
     );
 

@@ -284,6 +284,11 @@ impl Metrics {
         self.families.retries.with_label_values(&[database, reason]).inc();
     }
 
+    /// Counts one refused login (`reason`: password, channel_binding). Rare: the label look-up here is fine.
+    pub fn login_refused(&self, reason: &str) {
+        self.families.login_refusals.with_label_values(&[reason]).inc();
+    }
+
     /// Counts one stall seen by the watchdog.
     pub fn runtime_stall(&self) {
         self.families.runtime_stalls.inc();

@@ -221,6 +221,12 @@ impl ServerPool {
         &self.spec.credentials
     }
 
+    /// Whether this pool logs in with exactly `credentials` (the same object, so the same
+    /// learned pass-through secret), not merely equal configuration.
+    pub fn uses_credentials(&self, credentials: &Arc<crate::upstream::ServerCredentials>) -> bool {
+        Arc::ptr_eq(&self.spec.credentials, credentials)
+    }
+
     pub fn limits(&self) -> Arc<PoolLimits> {
         self.limits.load_full()
     }

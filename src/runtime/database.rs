@@ -379,8 +379,24 @@ impl DatabaseEntry {
 
     /// The pools of `user` in this database, created on first use.
     pub fn pools(&self, user: &UserEntry) -> Arc<UserPools> {
-        if let Some(pools) = self.pools.get(&user.name) {
+        // Pools are keyed by name, but a user entry made by another lookup (one a reload
+        // replaced) has other credentials: pools made for it would keep logging in with
+        // those, so they are replaced rather than shared.
+        let current = |pools: &Arc<UserPools>| {
+            pools
+                .hosts
+                .iter()
+                .all(|pool| pool.uses_credentials(&user.server_credentials))
+        };
+        if let Some(pools) = self.pools.get(&user.name)
+            && current(&pools)
+        {
             return pools.clone();
+        }
+        if let Some(stale) = self.pools.get(&user.name).map(|pools| pools.clone())
+            && !current(&stale)
+        {
+            self.pools.remove_if(&user.name, |_, pools| Arc::ptr_eq(pools, &stale));
         }
         self.pools
             .entry(user.name.clone())
@@ -393,6 +409,7 @@ impl DatabaseEntry {
                             credentials: user.server_credentials.clone(),
                             tls: self.server_tls.clone(),
                             tcp: self.tcp,
+                            application_name: None,
                         },
                         self.limits(),
                         PoolObservers {

@@ -8,7 +8,7 @@ mod database;
 mod schema;
 mod volatility;
 
-pub use auth_query::{AuthLookup, LookupError};
+pub use auth_query::{AuthLookup, LOOKUP_APPLICATION_NAME, LookupError, LookupSettings};
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
 pub use schema::{SchemaWatch, StaleStatement};
@@ -104,14 +104,10 @@ pub struct Snapshot {
     dynamic: DashMap<String, Arc<DatabaseEntry>>,
     /// auth_query of each configured database that has one.
     auth_lookups: HashMap<String, Arc<AuthLookup>>,
-    /// auth_query of databases made from `"*"`, made on a login's first lookup (bounded).
-    fallback_lookups: DashMap<String, Arc<AuthLookup>>,
+    /// auth_query of every database made from `"*"`, run in its `auth_dbname`.
+    fallback_lookup: Option<Arc<AuthLookup>>,
     observers: Observers,
 }
-
-/// Databases made from `"*"` whose auth_query pgrelay keeps a side connection and cache for:
-/// names are the client's choice, so they must not make this grow without bound.
-const MAX_FALLBACK_LOOKUPS: usize = 256;
 
 /// The name of the admin console's database.
 pub const ADMIN_DATABASE: &str = "pgrelay";
@@ -169,6 +165,9 @@ impl Snapshot {
             })
             .collect();
         let access = access_settings(&config.server)?;
+        // Every database made from "*" shares one lookup, in its fixed auth_dbname: names
+        // clients make up cost nothing before they have logged in.
+        let fallback_lookup = build_auth_lookup(&config, &users, "*", "", fallback_tls.clone()).map(Arc::new);
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -187,15 +186,16 @@ impl Snapshot {
             fallback_tls,
             dynamic: DashMap::new(),
             auth_lookups,
-            fallback_lookups: DashMap::new(),
+            fallback_lookup,
             observers: observers.clone(),
         })
     }
 
     /// The auth_query of the database a client asked for, and the address to run it on (the
     /// primary the monitor found, else the configured one). `None` when it has none. Makes
-    /// nothing but the lookup itself: the database entry of a `"*"` name is made only once a
-    /// client has logged in.
+    /// nothing: the database entry of a `"*"` name is made only once a client has logged in,
+    /// and all of them share one lookup, so a name that does not exist answers like one that
+    /// does.
     pub fn auth_lookup(&self, dbname: &str) -> Option<(Arc<AuthLookup>, Arc<str>)> {
         if let Some(database) = self.databases.get(dbname) {
             let lookup = self.auth_lookups.get(dbname)?.clone();
@@ -205,29 +205,32 @@ impl Snapshot {
         if dbname.is_empty() || dbname == ADMIN_DATABASE {
             return None;
         }
+        let lookup = self.fallback_lookup.clone()?;
         let primary = match self.dynamic.get(dbname) {
             Some(database) => database.hosts[database.primary_index()].clone(),
             None => Arc::from(fallback.primary.as_str()),
         };
-        if let Some(lookup) = self.fallback_lookups.get(dbname) {
-            return Some((lookup.clone(), primary));
-        }
-        if self.fallback_lookups.len() >= MAX_FALLBACK_LOOKUPS {
-            tracing::warn!(database = %dbname, "too many databases made from \"*\" use auth_query: not looked up");
-            return None;
-        }
-        let lookup = build_auth_lookup(&self.config, &self.users, "*", dbname, self.fallback_tls.clone())?;
-        let lookup = self
-            .fallback_lookups
-            .entry(dbname.to_owned())
-            .or_insert_with(|| Arc::new(lookup))
-            .clone();
         Some((lookup, primary))
     }
 
     /// Takes over from the snapshot this one replaces whatever is still valid (see
     /// [`DatabaseEntry::carry_over`]). Call before the snapshot is shared.
     pub fn carry_over(&mut self, old: &Snapshot) {
+        // A lookup whose settings did not change keeps its side connection, cache and users
+        // (and with them their pools' learned keys); a changed one is dropped with the old
+        // snapshot, closing its connection.
+        for (name, lookup) in self.auth_lookups.iter_mut() {
+            if let Some(old_lookup) = old.auth_lookups.get(name)
+                && old_lookup.same_as(lookup)
+            {
+                *lookup = old_lookup.clone();
+            }
+        }
+        if let (Some(lookup), Some(old_lookup)) = (&mut self.fallback_lookup, &old.fallback_lookup)
+            && old_lookup.same_as(lookup)
+        {
+            *lookup = old_lookup.clone();
+        }
         // Credentials that did not change keep what clients' logins taught them (SCRAM
         // pass-through keys), and with them their pools.
         for (name, user) in self.users.iter_mut() {
@@ -404,7 +407,8 @@ fn build_server_tls(name: &str, database: &DatabaseConfig) -> Result<Arc<ServerT
         })
 }
 
-/// The auth_query of the `[databases]` entry `key`, serving clients' `dbname`.
+/// The auth_query of the `[databases]` entry `key`, serving clients' `dbname` (ignored when
+/// `auth_dbname` is set, as it must be for `"*"`).
 fn build_auth_lookup(
     config: &Config,
     users: &HashMap<String, Arc<UserEntry>>,
@@ -416,13 +420,22 @@ fn build_auth_lookup(
     let database = config.databases.get(key)?;
     // Validation makes sure the auth_user exists.
     let auth_user = users.get(&settings.auth_user)?.server_credentials.clone();
+    let pool = database.pool(&config.pool);
+    let dbname = match &settings.dbname {
+        Some(dbname) => dbname.clone(),
+        None if key == "*" => return None,
+        None => database.server_dbname(dbname).to_owned(),
+    };
     Some(AuthLookup::new(
-        settings,
-        database.server_dbname(dbname).to_owned(),
+        LookupSettings {
+            config: settings,
+            dbname,
+            tcp: config.server.tcp,
+            timeout: pool.server_connect_timeout,
+            idle_timeout: pool.server_idle_timeout,
+        },
         auth_user,
         tls,
-        config.server.tcp,
-        database.pool(&config.pool).server_connect_timeout,
     ))
 }
 

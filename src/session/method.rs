@@ -16,7 +16,7 @@ pub(super) fn client_auth(
     line: usize,
     user_name: &str,
     known: Option<&ClientAuth>,
-    mock_secret: &[u8],
+    (mock_secret, mock_iterations): (&[u8], u32),
 ) -> Result<Option<ClientAuth>, ClientError> {
     let Some(known) = known else {
         return match method {
@@ -29,6 +29,7 @@ pub(super) fn client_auth(
             HbaMethod::Password => Ok(Some(ClientAuth::Cleartext(Secret::Scram(ScramVerifier::mock(
                 user_name,
                 mock_secret,
+                mock_iterations,
             ))))),
             HbaMethod::Cert | HbaMethod::Reject => Err(refused(method, line)),
             HbaMethod::Md5 | HbaMethod::ScramSha256 => Ok(None),

@@ -29,7 +29,7 @@ use crate::protocol::{FrontendTag, TxStatus};
 use crate::registry::{ClientRegistration, LinkState};
 use crate::route::PinReason;
 use crate::router::{self, Decision, Reason, Target};
-use crate::runtime::{DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
+use crate::runtime::{ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
 use crate::upstream::{Expect, ParamDiff, Recipient, SessionParams, UpstreamError};
 
 /// How long pgrelay waits for ROLLBACK or the reset query before closing the server.
@@ -416,7 +416,16 @@ impl Session {
         if Arc::ptr_eq(&database, &self.database) {
             return;
         }
-        let user = snapshot.user(&self.user.name).unwrap_or_else(|| self.user.clone());
+        // A user found by auth_query belongs to the new snapshot's lookup: keeping the old
+        // entry would tie this session to pools with the old lookup's credentials.
+        let user = match (snapshot.user(&self.user.name), &self.user.auth) {
+            (Some(user), _) => user,
+            (None, ClientAuth::Query) => match snapshot.auth_lookup(&database.name) {
+                Some((lookup, _)) => lookup.adopt(&self.user),
+                None => self.user.clone(),
+            },
+            (None, _) => self.user.clone(),
+        };
         self.pools = database.pools(&user);
         self.database = database;
         self.user = user;
