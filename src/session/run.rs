@@ -263,10 +263,15 @@ impl Session {
                 Answer::NeedsServer => {}
             }
             self.follow_reload();
-            match self.acquire(client, tag).await {
-                Ok(server) => self.server = Some(server),
-                Err(Some(end)) => return Some(end),
-                Err(None) => return None,
+            match self.acquire_idle(client) {
+                Some(server) => self.server = Some(server),
+                // Boxed: waiting for a server is a large future, needed only when no
+                // connection is idle; the exchange, boxed for every batch, stays small.
+                None => match Box::pin(self.acquire(client, tag)).await {
+                    Ok(server) => self.server = Some(server),
+                    Err(Some(end)) => return Some(end),
+                    Err(None) => return None,
+                },
             }
             let catch_refusal = self.on_replica && self.database.routing.retry_refused_on_primary;
             if self.rerunnable && (self.database.pool.retry_reads || catch_refusal) && !self.carried.pins.is_pinned() {
@@ -295,7 +300,7 @@ impl Session {
             &self.database.schema,
         );
         let pump = if capture_fences {
-            pump.capturing_fences(&self.database.fences)
+            pump.capturing_fences(&self.database.fences, routing.consistency == Consistency::Causal)
         } else {
             pump
         };
@@ -306,7 +311,12 @@ impl Session {
             pump
         };
         let exit = pump.run().await;
-        self.after_pump(client, server, exit, rerun).await
+        let end = self.after_pump(client, server, exit, rerun.as_deref()).await;
+        if let Some(mut batch) = rerun {
+            batch.clear();
+            crate::net::buffers::give_back(&mut batch);
+        }
+        end
     }
 
     /// How the pump treats the attached server.
@@ -321,6 +331,22 @@ impl Session {
             idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
             query_timeout: self.database.pool.query_timeout,
         }
+    }
+
+    /// The common case of [`Session::acquire`], synchronous: nothing paused, and the
+    /// chosen server has an idle connection. `None`: `acquire` does it all again (routing
+    /// included) and waits.
+    fn acquire_idle(&mut self, client: &ClientConn) -> Option<Checkout> {
+        if self.refused_rerun || self.database.is_paused() {
+            return None;
+        }
+        let (decision, fence, rerunnable) = self.route(client);
+        let (checkout, placement) = routing::checkout_idle_for(decision, fence, &self.database, &self.pools)?;
+        self.rerunnable = rerunnable;
+        self.on_replica = placement.target == Target::Replica;
+        self.set_state(ClientState::Active);
+        self.count_route(placement);
+        Some(checkout)
     }
 
     /// Waits for a server for the message at the front of the input. On failure the
@@ -498,6 +524,8 @@ impl Session {
             &self.database.classifier,
             self.carried.client_encoding().charset,
             &self.local.tx,
+            // Only causal consistency fences by table.
+            routing.consistency == Consistency::Causal,
         );
         // Only reads, whole, outside any transaction: safe to run again elsewhere.
         let rerunnable = batch.all_read
@@ -570,7 +598,7 @@ impl Session {
         client: &mut ClientConn,
         mut server: Checkout,
         exit: PumpExit,
-        rerun: Option<bytes::Bytes>,
+        rerun: Option<&[u8]>,
     ) -> Option<End> {
         self.sync_pins();
         let begun_here = std::mem::take(&mut self.deferred_begin_sent);
@@ -727,7 +755,7 @@ impl Session {
         client: &mut ClientConn,
         mut server: Checkout,
         refusal: (bytes::Bytes, String),
-        rerun: Option<bytes::Bytes>,
+        rerun: Option<&[u8]>,
         begun_here: bool,
     ) -> Option<End> {
         let (error, sqlstate) = refusal;
@@ -746,7 +774,7 @@ impl Session {
             && !in_transaction
         {
             let charset = self.carried.client_encoding().charset;
-            let texts = routing::batch_texts(&batch);
+            let texts = routing::batch_texts(batch);
             for text in &texts {
                 self.database.classifier.remember_refused(text, charset);
             }
@@ -759,7 +787,7 @@ impl Session {
                 there from now on (declare the functions it calls VOLATILE, or list them in write_functions)");
             let rest = std::mem::take(&mut client.inbuf);
             client.inbuf.reserve(batch.len() + rest.len());
-            client.inbuf.extend_from_slice(&batch);
+            client.inbuf.extend_from_slice(batch);
             client.inbuf.extend_from_slice(&rest);
             self.rerun_pending = true;
             self.refused_rerun = true;
@@ -797,10 +825,10 @@ impl Session {
 
     /// Puts the read batch back at the front of the input, to be routed again, with the
     /// replica that failed set aside.
-    fn rerun_read(&mut self, client: &mut ClientConn, batch: bytes::Bytes, failed_host: &str, failure: &UpstreamError) {
+    fn rerun_read(&mut self, client: &mut ClientConn, batch: &[u8], failed_host: &str, failure: &UpstreamError) {
         let rest = std::mem::take(&mut client.inbuf);
         client.inbuf.reserve(batch.len() + rest.len());
-        client.inbuf.extend_from_slice(&batch);
+        client.inbuf.extend_from_slice(batch);
         client.inbuf.extend_from_slice(&rest);
         self.rerun_pending = true;
         if self.on_replica
