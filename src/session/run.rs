@@ -85,7 +85,11 @@ pub(crate) struct Session {
     /// This client in SHOW CLIENTS; KILL reaches the session through it.
     registration: ClientRegistration,
     idle_timeout: Option<Duration>,
-    shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// client_idle_timeout's timer, made at the first idle wait when the limit is set and
+    /// reset for every later one.
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// `Shared::reloads` when this session last looked for a new snapshot.
+    reloads_seen: u64,
     /// The batch being served only reads, outside a transaction (set by `route`).
     rerunnable: bool,
     /// Runs of the current read batch after its server failed, and when the first began.
@@ -119,7 +123,8 @@ impl Session {
             logged_in.wanted.get("application_name").unwrap_or_default(),
         );
         Session {
-            shutting_down: shared.shutting_down(),
+            idle_timer: None,
+            reloads_seen: shared.reloads(),
             shared,
             idle_timeout: snapshot.client_limits.idle_timeout,
             database: logged_in.database,
@@ -149,8 +154,8 @@ impl Session {
     }
 
     /// Runs the session; boxed so that the task of an idle client stays small.
-    pub(super) async fn run(mut self: Box<Self>, mut client: ClientConn) {
-        let end = self.serve(&mut client).await;
+    pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
+        let end = self.serve(client).await;
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
@@ -422,6 +427,11 @@ impl Session {
     /// the servers changed). A database or user the reload removed keeps serving this
     /// client as before; only new clients are refused.
     fn follow_reload(&mut self) {
+        let reloads = self.shared.reloads();
+        if reloads == self.reloads_seen {
+            return;
+        }
+        self.reloads_seen = reloads;
         let snapshot = self.shared.snapshot();
         let Some(database) = snapshot.database(&self.database.name) else {
             return;
