@@ -27,6 +27,7 @@ const MISSING: &str = "required key is missing";
 #[derive(Deserialize)]
 struct RawServer {
     listen: Option<String>,
+    workers: Option<usize>,
     max_client_conn: Option<usize>,
     admin_users: Option<Vec<String>>,
     stats_users: Option<Vec<String>>,
@@ -222,6 +223,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
     });
     ServerConfig {
         listen: raw.listen.unwrap_or(defaults.listen),
+        workers: raw.workers.unwrap_or(defaults.workers),
         max_client_conn: raw.max_client_conn.unwrap_or(defaults.max_client_conn),
         admin_users: raw.admin_users.unwrap_or_default(),
         stats_users: raw.stats_users.unwrap_or_default(),

@@ -16,6 +16,8 @@ use crate::auth::ScramVerifier;
 pub struct ServerConfig {
     /// Client-facing `IP:port`.
     pub listen: String,
+    /// Tokio worker threads; 0: one per core. Read once, when the runtime is built.
+    pub workers: usize,
     pub max_client_conn: usize,
     /// May use the admin console (database "pgrelay").
     pub admin_users: Vec<String>,
@@ -100,6 +102,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:6432".to_owned(),
+            workers: 0,
             max_client_conn: 10_000,
             admin_users: Vec::new(),
             stats_users: Vec::new(),

@@ -15,6 +15,8 @@ use super::{
 
 const MIN_MESSAGE_SIZE: usize = 1 << 10;
 const MAX_MESSAGE_SIZE: usize = 1 << 30;
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 /// Every semantic problem in `config`, in file order (server, pool, users, databases).
 pub fn validate(config: &Config) -> Vec<Problem> {
@@ -93,6 +95,13 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
                 "is the same address as server.listen",
             );
         }
+    }
+    if server.workers > MAX_WORKERS {
+        push(
+            out,
+            "server.workers".to_owned(),
+            "must be at most 1024 (0: one per core)",
+        );
     }
     if server.max_client_conn < 1 {
         push(out, "server.max_client_conn".to_owned(), "must be at least 1");
@@ -442,6 +451,11 @@ replicas = ["127.0.0.1:5433"]
             "[server]\nmax_client_conn = 0\n",
             "server.max_client_conn: must be at least 1",
         );
+        assert_problem(
+            "[server]\nworkers = 5000\n",
+            "server.workers: must be at most 1024 (0: one per core)",
+        );
+        assert_eq!(problems("[server]\nworkers = 2\n"), Vec::<String>::new());
         assert_problem(
             "[server]\nmax_message_size = \"512B\"\n",
             "server.max_message_size: 512B is out of range: must be between 1kB and 1GB",

@@ -248,13 +248,40 @@ impl ServerPool {
             // Boxed: the waiting path is a large future, needed only when the pool is busy.
             None => Box::pin(self.checkout_waiting()).await?,
         };
-        if let Some(registration) = &object.registration {
-            registration.entry().set_state(LinkState::Active);
-        }
         Ok(self.lend(object))
     }
 
+    /// An idle connection now, without waiting, queueing or connecting; `None` when
+    /// there is none or clients are queued (then [`ServerPool::checkout`] does the rest).
+    /// Synchronous, so that the common case needs no future: `checkout`'s is some 6 KB,
+    /// most of it the state of a new connection's login, and a session that awaits it
+    /// carries that space in every transaction.
+    pub fn checkout_idle(&self) -> Option<Checkout> {
+        if self.counters.waiting.load(Ordering::Acquire) > 0 || self.main.status().available == 0 {
+            return None;
+        }
+        let timeouts = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        let mut get = std::pin::pin!(self.main.timeout_get(&timeouts));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // With an idle connection the first poll finishes: taking a slot, popping the
+        // connection and its recycle check never wait. Anything else (another client took
+        // it first, or it failed its check and a new one would have to be opened) is
+        // dropped unfinished here, which gives the slot back, and left to `checkout`.
+        match get.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(object)) => Some(self.lend(object)),
+            std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => None,
+        }
+    }
+
+    /// Wraps a connection taken from deadpool for a client.
     fn lend(&self, object: Object<ServerManager>) -> Checkout {
+        if let Some(registration) = &object.registration {
+            registration.entry().set_state(LinkState::Active);
+        }
         Checkout {
             object: Some(object),
             counters: self.counters.clone(),

@@ -23,6 +23,12 @@ use crate::route::{Classifier, ClassifierSettings};
 use crate::router::Reason;
 use crate::upstream::ConnectSpec;
 
+/// Replicas kept inline in [`Candidates`]; more spill to the heap.
+const CANDIDATES_INLINE: usize = 8;
+
+/// The replicas that may serve a read, in the order to try them.
+pub type Candidates = smallvec::SmallVec<[usize; CANDIDATES_INLINE]>;
+
 /// Statements whose classification each database remembers.
 const CLASSIFICATION_CACHE: usize = 10_000;
 
@@ -228,10 +234,12 @@ impl DatabaseEntry {
 
     /// The hosts that may serve a read that must see `fence` (if any), in the order
     /// load balancing prefers them; or why there is none.
-    pub fn read_candidates(&self, pools: &UserPools, fence: Option<Lsn>) -> Result<Vec<usize>, NoReplica> {
+    pub fn read_candidates(&self, pools: &UserPools, fence: Option<Lsn>) -> Result<Candidates, NoReplica> {
         let view = self.view();
         let primary = view.as_ref().and_then(|view| view.primary).unwrap_or(0);
-        let healthy: Vec<usize> = (0..self.hosts.len().min(pools.hosts.len()))
+        // One list, narrowed in place: inline up to CANDIDATES_INLINE hosts, so choosing
+        // a replica allocates nothing.
+        let mut candidates: Candidates = (0..self.hosts.len().min(pools.hosts.len()))
             .filter(|&index| index != primary && self.host_health[index].usable())
             .filter(|&index| match &view {
                 Some(view) => view
@@ -241,32 +249,23 @@ impl DatabaseEntry {
                 None => true,
             })
             .collect();
-        if healthy.is_empty() {
+        if candidates.is_empty() {
             return Err(NoReplica::Unhealthy);
         }
-        let fresh: Vec<usize> = match &view {
-            Some(view) => healthy
-                .iter()
-                .copied()
-                .filter(|&index| view.hosts[index].usable_for_reads)
-                .collect(),
-            None => healthy,
-        };
-        if fresh.is_empty() {
+        if let Some(view) = &view {
+            candidates.retain(|index| view.hosts[*index].usable_for_reads);
+        }
+        if candidates.is_empty() {
             return Err(NoReplica::Lagging);
         }
-        let mut caught_up: Vec<usize> = match (fence, &view) {
-            (Some(fence), Some(view)) => fresh
-                .into_iter()
-                .filter(|&index| view.hosts[index].replay_lsn.is_some_and(|replayed| replayed >= fence))
-                .collect(),
-            _ => fresh,
-        };
-        if caught_up.is_empty() {
+        if let (Some(fence), Some(view)) = (fence, &view) {
+            candidates.retain(|index| view.hosts[*index].replay_lsn.is_some_and(|replayed| replayed >= fence));
+        }
+        if candidates.is_empty() {
             return Err(NoReplica::Behind);
         }
-        self.balance(&mut caught_up, pools);
-        Ok(caught_up)
+        self.balance(&mut candidates, pools);
+        Ok(candidates)
     }
 
     fn balance(&self, candidates: &mut [usize], pools: &UserPools) {
@@ -286,10 +285,19 @@ impl DatabaseEntry {
                 // Ties are broken round robin so equal replicas share the load.
                 let start = self.next_replica.fetch_add(1, Ordering::Relaxed) % candidates.len();
                 candidates.rotate_left(start);
-                candidates.sort_by_key(|&index| {
-                    let status = pools.hosts[index].status();
-                    status.active + status.waiting
-                });
+                // Each pool's load read once (a lock of its slots), not at every
+                // comparison; the sort is stable, so ties keep the rotated order.
+                let mut loads: smallvec::SmallVec<[(usize, usize); CANDIDATES_INLINE]> = candidates
+                    .iter()
+                    .map(|&index| {
+                        let status = pools.hosts[index].status();
+                        (status.active + status.waiting, index)
+                    })
+                    .collect();
+                loads.sort_by_key(|&(load, _)| load);
+                for (slot, (_, index)) in candidates.iter_mut().zip(loads) {
+                    *slot = index;
+                }
             }
         }
     }

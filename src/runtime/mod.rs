@@ -499,6 +499,13 @@ pub struct Shared {
     config_path: Option<std::path::PathBuf>,
     /// The admin console's SHUTDOWN.
     shutdown_requested: tokio::sync::Notify,
+    /// Wakes every idle session once `shutting_down` turns true (see
+    /// [`Shared::shutdown_notified`]).
+    shutdown_notify: tokio::sync::Notify,
+    /// Bumped after each swap of the snapshot: a session compares it with the count it
+    /// last saw (one load of a rarely written atomic) instead of taking the snapshot at
+    /// every transaction.
+    reloads: std::sync::atomic::AtomicU64,
     /// The control thread's runtime, where the admin console runs (see `control`).
     control: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The worker runtime, where sessions, pools and monitors run.
@@ -510,6 +517,8 @@ impl Shared {
         Arc::new(Shared {
             config_path,
             shutdown_requested: tokio::sync::Notify::new(),
+            shutdown_notify: tokio::sync::Notify::new(),
+            reloads: std::sync::atomic::AtomicU64::new(0),
             control: std::sync::OnceLock::new(),
             workers: std::sync::OnceLock::new(),
             metrics: observers.metrics,
@@ -549,6 +558,24 @@ impl Shared {
     pub fn begin_shutdown(&self) {
         self.accepting.store(false, std::sync::atomic::Ordering::Release);
         self.shutting_down.send_replace(true);
+        self.shutdown_notify.notify_waiters();
+    }
+
+    /// Whether pgrelay is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Completes once a shutdown begins after it was made; check [`Shared::is_shutting_down`]
+    /// after making it (and enabling it) so that none is missed. A small future to hold
+    /// while idle, where a watch receiver's wait is three times its size.
+    pub fn shutdown_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shutdown_notify.notified()
+    }
+
+    /// How many times the snapshot was swapped so far.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn config_path(&self) -> Option<std::path::PathBuf> {
@@ -590,6 +617,9 @@ impl Shared {
 
     /// Makes `next` the state new clients see; returns the previous one.
     pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
-        self.snapshot.swap(Arc::new(next))
+        let previous = self.snapshot.swap(Arc::new(next));
+        // After the store: whoever sees the new count sees the new snapshot.
+        self.reloads.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        previous
     }
 }

@@ -88,7 +88,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         None => Box::pin(start(&mut client, &shared, &snapshot, slot, &mut refused)).await,
     };
     match started {
-        Ok(Some(Started::Session(session))) => session.run(client).await,
+        Ok(Some(Started::Session(session))) => session.run(&mut client).await,
         Ok(Some(Started::Admin(admin))) => admin.run_on(shared.control(), client).await,
         Ok(None) => {}
         Err(Some(error)) => {

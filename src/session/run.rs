@@ -86,7 +86,11 @@ pub(crate) struct Session {
     /// This client in SHOW CLIENTS; KILL reaches the session through it.
     registration: ClientRegistration,
     idle_timeout: Option<Duration>,
-    shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// client_idle_timeout's timer, made at the first idle wait when the limit is set and
+    /// reset for every later one.
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// `Shared::reloads` when this session last looked for a new snapshot.
+    reloads_seen: u64,
     /// The batch being served only reads, outside a transaction (set by `route`).
     rerunnable: bool,
     /// Runs of the current read batch after its server failed, and when the first began.
@@ -120,7 +124,8 @@ impl Session {
             logged_in.wanted.get("application_name").unwrap_or_default(),
         );
         Session {
-            shutting_down: shared.shutting_down(),
+            idle_timer: None,
+            reloads_seen: shared.reloads(),
             shared,
             idle_timeout: snapshot.client_limits.idle_timeout,
             database: logged_in.database,
@@ -150,8 +155,8 @@ impl Session {
     }
 
     /// Runs the session; boxed so that the task of an idle client stays small.
-    pub(super) async fn run(mut self: Box<Self>, mut client: ClientConn) {
-        let end = self.serve(&mut client).await;
+    pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
+        let end = self.serve(client).await;
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
@@ -276,10 +281,15 @@ impl Session {
                 Answer::NeedsServer => {}
             }
             self.follow_reload();
-            match self.acquire(client, tag).await {
-                Ok(server) => self.server = Some(server),
-                Err(Some(end)) => return Some(end),
-                Err(None) => return None,
+            match self.acquire_idle(client) {
+                Some(server) => self.server = Some(server),
+                // Boxed: waiting for a server is a large future, needed only when no
+                // connection is idle; the exchange, boxed for every batch, stays small.
+                None => match Box::pin(self.acquire(client, tag)).await {
+                    Ok(server) => self.server = Some(server),
+                    Err(Some(end)) => return Some(end),
+                    Err(None) => return None,
+                },
             }
             let catch_refusal = self.on_replica && self.database.routing.retry_refused_on_primary;
             if self.rerunnable && (self.database.pool.retry_reads || catch_refusal) && !self.carried.pins.is_pinned() {
@@ -308,7 +318,7 @@ impl Session {
             &self.database.schema,
         );
         let pump = if capture_fences {
-            pump.capturing_fences(&self.database.fences)
+            pump.capturing_fences(&self.database.fences, routing.consistency == Consistency::Causal)
         } else {
             pump
         };
@@ -319,7 +329,12 @@ impl Session {
             pump
         };
         let exit = pump.run().await;
-        self.after_pump(client, server, exit, rerun).await
+        let end = self.after_pump(client, server, exit, rerun.as_deref()).await;
+        if let Some(mut batch) = rerun {
+            batch.clear();
+            crate::net::buffers::give_back(&mut batch);
+        }
+        end
     }
 
     /// How the pump treats the attached server.
@@ -334,6 +349,22 @@ impl Session {
             idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
             query_timeout: self.database.pool.query_timeout,
         }
+    }
+
+    /// The common case of [`Session::acquire`], synchronous: nothing paused, and the
+    /// chosen server has an idle connection. `None`: `acquire` does it all again (routing
+    /// included) and waits.
+    fn acquire_idle(&mut self, client: &ClientConn) -> Option<Checkout> {
+        if self.refused_rerun || self.database.is_paused() {
+            return None;
+        }
+        let (decision, fence, rerunnable) = self.route(client);
+        let (checkout, placement) = routing::checkout_idle_for(decision, fence, &self.database, &self.pools)?;
+        self.rerunnable = rerunnable;
+        self.on_replica = placement.target == Target::Replica;
+        self.set_state(ClientState::Active);
+        self.count_route(placement);
+        Some(checkout)
     }
 
     /// Waits for a server for the message at the front of the input. On failure the
@@ -409,6 +440,11 @@ impl Session {
     /// the servers changed). A database or user the reload removed keeps serving this
     /// client as before; only new clients are refused.
     fn follow_reload(&mut self) {
+        let reloads = self.shared.reloads();
+        if reloads == self.reloads_seen {
+            return;
+        }
+        self.reloads_seen = reloads;
         let snapshot = self.shared.snapshot();
         let Some(database) = snapshot.database(&self.database.name) else {
             return;
@@ -520,6 +556,8 @@ impl Session {
             &self.database.classifier,
             self.carried.client_encoding().charset,
             &self.local.tx,
+            // Only causal consistency fences by table.
+            routing.consistency == Consistency::Causal,
         );
         // Only reads, whole, outside any transaction: safe to run again elsewhere.
         let rerunnable = batch.all_read
@@ -592,7 +630,7 @@ impl Session {
         client: &mut ClientConn,
         mut server: Checkout,
         exit: PumpExit,
-        rerun: Option<bytes::Bytes>,
+        rerun: Option<&[u8]>,
     ) -> Option<End> {
         self.sync_pins();
         let begun_here = std::mem::take(&mut self.deferred_begin_sent);
@@ -749,7 +787,7 @@ impl Session {
         client: &mut ClientConn,
         mut server: Checkout,
         refusal: (bytes::Bytes, String, Refusal),
-        rerun: Option<bytes::Bytes>,
+        rerun: Option<&[u8]>,
         begun_here: bool,
     ) -> Option<End> {
         let (error, sqlstate, kind) = refusal;
@@ -767,7 +805,7 @@ impl Session {
             && !mid_batch
             && !in_transaction
         {
-            let texts = routing::batch_texts(&batch);
+            let texts = routing::batch_texts(batch);
             let statement: String = texts
                 .first()
                 .map(|text| String::from_utf8_lossy(text).chars().take(200).collect())
@@ -792,7 +830,7 @@ impl Session {
             }
             let rest = std::mem::take(&mut client.inbuf);
             client.inbuf.reserve(batch.len() + rest.len());
-            client.inbuf.extend_from_slice(&batch);
+            client.inbuf.extend_from_slice(batch);
             client.inbuf.extend_from_slice(&rest);
             self.rerun_pending = true;
             self.refused_rerun = true;
@@ -830,10 +868,10 @@ impl Session {
 
     /// Puts the read batch back at the front of the input, to be routed again, with the
     /// replica that failed set aside.
-    fn rerun_read(&mut self, client: &mut ClientConn, batch: bytes::Bytes, failed_host: &str, failure: &UpstreamError) {
+    fn rerun_read(&mut self, client: &mut ClientConn, batch: &[u8], failed_host: &str, failure: &UpstreamError) {
         let rest = std::mem::take(&mut client.inbuf);
         client.inbuf.reserve(batch.len() + rest.len());
-        client.inbuf.extend_from_slice(&batch);
+        client.inbuf.extend_from_slice(batch);
         client.inbuf.extend_from_slice(&rest);
         self.rerun_pending = true;
         if self.on_replica
