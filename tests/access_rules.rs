@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{Proxy, config_for, connect_from, first_value, message, shared_cluster, sqlstate};
+use common::{Proxy, config_for, connect_from, first_value, login_refusals, message, shared_cluster, sqlstate};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use tokio_postgres::Client;
 
@@ -23,20 +23,6 @@ fn config(extra: &str) -> String {
         "client_login_timeout = \"5s\"",
         &format!("client_login_timeout = \"5s\"\n{extra}"),
     )
-}
-
-fn refusals(proxy: &Proxy, reason: &str) -> f64 {
-    proxy
-        .running()
-        .shared()
-        .metrics
-        .gather()
-        .iter()
-        .filter(|family| family.name() == "pgrelay_login_refusals_total")
-        .flat_map(|family| family.get_metric())
-        .filter(|metric| metric.get_label().iter().any(|label| label.value() == reason))
-        .map(|metric| metric.get_counter().get_value())
-        .sum()
 }
 
 async fn select_one(client: &Client) -> String {
@@ -101,8 +87,8 @@ async fn addresses_outside_the_rules_are_refused_and_the_rule_picks_the_method()
         .unwrap_err();
     assert_eq!(sqlstate(&other), "28000");
 
-    assert_eq!(refusals(&proxy, "hba"), 3.0);
-    assert_eq!(refusals(&proxy, "password"), 1.0);
+    assert_eq!(login_refusals(&proxy, "hba"), 3.0);
+    assert_eq!(login_refusals(&proxy, "password"), 1.0);
     proxy.shutdown().await;
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{Proxy, direct, sqlstate, wait_until};
+use common::{Proxy, direct, login_refusals, sqlstate, wait_until};
 use pgrelay::localpg::{ClusterOptions, LocalCluster};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -259,27 +259,7 @@ async fn md5_role_and_unknown_users() {
         assert_eq!(message, "password authentication failed for user \"nobody_here\"");
     }
     // Two wrong passwords and three unknown users, all counted as reason="password".
-    assert_eq!(refusals(&proxy, "password"), 5.0);
-}
-
-/// `pgrelay_login_refusals_total{reason}` of this proxy.
-fn refusals(proxy: &Proxy, reason: &str) -> f64 {
-    proxy
-        .running()
-        .shared()
-        .metrics
-        .gather()
-        .iter()
-        .filter(|family| family.name() == "pgrelay_login_refusals_total")
-        .flat_map(|family| family.get_metric())
-        .filter(|metric| {
-            metric
-                .get_label()
-                .iter()
-                .any(|label| label.name() == "reason" && label.value() == reason)
-        })
-        .map(|metric| metric.get_counter().get_value())
-        .sum()
+    assert_eq!(login_refusals(&proxy, "password"), 5.0);
 }
 
 #[tokio::test]
@@ -422,8 +402,8 @@ async fn plus_is_offered_on_tls_only_and_checks_the_binding() {
         plus_login(&proxy, "nobody_here", password, theirs).await,
         Err(("28000".to_owned(), "SCRAM channel binding check failed".to_owned()))
     );
-    assert_eq!(refusals(&proxy, "channel_binding"), 2.0);
-    assert_eq!(refusals(&proxy, "password"), 0.0);
+    assert_eq!(login_refusals(&proxy, "channel_binding"), 2.0);
+    assert_eq!(login_refusals(&proxy, "password"), 0.0);
 }
 
 /// A SCRAM-SHA-256-PLUS login over TLS bound to `binding`: Ok, or (SQLSTATE, message).

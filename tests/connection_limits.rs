@@ -15,23 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use common::{
-    Proxy, backends, config_for, connect_from, direct, first_value, message, shared_cluster, sqlstate, wait_until,
+    Proxy, backends, config_for, connect_from, direct, first_value, login_refusals, message, shared_cluster, sqlstate,
+    wait_until,
 };
 use tokio_postgres::SimpleQueryMessage;
-
-fn refusals(proxy: &Proxy, reason: &str) -> f64 {
-    proxy
-        .running()
-        .shared()
-        .metrics
-        .gather()
-        .iter()
-        .filter(|family| family.name() == "pgrelay_login_refusals_total")
-        .flat_map(|family| family.get_metric())
-        .filter(|metric| metric.get_label().iter().any(|label| label.value() == reason))
-        .map(|metric| metric.get_counter().get_value())
-        .sum()
-}
 
 fn gauge(proxy: &Proxy, name: &str, label: &str) -> Option<f64> {
     proxy
@@ -268,6 +255,6 @@ async fn client_caps_per_user_and_per_address_refuse_with_53300() {
             .await
             .is_ok()
     );
-    assert_eq!(refusals(&proxy, "limit"), 2.0);
+    assert_eq!(login_refusals(&proxy, "limit"), 2.0);
     proxy.shutdown().await;
 }

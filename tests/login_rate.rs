@@ -15,26 +15,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Proxy, config_for, connect_from, first_value, message, shared_cluster, sqlstate, stream_from};
+use common::{
+    Proxy, config_for, connect_from, first_value, login_refusals, message, shared_cluster, sqlstate, stream_from,
+};
 use tokio_postgres::NoTls;
 
 fn config(login_rate: &str) -> String {
     config_for(shared_cluster(), "size = 4")
         .replace("\n[pool]", &format!("\n[server.login_rate]\n{login_rate}\n\n[pool]"))
-}
-
-fn refusals(proxy: &Proxy, reason: &str) -> f64 {
-    proxy
-        .running()
-        .shared()
-        .metrics
-        .gather()
-        .iter()
-        .filter(|family| family.name() == "pgrelay_login_refusals_total")
-        .flat_map(|family| family.get_metric())
-        .filter(|metric| metric.get_label().iter().any(|label| label.value() == reason))
-        .map(|metric| metric.get_counter().get_value())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,8 +59,8 @@ async fn failed_passwords_are_delayed_then_the_address_is_banned() {
         .await
         .unwrap();
     assert_eq!(first_value(&other.simple_query("SELECT 1").await.unwrap()), "1");
-    assert_eq!(refusals(&proxy, "password"), 5.0);
-    assert_eq!(refusals(&proxy, "ban"), 1.0);
+    assert_eq!(login_refusals(&proxy, "password"), 5.0);
+    assert_eq!(login_refusals(&proxy, "ban"), 1.0);
     let text = String::from_utf8(proxy.running().shared().metrics.render().unwrap()).unwrap();
     assert!(text.contains("pgrelay_login_banned_addresses 1"), "{text}");
 
@@ -114,7 +102,7 @@ async fn logins_beyond_the_burst_wait_for_tokens_and_a_flood_of_failures_is_refu
     for login in logins {
         login.await.unwrap().unwrap();
     }
-    assert_eq!(refusals(&proxy, "rate"), 0.0);
+    assert_eq!(login_refusals(&proxy, "rate"), 0.0);
     proxy.shutdown().await;
 
     let proxy = Proxy::start(&config(
@@ -133,7 +121,7 @@ async fn logins_beyond_the_burst_wait_for_tokens_and_a_flood_of_failures_is_refu
         refused[0].1,
         "too many login attempts from address \"127.0.0.11\" (server.login_rate: 1 per second, burst 3); try again later"
     );
-    assert_eq!(refusals(&proxy, "rate"), refused.len() as f64);
+    assert_eq!(login_refusals(&proxy, "rate"), refused.len() as f64);
     // The user name's own bucket: the same flood from 12 addresses.
     let outcomes = flood(&proxy, |index| (format!("127.0.1.{}", index + 1), "app_t9")).await;
     let for_user = outcomes

@@ -335,6 +335,34 @@ pub fn init_test_log() {
     }
 }
 
+/// The sum of the counter `family`'s series of a running proxy whose labels include every
+/// `(name, value)` of `labels`.
+pub fn counter(proxy: &Proxy, family: &str, labels: &[(&str, &str)]) -> f64 {
+    proxy
+        .running()
+        .shared()
+        .metrics
+        .gather()
+        .iter()
+        .filter(|found| found.name() == family)
+        .flat_map(|found| found.get_metric())
+        .filter(|metric| {
+            labels.iter().all(|(name, value)| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|label| label.name() == *name && label.value() == *value)
+            })
+        })
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
+}
+
+/// `pgrelay_login_refusals_total{reason}` of a running proxy.
+pub fn login_refusals(proxy: &Proxy, reason: &str) -> f64 {
+    counter(proxy, "pgrelay_login_refusals_total", &[("reason", reason)])
+}
+
 /// pgrelay_runtime_stalls_total of a running proxy.
 pub fn runtime_stalls(proxy: &Proxy) -> f64 {
     proxy
