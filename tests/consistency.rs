@@ -30,9 +30,13 @@ async fn cluster_with_delay(delay: Option<Duration>) -> LocalCluster {
 }
 
 fn config(cluster: &LocalCluster, routing: &str) -> String {
+    config_with_primary(cluster, &cluster.primary().addr(), routing)
+}
+
+/// The config with the primary reached at `primary` (a relay to it).
+fn config_with_primary(cluster: &LocalCluster, primary: &str, routing: &str) -> String {
     format!(
-        "[server]\nlisten = \"LISTEN\"\nmetrics_listen = \"\"\n\n[pool]\nsize = 4\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n\n[databases.app]\nprimary = \"{}\"\nreplicas = [\"{}\"]\n\n[databases.app.routing]\n{routing}\n",
-        cluster.primary().addr(),
+        "[server]\nlisten = \"LISTEN\"\nmetrics_listen = \"\"\n\n[pool]\nsize = 4\n\n[[users]]\nname = \"app\"\npassword = \"app\"\n\n[databases.app]\nprimary = \"{primary}\"\nreplicas = [\"{}\"]\n\n[databases.app.routing]\n{routing}\n",
         cluster.replicas()[0].addr()
     )
 }
@@ -104,6 +108,137 @@ async fn a_client_reads_its_own_writes_under_session_consistency_and_not_under_e
         "eventual consistency never read stale data"
     );
     eventual.shutdown().await;
+    tokio::task::spawn_blocking(move || cluster.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// The query pgrelay asks the primary's WAL position with.
+const FENCE: &[u8] = b"pg_current_wal_insert_lsn()";
+
+/// Among the writes pgrelay made to the primary: how many carried a fence query on its own
+/// (a round trip of its own), and how many carried one behind a statement of the client's.
+fn fence_writes(recorded: &[Vec<u8>]) -> (usize, usize) {
+    let mut alone = 0;
+    let mut behind = 0;
+    for write in recorded {
+        let Some(at) = write.windows(FENCE.len()).position(|window| window == FENCE) else {
+            continue;
+        };
+        // The fence query is `Q`, a length, then `SELECT pg_catalog.` before the function.
+        if at == 5 + "SELECT pg_catalog.".len() {
+            alone += 1;
+        } else {
+            behind += 1;
+        }
+    }
+    (alone, behind)
+}
+
+/// Whether the row `id` of `rw` is visible to `client` right now.
+async fn sees(client: &tokio_postgres::Client, id: &str) -> bool {
+    let rows = client
+        .simple_query(&format!("SELECT count(*) FROM rw WHERE id = {id}"))
+        .await
+        .unwrap();
+    first_value(&rows) == "1"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_position_travels_with_the_commit_and_every_shape_of_write_is_read_back() {
+    let cluster = cluster_with_delay(Some(Duration::from_millis(500))).await;
+    let relay = common::relay::Relay::start(&cluster.primary().addr()).await;
+    let proxy = Proxy::start(&config_with_primary(
+        &cluster,
+        &relay.addr.to_string(),
+        "consistency = \"session\"",
+    ))
+    .await;
+    let writer = proxy.app().await;
+    let insert = writer
+        .prepare("INSERT INTO rw (v) VALUES ($1) RETURNING id")
+        .await
+        .unwrap();
+    relay.record();
+    for round in 0..10 {
+        // An autocommit statement, simple protocol.
+        let id = first_value(
+            &writer
+                .simple_query("INSERT INTO rw (v) VALUES (10) RETURNING id")
+                .await
+                .unwrap(),
+        );
+        assert!(
+            sees(&writer, &id).await,
+            "round {round}: simple autocommit write missed"
+        );
+        // The same through a prepared statement (extended protocol).
+        let id: i32 = writer.query_one(&insert, &[&11]).await.unwrap().get(0);
+        assert!(
+            sees(&writer, &id.to_string()).await,
+            "round {round}: extended write missed"
+        );
+        // A transaction whose COMMIT comes on its own.
+        writer.simple_query("BEGIN").await.unwrap();
+        let id = first_value(
+            &writer
+                .simple_query("INSERT INTO rw (v) VALUES (12) RETURNING id")
+                .await
+                .unwrap(),
+        );
+        writer.simple_query("COMMIT").await.unwrap();
+        assert!(sees(&writer, &id).await, "round {round}: write of a transaction missed");
+    }
+    let (alone, behind) = fence_writes(&relay.recorded());
+    assert_eq!(
+        (alone, behind),
+        (0, 30),
+        "every commit position is asked for in the same write as the commit"
+    );
+
+    // Where the end of the transaction cannot be told in advance, the position is asked
+    // for after the fact, and reads still see the writes.
+    relay.record();
+    // Two writes pipelined on one connection: the second is sent before the first is
+    // answered.
+    let (first, second) = tokio::join!(writer.query_one(&insert, &[&13]), writer.query_one(&insert, &[&14]));
+    let (first, second): (i32, i32) = (first.unwrap().get(0), second.unwrap().get(0));
+    assert!(sees(&writer, &first.to_string()).await && sees(&writer, &second.to_string()).await);
+    // A write and a BEGIN in one query: the transaction stays open.
+    writer
+        .simple_query("INSERT INTO rw (v) VALUES (15); BEGIN")
+        .await
+        .unwrap();
+    let id = first_value(
+        &writer
+            .simple_query("INSERT INTO rw (v) VALUES (16) RETURNING id")
+            .await
+            .unwrap(),
+    );
+    writer.simple_query("COMMIT").await.unwrap();
+    assert!(sees(&writer, &id).await, "the write after an unforeseen BEGIN missed");
+    // A COMMIT of a failed transaction rolls back: nothing to see, nothing stuck.
+    writer.simple_query("BEGIN").await.unwrap();
+    writer.simple_query("INSERT INTO rw (v) VALUES (17)").await.unwrap();
+    writer.simple_query("SELECT 1/0").await.unwrap_err();
+    let rows = writer.simple_query("COMMIT").await.unwrap();
+    assert!(
+        matches!(
+            rows.last(),
+            Some(tokio_postgres::SimpleQueryMessage::CommandComplete(_))
+        ),
+        "COMMIT of a failed transaction answered"
+    );
+    assert_eq!(
+        write_then_read(&writer, 20).await,
+        0,
+        "writes missed after a failed COMMIT"
+    );
+    let (alone, _) = fence_writes(&relay.recorded());
+    assert!(alone >= 1, "a position asked for after the fact goes on its own");
+
+    proxy.shutdown().await;
     tokio::task::spawn_blocking(move || cluster.shutdown())
         .await
         .unwrap()

@@ -37,6 +37,8 @@ struct State {
     /// The relay's ports towards the server of the connections whose server side is
     /// still open.
     open: Vec<u16>,
+    /// What each read from pgrelay's side brought, while recording.
+    recorded: Option<Vec<Vec<u8>>>,
 }
 
 /// A relay listening on 127.0.0.1; stops accepting when dropped.
@@ -79,6 +81,7 @@ impl Relay {
             hold_on: None,
             silent: Vec::new(),
             open: Vec::new(),
+            recorded: None,
         }));
         let (held_tx, held) = mpsc::unbounded_channel();
         let accepting = tokio::spawn({
@@ -123,6 +126,22 @@ impl Relay {
     /// session any more.
     pub fn server_side_ports(&self) -> Vec<u16> {
         self.state.lock().unwrap().open.clone()
+    }
+
+    /// Keeps what each read from pgrelay's side (of any connection) brings, from now on:
+    /// one entry per write pgrelay made, as far as loopback TCP keeps them apart.
+    pub fn record(&self) {
+        self.state.lock().unwrap().recorded = Some(Vec::new());
+    }
+
+    /// What was recorded since [`Relay::record`], which goes on.
+    pub fn recorded(&self) -> Vec<Vec<u8>> {
+        self.state
+            .lock()
+            .unwrap()
+            .recorded
+            .replace(Vec::new())
+            .unwrap_or_default()
     }
 
     /// Drops the connections accepted in `Silent` mode.
@@ -197,7 +216,12 @@ async fn to_server(
         if read_first {
             match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => pending.extend_from_slice(&buffer[..n]),
+                Ok(n) => {
+                    pending.extend_from_slice(&buffer[..n]);
+                    if let Some(recorded) = &mut state.lock().unwrap().recorded {
+                        recorded.push(buffer[..n].to_vec());
+                    }
+                }
             }
         }
         read_first = true;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Buf;
 
+use super::fence::BatchEnd;
 use super::{HIGH_WATER, Pump, PumpExit, move_bytes};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{BindView, ObjectKind, ObjectRef, ParseView, query_text};
@@ -87,6 +88,9 @@ impl Pump<'_> {
                 move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
                 run = 0;
             }
+            if opens_or_continues_batch(tag) {
+                self.batch_message();
+            }
             let disposition = match self.plan(tag, run, header.len) {
                 Ok(disposition) => disposition,
                 Err(exit) => break Err(exit),
@@ -98,6 +102,12 @@ impl Pump<'_> {
                     self.client.inbuf.advance(header.len);
                     run = 0;
                 }
+            }
+            if matches!(tag, FrontendTag::Query | FrontendTag::Sync) && self.batch_ends_writing() {
+                // The fence query follows the batch that commits, in the same write.
+                move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
+                run = 0;
+                self.send_fence_ahead();
             }
             if self.server.expect.has_synthetic_head() {
                 move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
@@ -161,6 +171,7 @@ impl Pump<'_> {
                     // A statement the client prepared with Parse, run with SQL EXECUTE:
                     // under the name it has on the server.
                     self.writes.note(&statement.class);
+                    self.batch_end = BatchEnd::Unknown;
                     let server = &mut *self.server;
                     if !server.statements.contains(&statement.server_name) {
                         // A Sync of pgrelay's own ends the injected Parse: the server skips
@@ -188,10 +199,12 @@ impl Pump<'_> {
                     self.note_effects(&class.session);
                 }
                 self.writes.note(&class);
+                self.batch_end = self.batch_end.statement(&class);
                 Disposition::Forward
             }
             FrontendTag::FunctionCall => {
                 self.hold = self.mode.single_unit;
+                self.batch_end = BatchEnd::Unknown;
                 self.writes.note_tables(&crate::route::Tables::Unknown);
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
                 Disposition::Forward
@@ -209,10 +222,12 @@ impl Pump<'_> {
                         Recipient::Client,
                     );
                     let class = self.classifier.classify_text(parse.query, encoding.charset);
+                    self.batch_parsed_unnamed |= parse.name.is_empty();
                     if !class.session.is_empty() {
                         self.note_effects(&class.session);
                     }
                     self.writes.note(&class);
+                    self.batch_end = self.batch_end.statement(&class);
                     return Ok(Disposition::Forward);
                 }
                 if let Err(refusal) = self
@@ -278,9 +293,14 @@ impl Pump<'_> {
                     .then(|| self.carried.statements.get(bind.statement))
                     .flatten();
                 let Some(statement) = statement else {
+                    let known = bind.statement.is_empty() && self.batch_parsed_unnamed;
                     server
                         .expect
                         .push(Expect::BindComplete { statement: None }, Recipient::Client);
+                    if !known {
+                        // Prepared in an earlier batch without pgrelay keeping its text.
+                        self.batch_end = BatchEnd::Unknown;
+                    }
                     return Ok(Disposition::Forward);
                 };
                 if let Some(stale) = self.schema.refusal(&statement.server_name) {
@@ -291,6 +311,7 @@ impl Pump<'_> {
                     return Ok(Disposition::Consumed);
                 }
                 self.writes.note(&statement.class);
+                self.batch_end = self.batch_end.statement(&statement.class);
                 let server = &mut *self.server;
                 ensure_prepared(server, &statement, self.mode.max_prepared_statements, self.metrics);
                 server
@@ -416,6 +437,22 @@ fn text_encoding(pending: &PendingEffects, carried: &Carried) -> ClientEncoding 
 /// still enter it (it owes replies); otherwise they are leftovers of a failed COPY.
 fn takes_copy_data(server: &ServerConn) -> bool {
     server.state.in_copy() || !server.expect.is_empty()
+}
+
+/// Messages that begin a client batch, or belong to the one begun (COPY data, Flush and
+/// Terminate do neither).
+fn opens_or_continues_batch(tag: FrontendTag) -> bool {
+    matches!(
+        tag,
+        FrontendTag::Query
+            | FrontendTag::FunctionCall
+            | FrontendTag::Parse
+            | FrontendTag::Bind
+            | FrontendTag::Describe
+            | FrontendTag::Close
+            | FrontendTag::Execute
+            | FrontendTag::Sync
+    )
 }
 
 /// Messages that may be rewritten or replaced when pgrelay manages prepared statements.

@@ -4,7 +4,6 @@
 
 use bytes::Buf;
 
-use super::FenceCapture;
 use super::{Pump, PumpExit, move_bytes};
 use crate::error::MessageText;
 use crate::protocol::views::{ErrorFields, command_tag, parameter_status, ready_status};
@@ -177,7 +176,7 @@ impl Pump<'_> {
                 };
                 server.state.ready(status);
                 if !to_client {
-                    if self.fence != FenceCapture::None && routing.ready && routing.answered_query {
+                    if self.fence.is_pending() && routing.ready && routing.answered_query {
                         self.fence_captured();
                     }
                     return Ok(false);
@@ -196,6 +195,8 @@ impl Pump<'_> {
                     if self.transaction_ended() {
                         return Ok(false);
                     }
+                } else {
+                    self.transaction_continues();
                 }
                 Ok(true)
             }
@@ -299,9 +300,8 @@ impl Pump<'_> {
                 Ok(to_client)
             }
             BackendTag::DataRow if !to_client => {
-                if let FenceCapture::Awaiting { lsn, .. } = &mut self.fence {
-                    *lsn = first_text_value(body).and_then(|text| text.parse().ok());
-                }
+                self.fence
+                    .answered(first_text_value(body).and_then(|text| text.parse().ok()));
                 Ok(false)
             }
             BackendTag::CopyInResponse | BackendTag::CopyBothResponse => {

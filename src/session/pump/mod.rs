@@ -8,6 +8,7 @@
 //! bound. `from_client` and `from_server` hold what is done with each message.
 
 mod effects;
+mod fence;
 mod from_client;
 mod from_server;
 pub(super) mod refusal;
@@ -19,21 +20,17 @@ use bytes::{Buf, BytesMut};
 use tokio_util::io::poll_read_buf;
 
 use super::carried::Carried;
-use crate::cluster::Lsn;
 use crate::metrics::{Role, SessionMetrics};
 use crate::net::{ClientConn, poll_write_buffer, reserve_for_read};
 use crate::protocol::ProtocolError;
 use crate::protocol::TxStatus;
 use crate::protocol::compose;
-use crate::route::{Classification, Classifier, PinReason, SessionEffect, Tables};
+use crate::route::{Classifier, PinReason, SessionEffect};
 use crate::runtime::{Fences, SchemaWatch};
 use crate::upstream::{ServerConn, Synthetic, UpstreamError};
 use effects::{PendingEffects, Settled};
+use fence::{BatchEnd, FenceCapture, Writes};
 use std::time::Instant;
-
-/// Asks the primary where its WAL is: every commit visible there is before it, even
-/// one made with synchronous_commit = off.
-const FENCE_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
 /// Output waiting for a peer beyond which pgrelay stops reading from the other peer.
 const HIGH_WATER: usize = 256 * 1024;
@@ -138,6 +135,10 @@ pub(super) struct Pump<'a> {
     schema_changed: bool,
     /// A commit position is being asked for.
     fence: FenceCapture,
+    /// Whether the client batch being sent ends outside a transaction.
+    batch_end: BatchEnd,
+    /// The batch being sent parsed the unnamed statement (whose class is then known).
+    batch_parsed_unnamed: bool,
     /// Something went to the client in this run: a reply from the server, or one pgrelay
     /// made. A batch whose server fails after that cannot be run again unseen.
     replied: bool,
@@ -162,52 +163,6 @@ struct QueryDeadline {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// The CancelRequest went out: the timer now bounds the wait for the server to act.
     cancelled: bool,
-}
-
-/// What the transaction in progress wrote, for its fence.
-#[derive(Debug, Default)]
-struct Writes {
-    /// It wrote (or may have written).
-    wrote: bool,
-    /// The tables it wrote, when `keep_tables`.
-    tables: Tables,
-    /// Fences are captured: the tables are kept (elsewhere copying their names would be
-    /// wasted work per write).
-    keep_tables: bool,
-}
-
-impl Writes {
-    /// Notes what a forwarded statement may write.
-    fn note(&mut self, class: &Classification) {
-        if !class.is_read() {
-            self.note_tables(&class.written_tables);
-        }
-    }
-
-    /// Notes a write to `tables`.
-    fn note_tables(&mut self, tables: &Tables) {
-        self.wrote = true;
-        if self.keep_tables {
-            self.tables.union(tables.clone());
-        }
-    }
-
-    fn clear(&mut self) {
-        self.wrote = false;
-        self.tables = Tables::empty();
-    }
-}
-
-/// Asking the primary for the WAL position after a write committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FenceCapture {
-    None,
-    /// The query is on its way; `held` is the client's ReadyForQuery, withheld until
-    /// the fence is in place so the client's next statement already sees it.
-    Awaiting {
-        held: Option<TxStatus>,
-        lsn: Option<Lsn>,
-    },
 }
 
 impl<'a> Pump<'a> {
@@ -236,6 +191,8 @@ impl<'a> Pump<'a> {
             fences: None,
             writes: Writes::default(),
             fence: FenceCapture::None,
+            batch_end: BatchEnd::NotStarted,
+            batch_parsed_unnamed: false,
             replied: false,
             error_since_ready: false,
             hold_metadata: false,
@@ -478,7 +435,7 @@ impl<'a> Pump<'a> {
             && !self.server.state.in_copy()
             && self.server.outbuf.is_empty()
             && self.client.inbuf.is_empty()
-            && self.fence == FenceCapture::None;
+            && !self.fence.is_pending();
         if !idle {
             self.idle_in_transaction = None;
             return Poll::Pending;
@@ -515,66 +472,6 @@ impl<'a> Pump<'a> {
         self.pending.note(effects);
     }
 
-    /// A transaction ended with ReadyForQuery `status` for the client. Returns whether
-    /// that ReadyForQuery must be withheld while the commit position is fetched.
-    fn transaction_ended(&mut self) -> bool {
-        if !self.writes.wrote || self.fences.is_none() || self.fence != FenceCapture::None {
-            self.writes.clear();
-            return false;
-        }
-        if self.server.state.is_unsynced() {
-            // The client's next batch has begun on this server: a query now would
-            // commit its first part early. The position is asked for at the end of that
-            // batch instead (a later one covers this commit too); the server stays
-            // with this client until then, so its own reads cannot miss the write.
-            return false;
-        }
-        self.writes.wrote = false;
-        // A Query message, written in place (no buffer of its own to allocate).
-        self.server.outbuf.extend_from_slice(b"Q");
-        self.server
-            .outbuf
-            .extend_from_slice(&((4 + FENCE_QUERY.len() + 1) as u32).to_be_bytes());
-        self.server.outbuf.extend_from_slice(FENCE_QUERY.as_bytes());
-        self.server.outbuf.extend_from_slice(b"\0");
-        // Withhold the client's ReadyForQuery only if nothing else of the client's is in
-        // flight: pipelined statements run on this same server anyway.
-        let hold = self.server.expect.is_empty();
-        self.server.expect.push(
-            crate::upstream::Expect::ResultsUntilReady,
-            crate::upstream::Recipient::Pgrelay,
-        );
-        self.fence = FenceCapture::Awaiting {
-            held: hold.then_some(TxStatus::Idle),
-            lsn: None,
-        };
-        hold
-    }
-
-    /// The commit position arrived (or not): record it, release the withheld
-    /// ReadyForQuery.
-    fn fence_captured(&mut self) {
-        let FenceCapture::Awaiting { held, lsn } = std::mem::replace(&mut self.fence, FenceCapture::None) else {
-            return;
-        };
-        let written = std::mem::take(&mut self.writes.tables);
-        if let (Some(lsn), Some(fences)) = (lsn, self.fences) {
-            // A position lost before is older than this one: this one covers it.
-            self.carried.write_fence = if self.carried.fence_lost {
-                Some(lsn)
-            } else {
-                self.carried.write_fence.max(Some(lsn))
-            };
-            self.carried.fence_lost = false;
-            if self.writes.keep_tables {
-                fences.record(&written, lsn);
-            }
-        }
-        if let Some(status) = held {
-            compose::ready_for_query(&mut self.client.outbuf, status);
-        }
-    }
-
     /// Applies or drops the pending effects at the end of a transaction; where the
     /// replies cannot tell which took hold, the client keeps this server, whose state
     /// is then the only true record of its session.
@@ -608,25 +505,6 @@ impl<'a> Pump<'a> {
                 }
             }
         }
-    }
-
-    /// The server failed while a commit position was owed: the client's ReadyForQuery
-    /// withheld for it goes out now (the commit itself is done; its CommandComplete is
-    /// already on its way), and with the position unknown, the client's reads stay on the
-    /// primary until the position of a later write is known.
-    fn abandon_fence(&mut self) {
-        if let FenceCapture::Awaiting { held, .. } = std::mem::replace(&mut self.fence, FenceCapture::None) {
-            self.carried.fence_lost = true;
-            if let Some(status) = held {
-                self.replied = true;
-                compose::ready_for_query(&mut self.client.outbuf, status);
-            }
-        }
-        if self.fences.is_some() && self.writes.wrote {
-            // A write whose commit may have happened, position never asked for.
-            self.carried.fence_lost = true;
-        }
-        self.writes.clear();
     }
 
     fn server_closed(&mut self) -> PumpExit {
