@@ -1,6 +1,6 @@
 //! Classification cost per statement: uncached (lexer + keyword path + sqlparser + AST walk) and
 //! from the cache, for short OLTP statements and a ~10 KB reporting query.
-//! Targets (DESIGN.md): ≤ 0.3 µs from the cache, ≤ 20 µs uncached for OLTP statements.
+//! Targets (docs/performance.md): ≤ 0.3 µs from the cache, ≤ 20 µs uncached for OLTP statements.
 
 use std::hint::black_box;
 

@@ -30,7 +30,8 @@
 //! | `PGRELAY_BENCH_IDLE_ROUNDS` | 1 | times the idle clients are opened and closed (a leak check) |
 //! | `PGRELAY_BENCH_POOL_SIZE` | 20 | server connections per pool, both proxies |
 //! | `PGRELAY_BENCH_SCALE` | 10 | pgbench scale factor |
-//! | `PGRELAY_BENCH_TARGETS` | `direct,pgbouncer,pgrelay` | which targets run |
+//! | `PGRELAY_BENCH_TARGETS` | `direct,pgbouncer,pgrelay` | which targets run; also `split-eventual` and `split-session`: pgrelay with a streaming replica and read/write splitting, `consistency = "eventual"` / `"session"` |
+//! | `PGRELAY_BENCH_BINARY` | this build's | the pgrelay binary to run, to compare two builds in the same conditions |
 //! | `PGRELAY_BENCH_WORKERS` | 0 | pgrelay's `[server] workers` (0: one per core) |
 //!
 //! Everything listens on 127.0.0.1 only. Every process it starts is stopped by its PID when its
@@ -109,7 +110,7 @@ fn run() -> Result<(), String> {
 
     println!("starting PostgreSQL ...");
     let cluster = LocalCluster::new(ClusterOptions {
-        replicas: 0,
+        replicas: usize::from(settings.wants_replica()),
         primary_conf: vec![
             format!("max_connections = {}", settings.max_server_connections()),
             // The pgbench data set (~16 MB per scale unit) stays in shared buffers, up to 4 GB.
@@ -150,8 +151,18 @@ fn run() -> Result<(), String> {
             }
         }
     }
-    if settings.wants(Kind::Pgrelay) {
-        targets.push(targets::start_pgrelay(dir, primary.port(), &settings, &rt)?);
+    let replica_port = cluster.replicas().first().map(|replica| replica.port());
+    for kind in [Kind::Pgrelay, Kind::SplitEventual, Kind::SplitSession] {
+        if settings.wants(kind) {
+            targets.push(targets::start_pgrelay(
+                kind,
+                dir,
+                primary.port(),
+                replica_port,
+                &settings,
+                &rt,
+            )?);
+        }
     }
 
     if settings.idle_clients > 0 {

@@ -85,6 +85,7 @@ impl Report {
             }
         }
         self.ratios(&mut md);
+        self.split_ratios(&mut md);
         self.idle_table(&mut md);
         let errors = self.errors();
         if !self.notes.is_empty() || !errors.is_empty() {
@@ -94,6 +95,54 @@ impl Report {
             }
         }
         md
+    }
+
+    /// What read/write splitting and `consistency = "session"` cost, per scenario: CPU per
+    /// transaction of the split targets against pgrelay without a replica, and session against
+    /// eventual in CPU and p99 latency.
+    fn split_ratios(&self, md: &mut String) {
+        let find = |scenario: &Scenario, kind: Kind| {
+            self.runs
+                .iter()
+                .find(|r| r.scenario == *scenario && r.kind == kind)
+                .and_then(|r| r.outcome.as_ref().ok().map(|o| (o, r.cpu_us_per_txn)))
+        };
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "–".to_owned(),
+        };
+        let mut lines = Vec::new();
+        for row in self.runs.iter().filter(|r| r.kind == Kind::SplitEventual) {
+            let Some((_, eventual_cpu)) = find(&row.scenario, Kind::SplitEventual) else {
+                continue;
+            };
+            let eventual = find(&row.scenario, Kind::SplitEventual).map(|(o, _)| o.p99_ms);
+            let plain_cpu = find(&row.scenario, Kind::Pgrelay).and_then(|(_, cpu)| cpu);
+            let session = find(&row.scenario, Kind::SplitSession);
+            let session_cpu = session.and_then(|(_, cpu)| cpu);
+            let session_p99 = session.map(|(o, _)| o.p99_ms);
+            lines.push(format!(
+                "| {} | {} | {} | {} | {} |",
+                row.scenario.label(),
+                row.scenario.clients,
+                ratio(eventual_cpu, plain_cpu),
+                ratio(session_cpu, eventual_cpu),
+                ratio(session_p99, eventual),
+            ));
+        }
+        if lines.is_empty() {
+            return;
+        }
+        md.push_str("\n## Read/write splitting (same run)\n\n");
+        md.push_str("Targets (docs/performance.md): each ratio ≤ 1.10.\n\n");
+        md.push_str(
+            "| scenario | clients | CPU/txn split eventual ÷ pgrelay | CPU/txn session ÷ eventual | p99 session ÷ eventual |\n",
+        );
+        md.push_str("|---|---:|---:|---:|---:|\n");
+        for line in lines {
+            md.push_str(&line);
+            md.push('\n');
+        }
     }
 
     /// pgrelay ÷ PgBouncer per scenario, when both ran cleanly.
@@ -130,7 +179,7 @@ impl Report {
             return;
         }
         md.push_str("\n## pgrelay relative to PgBouncer (same run)\n\n");
-        md.push_str("Targets (DESIGN.md): TPS ratio ≥ 1.00, CPU ratio ≤ 0.80.\n\n");
+        md.push_str("Targets (docs/performance.md): TPS ratio ≥ 1.00, CPU ratio ≤ 0.80.\n\n");
         md.push_str("| scenario | clients | TPS pgrelay ÷ PgBouncer | CPU/txn pgrelay ÷ PgBouncer |\n");
         md.push_str("|---|---:|---:|---:|\n");
         for line in lines {
@@ -145,7 +194,7 @@ impl Report {
         }
         md.push_str("\n## Memory per idle client\n\n");
         md.push_str(
-            "Each client logs in (md5), runs `SELECT 1`, then stays idle. Target (DESIGN.md): ≤ 1 KiB per idle client.\n\n",
+            "Each client logs in (md5), runs `SELECT 1`, then stays idle. Target (docs/performance.md): ≤ 1 KiB per idle client.\n\n",
         );
         md.push_str("| target | idle clients | logins took | logins/s | RSS before | RSS with clients | KiB per idle client | RSS after close | failed logins |\n");
         md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");

@@ -92,6 +92,9 @@ pub struct Settings {
     pub workers: usize,
     /// Which targets run (PGRELAY_BENCH_TARGETS, default "direct,pgbouncer,pgrelay").
     pub targets: Vec<Kind>,
+    /// The pgrelay binary to run (PGRELAY_BENCH_BINARY, default: this build's), to compare
+    /// two builds on the same machine.
+    pub binary: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -102,12 +105,12 @@ impl Settings {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(|name| {
-                    [Kind::Direct, Kind::PgBouncer, Kind::Pgrelay]
-                        .into_iter()
-                        .find(|k| k.key() == name)
-                        .ok_or_else(|| {
-                            format!("PGRELAY_BENCH_TARGETS: unknown target {name:?} (direct, pgbouncer, pgrelay)")
-                        })
+                    Kind::ALL.into_iter().find(|k| k.key() == name).ok_or_else(|| {
+                        format!(
+                            "PGRELAY_BENCH_TARGETS: unknown target {name:?} \
+                             (direct, pgbouncer, pgrelay, split-eventual, split-session)"
+                        )
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             Err(_) => vec![Kind::Direct, Kind::PgBouncer, Kind::Pgrelay],
@@ -135,6 +138,7 @@ impl Settings {
             scale: number("PGRELAY_BENCH_SCALE", 10, 1, 1000)? as u32,
             workers: number("PGRELAY_BENCH_WORKERS", 0, 0, 64)? as usize,
             targets,
+            binary: std::env::var_os("PGRELAY_BENCH_BINARY").map(std::path::PathBuf::from),
         })
     }
 
@@ -155,7 +159,12 @@ impl Settings {
         } else {
             0
         };
-        direct + 2 * self.pool_size + 50
+        direct + (self.targets.len() + 1) * self.pool_size + 50
+    }
+
+    /// Whether a replica is needed (a read/write-splitting target runs).
+    pub fn wants_replica(&self) -> bool {
+        self.targets.iter().any(|kind| kind.splits())
     }
 
     /// Client limit for both proxies: room for every phase plus the readiness checks.
@@ -166,7 +175,7 @@ impl Settings {
     /// The pgbench runs, in order. Each scenario runs every target back to back, so that slow
     /// drifts of the shared machine affect them alike.
     pub fn scenarios(&self) -> Vec<Scenario> {
-        // Default: select-only in both protocols (the transaction DESIGN.md's CPU targets are
+        // Default: select-only in both protocols (the transaction the CPU targets of docs/performance.md are
         // stated for) and TPC-B in the simple protocol; the full matrix adds TPC-B extended.
         let combos: &[(Script, Mode)] = if self.full {
             &[

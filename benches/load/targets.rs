@@ -22,14 +22,28 @@ pub enum Kind {
     Direct,
     PgBouncer,
     Pgrelay,
+    /// pgrelay with a replica and read/write splitting, `consistency = "eventual"`.
+    SplitEventual,
+    /// pgrelay with a replica and read/write splitting, `consistency = "session"`.
+    SplitSession,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::PgBouncer,
+        Kind::Pgrelay,
+        Kind::SplitEventual,
+        Kind::SplitSession,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "PostgreSQL (direct)",
             Kind::PgBouncer => "PgBouncer",
             Kind::Pgrelay => "pgrelay",
+            Kind::SplitEventual => "pgrelay split, eventual",
+            Kind::SplitSession => "pgrelay split, session",
         }
     }
 
@@ -39,7 +53,14 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::PgBouncer => "pgbouncer",
             Kind::Pgrelay => "pgrelay",
+            Kind::SplitEventual => "split-eventual",
+            Kind::SplitSession => "split-session",
         }
+    }
+
+    /// The read/write-splitting kinds, which need a replica.
+    pub fn splits(self) -> bool {
+        matches!(self, Kind::SplitEventual | Kind::SplitSession)
     }
 }
 
@@ -90,28 +111,46 @@ pub fn conninfo(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname={DATABASE} connect_timeout=30")
 }
 
-/// Starts pgrelay from the release binary cargo built for this benchmark.
+/// Starts pgrelay from the release binary cargo built for this benchmark (or the one
+/// PGRELAY_BENCH_BINARY names), as `kind`: without a replica, or with `replica_port` and
+/// read/write splitting.
 pub fn start_pgrelay(
+    kind: Kind,
     dir: &Path,
     pg_port: u16,
+    replica_port: Option<u16>,
     settings: &Settings,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Target, String> {
-    let binary = env!("CARGO_BIN_EXE_pgrelay");
+    let binary = settings
+        .binary
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pgrelay")));
     let mut last_error = String::new();
     for attempt in 1..=START_ATTEMPTS {
         let port = procs::free_port()?;
-        let config_path = dir.join("pgrelay.toml");
-        std::fs::write(&config_path, pgrelay_config(port, pg_port, settings))
-            .map_err(|e| format!("writing {}: {e}", config_path.display()))?;
-        let mut cmd = Command::new(binary);
+        let config_path = dir.join(format!("{}.toml", kind.key()));
+        let mut config = pgrelay_config(port, pg_port, settings);
+        let consistency = match kind {
+            Kind::SplitEventual => Some("eventual"),
+            Kind::SplitSession => Some("session"),
+            _ => None,
+        };
+        if let Some(consistency) = consistency {
+            let replica = replica_port.ok_or("a split target needs a replica")?;
+            config.push_str(&format!(
+                "replicas = [\"127.0.0.1:{replica}\"]\n\n[databases.{DATABASE}.routing]\nconsistency = \"{consistency}\"\n"
+            ));
+        }
+        std::fs::write(&config_path, config).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
+        let mut cmd = Command::new(&binary);
         cmd.arg("run").arg("-c").arg(&config_path);
         // Its default log level (info) logs each connection, as PgBouncer's defaults do
         // (log_connections = 1): both run as an operator would run them.
         cmd.env_remove("RUST_LOG").env_remove("PGRELAY_CONFIG");
-        let process = Proc::spawn("pgrelay", cmd, &dir.join(format!("pgrelay-{attempt}.log")))?;
+        let process = Proc::spawn("pgrelay", cmd, &dir.join(format!("{}-{attempt}.log", kind.key())))?;
         let mut target = Target {
-            kind: Kind::Pgrelay,
+            kind,
             port,
             process: Some(process),
         };

@@ -122,7 +122,7 @@ keyword_enum! {
 }
 
 keyword_enum! {
-    /// How fresh a replica must be to serve a read (see SPEC.md, "Routing rules").
+    /// How fresh a replica must be to serve a read (see docs/routing.md).
     Consistency default Session {
         /// Any healthy replica within `max_replica_lag`.
         Eventual = "eventual",

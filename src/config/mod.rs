@@ -1,4 +1,4 @@
-//! The TOML configuration: typed settings with SPEC.md's defaults, every problem reported by key path.
+//! The TOML configuration: typed settings with the defaults of docs/configuration.md, every problem reported by key path.
 //!
 //! [`load`] / [`parse`] return an immutable [`Config`] or [`ConfigErrors`] listing every
 //! problem found: TOML syntax (with line and column), unknown keys, wrong types, missing

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 
 use super::registry::Metrics;
 
-/// Readiness as `/readyz` reports it. SPEC.md: ready once pgrelay accepts clients and every
+/// Readiness as `/readyz` reports it. docs/metrics.md: ready once pgrelay accepts clients and every
 /// primary is reachable. Called once per `/readyz` request; keep it to reading a flag.
 pub trait Health: Send + Sync {
     fn ready(&self) -> bool;

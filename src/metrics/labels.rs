@@ -1,4 +1,4 @@
-//! The fixed label values of SPEC.md as enums, so no caller can invent a new series by typo
+//! The fixed label values of docs/metrics.md as enums, so no caller can invent a new series by typo
 //! and handles can live in arrays indexed by the enum instead of maps keyed by strings.
 
 /// `role` label: which side of a database a server connection or a statement went to.
@@ -86,7 +86,7 @@ pub enum PinReason {
     HoldCursor,
     /// SQL-level `PREPARE` (protocol-level statements are mapped, not pinned).
     SqlPrepare,
-    /// State SPEC.md has no label for: LOAD, SET ROLE, SET SESSION AUTHORIZATION, a
+    /// State docs/metrics.md has no label for: LOAD, SET ROLE, SET SESSION AUTHORIZATION, a
     /// set_config() whose arguments are not literals.
     Other,
 }
@@ -268,7 +268,7 @@ impl LoginRefusal {
     }
 }
 
-/// The SQLSTATEs SPEC.md's "Errors clients see" lists. Their series exist (at 0) as soon as a
+/// The SQLSTATEs of the client errors docs/metrics.md lists. Their series exist (at 0) as soon as a
 /// database is known, so `increase()` sees the first error instead of a series appearing at 1.
 pub(crate) const KNOWN_SQLSTATES: [&str; 6] = ["28P01", "3D000", "53300", "08006", "08P01", "42501"];
 

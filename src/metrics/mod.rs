@@ -1,4 +1,4 @@
-//! Prometheus metrics: owns the registry with every `pgrelay_*` family of SPEC.md, the typed
+//! Prometheus metrics: owns the registry with every `pgrelay_*` family of docs/metrics.md, the typed
 //! handles and RAII gauges the data path counts through, the scrape-time collection of pool
 //! and backend state, and the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
 //!

@@ -45,7 +45,7 @@ fn pool(max_size: usize, active: usize, idle: usize, login: usize, max_wait_ms: 
     }
 }
 
-/// Every family of SPEC.md's table (plus config reloads and the lag limit), with its type and
+/// Every family of docs/metrics.md's table (plus config reloads and the lag limit), with its type and
 /// label names.
 const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_clients", "gauge", &["database", "user", "state"]),

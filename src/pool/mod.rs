@@ -22,7 +22,7 @@ use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
 pub use budget::{Budget, BudgetKind, Budgets, PoolBudgets};
 use manager::{CreateError, ServerManager, scopeguard};
 
-/// The pool settings of SPEC.md that the pool itself enforces.
+/// The pool settings of docs/configuration.md that the pool itself enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolLimits {
     pub size: usize,

@@ -9,7 +9,7 @@
 //! token reader (`relations`) or, when it is unsure, from sqlparser and an AST walk (`walk`).
 //! Anything not shown to be a read is a write.
 //!
-//! # Decisions where SPEC.md is silent
+//! # Decisions the routing rules leave open
 //!
 //! - **Functions**: built-in write functions, `write_functions` and, once the database's catalog
 //!   is loaded, every function it marks `VOLATILE` but a few read-safe built-ins make a SELECT

@@ -1,5 +1,5 @@
 //! The classification table: real statements sent by pgbench, psql, Rails (ActiveRecord),
-//! Django, Hibernate/JDBC, SQLAlchemy, Prisma and pg_dump, and every tricky case of SPEC.md's
+//! Django, Hibernate/JDBC, SQLAlchemy, Prisma and pg_dump, and every tricky case of docs/routing.md's
 //! routing rules, each with its expected classification in a compact rendering (see `render`).
 //! Expectations were written from PostgreSQL's semantics, not from this module's output.
 
