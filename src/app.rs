@@ -115,7 +115,9 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
     });
     let control = ControlThread::start().map_err(AppError::Thread)?;
     shared.set_runtimes(control.handle().clone(), tokio::runtime::Handle::current());
-    let watchdog = Watchdog::start(shared.metrics.clone(), shared.registry.clone()).map_err(AppError::Thread)?;
+    let watchdog =
+        Arc::new(Watchdog::start(shared.metrics.clone(), shared.registry.clone()).map_err(AppError::Thread)?);
+    crate::memory::spawn(Arc::downgrade(&shared), Arc::downgrade(&watchdog));
     // The listener belongs to the control thread's runtime: accepting goes on while a
     // worker is kept by a task.
     let listener = {
@@ -149,7 +151,7 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         shared.clone(),
         stopped,
         shutdown_timeout,
-        Arc::new(watchdog),
+        watchdog,
         workers,
     ));
     tracing::info!(%local_addr, metrics = ?metrics_addr, "pgrelay is accepting clients");
@@ -264,7 +266,6 @@ async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted.and_then(|(stream, peer)| Ok((stream.into_std()?, peer))) {
                 Ok((stream, peer)) => {
-                    while sessions.try_join_next().is_some() {}
                     if let Err(error) = net::apply_tcp_options(&stream, &shared.snapshot().tcp) {
                         tracing::debug!(client = %peer, %error, "cannot set keepalive or user timeout");
                     }
@@ -278,6 +279,9 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            // A finished session's task keeps its memory (as large as the session future)
+            // until it is joined: joined at once, so a crowd that left gives it all back.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = stopped.changed() => break,
         }
     }

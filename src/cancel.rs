@@ -51,6 +51,11 @@ pub struct CancelRegistry {
 }
 
 impl CancelRegistry {
+    /// Frees the room the map kept for clients that are gone.
+    pub fn shrink(&self) {
+        self.slots.shrink_to_fit();
+    }
+
     /// Gives a new client a unique key; the key is freed when the handle is dropped.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         loop {

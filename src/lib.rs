@@ -11,6 +11,7 @@ pub mod control;
 pub mod demo;
 pub mod error;
 pub mod localpg;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod pool;

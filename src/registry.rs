@@ -153,6 +153,12 @@ impl Registry {
     }
 
     /// Every client, oldest first.
+    /// Frees the room the maps kept for connections that are gone.
+    pub fn shrink(&self) {
+        self.clients.shrink_to_fit();
+        self.servers.shrink_to_fit();
+    }
+
     pub fn clients(&self) -> Vec<Arc<ClientEntry>> {
         let mut all: Vec<_> = self.clients.iter().map(|entry| entry.value().clone()).collect();
         all.sort_by_key(|client| client.id);

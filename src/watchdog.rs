@@ -92,6 +92,11 @@ impl Watchdog {
         Ok(Watchdog { shared })
     }
 
+    /// Frees the room the map kept for tasks that are gone.
+    pub fn shrink(&self) {
+        self.shared.clocks.shrink_to_fit();
+    }
+
     /// Wraps the task of the client at `peer` so that a poll of it that runs too long is
     /// noticed and the client named.
     pub fn watch<F: Future>(&self, peer: SocketAddr, future: F) -> Watched<F> {

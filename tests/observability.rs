@@ -247,6 +247,19 @@ async fn the_admin_console_checks_who_may_do_what() {
             .unwrap_or_else(|e| panic!("{command}: {e:?}"));
     }
     assert!(first_value(&admin.simple_query("SHOW VERSION").await.unwrap()).starts_with("pgrelay "));
+    let settings = admin.simple_query("SHOW CONFIG").await.unwrap();
+    let workers = settings.iter().find_map(|message| match message {
+        tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("server.workers") => {
+            row.get(1).map(str::to_owned)
+        }
+        _ => None,
+    });
+    assert!(
+        workers
+            .as_deref()
+            .is_some_and(|value| value.starts_with("0 (one per core: ")),
+        "SHOW CONFIG names the worker threads: {workers:?}"
+    );
     let stats = proxy.connect("app_t2", "app_t2", "pgrelay").await.unwrap();
     stats.simple_query("SHOW POOLS").await.unwrap();
     let error = stats.simple_query("PAUSE").await.unwrap_err();

@@ -40,6 +40,16 @@ impl Drop for Counted {
 }
 
 impl ClientCounts {
+    /// Frees the room the maps kept for users and addresses no longer connected.
+    pub fn shrink(&self) {
+        if let Ok(mut users) = self.users.lock() {
+            users.shrink_to_fit();
+        }
+        if let Ok(mut addresses) = self.addresses.lock() {
+            addresses.shrink_to_fit();
+        }
+    }
+
     /// Counts a connection from `ip`; `Err` with the count already there when `limit` (if
     /// any) is reached.
     pub fn take_address(self: &Arc<Self>, ip: IpAddr, limit: Option<usize>) -> Result<Counted, usize> {

@@ -306,6 +306,17 @@ fn users(shared: &Shared) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// `[server] workers` as set, and what 0 meant on this machine. The runtime is built once,
+/// so a reloaded value shows what the next start will use.
+fn workers(configured: usize) -> String {
+    if configured == 0 {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        format!("0 (one per core: {cores})")
+    } else {
+        configured.to_string()
+    }
+}
+
 /// The effective settings of `[server]` and `[pool]` (no secrets).
 fn config(shared: &Shared) -> Vec<Vec<String>> {
     let snapshot = shared.snapshot();
@@ -315,6 +326,7 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
     let row = |key: &str, value: String| vec![key.to_owned(), value];
     vec![
         row("server.listen", server.listen.clone()),
+        row("server.workers", workers(server.workers)),
         row("server.max_client_conn", server.max_client_conn.to_string()),
         row("server.admin_users", server.admin_users.join(",")),
         row("server.stats_users", server.stats_users.join(",")),
