@@ -403,3 +403,15 @@ async fn peer_listen_takes_cancels_only_and_also_while_the_instance_drains() {
         .expect("G stopped once its client's transaction ended")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_does_not_change_the_instance_id_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(dir.path(), "h", "instance_id = 20").await;
+    std::fs::write(dir.path().join("h.toml"), config("instance_id = 21")).unwrap();
+    let reloaded = pgrelay::reload::reload(proxy.running().shared()).expect("reload");
+    assert_eq!(reloaded.needs_restart, ["server.instance_id"]);
+    assert_eq!(proxy.running().shared().cancel.instance_id(), 20);
+    let (_client, key) = Raw::connect_keyed(&proxy.addr.to_string(), "").await;
+    assert_eq!(key.process_id >> 23, 20, "new clients still get the running id");
+}
