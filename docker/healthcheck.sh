@@ -3,7 +3,7 @@
 #
 # The runtime image has no curl or wget, on purpose (nothing to fetch with, fewer packages to
 # patch), and bash's /dev/tcp is enough for one GET. Orchestrators with their own HTTP probes
-# (Kubernetes: see docker/k8s/deployment.yaml) do not use this.
+# (Kubernetes: see docker/k8s/statefulset.yaml) do not use this.
 #
 # PGRELAY_HEALTH_ADDR: the address to ask, default 127.0.0.1:9930. It must match the port of
 # server.metrics_listen; with metrics_listen = "" there is no endpoint and the check fails.

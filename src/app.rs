@@ -31,6 +31,10 @@ pub enum AppError {
     Thread(std::io::Error),
 }
 
+/// Connections open at once on `peer_listen`; more are closed at once. Each lives for at
+/// most the few seconds a cancel takes.
+const MAX_PEER_CONNECTIONS: usize = 1024;
+
 /// How long startup waits for the first health check of each database's servers.
 const FIRST_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -39,6 +43,7 @@ const FIRST_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Running {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    peer_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -55,6 +60,11 @@ impl Running {
     /// The address of the HTTP endpoint, if metrics_listen is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The address of `peer_listen`, if set.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -89,6 +99,7 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
             reason: error.to_string(),
         })?;
     let shutdown_timeout = config.server.shutdown_timeout;
+    let peer_listen = config.server.peer_listen.clone();
     let metrics_listen = config.server.metrics_listen.clone().filter(|addr| !addr.is_empty());
     let metrics = Arc::new(Metrics::new()?);
     let observers = Observers {
@@ -143,9 +154,13 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         }
         None => None,
     };
+    let workers = tokio::runtime::Handle::current();
+    let peer_addr = match peer_listen {
+        Some(peer_listen) => Some(start_peer_listener(&peer_listen, &control, &shared, &workers)?),
+        None => None,
+    };
     let (stop, stopped) = watch::channel(false);
     shared.set_accepting(true);
-    let workers = tokio::runtime::Handle::current();
     let task = control.handle().spawn(serve(
         listener,
         shared.clone(),
@@ -154,15 +169,73 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         watchdog,
         workers,
     ));
-    tracing::info!(%local_addr, metrics = ?metrics_addr, "pgrelay is accepting clients");
+    tracing::info!(%local_addr, metrics = ?metrics_addr, peer_listen = ?peer_addr, "pgrelay is accepting clients");
     Ok(Running {
         local_addr,
         metrics_addr,
+        peer_addr,
         shared,
         stop,
         task,
         _control: control,
     })
+}
+
+/// Binds `peer_listen` on the control thread and accepts cancel requests there for as long
+/// as the process runs: also while it drains at shutdown, when `listen` is closed but its
+/// clients' statements may still need cancelling.
+fn start_peer_listener(
+    addr: &str,
+    control: &ControlThread,
+    shared: &Arc<Shared>,
+    workers: &tokio::runtime::Handle,
+) -> Result<SocketAddr, AppError> {
+    let listen_error = |source| AppError::Listen {
+        addr: addr.to_owned(),
+        source,
+    };
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|error: std::net::AddrParseError| AppError::Address {
+            addr: addr.to_owned(),
+            reason: error.to_string(),
+        })?;
+    let listener = {
+        let _control = control.handle().enter();
+        net::bind(parsed)
+    }
+    .map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    let shared = shared.clone();
+    let workers = workers.clone();
+    control.handle().spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+        loop {
+            match listener
+                .accept()
+                .await
+                .and_then(|(stream, peer)| Ok((stream.into_std()?, peer)))
+            {
+                Ok((stream, peer)) => {
+                    // Past the limit the connection is closed unread: a peer's cancel is
+                    // lost, a flood does not grow.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    workers.spawn(async move {
+                        session::serve_cancel_only(stream, peer, shared).await;
+                        drop(slot);
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed on peer_listen");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(local)
 }
 
 /// Binds the HTTP endpoint for /metrics, /healthz and /readyz on the control thread; it

@@ -9,6 +9,12 @@
 //! only once it has signalled the backend: a client that waits for that before its next
 //! statement (asyncpg does, after the CopyFail of an aborted COPY) never has that
 //! statement cancelled instead.
+//!
+//! A key names the instance that gave it out (see [`key_layout`]), so that an instance
+//! behind the same load balancer can send a cancel it cannot place to its peers
+//! ([`forward`]).
+
+pub mod forward;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +31,39 @@ use crate::upstream::BackendKey;
 
 /// How long pgrelay tries to deliver one cancel to a server.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The process id of the BackendKeyData pgrelay gives a client (protocol 3.0: a 4-byte
+/// process id and a 4-byte secret):
+///
+/// ```text
+/// process id  bit 31      0 in every key given out; set only on a cancel forwarded by a peer
+///             bits 30-23  instance_id of the instance that gave the key out
+///             bits 22-0   random, never 0
+/// secret      32 bits     random
+/// ```
+///
+/// 55 random bits in all; what makes a key unguessable is the 32-bit secret, checked in
+/// constant time, as PostgreSQL's own (whose process id is no secret at all). Bit 31 stays
+/// 0 in keys so that the process id is positive, as a PostgreSQL backend's is.
+pub mod key_layout {
+    /// Set by an instance on the cancels it forwards: the receiving instance applies such
+    /// a cancel or drops it, and never forwards it again.
+    pub const FORWARDED: u32 = 1 << 31;
+    const INSTANCE_SHIFT: u32 = 23;
+    const RANDOM_MASK: u32 = (1 << INSTANCE_SHIFT) - 1;
+
+    /// A process id for `instance` from `random` (its low 23 bits); `None` when those are 0.
+    pub fn process_id(instance: u8, random: u32) -> Option<u32> {
+        let random = random & RANDOM_MASK;
+        (random != 0).then_some((u32::from(instance) << INSTANCE_SHIFT) | random)
+    }
+
+    /// The instance that gave out a key with this process id.
+    pub fn instance_of(process_id: u32) -> u8 {
+        // Eight bits by the mask: the cast cannot truncate.
+        ((process_id & !FORWARDED) >> INSTANCE_SHIFT) as u8
+    }
+}
 
 /// Where a client's running query can be cancelled.
 #[derive(Debug, Clone)]
@@ -48,6 +87,8 @@ struct Slot {
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
     slots: DashMap<u32, Arc<Slot>>,
+    /// Put in every key given out; fixed for the life of the process.
+    instance_id: u8,
 }
 
 impl CancelRegistry {
@@ -56,13 +97,27 @@ impl CancelRegistry {
         self.slots.shrink_to_fit();
     }
 
+    pub fn new(instance_id: u8) -> CancelRegistry {
+        CancelRegistry {
+            slots: DashMap::new(),
+            instance_id,
+        }
+    }
+
+    /// The id this instance puts in its keys.
+    pub fn instance_id(&self) -> u8 {
+        self.instance_id
+    }
+
     /// Gives a new client a unique key; the key is freed when the handle is dropped.
+    ///
+    /// 2^23 process ids per instance: at 100,000 connected clients a new one is free at the
+    /// first draw 99 times in 100.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         loop {
-            let process_id = rand::random::<u32>() & 0x7fff_ffff;
-            if process_id == 0 {
+            let Some(process_id) = key_layout::process_id(self.instance_id, rand::random()) else {
                 continue;
-            }
+            };
             let slot = Arc::new(Slot {
                 secret: rand::random(),
                 target: Mutex::new(None),
@@ -81,23 +136,23 @@ impl CancelRegistry {
         }
     }
 
-    /// Handles a CancelRequest received on its own connection, returning once it has
-    /// been delivered (or given up on). Unknown keys are ignored silently, as PostgreSQL
-    /// does, so keys cannot be probed.
-    pub async fn cancel(&self, key: &CancelKey) {
+    /// Applies a CancelRequest for a client of this instance, returning once it has been
+    /// delivered (or given up on); false when no client here holds the key. The caller
+    /// says nothing to the sender either way, as PostgreSQL does, so keys cannot be probed.
+    pub async fn cancel(&self, key: &CancelKey) -> bool {
         let Some(slot) = self.slots.get(&key.process_id).map(|slot| slot.clone()) else {
-            return;
+            return false;
         };
         if !constant_time_eq(&slot.secret.to_be_bytes(), &key.secret) {
-            return;
+            return false;
         }
         let target = match slot.target.lock() {
             Ok(target) => target.clone(),
-            Err(_) => return,
+            Err(_) => return true,
         };
         let Some(target) = target else {
             slot.cancel_wait.notify_waiters();
-            return;
+            return true;
         };
         // Counted before the target can be detached, so the server stays with this
         // client until delivery is over.
@@ -111,6 +166,7 @@ impl CancelRegistry {
             slot.delivered.notify_waiters();
         });
         let _ = delivery.await;
+        true
     }
 }
 
@@ -131,22 +187,28 @@ pub fn cancel_in_background(target: CancelTarget) {
 /// CancelRequest before any encryption or pg_hba check (hostssl-only servers included),
 /// and libpq before 17 never sends it any other way. It carries only the key.
 async fn deliver(target: &CancelTarget) {
-    let result: std::io::Result<()> = async {
-        let mut stream = TcpStream::connect(&*target.addr).await?;
-        let mut packet = BytesMut::with_capacity(16);
-        packet.extend_from_slice(&((12 + target.key.secret.len()) as u32).to_be_bytes());
-        packet.extend_from_slice(&80_877_102u32.to_be_bytes());
-        packet.extend_from_slice(&target.key.process_id.to_be_bytes());
-        packet.extend_from_slice(&target.key.secret);
-        stream.write_all(&packet).await?;
-        let mut sink = [0u8; 64];
-        while stream.read(&mut sink).await? > 0 {}
-        Ok(())
+    let result = async {
+        let stream = TcpStream::connect(&*target.addr).await?;
+        send_cancel(stream, target.key.process_id, &target.key.secret).await
     }
     .await;
     if let Err(error) = result {
         tracing::warn!(server = %target.addr, %error, "could not deliver a cancel request");
     }
+}
+
+/// Writes a CancelRequest on `stream` and waits until the other side closes it.
+pub(crate) async fn send_cancel(mut stream: TcpStream, process_id: u32, secret: &[u8]) -> std::io::Result<()> {
+    let mut packet = BytesMut::with_capacity(12 + secret.len());
+    // At most 12 + 256 bytes: the parser refuses longer secrets.
+    packet.extend_from_slice(&u32::try_from(12 + secret.len()).unwrap_or(u32::MAX).to_be_bytes());
+    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+    packet.extend_from_slice(&process_id.to_be_bytes());
+    packet.extend_from_slice(secret);
+    stream.write_all(&packet).await?;
+    let mut sink = [0u8; 64];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }
 
 fn constant_time_eq(expected: &[u8], given: &[u8]) -> bool {
@@ -224,6 +286,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn keys_carry_the_instance_id_and_stay_positive() {
+        for instance in [0u8, 1, 77, 255] {
+            let registry = Arc::new(CancelRegistry::new(instance));
+            for _ in 0..200 {
+                let handle = registry.register();
+                let pid = handle.process_id();
+                assert_eq!(key_layout::instance_of(pid), instance);
+                assert_eq!(pid & key_layout::FORWARDED, 0, "{pid:#x}");
+                assert_ne!(pid & ((1 << 23) - 1), 0, "{pid:#x}");
+                assert_eq!(key_layout::instance_of(pid | key_layout::FORWARDED), instance);
+            }
+        }
+        assert_eq!(key_layout::process_id(3, 0), None);
+        assert_eq!(key_layout::process_id(3, 1 << 23), None, "only the low 23 bits count");
+        assert_eq!(key_layout::process_id(3, 5), Some((3 << 23) | 5));
+    }
+
+    #[tokio::test]
     async fn a_cancel_with_the_wrong_secret_does_nothing_and_a_right_one_ends_a_wait() {
         let registry = Arc::new(CancelRegistry::default());
         let handle = registry.register();
@@ -237,9 +317,9 @@ mod tests {
         };
         let waiting = handle.cancelled_while_waiting();
         tokio::pin!(waiting);
-        registry.cancel(&wrong).await;
+        assert!(!registry.cancel(&wrong).await);
         assert!(futures_poll_once(waiting.as_mut()).await.is_none());
-        registry.cancel(&right).await;
+        assert!(registry.cancel(&right).await);
         tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap();
     }
 

@@ -59,10 +59,23 @@ fn reload_from(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     if config.server.metrics_listen != old.config.server.metrics_listen {
         needs_restart.push("server.metrics_listen");
     }
+    if config.server.peer_listen != old.config.server.peer_listen {
+        needs_restart.push("server.peer_listen");
+    }
+    let mut next = Snapshot::build(config, &shared.observers())?;
+    // Keys already given out carry the id, and peers would drop cancels for the keys of
+    // clients still connected if it changed under them: the id is the process's.
+    if next.instance_id != shared.cancel.instance_id() {
+        needs_restart.push("server.instance_id");
+        tracing::warn!(
+            running = shared.cancel.instance_id(),
+            in_file = next.instance_id,
+            "server.instance_id changed: the running id stays in force until a restart"
+        );
+    }
     for key in &needs_restart {
         tracing::warn!(key, "changed in the file but takes effect only after a restart");
     }
-    let mut next = Snapshot::build(config, &shared.observers())?;
     next.carry_over(&old);
     next.start_monitors();
     shared.swap(next);

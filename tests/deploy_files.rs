@@ -132,7 +132,7 @@ fn pgrelay_container(deployment: &Value) -> &Value {
     seq_of(&deployment["spec"]["template"]["spec"]["containers"], "containers")
         .iter()
         .find(|container| container["name"] == "pgrelay")
-        .expect("the Deployment has no container named pgrelay")
+        .expect("the StatefulSet has no container named pgrelay")
 }
 
 /// The container port a probe or Service refers to, by name or by number.
@@ -236,17 +236,17 @@ fn k8s_config_is_valid_and_its_checksum_annotation_is_current() {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect();
-    let deployment = k8s_resource("Deployment", "pgrelay");
+    let deployment = k8s_resource("StatefulSet", "pgrelay");
     let annotation = &deployment["spec"]["template"]["metadata"]["annotations"]["pgrelay/config-sha256"];
     assert_eq!(
         str_of(annotation, "the pgrelay/config-sha256 annotation"),
         digest,
-        "configmap.yaml changed: set pgrelay/config-sha256 in deployment.yaml to \"{digest}\""
+        "configmap.yaml changed: set pgrelay/config-sha256 in statefulset.yaml to \"{digest}\""
     );
 }
 
 #[test]
-fn k8s_deployment_probes_ports_and_shutdown_agree_with_the_config() {
+fn k8s_statefulset_probes_ports_and_shutdown_agree_with_the_config() {
     let config = valid_config(&k8s_config_text(), "docker/k8s/configmap.yaml");
     let metrics_port = u64::from(port_of(
         config
@@ -262,7 +262,7 @@ fn k8s_deployment_probes_ports_and_shutdown_agree_with_the_config() {
         "in a pod, listen and metrics_listen must not be loopback addresses"
     );
 
-    let deployment = k8s_resource("Deployment", "pgrelay");
+    let deployment = k8s_resource("StatefulSet", "pgrelay");
     assert_eq!(deployment["apiVersion"], "apps/v1");
     assert_eq!(u64_of(&deployment["spec"]["replicas"], "replicas"), 3);
     let pod = &deployment["spec"]["template"]["spec"];
@@ -271,7 +271,7 @@ fn k8s_deployment_probes_ports_and_shutdown_agree_with_the_config() {
             &deployment["spec"]["selector"]["matchLabels"],
             &deployment["spec"]["template"]["metadata"]["labels"]
         ),
-        "the Deployment's selector does not match its pod labels"
+        "the StatefulSet's selector does not match its pod labels"
     );
     let container = pgrelay_container(&deployment);
 
@@ -344,8 +344,8 @@ fn k8s_deployment_probes_ports_and_shutdown_agree_with_the_config() {
 }
 
 #[test]
-fn k8s_services_pdb_and_hpa_select_the_deployment() {
-    let deployment = k8s_resource("Deployment", "pgrelay");
+fn k8s_services_pdb_and_hpa_select_the_statefulset() {
+    let deployment = k8s_resource("StatefulSet", "pgrelay");
     let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
     let container = pgrelay_container(&deployment);
     let config = valid_config(&k8s_config_text(), "docker/k8s/configmap.yaml");
@@ -380,12 +380,75 @@ fn k8s_services_pdb_and_hpa_select_the_deployment() {
 
     let hpa = k8s_resource("HorizontalPodAutoscaler", "pgrelay");
     assert_eq!(hpa["apiVersion"], "autoscaling/v2");
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "StatefulSet");
     assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "pgrelay");
     assert!(
         !container["resources"]["requests"]["cpu"].is_null(),
         "an HPA on CPU needs a CPU request"
     );
+}
+
+/// Cancel requests across pods: every pod gets its own instance id from its StatefulSet
+/// name, and peers_dns names the headless Service that lists every pod (not-ready ones too)
+/// at the port of peer_listen, which the container declares.
+#[test]
+fn k8s_pods_have_their_own_instance_id_and_find_each_other() {
+    use pgrelay::config::{InstanceIdSetting, Peers};
+    let config = valid_config(&k8s_config_text(), "docker/k8s/configmap.yaml");
+    assert_eq!(
+        config.server.instance_id,
+        InstanceIdSetting::Hostname,
+        "pods share one config: the id must come from the pod's name"
+    );
+    let statefulset = k8s_resource("StatefulSet", "pgrelay");
+    let pod_labels = &statefulset["spec"]["template"]["metadata"]["labels"];
+    let container = pgrelay_container(&statefulset);
+    let service_name = str_of(&statefulset["spec"]["serviceName"], "serviceName");
+    let headless = k8s_resource("Service", service_name);
+    assert_eq!(headless["spec"]["clusterIP"], "None", "{service_name} must be headless");
+    assert_eq!(
+        headless["spec"]["publishNotReadyAddresses"], true,
+        "a draining pod must stay reachable for cancels"
+    );
+    assert!(labels_match(&headless["spec"]["selector"], pod_labels));
+
+    let Peers::Dns(peers_dns) = &config.server.peers else {
+        panic!("the config has no peers_dns: {:?}", config.server.peers);
+    };
+    let (host, port) = peers_dns.rsplit_once(':').unwrap();
+    assert_eq!(
+        host, service_name,
+        "peers_dns must name the StatefulSet's headless Service"
+    );
+    let peer_listen = config.server.peer_listen.as_deref().expect("peer_listen");
+    assert!(
+        peer_listen.starts_with("0.0.0.0:"),
+        "peer_listen must not be loopback in a pod"
+    );
+    assert_eq!(u64::from(port_of(peer_listen)), port.parse::<u64>().unwrap());
+    let ports: BTreeSet<u64> = seq_of(&container["ports"], "container ports")
+        .iter()
+        .map(|port| u64_of(&port["containerPort"], "containerPort"))
+        .collect();
+    assert!(
+        ports.contains(&u64::from(port_of(peer_listen))),
+        "peer_listen's port is not declared"
+    );
+    let service_port = seq_of(&headless["spec"]["ports"], "headless Service ports")
+        .first()
+        .expect("the headless Service has no port");
+    assert_eq!(
+        resolve_port(container, &service_port["targetPort"]),
+        u64::from(port_of(peer_listen))
+    );
+
+    // Instance ids are 0-255: so are the ordinals.
+    let hpa = k8s_resource("HorizontalPodAutoscaler", "pgrelay");
+    assert!(u64_of(&hpa["spec"]["maxReplicas"], "maxReplicas") <= 256);
+    assert!(u64_of(&statefulset["spec"]["replicas"], "replicas") <= 256);
+    // The client-facing Service needs no affinity for cancels any more.
+    let service = k8s_resource("Service", "pgrelay");
+    assert!(service["spec"]["sessionAffinity"].is_null() || service["spec"]["sessionAffinity"] == "None");
 }
 
 // ---- Docker Compose ----------------------------------------------------------------------

@@ -371,6 +371,23 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
             "server.login_rate.ban_duration",
             crate::config::format_duration(server.login_rate.ban_duration),
         ),
+        // The id in force: a changed file takes effect only at a restart.
+        row("server.instance_id", shared.cancel.instance_id().to_string()),
+        row(
+            "server.peers",
+            match &server.peers {
+                crate::config::Peers::List(list) => list.join(","),
+                _ => String::new(),
+            },
+        ),
+        row(
+            "server.peers_dns",
+            match &server.peers {
+                crate::config::Peers::Dns(name) => name.clone(),
+                _ => String::new(),
+            },
+        ),
+        row("server.peer_listen", server.peer_listen.clone().unwrap_or_default()),
         row("pool.mode", pool.mode.to_string()),
         row("pool.size", pool.size.to_string()),
         row("pool.min_size", pool.min_size.to_string()),

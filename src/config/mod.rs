@@ -29,7 +29,7 @@ pub use enums::{
 };
 pub use pool::{PoolConfig, PoolOverrides};
 pub use secret::{PasswordForm, SecretError, check_md5, check_password};
-pub use server::{ClientTlsConfig, LoginRateConfig, ServerConfig, TcpOptions, UserConfig};
+pub use server::{ClientTlsConfig, InstanceIdSetting, LoginRateConfig, Peers, ServerConfig, TcpOptions, UserConfig};
 pub use validate::{split_host_port, validate};
 
 /// The database name of the admin console; no `[databases]` entry may use it.

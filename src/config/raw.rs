@@ -17,8 +17,8 @@ use super::hba::{HbaRule, HbaSource};
 use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
 use super::{
-    AuthQueryKeys, ClientTlsConfig, Config, DatabaseConfig, LoginRateConfig, PoolConfig, PoolOverrides, Problem,
-    RoutingConfig, ServerConfig, ServerTlsConfig, TcpOptions, UserConfig,
+    AuthQueryKeys, ClientTlsConfig, Config, DatabaseConfig, InstanceIdSetting, LoginRateConfig, Peers, PoolConfig,
+    PoolOverrides, Problem, RoutingConfig, ServerConfig, ServerTlsConfig, TcpOptions, UserConfig,
 };
 
 const TOP_LEVEL_KEYS: &[&str] = &["server", "pool", "users", "databases"];
@@ -49,6 +49,10 @@ struct RawServer {
     hba_file: Option<PathBuf>,
     hba: Option<Vec<String>>,
     login_rate: Option<TableOf<RawLoginRate>>,
+    instance_id: Option<InstanceIdSetting>,
+    peers: Option<Vec<String>>,
+    peers_dns: Option<String>,
+    peer_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +260,23 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
             .login_rate
             .map_or_else(LoginRateConfig::default, |TableOf(raw)| login_rate(raw)),
         auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
+        instance_id: raw.instance_id.unwrap_or_default(),
+        peers: peers(raw.peers, raw.peers_dns, problems),
+        peer_listen: raw.peer_listen,
+    }
+}
+
+/// `peers = []` is the same as no peers; an empty `peers_dns` is left for validation.
+fn peers(list: Option<Vec<String>>, dns: Option<String>, problems: &mut Vec<Problem>) -> Peers {
+    let list = list.filter(|list| !list.is_empty());
+    match (list, dns) {
+        (None, None) => Peers::None,
+        (Some(_), Some(_)) => {
+            problems.push(Problem::new("server.peers", "set either peers or peers_dns, not both"));
+            Peers::None
+        }
+        (Some(list), None) => Peers::List(list),
+        (None, Some(name)) => Peers::Dns(name),
     }
 }
 

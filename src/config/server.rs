@@ -47,6 +47,122 @@ pub struct ServerConfig {
     pub hba: Option<HbaSource>,
     /// `[server.login_rate]`.
     pub login_rate: LoginRateConfig,
+    /// This instance's id, encoded in every cancel key it gives out (docs/operations.md).
+    /// Read once, at startup.
+    pub instance_id: InstanceIdSetting,
+    /// The other instances, where cancel requests for their keys are forwarded.
+    pub peers: Peers,
+    /// An `IP:port` of this instance alone, where peers may send it cancel requests; `None`:
+    /// only `listen`. Read once, at startup.
+    pub peer_listen: Option<String>,
+}
+
+/// `[server] instance_id` as written: a number, or derived from the host name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceIdSetting {
+    Fixed(u8),
+    /// `"hostname"`: the number after the last `-` of the host name, as a Kubernetes
+    /// StatefulSet names its pods (`pgrelay-2` is instance 2).
+    Hostname,
+}
+
+impl Default for InstanceIdSetting {
+    fn default() -> Self {
+        InstanceIdSetting::Fixed(0)
+    }
+}
+
+impl fmt::Display for InstanceIdSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InstanceIdSetting::Fixed(id) => write!(f, "{id}"),
+            InstanceIdSetting::Hostname => f.write_str("hostname"),
+        }
+    }
+}
+
+impl InstanceIdSetting {
+    /// The id in force. `"hostname"` is read from the system here, when pgrelay starts,
+    /// not when the file is checked: the file is usually checked on another machine.
+    pub fn resolve(self) -> Result<u8, String> {
+        match self {
+            InstanceIdSetting::Fixed(id) => Ok(id),
+            InstanceIdSetting::Hostname => {
+                let name = nix::unistd::gethostname().map_err(|error| format!("cannot read the host name: {error}"))?;
+                let name = name.to_string_lossy();
+                id_from_hostname(&name).ok_or_else(|| {
+                    format!(
+                        "instance_id = \"hostname\": the host name {name:?} does not end in -N with N from 0 to 255 \
+                         (as a StatefulSet's pods, pgrelay-0, pgrelay-1, ...)"
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// `pgrelay-2` (or `pgrelay-2.pgrelay-headless...`) → 2.
+fn id_from_hostname(name: &str) -> Option<u8> {
+    let short = name.split('.').next()?;
+    let (_, number) = short.rsplit_once('-')?;
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    number.parse().ok()
+}
+
+impl<'de> serde::Deserialize<'de> for InstanceIdSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+
+        impl serde::de::Visitor<'_> for IdVisitor {
+            type Value = InstanceIdSetting;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number from 0 to 255, or \"hostname\"")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u8::try_from(v)
+                    .map(InstanceIdSetting::Fixed)
+                    .map_err(|_| E::custom(format!("{v} is out of range: must be from 0 to 255, or \"hostname\"")))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "hostname" => Ok(InstanceIdSetting::Hostname),
+                    _ => Err(E::custom(format!(
+                        "{v:?} is not an instance id: write a number from 0 to 255, or \"hostname\""
+                    ))),
+                }
+            }
+        }
+
+        deserializer.deserialize_any(IdVisitor)
+    }
+}
+
+/// `[server] peers` / `peers_dns`: the other pgrelay instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Peers {
+    /// Cancel requests for other instances' keys are dropped.
+    #[default]
+    None,
+    /// `host:port` of each other instance; names are resolved at each forward.
+    List(Vec<String>),
+    /// `host:port` whose name resolves to every instance (a Kubernetes headless Service),
+    /// resolved at each forward; this instance's own address among them is skipped.
+    Dns(String),
+}
+
+impl Peers {
+    pub fn is_none(&self) -> bool {
+        matches!(self, Peers::None)
+    }
 }
 
 /// `[server.login_rate]`: how often one address or one user name may try to log in, and
@@ -118,6 +234,9 @@ impl Default for ServerConfig {
             max_client_conn_per_address: 0,
             hba: None,
             login_rate: LoginRateConfig::default(),
+            instance_id: InstanceIdSetting::default(),
+            peers: Peers::None,
+            peer_listen: None,
         }
     }
 }
@@ -198,6 +317,20 @@ impl fmt::Debug for UserConfig {
 mod tests {
     use super::super::secret::tests::{MD5_APP, VERIFIER};
     use super::*;
+
+    #[test]
+    fn instance_id_from_a_statefulset_host_name() {
+        assert_eq!(id_from_hostname("pgrelay-0"), Some(0));
+        assert_eq!(id_from_hostname("pgrelay-12"), Some(12));
+        assert_eq!(id_from_hostname("pgrelay-3.pgrelay-headless.db.svc"), Some(3));
+        assert_eq!(id_from_hostname("my-pool-255"), Some(255));
+        assert_eq!(id_from_hostname("pgrelay-256"), None);
+        assert_eq!(id_from_hostname("pgrelay-7d9f8c6b5-x2x4z"), None, "a Deployment's pod");
+        assert_eq!(id_from_hostname("pgrelay"), None);
+        assert_eq!(id_from_hostname("pgrelay-"), None);
+        assert_eq!(id_from_hostname("pgrelay-+1"), None);
+        assert_eq!(InstanceIdSetting::Fixed(7).resolve(), Ok(7));
+    }
 
     #[test]
     fn debug_hides_passwords() {

@@ -83,6 +83,42 @@ fn socket_addr(path: &str, value: &str, example: &str, out: &mut Vec<Problem>) -
     parsed
 }
 
+/// `peers`, `peers_dns` and `peer_listen`. Names may be DNS names: they are resolved when a
+/// cancel is forwarded, not here.
+fn peers(server: &ServerConfig, listen: Option<SocketAddr>, out: &mut Vec<Problem>) {
+    match &server.peers {
+        super::Peers::None => {}
+        super::Peers::List(list) => {
+            for (index, peer) in list.iter().enumerate() {
+                if let Err(reason) = split_host_port(peer) {
+                    push(out, index_path("server.peers", index), reason);
+                }
+            }
+        }
+        super::Peers::Dns(name) => {
+            if let Err(reason) = split_host_port(name) {
+                push(out, "server.peers_dns".to_owned(), reason);
+            }
+        }
+    }
+    if let Some(peer_listen) = &server.peer_listen
+        && let Some(addr) = socket_addr("server.peer_listen", peer_listen, "10.0.0.5:6433", out)
+        && addr.port() != 0
+    {
+        let metrics = server
+            .metrics_listen
+            .as_deref()
+            .and_then(|m| m.parse::<SocketAddr>().ok());
+        if Some(addr) == listen || Some(addr) == metrics {
+            push(
+                out,
+                "server.peer_listen".to_owned(),
+                "must be an address of its own, not that of listen or metrics_listen",
+            );
+        }
+    }
+}
+
 fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
     let listen = socket_addr("server.listen", &server.listen, "127.0.0.1:6432", out);
     if let Some(metrics) = &server.metrics_listen {
@@ -116,6 +152,7 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
             ),
         );
     }
+    peers(server, listen, out);
     let rate = &server.login_rate;
     if rate.attempts_per_second > 0 && rate.burst < 1 {
         push(
@@ -681,6 +718,64 @@ replicas = ["127.0.0.1:5433"]
             "databases.app.max_user_connections: a user's limit covers every database: set it in [pool]",
         );
         assert_eq!(problems("max_db_connections = 3\n"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn instance_and_peer_keys() {
+        use super::super::{InstanceIdSetting, Peers};
+        let config = parse(&format!(
+            "{BASE}[server]\ninstance_id = 7\npeers = [\"pgrelay-b:6432\", \"10.0.0.9:6432\"]\n\
+             peer_listen = \"127.0.0.1:6441\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.server.instance_id, InstanceIdSetting::Fixed(7));
+        assert_eq!(
+            config.server.peers,
+            Peers::List(vec!["pgrelay-b:6432".to_owned(), "10.0.0.9:6432".to_owned()])
+        );
+        assert_eq!(config.server.peer_listen.as_deref(), Some("127.0.0.1:6441"));
+        let config = parse(&format!(
+            "{BASE}[server]\ninstance_id = \"hostname\"\npeers_dns = \"pgrelay-headless:6432\"\npeers = []\n"
+        ))
+        .unwrap();
+        assert_eq!(config.server.instance_id, InstanceIdSetting::Hostname);
+        assert_eq!(config.server.peers, Peers::Dns("pgrelay-headless:6432".to_owned()));
+        let defaults = parse(BASE).unwrap();
+        assert_eq!(defaults.server.instance_id, InstanceIdSetting::Fixed(0));
+        assert_eq!(defaults.server.peers, Peers::None);
+
+        assert_problem(
+            "[server]\ninstance_id = 256\n",
+            "server.instance_id: 256 is out of range: must be from 0 to 255, or \"hostname\"",
+        );
+        assert_problem(
+            "[server]\ninstance_id = -1\n",
+            "server.instance_id: -1 is out of range: must be from 0 to 255, or \"hostname\"",
+        );
+        assert_problem(
+            "[server]\ninstance_id = \"pod\"\n",
+            "server.instance_id: \"pod\" is not an instance id: write a number from 0 to 255, or \"hostname\"",
+        );
+        assert_problem(
+            "[server]\npeers = [\"a:1\"]\npeers_dns = \"b:2\"\n",
+            "server.peers: set either peers or peers_dns, not both",
+        );
+        assert_problem(
+            "[server]\npeers = [\"a:1\", \"b\"]\n",
+            "server.peers[1]: \"b\" is not host:port (the port is missing)",
+        );
+        assert_problem(
+            "[server]\npeers_dns = \"pgrelay-headless\"\n",
+            "server.peers_dns: \"pgrelay-headless\" is not host:port (the port is missing)",
+        );
+        assert_problem(
+            "[server]\npeer_listen = \"localhost:6441\"\n",
+            "server.peer_listen: \"localhost:6441\" is not an IP:port address, e.g. \"10.0.0.5:6433\"",
+        );
+        assert_problem(
+            "[server]\nlisten = \"127.0.0.1:6432\"\npeer_listen = \"127.0.0.1:6432\"\n",
+            "server.peer_listen: must be an address of its own, not that of listen or metrics_listen",
+        );
     }
 
     #[test]

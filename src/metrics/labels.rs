@@ -268,6 +268,65 @@ impl LoginRefusal {
     }
 }
 
+/// `result` label of `pgrelay_cancel_requests_total`: what became of a CancelRequest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CancelResult {
+    /// From a client, for a client of this instance: applied here.
+    Local,
+    /// From a peer, for a client of this instance: applied here.
+    Received,
+    /// From a client, for another instance's key: sent on to the peers.
+    Forwarded,
+    /// From a client, naming this instance, but no client here holds the key (it has
+    /// left, or the key is wrong): dropped.
+    Unknown,
+    /// From a peer, and no client here holds the key: dropped. Every forwarded cancel is
+    /// counted so on each peer but its owner.
+    PeerUnknown,
+    /// For another instance's key, but the forwarding rate or in-flight limit was reached:
+    /// dropped.
+    Limited,
+    /// For another instance's key, but there was no peer to send it to (none configured,
+    /// or the name resolved to nothing but this instance): dropped.
+    NoPeers,
+}
+
+impl CancelResult {
+    pub const ALL: [CancelResult; 7] = [
+        CancelResult::Local,
+        CancelResult::Received,
+        CancelResult::Forwarded,
+        CancelResult::Unknown,
+        CancelResult::PeerUnknown,
+        CancelResult::Limited,
+        CancelResult::NoPeers,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CancelResult::Local => "local",
+            CancelResult::Received => "received",
+            CancelResult::Forwarded => "forwarded",
+            CancelResult::Unknown => "unknown",
+            CancelResult::PeerUnknown => "peer_unknown",
+            CancelResult::Limited => "limited",
+            CancelResult::NoPeers => "no_peers",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            CancelResult::Local => 0,
+            CancelResult::Received => 1,
+            CancelResult::Forwarded => 2,
+            CancelResult::Unknown => 3,
+            CancelResult::PeerUnknown => 4,
+            CancelResult::Limited => 5,
+            CancelResult::NoPeers => 6,
+        }
+    }
+}
+
 /// The SQLSTATEs of the client errors docs/metrics.md lists. Their series exist (at 0) as soon as a
 /// database is known, so `increase()` sees the first error instead of a series appearing at 1.
 pub(crate) const KNOWN_SQLSTATES: [&str; 6] = ["28P01", "3D000", "53300", "08006", "08P01", "42501"];

@@ -26,6 +26,6 @@ mod tests;
 pub use guards::{ClientStateGauge, PinnedGauge};
 pub use handles::SessionMetrics;
 pub use http::{Health, serve};
-pub use labels::{ClientState, LoginRefusal, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason};
+pub use labels::{CancelResult, ClientState, LoginRefusal, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason};
 pub use registry::{LATENCY_BUCKETS, Metrics, MetricsError};
 pub use scrape::{PoolState, StateSink};

@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use super::handles::{DatabaseHandles, SessionMetrics};
-use super::labels::{LoginRefusal, NO_DATABASE, ReloadOutcome, sqlstate_label};
+use super::labels::{CancelResult, LoginRefusal, NO_DATABASE, ReloadOutcome, sqlstate_label};
 use super::scrape::{StateCollector, StateSink};
 
 /// Upper bounds (seconds) shared by both histograms: 50 µs (a checkout from a warm pool, a
@@ -47,6 +47,8 @@ pub(crate) struct Families {
     pub(crate) runtime_stalls: IntCounter,
     pub(crate) retries: IntCounterVec,
     pub(crate) login_refusals: IntCounterVec,
+    pub(crate) cancels: IntCounterVec,
+    pub(crate) cancel_forward_failures: IntCounter,
 }
 
 impl Families {
@@ -150,8 +152,19 @@ impl Families {
                 ),
                 &["reason"],
             )?,
+            cancels: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_cancel_requests_total",
+                    "CancelRequests by what became of them: local (applied here), received (from a peer, applied here), forwarded (another instance's key, sent to the peers), unknown (this instance's id, no client holds the key), peer_unknown (from a peer, not a client of this instance), limited (not forwarded: rate or in-flight limit), no_peers (not forwarded: no peer to send it to).",
+                ),
+                &["result"],
+            )?,
+            cancel_forward_failures: IntCounter::new(
+                "pgrelay_cancel_forward_failures_total",
+                "Peers a forwarded cancel request could not be sent to (connection refused or timed out, name not resolved).",
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 15] = [
+        let collectors: [Box<dyn Collector>; 17] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -167,6 +180,8 @@ impl Families {
             Box::new(families.runtime_stalls.clone()),
             Box::new(families.retries.clone()),
             Box::new(families.login_refusals.clone()),
+            Box::new(families.cancels.clone()),
+            Box::new(families.cancel_forward_failures.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -190,6 +205,7 @@ pub struct Metrics {
     databases: DashMap<Box<str>, Arc<DatabaseHandles>>,
     reloads: [IntCounter; 2],
     login_refusals: [IntCounter; 5],
+    cancels: [IntCounter; 7],
     state: StateCollector,
 }
 
@@ -212,6 +228,7 @@ impl Metrics {
         // Every reason from the start, for the same reason.
         let login_refusals =
             LoginRefusal::ALL.map(|reason| families.login_refusals.with_label_values(&[reason.label()]));
+        let cancels = CancelResult::ALL.map(|result| families.cancels.with_label_values(&[result.label()]));
 
         Ok(Metrics {
             registry,
@@ -219,6 +236,7 @@ impl Metrics {
             databases: DashMap::new(),
             reloads,
             login_refusals,
+            cancels,
             state,
         })
     }
@@ -271,6 +289,16 @@ impl Metrics {
     /// Counts one refused login.
     pub fn login_refusal(&self, reason: LoginRefusal) {
         self.login_refusals[reason.index()].inc();
+    }
+
+    /// Counts one CancelRequest by what became of it.
+    pub fn cancel_request(&self, result: CancelResult) {
+        self.cancels[result.index()].inc();
+    }
+
+    /// Counts one peer a forwarded cancel could not be sent to.
+    pub fn cancel_forward_failure(&self) {
+        self.families.cancel_forward_failures.inc();
     }
 
     /// Counts one configuration reload.

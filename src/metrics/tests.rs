@@ -82,6 +82,8 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_runtime_stalls_total", "counter", &[]),
     ("pgrelay_retries_total", "counter", &["database", "reason"]),
     ("pgrelay_login_refusals_total", "counter", &["reason"]),
+    ("pgrelay_cancel_requests_total", "counter", &["result"]),
+    ("pgrelay_cancel_forward_failures_total", "counter", &[]),
     ("pgrelay_user_servers", "gauge", &["user"]),
     ("pgrelay_max_user_connections", "gauge", &["user"]),
     ("pgrelay_database_servers", "gauge", &["database"]),
@@ -103,6 +105,8 @@ fn busy_metrics() -> Metrics {
     metrics.server_connect_errors("app", "10.0.0.1:5432").inc();
     metrics.retry("app", "connect");
     metrics.login_refusal(crate::metrics::LoginRefusal::Password);
+    metrics.cancel_request(crate::metrics::CancelResult::Forwarded);
+    metrics.cancel_forward_failure();
     metrics.set_state_source(|sink| {
         sink.pool("app", "alice", Role::Primary, "10.0.0.1:5432", pool(20, 5, 3, 1, 0));
         sink.backend("app", Role::Primary, "10.0.0.1:5432", true);

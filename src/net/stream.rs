@@ -51,6 +51,15 @@ impl ClientStream {
         }
     }
 
+    /// The local address the client connected to.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            ClientStream::Tcp(tcp) => tcp.local_addr(),
+            ClientStream::Tls(tls) => tls.get_ref().0.local_addr(),
+            ClientStream::Detached => Err(detached()),
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }

@@ -80,6 +80,8 @@ pub enum BuildError {
     Tls { key: String, source: TlsError },
     #[error("server.hba_file: {0}")]
     Hba(String),
+    #[error("server.instance_id: {0}")]
+    InstanceId(String),
 }
 
 /// One consistent view of users, databases and pools.
@@ -95,6 +97,9 @@ pub struct Snapshot {
     /// Address rules (the hba file read when the snapshot is built), login rate and client
     /// limits.
     pub access: AccessSettings,
+    /// `[server] instance_id`, `"hostname"` resolved when the snapshot is built. The cancel
+    /// registry takes it once, at startup; a reload only compares it.
+    pub instance_id: u8,
     users: HashMap<String, Arc<UserEntry>>,
     databases: HashMap<String, Arc<DatabaseEntry>>,
     /// The `"*"` entry: databases not listed are created from it on first use.
@@ -174,7 +179,9 @@ impl Snapshot {
             idle_timeout: config.server.client_idle_timeout,
             max_message_size: config.server.max_message_size,
         };
+        let instance_id = config.server.instance_id.resolve().map_err(BuildError::InstanceId)?;
         Ok(Snapshot {
+            instance_id,
             tcp: config.server.tcp,
             config: Arc::new(config),
             client_limits,
@@ -481,6 +488,8 @@ fn build_user(user: &crate::config::UserConfig) -> Result<UserEntry, BuildError>
 pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     pub cancel: Arc<CancelRegistry>,
+    /// Limits on the cancel requests sent on to peers.
+    pub cancel_forwarder: crate::cancel::forward::Forwarder,
     /// Client connections past the startup packet.
     pub clients: std::sync::atomic::AtomicUsize,
     /// Salts the fake SCRAM exchange run for unknown users.
@@ -525,8 +534,9 @@ impl Shared {
             registry: observers.registry,
             budgets: observers.budgets,
             access: Arc::new(Access::default()),
+            cancel: Arc::new(CancelRegistry::new(snapshot.instance_id)),
+            cancel_forwarder: crate::cancel::forward::Forwarder::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
-            cancel: Arc::new(CancelRegistry::default()),
             clients: std::sync::atomic::AtomicUsize::new(0),
             mock_secret: rand::random(),
             shutting_down: tokio::sync::watch::Sender::new(false),

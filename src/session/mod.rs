@@ -152,7 +152,7 @@ async fn start(
         })?;
     let (minor_version, params) = match opening {
         Opening::Cancel(key) => {
-            shared.cancel.cancel(&key).await;
+            cancel(shared, snapshot, &client.stream, &key).await;
             return Ok(None);
         }
         Opening::Session { minor_version, params } => (minor_version, params),
@@ -213,6 +213,74 @@ async fn start(
         cancel,
         slot,
     )))))
+}
+
+/// Serves a connection accepted on `peer_listen`, which takes a CancelRequest and nothing
+/// else: it is an address of this instance alone, for peers to forward cancels to.
+pub async fn serve_cancel_only(stream: std::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(client = %peer, %error, "cannot take over an accepted connection");
+            return;
+        }
+    };
+    let mut stream = ClientStream::Tcp(stream);
+    let snapshot = shared.snapshot();
+    // No TLS here: an SSLRequest is answered 'N', and a CancelRequest needs none.
+    match tokio::time::timeout(FAREWELL_TIMEOUT, handshake::open(&mut stream, None)).await {
+        Ok(Ok(Opening::Cancel(key))) => cancel(&shared, &snapshot, &stream, &key).await,
+        Ok(Ok(Opening::Session { .. })) => {
+            let mut out = bytes::BytesMut::new();
+            compose::error(
+                &mut out,
+                Severity::Fatal,
+                sqlstate::PROTOCOL_VIOLATION,
+                "this address (peer_listen) takes cancel requests only: connect to pgrelay's listen address",
+            );
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+                use tokio::io::AsyncWriteExt;
+                stream.write_all(&out).await?;
+                stream.flush().await
+            })
+            .await;
+        }
+        Ok(Err(_)) | Err(_) => {}
+    }
+}
+
+/// Applies a CancelRequest here or forwards it to the peers (`crate::cancel::forward`).
+async fn cancel(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    stream: &ClientStream,
+    key: &crate::protocol::startup::CancelKey,
+) {
+    // The address the request arrived on, and the listening addresses with an unspecified
+    // IP (0.0.0.0) taken as that address's IP: with peers_dns, this is how an instance
+    // recognizes itself among the addresses the name resolves to.
+    let arrived_on = stream.local_addr().ok();
+    let mut own: Vec<SocketAddr> = arrived_on.into_iter().collect();
+    let server = &snapshot.config.server;
+    own.extend(
+        [Some(server.listen.as_str()), server.peer_listen.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|addr| addr.parse::<SocketAddr>().ok())
+            .filter(|addr| addr.port() != 0)
+            .filter_map(|addr| match (addr.ip().is_unspecified(), arrived_on) {
+                (false, _) => Some(addr),
+                (true, Some(arrived_on)) => Some(SocketAddr::new(arrived_on.ip(), addr.port())),
+                (true, None) => None,
+            }),
+    );
+    let context = crate::cancel::forward::Context {
+        peers: &server.peers,
+        own: &own,
+    };
+    let result =
+        crate::cancel::forward::handle(&shared.cancel, &shared.cancel_forwarder, &shared.metrics, context, key).await;
+    tracing::debug!(process_id = key.process_id, result = result.label(), "cancel request");
 }
 
 fn too_many_clients() -> ClientError {

@@ -116,6 +116,16 @@ impl Proxy {
         }
     }
 
+    /// Wraps a pgrelay started by the test itself (from a file, say, to reload it later).
+    pub fn from_running(running: Running) -> Proxy {
+        let addr = running.local_addr();
+        Proxy {
+            running: Some(running),
+            addr,
+            runtime: None,
+        }
+    }
+
     /// Like [`Proxy::start`], on a runtime of pgrelay's own with `workers` threads, as in
     /// `pgrelay run`: should pgrelay stall a worker, the test's own runtime goes on, so
     /// the test fails by its timeouts instead of hanging with it.
