@@ -331,6 +331,15 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
         ),
         row("server.tls", if server.tls.is_some() { "on" } else { "off" }.to_owned()),
         row(
+            "server.tls.ca",
+            server
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.ca.as_ref())
+                .map(|ca| ca.display().to_string())
+                .unwrap_or_default(),
+        ),
+        row(
             "server.max_client_conn_per_user",
             server.max_client_conn_per_user.to_string(),
         ),

@@ -165,6 +165,13 @@ impl Snapshot {
             })
             .collect();
         let access = access_settings(&config.server)?;
+        if let Some(hba) = &access.hba
+            && hba.rules.iter().any(|rule| rule.method == HbaMethod::Cert)
+            && !client_tls.as_ref().is_some_and(ClientTls::checks_client_certificates)
+        {
+            tracing::warn!(rules = %hba.source,
+                "\"cert\" rules refuse every client they match: [server.tls] ca is not set, so no client is asked for a certificate");
+        }
         // Every database made from "*" shares one lookup, in its fixed auth_dbname: names
         // clients make up cost nothing before they have logged in.
         let fallback_lookup = build_auth_lookup(&config, &users, "*", "", fallback_tls.clone()).map(Arc::new);
@@ -379,10 +386,6 @@ fn access_settings(server: &crate::config::ServerConfig) -> Result<AccessSetting
         }),
         Some(HbaSource::File(path)) => {
             let rules = crate::config::hba::read_file(path).map_err(BuildError::Hba)?;
-            if rules.iter().any(|rule| rule.method == HbaMethod::Cert) {
-                tracing::warn!(file = %path.display(),
-                    "\"cert\" rules refuse every client: pgrelay does not request client certificates");
-            }
             Some(HbaRules {
                 source: path.display().to_string(),
                 rules: Arc::new(rules),
