@@ -486,6 +486,9 @@ pub struct Shared {
     pub cancel: Arc<CancelRegistry>,
     /// Client connections past the startup packet.
     pub clients: std::sync::atomic::AtomicUsize,
+    /// Client connections still in their TLS handshake, startup or authentication
+    /// (SHOW LISTS' `login_clients`).
+    pub logging_in: std::sync::atomic::AtomicUsize,
     /// Salts the fake SCRAM exchange run for unknown users.
     pub mock_secret: [u8; 32],
     /// Turns true when pgrelay starts shutting down.
@@ -531,6 +534,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             cancel: Arc::new(CancelRegistry::default()),
             clients: std::sync::atomic::AtomicUsize::new(0),
+            logging_in: std::sync::atomic::AtomicUsize::new(0),
             mock_secret: rand::random(),
             shutting_down: tokio::sync::watch::Sender::new(false),
             accepting: std::sync::atomic::AtomicBool::new(false),
