@@ -8,7 +8,7 @@ mod database;
 mod schema;
 mod volatility;
 
-pub use auth_query::{AuthLookup, LOOKUP_APPLICATION_NAME, LookupError, LookupSettings};
+pub use auth_query::{AuthCache, AuthLookup, LOOKUP_APPLICATION_NAME, LookupError, LookupSettings};
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
 pub use schema::{SchemaWatch, StaleStatement};
@@ -69,6 +69,8 @@ pub struct Observers {
     /// Server connections per user and per database over every pool
     /// (max_user_connections, max_db_connections).
     pub budgets: Arc<Budgets>,
+    /// auth_query answers of every lookup, bounded together.
+    pub auth_cache: Arc<AuthCache>,
 }
 
 /// Why a config could not be turned into a running state.
@@ -160,7 +162,14 @@ impl Snapshot {
             .keys()
             .filter(|name| name.as_str() != "*")
             .filter_map(|name| {
-                let lookup = build_auth_lookup(&config, &users, name, name, databases.get(name)?.server_tls())?;
+                let lookup = build_auth_lookup(
+                    &config,
+                    &users,
+                    name,
+                    name,
+                    databases.get(name)?.server_tls(),
+                    &observers.auth_cache,
+                )?;
                 Some((name.clone(), Arc::new(lookup)))
             })
             .collect();
@@ -174,7 +183,8 @@ impl Snapshot {
         }
         // Every database made from "*" shares one lookup, in its fixed auth_dbname: names
         // clients make up cost nothing before they have logged in.
-        let fallback_lookup = build_auth_lookup(&config, &users, "*", "", fallback_tls.clone()).map(Arc::new);
+        let fallback_lookup =
+            build_auth_lookup(&config, &users, "*", "", fallback_tls.clone(), &observers.auth_cache).map(Arc::new);
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -418,6 +428,7 @@ fn build_auth_lookup(
     key: &str,
     dbname: &str,
     tls: Arc<ServerTls>,
+    cache: &Arc<AuthCache>,
 ) -> Option<AuthLookup> {
     let settings = config.auth_query(key)?;
     let database = config.databases.get(key)?;
@@ -439,6 +450,7 @@ fn build_auth_lookup(
         },
         auth_user,
         tls,
+        cache.clone(),
     ))
 }
 
@@ -499,6 +511,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Server connections per user and per database over every pool.
     pub budgets: Arc<Budgets>,
+    /// auth_query answers of every lookup, bounded together; every snapshot's lookups use it.
+    pub auth_cache: Arc<AuthCache>,
     /// Client counts per user and per address, login buckets and bans.
     pub access: Arc<Access>,
     /// The file a reload reads, if pgrelay was started from one.
@@ -530,6 +544,7 @@ impl Shared {
             metrics: observers.metrics,
             registry: observers.registry,
             budgets: observers.budgets,
+            auth_cache: observers.auth_cache,
             access: Arc::new(Access::default()),
             snapshot: ArcSwap::from_pointee(snapshot),
             cancel: Arc::new(CancelRegistry::default()),
@@ -594,6 +609,7 @@ impl Shared {
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
             budgets: self.budgets.clone(),
+            auth_cache: self.auth_cache.clone(),
         }
     }
 
