@@ -106,6 +106,7 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
         metrics: metrics.clone(),
         registry: Arc::new(Registry::default()),
         budgets: Arc::new(crate::pool::Budgets::default()),
+        auth_cache: Arc::default(),
     };
     let mut snapshot = Snapshot::build(config, &observers)?;
     snapshot.start_monitors();

@@ -165,6 +165,11 @@ impl Registry {
         all
     }
 
+    /// How many clients and server connections there are, without copying the lists.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.clients.len(), self.servers.len())
+    }
+
     /// Every server connection, oldest first.
     pub fn servers(&self) -> Vec<Arc<ServerEntry>> {
         let mut all: Vec<_> = self.servers.iter().map(|entry| entry.value().clone()).collect();

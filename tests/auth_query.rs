@@ -35,6 +35,10 @@ const MD5_ROLE: (&str, &str) = ("aq_md5", "md5 secret");
 const ROTATED_ROLE: &str = "aq_rotate";
 /// A role whose pg_authid verifier is copied into pgrelay's config (no plaintext there).
 const CONFIGURED_ROLE: (&str, &str) = ("aq_conf", "conf secret");
+/// Roles PostgreSQL refuses with their right password: one whose VALID UNTIL has passed,
+/// one without LOGIN.
+const EXPIRED_ROLE: (&str, &str) = ("aq_expired", "expired secret");
+const NOLOGIN_ROLE: (&str, &str) = ("aq_nologin", "nologin secret");
 
 /// The lookup a DBA creates, as docs/configuration.md shows it.
 const LOOKUP_FUNCTION: &str = "CREATE FUNCTION pgrelay.user_lookup(i_username text) \
@@ -58,6 +62,11 @@ fn cluster() -> &'static LocalCluster {
                     "CREATE ROLE {} LOGIN PASSWORD '{}'",
                     CONFIGURED_ROLE.0, CONFIGURED_ROLE.1
                 ),
+                format!(
+                    "CREATE ROLE {} LOGIN PASSWORD '{}' VALID UNTIL '2000-01-01'",
+                    EXPIRED_ROLE.0, EXPIRED_ROLE.1
+                ),
+                format!("CREATE ROLE {} NOLOGIN PASSWORD '{}'", NOLOGIN_ROLE.0, NOLOGIN_ROLE.1),
                 "SET password_encryption = 'md5'".to_owned(),
                 format!("CREATE ROLE {} LOGIN PASSWORD '{}'", MD5_ROLE.0, MD5_ROLE.1),
                 "\\c app".to_owned(),
@@ -260,6 +269,104 @@ async fn md5_role_and_unknown_users() {
     }
     // Two wrong passwords and three unknown users, all counted as reason="password".
     assert_eq!(login_refusals(&proxy, "password"), 5.0);
+}
+
+/// md5 between client and pgrelay, inside TLS: the exchange byte by byte, then psql.
+#[tokio::test]
+async fn md5_client_authentication_over_tls() {
+    let proxy = start_proxy().await;
+    let (user, password) = MD5_ROLE;
+    for (attempt, expected) in [(password, None), ("wrong", Some("28P01"))] {
+        let mut tls = tls_connect(&proxy).await;
+        send(&mut tls, &startup(user)).await;
+        // The stored secret is an md5 hash: pgrelay asks for md5 (code 5) with a salt.
+        let (tag, body) = read_message(&mut tls).await;
+        assert_eq!((tag, &body[..4]), (b'R', &5i32.to_be_bytes()[..]));
+        let salt: [u8; 4] = body[4..8].try_into().unwrap();
+        let response = postgres_protocol::authentication::md5_hash(user.as_bytes(), attempt.as_bytes(), salt);
+        let mut out = BytesMut::new();
+        frontend::password_message(response.as_bytes(), &mut out).unwrap();
+        send(&mut tls, &out).await;
+        match (read_message(&mut tls).await, expected) {
+            ((b'R', body), None) => assert_eq!(body, 0i32.to_be_bytes()),
+            ((b'E', body), Some(code)) => {
+                assert_eq!(field(&body, b'C'), code);
+                assert_eq!(
+                    field(&body, b'M'),
+                    format!("password authentication failed for user \"{user}\"")
+                );
+            }
+            ((tag, body), _) => panic!(
+                "{attempt:?}: unexpected {} {}",
+                char::from(tag),
+                String::from_utf8_lossy(&body)
+            ),
+        }
+    }
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={user} dbname=app sslmode=require",
+        proxy.port()
+    );
+    let (ok, stdout, stderr) = psql(&conninfo, password, "\\conninfo").await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+    let (ok, stdout, stderr) = psql(&conninfo, password, "SELECT current_user").await;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), user);
+}
+
+/// An expired role and a NOLOGIN role, found through auth_query (the documented function and
+/// the default query alike), compared with what PostgreSQL itself answers.
+#[tokio::test]
+async fn expired_and_nologin_roles_are_refused() {
+    let proxy = start_proxy().await;
+    let primary = cluster().primary().addr();
+    let direct_error = |user: &str, password: &str| {
+        let url = format!(
+            "host=127.0.0.1 port={} user={user} password='{password}' dbname=app",
+            primary.rsplit_once(':').unwrap().1
+        );
+        async move {
+            match common::connect(&url).await {
+                Ok(_) => panic!("PostgreSQL let {url} in"),
+                Err(error) => (sqlstate(&error), common::message(&error)),
+            }
+        }
+    };
+    let failed = |user: &str| {
+        (
+            "28P01".to_owned(),
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+
+    // VALID UNTIL in the past: PostgreSQL refuses the right password as a wrong one...
+    let (user, password) = EXPIRED_ROLE;
+    assert_eq!(direct_error(user, password).await, failed(user));
+    // ...and so does pgrelay, for the right password and a wrong one.
+    for db in ["app", "app_su"] {
+        assert_eq!(login_error(&proxy, user, password, db).await, failed(user), "{db}");
+        assert_eq!(login_error(&proxy, user, "wrong", db).await, failed(user), "{db}");
+    }
+
+    // NOLOGIN: PostgreSQL checks the password first; a wrong one is 28P01, the right one
+    // 28000.
+    let (user, password) = NOLOGIN_ROLE;
+    assert_eq!(direct_error(user, "wrong").await, failed(user));
+    assert_eq!(
+        direct_error(user, password).await,
+        (
+            "28000".to_owned(),
+            format!("role \"{user}\" is not permitted to log in")
+        )
+    );
+    // The lookup (like PgBouncer's default auth_query) does not return roles without LOGIN:
+    // pgrelay cannot check their password and answers as for an unknown user, whatever the
+    // password. Nobody gets in, and the answer tells nothing the wrong-password one does not.
+    for db in ["app", "app_su"] {
+        assert_eq!(login_error(&proxy, user, password, db).await, failed(user), "{db}");
+        assert_eq!(login_error(&proxy, user, "wrong", db).await, failed(user), "{db}");
+    }
 }
 
 #[tokio::test]

@@ -237,6 +237,8 @@ async fn the_admin_console_checks_who_may_do_what() {
         "SHOW CLIENTS",
         "SHOW SERVERS",
         "SHOW DATABASES",
+        "SHOW USERS",
+        "SHOW LISTS",
         "SHOW CONFIG",
         "SHOW VERSION",
         "SHOW HELP",
@@ -382,5 +384,137 @@ async fn with_every_worker_stuck_the_console_and_metrics_answer_and_the_stall_is
     let client = proxy.app().await;
     client.simple_query("SELECT 1").await.unwrap();
     drop((client, console));
+    proxy.shutdown().await;
+}
+
+/// The column names and rows of a SHOW command.
+async fn show(console: &tokio_postgres::Client, command: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for message in console.simple_query(command).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            columns = row.columns().iter().map(|column| column.name().to_owned()).collect();
+            rows.push(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            );
+        }
+    }
+    (columns, rows)
+}
+
+/// The `items` of one `SHOW LISTS` row.
+async fn list_items(console: &tokio_postgres::Client, list: &str) -> usize {
+    let (_, rows) = show(console, "SHOW LISTS").await;
+    rows.iter()
+        .find(|row| row[0] == list)
+        .unwrap_or_else(|| panic!("no SHOW LISTS row {list}"))[1]
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_lists_counts_what_is_there_and_the_limits_show_with_their_counts() {
+    let cluster = shared_cluster();
+    let config = with_metrics(config_for(cluster, "size = 2\nmax_user_connections = 3"))
+        .replace("[databases.other]\n", "[databases.other]\nmax_db_connections = 4\n");
+    let proxy = Proxy::start(&config).await;
+    let admin = proxy.connect("app", "app", "pgrelay").await.unwrap();
+    let t1 = proxy.connect("app_t1", "app_t1", "app").await.unwrap();
+    let t2 = proxy.connect("app_t2", "app_t2", "other").await.unwrap();
+    t1.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    t2.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // A connection that never sends its startup packet: logging in until it leaves.
+    let silent = tokio::net::TcpStream::connect(proxy.running().local_addr())
+        .await
+        .unwrap();
+    wait_until(
+        "the silent connection counts as logging in",
+        Duration::from_secs(10),
+        || async { list_items(&admin, "login_clients").await == 1 },
+    )
+    .await;
+
+    let (columns, lists) = show(&admin, "SHOW LISTS").await;
+    assert_eq!(columns, ["list", "items"]);
+    let names: Vec<&str> = lists.iter().map(|row| row[0].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "databases",
+            "users",
+            "peers",
+            "pools",
+            "peer_pools",
+            "free_clients",
+            "used_clients",
+            "login_clients",
+            "free_servers",
+            "used_servers",
+            "dns_names",
+            "dns_zones",
+            "dns_queries",
+            "dns_pending"
+        ]
+    );
+    let item = |name: &str| -> usize { lists.iter().find(|row| row[0] == name).unwrap()[1].parse().unwrap() };
+    assert_eq!(item("databases"), 2);
+    assert_eq!(item("users"), 22, "the users of [[users]]");
+    let (_, pools) = show(&admin, "SHOW POOLS").await;
+    assert!(pools.len() >= 2, "{pools:?}");
+    assert_eq!(item("pools"), pools.len());
+    let (_, servers) = show(&admin, "SHOW SERVERS").await;
+    assert!(servers.len() >= 2, "{servers:?}");
+    assert_eq!(item("used_servers"), servers.len());
+    let (_, clients) = show(&admin, "SHOW CLIENTS").await;
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    // The two pooled clients, the console's own and the silent one.
+    assert_eq!(item("used_clients"), 4);
+    assert_eq!(item("login_clients"), 1);
+    for empty in [
+        "peers",
+        "peer_pools",
+        "free_clients",
+        "free_servers",
+        "dns_names",
+        "dns_pending",
+    ] {
+        assert_eq!(item(empty), 0, "{empty}");
+    }
+    drop(silent);
+    wait_until("the silent connection is gone", Duration::from_secs(10), || async {
+        list_items(&admin, "login_clients").await == 0 && list_items(&admin, "used_clients").await == 3
+    })
+    .await;
+
+    // The limits that span pools, each with the count it limits, where PgBouncer shows them
+    // (SHOW USERS, SHOW DATABASES), agreeing with the metrics.
+    let scrape = scrape(&proxy).await;
+    let (columns, users) = show(&admin, "SHOW USERS").await;
+    assert_eq!(columns[..3], ["name", "max_user_connections", "current_connections"]);
+    let t1_row = users.iter().find(|row| row[0] == "app_t1").unwrap();
+    assert_eq!(t1_row[1], "3");
+    let t1_servers = value(&scrape, "pgrelay_user_servers", &[("user", "app_t1")]);
+    assert!(t1_servers >= 1.0);
+    assert_eq!(t1_row[2], t1_servers.to_string());
+    assert_eq!(
+        value(&scrape, "pgrelay_max_user_connections", &[("user", "app_t1")]),
+        3.0
+    );
+    let (columns, databases) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(columns[8..10], ["max_connections", "current_connections"]);
+    let other = databases.iter().find(|row| row[0] == "other").unwrap();
+    assert_eq!(other[8], "4");
+    let other_servers = value(&scrape, "pgrelay_database_servers", &[("database", "other")]);
+    assert!(other_servers >= 1.0);
+    assert_eq!(other[9], other_servers.to_string());
+    assert_eq!(
+        value(&scrape, "pgrelay_max_db_connections", &[("database", "other")]),
+        4.0
+    );
+
+    t1.batch_execute("COMMIT").await.unwrap();
+    t2.batch_execute("COMMIT").await.unwrap();
     proxy.shutdown().await;
 }

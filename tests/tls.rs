@@ -2,10 +2,13 @@
 //! clients (psql, tokio-postgres over rustls) with `sslmode=require` and `verify-full`,
 //! plaintext clients refused when `[server.tls] mode = "require"`, plaintext pipelined
 //! behind an SSLRequest refused, and server connections in every `server_tls` mode,
-//! including a role PostgreSQL accepts only over TLS (`hostssl`).
+//! including a role PostgreSQL accepts only over TLS (`hostssl`); client certificates
+//! checked against `[server.tls] ca` and `cert` address rules.
 //!
 //! Certificates are made by rcgen for each run: a CA, a certificate for "localhost" and
-//! 127.0.0.1 signed by it (used by pgrelay and by PostgreSQL alike), and an unrelated CA.
+//! 127.0.0.1 signed by it (used by pgrelay and by PostgreSQL alike), an unrelated CA, and
+//! client certificates (CN "app", "intruder" and "ghost" from the first CA, CN "app" from
+//! the other).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -40,6 +43,15 @@ struct Pki {
     other_ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// Client certificates by name: `app`, `intruder`, `ghost` (the test CA), `foreign`
+    /// (CN "app", the other CA).
+    clients: Vec<(&'static str, ClientCert)>,
+}
+
+/// A client certificate and its key, as PEM files.
+struct ClientCert {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 fn pki() -> &'static Pki {
@@ -50,7 +62,7 @@ fn pki() -> &'static Pki {
         // files here.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let (ca_pem, issuer) = certificate_authority("pgrelay test CA");
-        let (other_ca_pem, _) = certificate_authority("some other CA");
+        let (other_ca_pem, other_issuer) = certificate_authority("some other CA");
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, "localhost");
@@ -74,12 +86,40 @@ fn pki() -> &'static Pki {
             let user = nix::unistd::User::from_name(run_as.name()).unwrap().unwrap();
             nix::unistd::chown(&key_path, Some(user.uid), Some(user.gid)).unwrap();
         }
+        let clients = [
+            ("app", "app", &issuer),
+            ("intruder", "intruder", &issuer),
+            ("ghost", "ghost", &issuer),
+            ("foreign", "app", &other_issuer),
+        ]
+        .into_iter()
+        .map(|(name, common_name, issuer)| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, common_name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, issuer).unwrap();
+            let cert_path = write(&format!("{name}.crt"), &cert.pem());
+            // libpq refuses a key others may read.
+            let key_path = dir.path().join(format!("{name}.key"));
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            (
+                name,
+                ClientCert {
+                    cert: cert_path,
+                    key: key_path,
+                },
+            )
+        })
+        .collect();
         Pki {
             dir,
             ca,
             other_ca,
             cert,
             key: key_path,
+            clients,
         }
     })
 }
@@ -227,10 +267,20 @@ async fn connect_tls(proxy: &Proxy, host: &str, sslmode: &str) -> Result<Client,
 /// psql with `conninfo` (password `app`), `-X -A -t -v ON_ERROR_STOP=1` and one `-c` per
 /// command; returns (success, stdout, stderr).
 async fn psql(conninfo: String, commands: &[&str]) -> (bool, String, String) {
+    psql_with(conninfo, commands, &[("PGPASSWORD", "app".to_owned())]).await
+}
+
+/// [`psql`] with `env` instead of the password (`-w`: never prompt for one).
+async fn psql_with(conninfo: String, commands: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), value.clone()))
+        .collect();
     let program = cluster().bin_path("psql").unwrap();
     let mut args = vec![
         conninfo,
         "-X".into(),
+        "-w".into(),
         "-A".into(),
         "-t".into(),
         "-v".into(),
@@ -252,7 +302,7 @@ async fn psql(conninfo: String, commands: &[&str]) -> (bool, String, String) {
         let output = command
             .args(&args)
             .env("HOME", home)
-            .env("PGPASSWORD", "app")
+            .envs(env)
             .env("PGCONNECT_TIMEOUT", "10")
             .stdin(std::process::Stdio::null())
             .output()
@@ -722,4 +772,240 @@ async fn unreadable_tls_files_stop_startup_with_their_path() {
     let message = error.to_string();
     assert!(message.contains("databases.app.server_tls"), "{message}");
     assert!(message.contains("/nonexistent/root.crt"), "{message}");
+}
+
+fn client_cert(name: &str) -> &'static ClientCert {
+    &pki()
+        .clients
+        .iter()
+        .find(|(client, _)| *client == name)
+        .unwrap_or_else(|| panic!("no client certificate {name}"))
+        .1
+}
+
+/// `[server.tls] mode = "allow"`, with `ca` when given, and address rules that ask `app`
+/// and `ghost` for a certificate over TLS to database `app`, everyone else (and everywhere
+/// else: `app_pw` is `app` under another name) for a password.
+fn cert_config(ca: Option<&Path>) -> String {
+    let rules = "hba = [\n    \"hostssl app app,ghost 127.0.0.1/32 cert\",\n    \
+                 \"host all all 127.0.0.1/32 scram-sha-256\",\n]\n";
+    let databases = [
+        ("app", "mode = \"disable\"".to_owned(), primary()),
+        ("app_pw", "mode = \"disable\"".to_owned(), primary()),
+    ];
+    let mut text = config("allow", &databases).replacen(
+        "client_login_timeout = \"5s\"\n",
+        &format!("client_login_timeout = \"5s\"\n{rules}"),
+        1,
+    );
+    if let Some(ca) = ca {
+        text = text.replacen(
+            "mode = \"allow\"\n",
+            &format!("mode = \"allow\"\nca = \"{}\"\n", ca.display()),
+            1,
+        );
+    }
+    text
+}
+
+/// tokio-postgres over rustls as `user` to database `app`, presenting the client
+/// certificate `cert` if given, with no password.
+async fn connect_with_cert(proxy: &Proxy, user: &str, cert: Option<&str>) -> Result<Client, tokio_postgres::Error> {
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates({
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(&pki().ca).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            roots
+        });
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some(name) => {
+            let files = client_cert(name);
+            let chain = CertificateDer::pem_file_iter(&files.cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+    let url = format!(
+        "host=localhost port={} user={user} dbname=app sslmode=require connect_timeout=10",
+        proxy.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&url, tls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_logs_in_as_its_common_name() {
+    within(async {
+        let proxy = Proxy::start(&cert_config(Some(&pki().ca))).await;
+
+        // CN = user: in, without any password.
+        let client = connect_with_cert(&proxy, "app", Some("app")).await.unwrap();
+        assert_eq!(
+            first_value(&client.simple_query("SELECT 'by certificate'").await.unwrap()),
+            "by certificate"
+        );
+
+        // A certificate of another name, or none at all: 28000 as PostgreSQL words it.
+        let error = connect_with_cert(&proxy, "app", Some("intruder")).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "28000", "{error:?}");
+        assert_eq!(
+            common::message(&error),
+            "certificate authentication failed for user \"app\""
+        );
+        let error = connect_with_cert(&proxy, "app", None).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "28000", "{error:?}");
+        assert_eq!(
+            common::message(&error),
+            "connection requires a valid client certificate"
+        );
+        assert_eq!(common::login_refusals(&proxy, "cert"), 2.0);
+
+        // A certificate that names a user pgrelay does not know: the role does not exist.
+        let error = connect_with_cert(&proxy, "ghost", Some("ghost")).await.unwrap_err();
+        assert_eq!(sqlstate(&error), "28000", "{error:?}");
+        assert_eq!(common::message(&error), "role \"ghost\" does not exist");
+
+        // A certificate from a CA pgrelay does not trust fails the handshake: no
+        // PostgreSQL error ever comes back.
+        let error = connect_with_cert(&proxy, "app", Some("foreign")).await.unwrap_err();
+        assert!(error.code().is_none(), "{error:?}");
+        let chain = format!("{error:?}");
+        assert!(chain.contains("AlertReceived(UnknownCA)"), "{chain}");
+
+        // Other rules are unaffected: a TLS client without a certificate logs in with a
+        // password, and `app` over plain TCP is past the hostssl rule.
+        let (ok, out, err) = psql(
+            format!(
+                "host=127.0.0.1 port={} user=app dbname=app_pw sslmode=require",
+                proxy.port()
+            ),
+            &["\\conninfo", "SELECT 'password over TLS'"],
+        )
+        .await;
+        assert!(ok, "{err}");
+        assert!(out.contains("SSL connection"), "{out}");
+        assert!(out.trim_end().ends_with("password over TLS"), "{out}");
+        let (ok, out, err) = psql(conninfo(&proxy, "127.0.0.1", "sslmode=disable"), &["SELECT 'plain'"]).await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim_end(), "plain");
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_logs_in_with_sslcert_and_sslkey() {
+    within(async {
+        let proxy = Proxy::start(&cert_config(Some(&pki().ca))).await;
+        let files = |name: &str| {
+            let files = client_cert(name);
+            vec![
+                ("PGSSLCERT", files.cert.display().to_string()),
+                ("PGSSLKEY", files.key.display().to_string()),
+            ]
+        };
+        let base = conninfo(&proxy, "127.0.0.1", "sslmode=require");
+        let (ok, out, err) = psql_with(base.clone(), &["\\conninfo", "SELECT current_user"], &files("app")).await;
+        assert!(ok, "{err}");
+        assert!(out.contains("SSL connection"), "{out}");
+        assert!(out.trim_end().ends_with("app"), "{out}");
+
+        let intruder = client_cert("intruder");
+        let (ok, _, err) = psql_with(
+            format!(
+                "{base} sslcert={} sslkey={}",
+                intruder.cert.display(),
+                intruder.key.display()
+            ),
+            &["SELECT 1"],
+            &[],
+        )
+        .await;
+        assert!(!ok);
+        assert!(
+            err.contains("certificate authentication failed for user \"app\""),
+            "{err}"
+        );
+
+        let (ok, _, err) = psql_with(base.clone(), &["SELECT 1"], &files("foreign")).await;
+        assert!(!ok);
+        assert!(err.contains("SSL error: tlsv1 alert unknown ca"), "{err}");
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_ca_is_read_again_at_reload() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let path = dir.path().join("pgrelay.toml");
+        let write = |ca: Option<&Path>| {
+            let text = cert_config(ca).replace("LISTEN", &format!("127.0.0.1:{port}"));
+            std::fs::write(&path, text).unwrap();
+        };
+        write(None);
+        let running = pgrelay::app::start_with_file(pgrelay::config::load(&path).unwrap(), Some(path.clone()))
+            .await
+            .unwrap();
+        let proxy_port = running.local_addr().port();
+        let login = |cert: &'static str| async move {
+            let files = client_cert(cert);
+            psql_with(
+                format!(
+                    "host=127.0.0.1 port={proxy_port} user=app dbname=app sslmode=require sslcert={} sslkey={}",
+                    files.cert.display(),
+                    files.key.display()
+                ),
+                &["SELECT 'in'"],
+                &[],
+            )
+            .await
+        };
+
+        // Without `ca` nobody is asked for a certificate: a cert rule cannot be met.
+        let (ok, _, err) = login("app").await;
+        assert!(!ok);
+        assert!(
+            err.contains("client certificates can only be checked if a root certificate store is available"),
+            "{err}"
+        );
+
+        write(Some(&pki().ca));
+        pgrelay::reload::reload(running.shared()).unwrap();
+        let (ok, out, err) = login("app").await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim_end(), "in");
+
+        // Another CA: the certificate that was accepted is now refused in the handshake.
+        write(Some(&pki().other_ca));
+        pgrelay::reload::reload(running.shared()).unwrap();
+        let (ok, _, err) = login("app").await;
+        assert!(!ok);
+        assert!(
+            err.contains("SSL error: tlsv1 alert unknown ca"),
+            "refused in the handshake: {err}"
+        );
+        let (ok, out, err) = login("foreign").await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim_end(), "in");
+        running.shutdown().await;
+    })
+    .await;
 }

@@ -19,6 +19,7 @@ pub(super) fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Option<()
         "SERVERS" => (SERVER_COLUMNS, servers(shared)),
         "DATABASES" => (DATABASE_COLUMNS, databases(shared)),
         "USERS" => (USER_COLUMNS, users(shared)),
+        "LISTS" => (&["list", "items"], lists(shared)),
         "CONFIG" => (&["key", "value"], config(shared)),
         "VERSION" => (
             &["version"],
@@ -279,13 +280,20 @@ const USER_COLUMNS: &[&str] = &[
     "current_client_connections",
 ];
 
+/// The users SHOW USERS lists: those of `[[users]]` and those with server connections that
+/// are not in it (auth_query).
+fn user_names(shared: &Shared) -> std::collections::BTreeSet<String> {
+    let snapshot = shared.snapshot();
+    let mut names: std::collections::BTreeSet<String> =
+        snapshot.config.users.iter().map(|user| user.name.clone()).collect();
+    names.extend(shared.budgets.users().iter().map(|budget| budget.name().to_owned()));
+    names
+}
+
 fn users(shared: &Shared) -> Vec<Vec<String>> {
     let snapshot = shared.snapshot();
     let server = &snapshot.config.server;
-    let mut names: std::collections::BTreeSet<String> =
-        snapshot.config.users.iter().map(|user| user.name.clone()).collect();
-    // Users with pools that are not in [[users]] (auth_query) are shown too.
-    names.extend(shared.budgets.users().iter().map(|budget| budget.name().to_owned()));
+    let names = user_names(shared);
     let open: BTreeMap<String, usize> = shared
         .budgets
         .users()
@@ -317,6 +325,55 @@ fn workers(configured: usize) -> String {
     }
 }
 
+/// The other instances cancel requests are forwarded to, as configured: a `peers_dns`
+/// name counts as one, whatever it resolves to at the next forward.
+fn configured_peers(peers: &crate::config::Peers) -> usize {
+    match peers {
+        crate::config::Peers::None => 0,
+        crate::config::Peers::List(list) => list.len(),
+        crate::config::Peers::Dns(_) => 1,
+    }
+}
+
+/// PgBouncer's SHOW LISTS: how many of each kind of object there are, one row each, in
+/// PgBouncer's order. Rows for what pgrelay has no such object for (free lists of a slab
+/// allocator, peer pools, its DNS cache) are 0, kept so tools that read them find them.
+fn lists(shared: &Shared) -> Vec<Vec<String>> {
+    let snapshot = shared.snapshot();
+    let databases = snapshot.all_databases();
+    let pools: usize = databases
+        .iter()
+        .flat_map(|database| database.all_pools())
+        .map(|(_, pools)| pools.hosts.len())
+        .sum();
+    let (_, servers) = shared.registry.counts();
+    [
+        ("databases", databases.len()),
+        ("users", user_names(shared).len()),
+        ("peers", configured_peers(&snapshot.config.server.peers)),
+        ("pools", pools),
+        ("peer_pools", 0),
+        ("free_clients", 0),
+        (
+            "used_clients",
+            shared.clients.load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        (
+            "login_clients",
+            shared.logging_in.load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        ("free_servers", 0),
+        ("used_servers", servers),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ]
+    .into_iter()
+    .map(|(list, items)| vec![list.to_owned(), items.to_string()])
+    .collect()
+}
+
 /// The effective settings of `[server]` and `[pool]` (no secrets).
 fn config(shared: &Shared) -> Vec<Vec<String>> {
     let snapshot = shared.snapshot();
@@ -342,6 +399,15 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
             crate::config::format_size(server.max_message_size as u64),
         ),
         row("server.tls", if server.tls.is_some() { "on" } else { "off" }.to_owned()),
+        row(
+            "server.tls.ca",
+            server
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.ca.as_ref())
+                .map(|ca| ca.display().to_string())
+                .unwrap_or_default(),
+        ),
         row(
             "server.max_client_conn_per_user",
             server.max_client_conn_per_user.to_string(),
@@ -440,6 +506,10 @@ fn help() -> Vec<Vec<String>> {
         (
             "SHOW USERS",
             "server and client connections of each user against its limits",
+        ),
+        (
+            "SHOW LISTS",
+            "how many databases, users, pools, clients and server connections there are",
         ),
         ("SHOW CONFIG", "effective settings"),
         ("SHOW VERSION", "pgrelay's version"),

@@ -414,12 +414,19 @@ impl ScramServerAwaitingFinal {
 /// count) as pgrelay; otherwise [`ScramKeyClient::update`] reports
 /// [`ScramError::VerifierMismatch`].
 pub struct ScramKeyClient {
+    /// The keys of each verifier pgrelay knows for the user, newest last: the one the
+    /// server's salt and iteration count name is used.
+    candidates: Vec<KeyCandidate>,
+    nonce: String,
+    client_first: String,
+}
+
+/// The keys learned for one verifier.
+struct KeyCandidate {
     keys: Keys,
     client_key: [u8; SCRAM_KEY_LEN],
     salt: Vec<u8>,
     iterations: u32,
-    nonce: String,
-    client_first: String,
 }
 
 /// Key-only client after the client-final-message, waiting for the server-final-message.
@@ -431,20 +438,43 @@ impl ScramKeyClient {
     /// `verifier` is pgrelay's verifier for the user (whose ServerKey checks the server's
     /// signature) and `client_key` the one [`ScramSuccess`] recovered for it.
     pub fn new(verifier: &ScramVerifier, client_key: [u8; SCRAM_KEY_LEN], nonce: &str) -> Result<Self, ScramError> {
+        Self::for_keys([(verifier, client_key)], nonce)
+    }
+
+    /// Like [`ScramKeyClient::new`] with the keys of several verifiers of the same user
+    /// (newest last): the client-first-message does not depend on them, and the
+    /// server-first-message names the salt and iteration count whose keys answer it. At
+    /// least one is needed.
+    pub fn for_keys<'a>(
+        keys: impl IntoIterator<Item = (&'a ScramVerifier, [u8; SCRAM_KEY_LEN])>,
+        nonce: &str,
+    ) -> Result<Self, ScramError> {
         if nonce.len() > MAX_NONCE_LEN {
             return Err(ScramError::NonceTooLong);
         }
         if !is_printable_nonce(nonce.as_bytes()) {
             return Err(ScramError::InvalidNonce);
         }
-        if !ct_eq(&sha256(&client_key), &verifier.stored_key) {
+        let candidates = keys
+            .into_iter()
+            .map(|(verifier, client_key)| {
+                if ct_eq(&sha256(&client_key), &verifier.stored_key) {
+                    Ok(KeyCandidate {
+                        keys: verifier.into(),
+                        client_key,
+                        salt: verifier.salt.clone(),
+                        iterations: verifier.iterations,
+                    })
+                } else {
+                    Err(ScramError::ClientKeyMismatch)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if candidates.is_empty() {
             return Err(ScramError::ClientKeyMismatch);
         }
         Ok(ScramKeyClient {
-            keys: verifier.into(),
-            client_key,
-            salt: verifier.salt.clone(),
-            iterations: verifier.iterations,
+            candidates,
             nonce: nonce.to_owned(),
             // Empty user name like libpq: PostgreSQL uses the startup packet's user.
             client_first: format!("n,,n=,r={nonce}"),
@@ -453,6 +483,13 @@ impl ScramKeyClient {
 
     pub fn with_random_nonce(verifier: &ScramVerifier, client_key: [u8; SCRAM_KEY_LEN]) -> Result<Self, ScramError> {
         Self::new(verifier, client_key, &generate_nonce())
+    }
+
+    /// [`ScramKeyClient::for_keys`] with a fresh nonce.
+    pub fn for_keys_with_random_nonce<'a>(
+        keys: impl IntoIterator<Item = (&'a ScramVerifier, [u8; SCRAM_KEY_LEN])>,
+    ) -> Result<Self, ScramError> {
+        Self::for_keys(keys, &generate_nonce())
     }
 
     /// The client-first-message, to send as SASLInitialResponse data with mechanism
@@ -488,24 +525,31 @@ impl ScramKeyClient {
         for field in fields {
             attr(field)?;
         }
-        if iterations != self.iterations || salt != self.salt {
+        let Some(candidate) = self
+            .candidates
+            .iter()
+            .rev()
+            .find(|candidate| candidate.iterations == iterations && candidate.salt == salt)
+        else {
+            // Reported against the newest keys: those of the password most recently used.
+            let newest = self.candidates.last();
             return Err(ScramError::VerifierMismatch {
                 server_iterations: iterations,
-                our_iterations: self.iterations,
-                same_salt: salt == self.salt,
+                our_iterations: newest.map_or(0, |candidate| candidate.iterations),
+                same_salt: newest.is_some_and(|candidate| candidate.salt == salt),
             });
-        }
+        };
 
         let nonce = std::str::from_utf8(nonce).map_err(|_| ScramError::Malformed("nonce is not printable ASCII"))?;
         let without_proof = format!("c=biws,r={nonce}");
         let bare = self.client_first.strip_prefix("n,,").unwrap_or(&self.client_first);
         let auth_message: [&[u8]; 5] = [bare.as_bytes(), b",", server_first, b",", without_proof.as_bytes()];
-        let client_signature = hmac_sha256(&self.keys.stored_key, &auth_message);
-        let proof = xor(&self.client_key, &client_signature);
+        let client_signature = hmac_sha256(&candidate.keys.stored_key, &auth_message);
+        let proof = xor(&candidate.client_key, &client_signature);
         let client_final = format!("{without_proof},p={}", STANDARD.encode(proof));
         Ok((
             ScramKeyClientAwaitingFinal {
-                expected_server_signature: hmac_sha256(&self.keys.server_key, &auth_message),
+                expected_server_signature: hmac_sha256(&candidate.keys.server_key, &auth_message),
             },
             client_final,
         ))

@@ -32,13 +32,24 @@ pub enum SecretError {
 
 /// What PostgreSQL stores for a SCRAM-SHA-256 password: enough to check a client's proof and
 /// to sign the server's answer, but not enough to log in (that needs ClientKey).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ScramVerifier {
     pub iterations: u32,
     pub salt: Vec<u8>,
     pub stored_key: [u8; SCRAM_KEY_LEN],
     pub server_key: [u8; SCRAM_KEY_LEN],
 }
+
+/// The keys are compared in constant time (both, whatever the first says); salt and
+/// iteration count are public (PostgreSQL sends them to anyone starting a login).
+impl PartialEq for ScramVerifier {
+    fn eq(&self, other: &Self) -> bool {
+        let keys = ct_eq(&self.stored_key, &other.stored_key) & ct_eq(&self.server_key, &other.server_key);
+        keys & (self.iterations == other.iterations) & (self.salt == other.salt)
+    }
+}
+
+impl Eq for ScramVerifier {}
 
 impl ScramVerifier {
     /// Parses `SCRAM-SHA-256$<iterations>:<b64 salt>$<b64 StoredKey>:<b64 ServerKey>`.
@@ -257,6 +268,12 @@ pub(crate) fn prepare_password(password: &str) -> Vec<u8> {
         Ok(prepared) => prepared.into_owned().into_bytes(),
         Err(_) => password.as_bytes().to_vec(),
     }
+}
+
+/// The ClientKey a client with `password` proves knowledge of, for tests of pass-through.
+#[cfg(test)]
+pub(crate) fn client_key_for_tests(password: &str, salt: &[u8], iterations: u32) -> [u8; SCRAM_KEY_LEN] {
+    hmac_sha256(&salted_password(password, salt, iterations), &[b"Client Key"])
 }
 
 fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; SCRAM_KEY_LEN] {

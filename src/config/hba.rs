@@ -263,6 +263,11 @@ fn rule(line: usize, fields: Vec<Vec<Token>>, base: Option<&Path>) -> Result<Opt
         fields.next().ok_or("end-of-line before authentication method")?,
         "authentication method",
     )?)?;
+    // As PostgreSQL: a client certificate exists only on a TLS connection, so a `cert`
+    // rule that could match a plaintext one is a mistake in the file, not a rule.
+    if method == HbaMethod::Cert && conn != ConnType::HostSsl {
+        return Err("cert authentication is only supported on hostssl connections".to_owned());
+    }
     if let Some(option) = fields.next() {
         let shown: Vec<&str> = option.iter().map(|token| token.text.as_str()).collect();
         return Err(format!(
@@ -469,7 +474,7 @@ hostssl all             all             192.168.0.0 255.255.0.0 md5   # office
 hostnossl sameuser,replication all     ::1/128                 password
 
 host    all             all             all                     reject
-host    all             all             0.0.0.0/0 \\
+hostssl all             all             0.0.0.0/0 \\
         cert
 ";
         let rules = parse(text, None).unwrap();
@@ -524,6 +529,8 @@ host all all samenet md5
 hostgssenc all all 10.0.0.0/8 md5
 host all all 10.0.0.0/8 md5,trust
 host all all 10.0.0.0/8 foo
+host all all 10.0.0.0/8 cert
+hostnossl all all all cert
 ";
         assert_eq!(
             errors(text),
@@ -543,6 +550,8 @@ host all all 10.0.0.0/8 foo
                 "line 14: connection type \"hostgssenc\" is not supported: pgrelay does not offer GSSAPI encryption",
                 "line 15: multiple values in authentication method",
                 "line 16: invalid authentication method \"foo\"",
+                "line 17: cert authentication is only supported on hostssl connections",
+                "line 18: cert authentication is only supported on hostssl connections",
             ]
         );
     }

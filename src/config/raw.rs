@@ -70,6 +70,7 @@ struct RawClientTls {
     key: Option<PathBuf>,
     mode: Option<ClientTlsMode>,
     channel_binding: Option<ChannelBindingMode>,
+    ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +225,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
         key: required(tls.key, "server.tls.key".to_owned(), problems),
         mode: tls.mode.unwrap_or_default(),
         channel_binding: tls.channel_binding.unwrap_or_default(),
+        ca: tls.ca,
     });
     ServerConfig {
         listen: raw.listen.unwrap_or(defaults.listen),

@@ -248,6 +248,9 @@ pub struct ClientTlsConfig {
     pub key: PathBuf,
     pub mode: ClientTlsMode,
     pub channel_binding: ChannelBindingMode,
+    /// CA certificates (PEM) that client certificates are checked against; without it
+    /// clients are not asked for one, and `cert` address rules refuse everyone.
+    pub ca: Option<PathBuf>,
 }
 
 /// One `[[users]]` entry. `Debug` hides the passwords because configs end up in logs.

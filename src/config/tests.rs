@@ -30,6 +30,7 @@ max_message_size = "16MB"
 cert = "server.crt"
 key = "server.key"
 mode = "require"
+ca = "client-ca.crt"
 
 [pool]
 mode = "session"
@@ -114,6 +115,7 @@ fn full_file_with_every_key() {
             key: PathBuf::from("server.key"),
             mode: ClientTlsMode::Require,
             channel_binding: crate::config::ChannelBindingMode::Offer,
+            ca: Some(PathBuf::from("client-ca.crt")),
         })
     );
 

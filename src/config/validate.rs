@@ -174,8 +174,12 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
         push(out, "server.hba_file".to_owned(), "must not be empty");
     }
     if let Some(tls) = &server.tls {
-        for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
-            if file.as_os_str().is_empty() {
+        for (key, file) in [
+            ("cert", Some(&tls.cert)),
+            ("key", Some(&tls.key)),
+            ("ca", tls.ca.as_ref()),
+        ] {
+            if file.is_some_and(|file| file.as_os_str().is_empty()) {
                 push(out, format!("server.tls.{key}"), "must not be empty");
             }
         }

@@ -10,4 +10,4 @@ mod tls;
 pub use client::{ClientConn, ClientReadError, poll_write_buffer, reserve_for_read};
 pub use listener::{Listener, apply_tcp_options, bind};
 pub use stream::ClientStream;
-pub use tls::{ClientTls, ServerTls, TlsError};
+pub use tls::{ClientTls, CommonNameError, ServerTls, TlsError, certificate_common_name};

@@ -64,6 +64,16 @@ impl ClientStream {
         matches!(self, ClientStream::Tls(_))
     }
 
+    /// The certificate the client presented (the first of its chain), already verified
+    /// against `[server.tls] ca` by the handshake; `None` on plain TCP, without `ca`, or
+    /// when the client sent none.
+    pub fn peer_certificate(&self) -> Option<&rustls_pki_types::CertificateDer<'static>> {
+        match self {
+            ClientStream::Tls(tls) => tls.get_ref().1.peer_certificates().and_then(<[_]>::first),
+            ClientStream::Tcp(_) | ClientStream::Detached => None,
+        }
+    }
+
     /// Whether the client has sent bytes that were not read yet. Asks the socket itself
     /// (tokio's readiness may not have caught up), never waits and consumes nothing.
     pub fn has_unread_input(&self) -> io::Result<bool> {

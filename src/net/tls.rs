@@ -1,5 +1,7 @@
-//! TLS with rustls (ring provider): the acceptor for clients, built from `[server.tls]`, and
-//! the connector towards PostgreSQL, built from each database's `server_tls`.
+//! TLS with rustls (ring provider): the acceptor for clients, built from `[server.tls]`
+//! (with the optional check of client certificates against `ca`, and the CN a `cert` rule
+//! compares with the user name), and the connector towards PostgreSQL, built from each
+//! database's `server_tls`.
 //!
 //! Both are built when a config is turned into a running state (at startup and at every
 //! reload), so a missing or unreadable file is reported then, with its path, and never
@@ -13,6 +15,7 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use tokio_rustls::rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -55,6 +58,9 @@ pub struct ClientTls {
     /// `None` when its signature algorithm defines none (see `auth::channel_binding`), or
     /// with `channel_binding = "disable"`.
     channel_binding: Option<Arc<[u8]>>,
+    /// `ca` is set: clients are asked for a certificate, and one they present was checked
+    /// against it during the handshake.
+    checks_client_certificates: bool,
 }
 
 impl ClientTls {
@@ -82,21 +88,37 @@ impl ClientTls {
             pem::Error::NoItemsFound => TlsError::file(&config.key, "no PEM private key found"),
             error => TlsError::file(&config.key, error),
         })?;
-        let mut server_config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|error| {
-                TlsError::file(
-                    &config.key,
-                    format!("cannot be used with {}: {error}", config.cert.display()),
-                )
-            })?;
+        let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+        let builder = match &config.ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_certificates(ca)? {
+                    roots.add(cert).map_err(|error| TlsError::file(ca, error))?;
+                }
+                // Clients without a certificate are let through the handshake: the address
+                // rules decide whether their login needs one (`cert`) or a password. A
+                // certificate that is presented must chain to `ca`, or the handshake fails,
+                // as in PostgreSQL with `ssl_ca_file`.
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|error| TlsError::file(ca, error))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut server_config = builder.with_single_cert(certs, key).map_err(|error| {
+            TlsError::file(
+                &config.key,
+                format!("cannot be used with {}: {error}", config.cert.display()),
+            )
+        })?;
         server_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
         Ok(Some(ClientTls {
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             required: config.mode == ClientTlsMode::Require,
             channel_binding,
+            checks_client_certificates: config.ca.is_some(),
         }))
     }
 
@@ -114,6 +136,63 @@ impl ClientTls {
     pub fn required(&self) -> bool {
         self.required
     }
+
+    /// Whether clients are asked for a certificate (`ca` is set).
+    pub fn checks_client_certificates(&self) -> bool {
+        self.checks_client_certificates
+    }
+}
+
+/// Why a client certificate names no user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommonNameError {
+    #[error("the certificate cannot be parsed: {0}")]
+    Unparsable(String),
+    #[error("client certificate contains no user name")]
+    Missing,
+    #[error("the certificate's common name is not a text string")]
+    NotText,
+    #[error("the certificate's common name contains embedded null")]
+    EmbeddedNull,
+}
+
+/// The first common name (CN) of a certificate's subject, which a `cert` rule compares
+/// with the user name, as PostgreSQL does without a user name map.
+///
+/// The certificate was verified during the handshake; this only reads it. Only the string
+/// types a CN is written in (UTF8String, PrintableString, IA5String, TeletexString) are
+/// read: PostgreSQL takes the raw bytes of the first CN, and a BMPString's or
+/// UniversalString's bytes contain NULs, which it refuses, as this does.
+pub fn certificate_common_name(cert: &CertificateDer<'_>) -> Result<String, CommonNameError> {
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, TeletexStringRef, Utf8StringRef};
+    use x509_cert::der::{Decode, Tag, Tagged};
+
+    let parsed = x509_cert::Certificate::from_der(cert.as_ref())
+        .map_err(|error| CommonNameError::Unparsable(error.to_string()))?;
+    let value = parsed
+        .tbs_certificate
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|attribute| attribute.oid == x509_cert::der::oid::db::rfc4519::CN)
+        .map(|attribute| &attribute.value)
+        .ok_or(CommonNameError::Missing)?;
+    let text = match value.tag() {
+        Tag::Utf8String => Utf8StringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        Tag::PrintableString => PrintableStringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        Tag::Ia5String => Ia5StringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        Tag::TeletexString => TeletexStringRef::try_from(value).map(|s| s.as_str().to_owned()),
+        _ => return Err(CommonNameError::NotText),
+    }
+    .map_err(|_| CommonNameError::NotText)?;
+    if text.contains('\0') {
+        return Err(CommonNameError::EmbeddedNull);
+    }
+    if text.is_empty() {
+        return Err(CommonNameError::Missing);
+    }
+    Ok(text)
 }
 
 impl fmt::Debug for ClientTls {
@@ -121,6 +200,7 @@ impl fmt::Debug for ClientTls {
         f.debug_struct("ClientTls")
             .field("required", &self.required)
             .field("channel_binding", &self.channel_binding.is_some())
+            .field("checks_client_certificates", &self.checks_client_certificates)
             .finish()
     }
 }
@@ -296,6 +376,7 @@ mod tests {
             key: PathBuf::from("/nonexistent/server.key"),
             mode: ClientTlsMode::Require,
             channel_binding: ChannelBindingMode::Offer,
+            ca: None,
         };
         let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
         assert!(
@@ -319,6 +400,91 @@ mod tests {
         );
     }
 
+    fn certificate(subject: &[(rcgen::DnType, rcgen::DnValue)]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (kind, value) in subject {
+            params.distinguished_name.push(kind.clone(), value.clone());
+        }
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn the_common_name_is_read_from_the_subject() {
+        use rcgen::{DnType, DnValue};
+        let cn = |subject: &[(DnType, DnValue)]| certificate_common_name(&certificate(subject));
+        assert_eq!(
+            cn(&[
+                (DnType::OrganizationName, "Example".into()),
+                (DnType::CommonName, "app".into())
+            ]),
+            Ok("app".to_owned())
+        );
+        assert_eq!(
+            cn(&[(DnType::CommonName, "zoë smith".into())]),
+            Ok("zoë smith".to_owned())
+        );
+        let printable = rcgen::string::PrintableString::try_from("report").unwrap();
+        assert_eq!(
+            cn(&[(DnType::CommonName, DnValue::PrintableString(printable))]),
+            Ok("report".to_owned())
+        );
+        let ia5 = rcgen::string::Ia5String::try_from("batch").unwrap();
+        assert_eq!(
+            cn(&[(DnType::CommonName, DnValue::Ia5String(ia5))]),
+            Ok("batch".to_owned())
+        );
+        assert_eq!(
+            cn(&[(DnType::OrganizationName, "Example".into())]),
+            Err(CommonNameError::Missing)
+        );
+        assert_eq!(cn(&[(DnType::CommonName, "".into())]), Err(CommonNameError::Missing));
+        assert_eq!(
+            cn(&[(DnType::CommonName, "app\0admin".into())]),
+            Err(CommonNameError::EmbeddedNull)
+        );
+        let bmp = rcgen::string::BmpString::try_from("app").unwrap();
+        assert_eq!(
+            cn(&[(DnType::CommonName, DnValue::BmpString(bmp))]),
+            Err(CommonNameError::NotText)
+        );
+        assert!(matches!(
+            certificate_common_name(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])),
+            Err(CommonNameError::Unparsable(_))
+        ));
+    }
+
+    #[test]
+    fn a_missing_client_ca_is_reported_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("server.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        let mut config = ClientTlsConfig {
+            cert: dir.path().join("server.crt"),
+            key: dir.path().join("server.key"),
+            mode: ClientTlsMode::Allow,
+            channel_binding: ChannelBindingMode::Offer,
+            ca: None,
+        };
+        let tls = ClientTls::load(&config).unwrap().unwrap();
+        assert!(!tls.checks_client_certificates());
+        config.ca = Some(dir.path().join("server.crt"));
+        let tls = ClientTls::load(&config).unwrap().unwrap();
+        assert!(tls.checks_client_certificates());
+        config.ca = Some(PathBuf::from("/nonexistent/client-ca.crt"));
+        let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            matches!(&error, Err(message) if message.starts_with("/nonexistent/client-ca.crt: ")),
+            "{error:?}"
+        );
+    }
+
     #[test]
     fn empty_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -329,6 +495,7 @@ mod tests {
             key: empty.clone(),
             mode: ClientTlsMode::Allow,
             channel_binding: ChannelBindingMode::Offer,
+            ca: None,
         };
         let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
         assert!(

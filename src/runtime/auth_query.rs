@@ -1,7 +1,8 @@
 //! Passwords of users not in `[[users]]`, asked from PostgreSQL (`auth_query`): one side
 //! connection per lookup (a configured database, or every database made from `"*"` together),
 //! logged in as `auth_user` to `auth_dbname`, runs the query with the login name as `$1`;
-//! answers are cached for `auth_cache_ttl` (a missing user more briefly), in a bounded map.
+//! answers are cached for `auth_cache_ttl` (a missing user more briefly), in one map shared
+//! by every lookup and bounded overall ([`AuthCache`]).
 //! Users found this way get pools like configured ones, keyed by name, whose credentials learn
 //! the pass-through secret from each successful client login.
 //!
@@ -22,8 +23,9 @@ use crate::config::{AuthQueryConfig, TcpOptions};
 use crate::net::ServerTls;
 use crate::upstream::{ConnectSpec, LookupRows, ServerConn, ServerCredentials, UpstreamError, connect};
 
-/// Answers kept at most, found and missing together: bounded whatever names clients try.
-const MAX_CACHED: usize = 10_000;
+/// Answers kept at most, found and missing together, over every lookup: bounded whatever
+/// names clients try and however many databases have an auth_query.
+pub const MAX_CACHED: usize = 10_000;
 /// A name with no password is asked again after this at the latest, so a role created
 /// in PostgreSQL can log in soon; long enough that a client retrying one wrong name does not
 /// make a query per attempt.
@@ -59,6 +61,101 @@ struct Cached {
     auth: Option<ClientAuth>,
 }
 
+/// The answers of every lookup, at most [`MAX_CACHED`] in all. Outlives reloads (it is one
+/// of the `Observers`); a lookup's answers go with the lookup. When it is full, expired
+/// answers are dropped first, then one of the lookup holding the most: a flood of made-up
+/// names through one database's lookup evicts its own answers, not every other one's.
+#[derive(Default)]
+pub struct AuthCache {
+    inner: Mutex<CacheInner>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    by_lookup: HashMap<u64, HashMap<String, Cached>>,
+    total: usize,
+}
+
+impl std::fmt::Debug for AuthCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthCache").field("cached", &self.len()).finish()
+    }
+}
+
+impl AuthCache {
+    /// A key for a new lookup's answers.
+    fn register(&self) -> u64 {
+        self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Answers held, expired ones included until they are dropped.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |inner| inner.total)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, lookup: u64, user_name: &str, now: Instant) -> Option<Option<ClientAuth>> {
+        let inner = self.inner.lock().ok()?;
+        let entry = inner.by_lookup.get(&lookup)?.get(user_name)?;
+        (entry.expires > now).then(|| entry.auth.clone())
+    }
+
+    fn insert(&self, lookup: u64, user_name: &str, cached: Cached, now: Instant) {
+        self.insert_bounded(lookup, user_name, cached, now, MAX_CACHED);
+    }
+
+    fn insert_bounded(&self, lookup: u64, user_name: &str, cached: Cached, now: Instant, limit: usize) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        let inner = &mut *inner;
+        let replacing = inner
+            .by_lookup
+            .get(&lookup)
+            .is_some_and(|answers| answers.contains_key(user_name));
+        if !replacing && inner.total >= limit {
+            for answers in inner.by_lookup.values_mut() {
+                answers.retain(|_, entry| entry.expires > now);
+            }
+            inner.by_lookup.retain(|_, answers| !answers.is_empty());
+            inner.total = inner.by_lookup.values().map(HashMap::len).sum();
+        }
+        if !replacing && inner.total >= limit {
+            // Still full of live answers: forget one of the largest lookup's; it is asked again.
+            let largest = inner
+                .by_lookup
+                .iter_mut()
+                .max_by_key(|(_, answers)| answers.len())
+                .map(|(_, answers)| answers);
+            if let Some(answers) = largest
+                && let Some(victim) = answers.keys().next().cloned()
+            {
+                answers.remove(&victim);
+                inner.total -= 1;
+            }
+        }
+        inner
+            .by_lookup
+            .entry(lookup)
+            .or_default()
+            .insert(user_name.to_owned(), cached);
+        if !replacing {
+            inner.total += 1;
+        }
+    }
+
+    /// Drops a lookup's answers (the lookup itself is gone).
+    fn forget(&self, lookup: u64) {
+        if let Ok(mut inner) = self.inner.lock()
+            && let Some(answers) = inner.by_lookup.remove(&lookup)
+        {
+            inner.total -= answers.len();
+        }
+    }
+}
+
 /// The side connection while no lookup uses it.
 struct Parked {
     conn: ServerConn,
@@ -84,7 +181,9 @@ pub struct AuthLookup {
     conn: tokio::sync::Mutex<Option<Parked>>,
     /// Until when, and why, connecting is not tried again.
     connect_failed: Mutex<Option<(Instant, String)>>,
-    cache: Mutex<HashMap<String, Cached>>,
+    /// Where this lookup's answers are kept, under `cache_id`.
+    cache: Arc<AuthCache>,
+    cache_id: u64,
     /// Iteration count of the last SCRAM verifier the query answered: unknown users' mock
     /// verifiers use it, so the count does not tell them apart.
     iterations: std::sync::atomic::AtomicU32,
@@ -92,6 +191,12 @@ pub struct AuthLookup {
     /// its credentials keep what clients' logins taught them. Grows only with users that
     /// exist in PostgreSQL.
     users: Mutex<HashMap<String, Arc<UserEntry>>>,
+}
+
+impl Drop for AuthLookup {
+    fn drop(&mut self) {
+        self.cache.forget(self.cache_id);
+    }
 }
 
 impl std::fmt::Debug for AuthLookup {
@@ -115,7 +220,12 @@ pub struct LookupSettings {
 }
 
 impl AuthLookup {
-    pub(super) fn new(settings: LookupSettings, auth_user: Arc<ServerCredentials>, tls: Arc<ServerTls>) -> AuthLookup {
+    pub(super) fn new(
+        settings: LookupSettings,
+        auth_user: Arc<ServerCredentials>,
+        tls: Arc<ServerTls>,
+        cache: Arc<AuthCache>,
+    ) -> AuthLookup {
         AuthLookup {
             settings: settings.clone(),
             config: settings.config,
@@ -127,7 +237,8 @@ impl AuthLookup {
             idle_timeout: settings.idle_timeout,
             conn: tokio::sync::Mutex::new(None),
             connect_failed: Mutex::new(None),
-            cache: Mutex::new(HashMap::new()),
+            cache_id: cache.register(),
+            cache,
             iterations: std::sync::atomic::AtomicU32::new(SCRAM_DEFAULT_ITERATIONS),
             users: Mutex::new(HashMap::new()),
         }
@@ -194,33 +305,23 @@ impl AuthLookup {
     }
 
     fn cached(&self, user_name: &str) -> Option<Option<ClientAuth>> {
-        let cache = self.cache.lock().ok()?;
-        let entry = cache.get(user_name)?;
-        (entry.expires > Instant::now()).then(|| entry.auth.clone())
+        self.cache.get(self.cache_id, user_name, Instant::now())
     }
 
     fn remember(&self, user_name: &str, auth: Option<ClientAuth>) {
-        let Ok(mut cache) = self.cache.lock() else { return };
         let now = Instant::now();
-        if cache.len() >= MAX_CACHED {
-            cache.retain(|_, entry| entry.expires > now);
-        }
-        if cache.len() >= MAX_CACHED {
-            // Still full of live answers: make room by forgetting one; it is asked again.
-            if let Some(victim) = cache.keys().next().cloned() {
-                cache.remove(&victim);
-            }
-        }
         let ttl = match auth {
             Some(_) => self.config.cache_ttl,
             None => self.config.cache_ttl.min(MISSING_TTL),
         };
-        cache.insert(
-            user_name.to_owned(),
+        self.cache.insert(
+            self.cache_id,
+            user_name,
             Cached {
                 expires: now + ttl,
                 auth,
             },
+            now,
         );
     }
 
@@ -229,11 +330,7 @@ impl AuthLookup {
     /// entry's logins taught it, so the user's pools can log in before its next login.
     pub fn adopt(&self, old: &UserEntry) -> Arc<UserEntry> {
         let entry = self.user_entry(&old.name);
-        if entry.server_credentials.learned().is_none()
-            && let Some(secret) = old.server_credentials.learned()
-        {
-            entry.server_credentials.learn((*secret).clone());
-        }
+        entry.server_credentials.adopt(&old.server_credentials);
         entry
     }
 
@@ -400,5 +497,47 @@ impl AuthLookup {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(expires: Instant) -> Cached {
+        Cached { expires, auth: None }
+    }
+
+    #[test]
+    fn the_cache_is_bounded_over_every_lookup_and_the_largest_gives_way() {
+        let cache = AuthCache::default();
+        let (quiet, flooded) = (cache.register(), cache.register());
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        for name in ["a", "b", "c"] {
+            cache.insert_bounded(quiet, name, answer(later), now, 10);
+        }
+        for index in 0..50 {
+            cache.insert_bounded(flooded, &format!("made-up-{index}"), answer(later), now, 10);
+        }
+        assert_eq!(cache.len(), 10, "bounded over both lookups");
+        for name in ["a", "b", "c"] {
+            assert!(cache.get(quiet, name, now).is_some(), "{name} was kept");
+        }
+        assert!(cache.get(flooded, "made-up-49", now).is_some());
+        // The same name again replaces its answer and takes no new place.
+        cache.insert_bounded(quiet, "a", answer(later), now, 10);
+        assert_eq!(cache.len(), 10);
+        // Expired answers make room first, whichever lookup holds them.
+        let much_later = later + Duration::from_secs(1);
+        cache.insert_bounded(quiet, "d", answer(much_later + Duration::from_secs(60)), much_later, 10);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get(quiet, "d", much_later).is_some());
+        assert!(cache.get(quiet, "a", much_later).is_none(), "expired");
+        // A lookup that goes takes its answers with it.
+        cache.insert_bounded(flooded, "x", answer(later), now, 10);
+        cache.forget(quiet);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get(quiet, "d", now).is_none());
     }
 }

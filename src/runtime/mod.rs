@@ -8,7 +8,7 @@ mod database;
 mod schema;
 mod volatility;
 
-pub use auth_query::{AuthLookup, LOOKUP_APPLICATION_NAME, LookupError, LookupSettings};
+pub use auth_query::{AuthCache, AuthLookup, LOOKUP_APPLICATION_NAME, LookupError, LookupSettings};
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
 pub use schema::{SchemaWatch, StaleStatement};
@@ -69,6 +69,8 @@ pub struct Observers {
     /// Server connections per user and per database over every pool
     /// (max_user_connections, max_db_connections).
     pub budgets: Arc<Budgets>,
+    /// auth_query answers of every lookup, bounded together.
+    pub auth_cache: Arc<AuthCache>,
 }
 
 /// Why a config could not be turned into a running state.
@@ -165,14 +167,29 @@ impl Snapshot {
             .keys()
             .filter(|name| name.as_str() != "*")
             .filter_map(|name| {
-                let lookup = build_auth_lookup(&config, &users, name, name, databases.get(name)?.server_tls())?;
+                let lookup = build_auth_lookup(
+                    &config,
+                    &users,
+                    name,
+                    name,
+                    databases.get(name)?.server_tls(),
+                    &observers.auth_cache,
+                )?;
                 Some((name.clone(), Arc::new(lookup)))
             })
             .collect();
         let access = access_settings(&config.server)?;
+        if let Some(hba) = &access.hba
+            && hba.rules.iter().any(|rule| rule.method == HbaMethod::Cert)
+            && !client_tls.as_ref().is_some_and(ClientTls::checks_client_certificates)
+        {
+            tracing::warn!(rules = %hba.source,
+                "\"cert\" rules refuse every client they match: [server.tls] ca is not set, so no client is asked for a certificate");
+        }
         // Every database made from "*" shares one lookup, in its fixed auth_dbname: names
         // clients make up cost nothing before they have logged in.
-        let fallback_lookup = build_auth_lookup(&config, &users, "*", "", fallback_tls.clone()).map(Arc::new);
+        let fallback_lookup =
+            build_auth_lookup(&config, &users, "*", "", fallback_tls.clone(), &observers.auth_cache).map(Arc::new);
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -386,10 +403,6 @@ fn access_settings(server: &crate::config::ServerConfig) -> Result<AccessSetting
         }),
         Some(HbaSource::File(path)) => {
             let rules = crate::config::hba::read_file(path).map_err(BuildError::Hba)?;
-            if rules.iter().any(|rule| rule.method == HbaMethod::Cert) {
-                tracing::warn!(file = %path.display(),
-                    "\"cert\" rules refuse every client: pgrelay does not request client certificates");
-            }
             Some(HbaRules {
                 source: path.display().to_string(),
                 rules: Arc::new(rules),
@@ -422,6 +435,7 @@ fn build_auth_lookup(
     key: &str,
     dbname: &str,
     tls: Arc<ServerTls>,
+    cache: &Arc<AuthCache>,
 ) -> Option<AuthLookup> {
     let settings = config.auth_query(key)?;
     let database = config.databases.get(key)?;
@@ -443,6 +457,7 @@ fn build_auth_lookup(
         },
         auth_user,
         tls,
+        cache.clone(),
     ))
 }
 
@@ -492,6 +507,9 @@ pub struct Shared {
     pub cancel_forwarder: crate::cancel::forward::Forwarder,
     /// Client connections past the startup packet.
     pub clients: std::sync::atomic::AtomicUsize,
+    /// Client connections still in their TLS handshake, startup or authentication
+    /// (SHOW LISTS' `login_clients`).
+    pub logging_in: std::sync::atomic::AtomicUsize,
     /// Salts the fake SCRAM exchange run for unknown users.
     pub mock_secret: [u8; 32],
     /// Turns true when pgrelay starts shutting down.
@@ -502,6 +520,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Server connections per user and per database over every pool.
     pub budgets: Arc<Budgets>,
+    /// auth_query answers of every lookup, bounded together; every snapshot's lookups use it.
+    pub auth_cache: Arc<AuthCache>,
     /// Client counts per user and per address, login buckets and bans.
     pub access: Arc<Access>,
     /// The file a reload reads, if pgrelay was started from one.
@@ -533,11 +553,13 @@ impl Shared {
             metrics: observers.metrics,
             registry: observers.registry,
             budgets: observers.budgets,
+            auth_cache: observers.auth_cache,
             access: Arc::new(Access::default()),
             cancel: Arc::new(CancelRegistry::new(snapshot.instance_id)),
             cancel_forwarder: crate::cancel::forward::Forwarder::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             clients: std::sync::atomic::AtomicUsize::new(0),
+            logging_in: std::sync::atomic::AtomicUsize::new(0),
             mock_secret: rand::random(),
             shutting_down: tokio::sync::watch::Sender::new(false),
             accepting: std::sync::atomic::AtomicBool::new(false),
@@ -597,6 +619,7 @@ impl Shared {
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
             budgets: self.budgets.clone(),
+            auth_cache: self.auth_cache.clone(),
         }
     }
 

@@ -11,11 +11,13 @@
 
 use std::sync::Arc;
 
+use super::method::PeerCertificate;
 use super::options::parse_startup_options;
 use crate::access::Gate;
 use crate::auth::{self, ChannelBinding, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
 use crate::config::RoutingTarget;
+use crate::config::hba::HbaMethod;
 use crate::error::{ClientError, Side, sqlstate};
 use crate::net::ClientConn;
 use crate::protocol::{FrontendTag, TxStatus, compose, views};
@@ -108,14 +110,27 @@ pub(super) async fn login(
     } = resolve_user(snapshot, user_name, database_name).await?;
     // A matching client address rule decides the method; without rules, the user's own.
     let auth = match gate.method {
-        Some((method, line)) => super::method::client_auth(
-            method,
-            line,
-            user_name,
-            known.as_ref(),
-            (&shared.mock_secret, mock_iterations),
-        )
-        .map_err(Some)?,
+        Some((method, line)) => {
+            let peer = if method == HbaMethod::Cert {
+                peer_certificate(client, snapshot)
+            } else {
+                PeerCertificate::NotRequested
+            };
+            super::method::client_auth(
+                method,
+                line,
+                user_name,
+                known.as_ref(),
+                (&shared.mock_secret, mock_iterations),
+                &peer,
+            )
+            .inspect_err(|_| {
+                if method == HbaMethod::Cert {
+                    shared.metrics.login_refused("cert");
+                }
+            })
+            .map_err(Some)?
+        }
         None => known,
     };
     // Wrong passwords are counted where the login's answer is given (with their delay).
@@ -167,6 +182,24 @@ pub(super) async fn login(
         wanted,
         client_encoding,
     }))
+}
+
+/// The client's certificate as a `cert` rule sees it. A certificate on the connection was
+/// verified by the handshake (by the `[server.tls]` of that moment, should a reload have
+/// come since).
+fn peer_certificate(client: &ClientConn, snapshot: &Snapshot) -> PeerCertificate {
+    match client.stream.peer_certificate() {
+        Some(cert) => PeerCertificate::Verified(crate::net::certificate_common_name(cert)),
+        None if client.stream.is_tls()
+            && snapshot
+                .client_tls
+                .as_ref()
+                .is_some_and(crate::net::ClientTls::checks_client_certificates) =>
+        {
+            PeerCertificate::Absent
+        }
+        None => PeerCertificate::NotRequested,
+    }
 }
 
 /// What a client of the admin console is told after AuthenticationOk.

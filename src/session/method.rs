@@ -1,11 +1,25 @@
 //! What a matching client address rule asks of a client: the authentication its method
 //! means, given what pgrelay knows of the user's password (from `[[users]]` or from
-//! auth_query), as PostgreSQL reads pg_hba.conf methods.
+//! auth_query) and, for `cert`, the client's TLS certificate, as PostgreSQL reads
+//! pg_hba.conf methods.
 
 use crate::auth::{ScramVerifier, Secret};
 use crate::config::hba::HbaMethod;
 use crate::error::{ClientError, Side, sqlstate};
+use crate::net::CommonNameError;
 use crate::runtime::ClientAuth;
+
+/// What the client's connection says about its certificate, for `cert` rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum PeerCertificate {
+    /// `[server.tls] ca` is not set (or the client is not on TLS, which a `cert` rule,
+    /// being `hostssl`, never matches): nobody was asked for a certificate.
+    NotRequested,
+    /// The client was asked for one and sent none.
+    Absent,
+    /// Verified against `ca` by the TLS handshake: its subject's CN, or why it has none.
+    Verified(Result<String, CommonNameError>),
+}
 
 /// The authentication to run for `method`, given `known`, how the user's own entry (or
 /// auth_query) would authenticate it; `Ok(None)`: a SCRAM exchange that cannot succeed (an
@@ -17,11 +31,19 @@ pub(super) fn client_auth(
     user_name: &str,
     known: Option<&ClientAuth>,
     (mock_secret, mock_iterations): (&[u8], u32),
+    peer: &PeerCertificate,
 ) -> Result<Option<ClientAuth>, ClientError> {
+    // As PostgreSQL: the certificate is checked before anything is known of the role, so
+    // a user that does not exist is told so only to a client holding a certificate with
+    // its name.
+    if method == HbaMethod::Cert {
+        check_certificate(peer, user_name)?;
+    }
     let Some(known) = known else {
         return match method {
-            // As PostgreSQL says for a trust rule and a role it does not know.
-            HbaMethod::Trust => Err(ClientError::new(
+            // As PostgreSQL says for a trust rule (or a certificate that names the user)
+            // and a role it does not know.
+            HbaMethod::Trust | HbaMethod::Cert => Err(ClientError::new(
                 Side::Client,
                 sqlstate::INVALID_AUTHORIZATION,
                 format!("role \"{user_name}\" does not exist"),
@@ -31,13 +53,14 @@ pub(super) fn client_auth(
                 mock_secret,
                 mock_iterations,
             ))))),
-            HbaMethod::Cert | HbaMethod::Reject => Err(refused(method, line)),
+            HbaMethod::Reject => Err(refused(line)),
             HbaMethod::Md5 | HbaMethod::ScramSha256 => Ok(None),
         };
     };
     Ok(match (method, known) {
-        (HbaMethod::Trust, _) => Some(ClientAuth::Trust),
-        (HbaMethod::Cert | HbaMethod::Reject, _) => return Err(refused(method, line)),
+        // The certificate proved who the client is: no password is asked for.
+        (HbaMethod::Trust | HbaMethod::Cert, _) => Some(ClientAuth::Trust),
+        (HbaMethod::Reject, _) => return Err(refused(line)),
         // A user without a password (auth = "trust" in [[users]]) has nothing to check a
         // password against; nor has an auth_query user whose answer is not at hand.
         (_, ClientAuth::Trust | ClientAuth::Query) => None,
@@ -57,13 +80,47 @@ pub(super) fn client_auth(
     })
 }
 
-fn refused(method: HbaMethod, line: usize) -> ClientError {
-    let message = match method {
-        HbaMethod::Cert => format!(
-            "certificate authentication failed: pgrelay does not request client certificates \
-             (client address rule {line} says \"cert\")"
-        ),
-        _ => format!("client address rule {line} rejects the connection"),
+fn refused(line: usize) -> ClientError {
+    ClientError::new(
+        Side::Client,
+        sqlstate::INVALID_AUTHORIZATION,
+        format!("client address rule {line} rejects the connection"),
+    )
+}
+
+/// PostgreSQL's `cert` method without a user name map: a verified client certificate whose
+/// CN is the user name, compared exactly. The client is told what PostgreSQL tells it; why
+/// a certificate did not fit goes to the log only, as in PostgreSQL.
+fn check_certificate(peer: &PeerCertificate, user_name: &str) -> Result<(), ClientError> {
+    let failed = || {
+        ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("certificate authentication failed for user \"{user_name}\""),
+        )
     };
-    ClientError::new(Side::Client, sqlstate::INVALID_AUTHORIZATION, message)
+    match peer {
+        PeerCertificate::NotRequested => Err(ClientError::new(
+            Side::Client,
+            sqlstate::CONFIG_FILE_ERROR,
+            "client certificates can only be checked if a root certificate store is available \
+             (set [server.tls] ca)",
+        )),
+        PeerCertificate::Absent => Err(ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_AUTHORIZATION,
+            "connection requires a valid client certificate",
+        )),
+        PeerCertificate::Verified(Ok(common_name)) if common_name == user_name => Ok(()),
+        PeerCertificate::Verified(Ok(common_name)) => {
+            // Debug formatting quotes and escapes both names: neither can forge a log line.
+            tracing::info!(user = ?user_name, certificate_cn = ?common_name,
+                "certificate authentication failed: the certificate's CN is not the user name");
+            Err(failed())
+        }
+        PeerCertificate::Verified(Err(error)) => {
+            tracing::info!(user = ?user_name, %error, "certificate authentication failed");
+            Err(failed())
+        }
+    }
 }

@@ -64,6 +64,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     let over_limit_error = slot.as_ref().err().cloned();
     let mut refused = None;
+    let logging_in = LoggingIn::enter(&shared);
     let started = match login_timeout {
         // Boxed: the login future is large and must not make every idle session's task
         // that large too.
@@ -87,6 +88,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
         None => Box::pin(start(&mut client, &shared, &snapshot, slot, &mut refused)).await,
     };
+    drop(logging_in);
     match started {
         Ok(Some(Started::Session(session))) => session.run(&mut client).await,
         Ok(Some(Started::Admin(admin))) => admin.run_on(shared.control(), client).await,
@@ -121,6 +123,22 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
         }
         Err(None) => {}
+    }
+}
+
+/// A connection counted in `Shared::logging_in` until dropped, however its login ends.
+struct LoggingIn<'a>(&'a Shared);
+
+impl<'a> LoggingIn<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        shared.logging_in.fetch_add(1, Ordering::Relaxed);
+        LoggingIn(shared)
+    }
+}
+
+impl Drop for LoggingIn<'_> {
+    fn drop(&mut self) {
+        self.0.logging_in.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

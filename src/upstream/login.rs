@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 
-use super::credentials::PassThrough;
+use super::credentials::Learned;
 use super::{ServerCredentials, UpstreamError};
 use crate::auth::{SCRAM_SHA_256, ScramKeyClient, ScramKeyClientAwaitingFinal, md5_salted_response};
 
@@ -22,7 +22,7 @@ enum Sasl {
 pub(super) struct Login<'a> {
     credentials: &'a ServerCredentials,
     /// Taken once: a client logging in meanwhile must not change secrets mid-exchange.
-    learned: Option<std::sync::Arc<PassThrough>>,
+    learned: std::sync::Arc<Learned>,
     addr: &'a str,
     sasl: Option<Sasl>,
 }
@@ -111,14 +111,18 @@ impl<'a> Login<'a> {
                 ChannelBinding::unsupported(),
             )));
         }
-        match self.learned.as_deref() {
-            Some(PassThrough::Scram { verifier, client_key }) => {
-                ScramKeyClient::with_random_nonce(verifier, *client_key)
-                    .map(Sasl::Keys)
-                    .map_err(|error| self.refused(&error.to_string()))
-            }
-            Some(PassThrough::Md5(_)) | None => Err(self.no_secret("SCRAM-SHA-256")),
+        if self.learned.scram().is_empty() {
+            return Err(self.no_secret("SCRAM-SHA-256"));
         }
+        // The keys of every verifier learned: the server's salt picks one.
+        ScramKeyClient::for_keys_with_random_nonce(
+            self.learned
+                .scram()
+                .iter()
+                .map(|(verifier, client_key)| (verifier, *client_key)),
+        )
+        .map(Sasl::Keys)
+        .map_err(|error| self.refused(&error.to_string()))
     }
 
     fn password(&self, method: &str) -> Result<&str, UpstreamError> {
@@ -141,19 +145,19 @@ impl<'a> Login<'a> {
         if let Some(hash) = self.credentials.md5_hash.as_deref().and_then(parse_md5_hash) {
             return Ok(md5_salted_response(&hash, salt));
         }
-        match self.learned.as_deref() {
-            Some(PassThrough::Md5(hash)) => Ok(md5_salted_response(hash, salt)),
-            Some(PassThrough::Scram { .. }) | None => Err(self.no_secret("md5")),
+        match self.learned.md5() {
+            Some(hash) => Ok(md5_salted_response(hash, salt)),
+            None => Err(self.no_secret("md5")),
         }
     }
 
     /// Why a server's request cannot be answered: no password configured, and nothing learned
     /// that fits (no client logged in yet, or one whose secret suits another method).
     fn no_secret(&self, method: &str) -> UpstreamError {
-        let learned = match self.learned.as_deref() {
-            None => "no client of this user has logged in through pgrelay yet to pass its keys on",
-            Some(PassThrough::Scram { .. }) => "pgrelay holds SCRAM pass-through keys, which cannot answer it",
-            Some(PassThrough::Md5(_)) => "pgrelay holds an md5 hash, which cannot answer it",
+        let learned = match (self.learned.scram().is_empty(), self.learned.md5().is_some()) {
+            (true, false) => "no client of this user has logged in through pgrelay yet to pass its keys on",
+            (false, _) => "pgrelay holds SCRAM pass-through keys, which cannot answer it",
+            (true, true) => "pgrelay holds an md5 hash, which cannot answer it",
         };
         UpstreamError::Credentials {
             addr: self.addr.to_owned(),
@@ -185,6 +189,47 @@ fn parse_md5_hash(text: &str) -> Option<[u8; 16]> {
 mod tests {
     use super::*;
     use crate::auth::{ScramServer, ScramVerifier, md5_stored_string};
+    use crate::upstream::PassThrough;
+
+    /// Logs in to a "server" holding `verifier` with what `credentials` learned.
+    fn log_in_against(credentials: &ServerCredentials, verifier: &ScramVerifier) -> Result<(), String> {
+        let mut login = Login::new(credentials, "db:5432");
+        let initial = answer(&mut login, 10, b"SCRAM-SHA-256\0\0").map_err(|e| e.to_string())?;
+        let parsed = crate::auth::parse_sasl_initial_response(body(&initial)).unwrap();
+        let (server, first) = ScramServer::with_random_nonce(verifier)
+            .handle_client_first(parsed.data.unwrap())
+            .unwrap();
+        let response = answer(&mut login, 11, first.as_bytes()).map_err(|e| e.to_string())?;
+        let done = server.handle_client_final(body(&response)).map_err(|e| e.to_string())?;
+        answer(&mut login, 12, done.server_final.as_bytes()).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    #[test]
+    fn the_server_s_salt_picks_the_keys() {
+        let keys = |password: &str, salt: &[u8]| {
+            let verifier = ScramVerifier::from_password(password, salt, 4096);
+            let client_key = crate::auth::secret::client_key_for_tests(password, salt, 4096);
+            (verifier, client_key)
+        };
+        let (old, old_key) = keys("old", b"old salt");
+        let (new, new_key) = keys("new", b"new salt");
+        let credentials = ServerCredentials::new("alice", None, None);
+        credentials.learn(PassThrough::Scram {
+            verifier: new.clone(),
+            client_key: new_key,
+        });
+        // A login checked against the stale cached verifier finishes last.
+        credentials.learn(PassThrough::Scram {
+            verifier: old.clone(),
+            client_key: old_key,
+        });
+        assert_eq!(log_in_against(&credentials, &new), Ok(()));
+        assert_eq!(log_in_against(&credentials, &old), Ok(()));
+        let (other, _) = keys("other", b"other salt");
+        let error = log_in_against(&credentials, &other).unwrap_err();
+        assert!(error.contains("differs from pgrelay's"), "{error}");
+    }
 
     fn answer(login: &mut Login<'_>, code: i32, data: &[u8]) -> Result<BytesMut, UpstreamError> {
         let mut out = BytesMut::new();
