@@ -12,6 +12,7 @@ pub mod error;
 pub mod localpg;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod pool;
 pub mod protocol;
 pub mod registry;

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::duration::{ByteSize, DurationValue};
 use super::enums::{
-    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode, RoutingTarget, ServerTlsMode,
-    TransactionRouting,
+    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance, PoolMode, RoutingTarget,
+    ServerTlsMode, TransactionRouting,
 };
 use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
@@ -88,6 +88,7 @@ struct RawDatabase {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    listen_notify: Option<ListenNotify>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +354,7 @@ fn database(
         pool_overrides,
         routing,
         auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        listen_notify: raw.listen_notify.unwrap_or_default(),
     }
 }
 

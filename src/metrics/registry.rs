@@ -47,6 +47,9 @@ pub(crate) struct Families {
     pub(crate) runtime_stalls: IntCounter,
     pub(crate) retries: IntCounterVec,
     pub(crate) login_refusals: IntCounterVec,
+    pub(crate) listen_clients: IntGaugeVec,
+    pub(crate) listen_channels: IntGaugeVec,
+    pub(crate) notifications: IntCounterVec,
 }
 
 impl Families {
@@ -150,8 +153,29 @@ impl Families {
                 ),
                 &["reason"],
             )?,
+            listen_clients: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_listen_clients",
+                    "Clients listening through the database's listener connection (listen_notify = \"fanout\"): each LISTENs to at least one channel.",
+                ),
+                &["database"],
+            )?,
+            listen_channels: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_listen_channels",
+                    "Channels the database's listener connection LISTENs to: the union of its clients' channels.",
+                ),
+                &["database"],
+            )?,
+            notifications: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_notifications_total",
+                    "Notifications from the listener connection, counted per listening client: result = delivered (queued for the client), dropped (its queue was full, or it left before reading them).",
+                ),
+                &["database", "result"],
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 15] = [
+        let collectors: [Box<dyn Collector>; 18] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -167,6 +191,9 @@ impl Families {
             Box::new(families.runtime_stalls.clone()),
             Box::new(families.retries.clone()),
             Box::new(families.login_refusals.clone()),
+            Box::new(families.listen_clients.clone()),
+            Box::new(families.listen_channels.clone()),
+            Box::new(families.notifications.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -279,6 +306,17 @@ impl Metrics {
         self.families.login_refusals.with_label_values(&[reason]).inc();
     }
 
+    /// The handles of one database's listener hub (listen_notify = "fanout"). Resolve once per
+    /// hub; both results of pgrelay_notifications_total exist from then on.
+    pub fn notify(&self, database: &str) -> NotifyMetrics {
+        NotifyMetrics {
+            clients: self.families.listen_clients.with_label_values(&[database]),
+            channels: self.families.listen_channels.with_label_values(&[database]),
+            delivered: self.families.notifications.with_label_values(&[database, "delivered"]),
+            dropped: self.families.notifications.with_label_values(&[database, "dropped"]),
+        }
+    }
+
     /// Counts one stall seen by the watchdog.
     pub fn runtime_stall(&self) {
         self.families.runtime_stalls.inc();
@@ -324,4 +362,17 @@ impl std::fmt::Debug for Metrics {
             .field("databases", &self.databases.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Handles of one database's notification fan-out (see [`Metrics::notify`]).
+#[derive(Debug, Clone)]
+pub struct NotifyMetrics {
+    /// pgrelay_listen_clients{database}
+    pub clients: prometheus::IntGauge,
+    /// pgrelay_listen_channels{database}
+    pub channels: prometheus::IntGauge,
+    /// pgrelay_notifications_total{database,result="delivered"}
+    pub delivered: IntCounter,
+    /// pgrelay_notifications_total{database,result="dropped"}
+    pub dropped: IntCounter,
 }

@@ -441,6 +441,8 @@ pub struct Shared {
     control: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The worker runtime, where sessions, pools and monitors run.
     workers: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Each database's LISTEN/NOTIFY fan-out (listen_notify = "fanout").
+    pub notify: crate::notify::Hubs,
 }
 
 impl Shared {
@@ -450,6 +452,7 @@ impl Shared {
             shutdown_requested: tokio::sync::Notify::new(),
             control: std::sync::OnceLock::new(),
             workers: std::sync::OnceLock::new(),
+            notify: crate::notify::Hubs::new(observers.metrics.clone()),
             metrics: observers.metrics,
             registry: observers.registry,
             snapshot: ArcSwap::from_pointee(snapshot),

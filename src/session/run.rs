@@ -2,6 +2,7 @@
 //! server for it (per transaction, per statement, or once for the whole session),
 //! forward until the server is idle again, and give the server back.
 
+mod listen;
 mod wait;
 
 use std::sync::Arc;
@@ -43,7 +44,7 @@ const WAITING_INPUT_LIMIT: usize = 1 << 20;
 
 /// Why a session ended.
 #[derive(Debug)]
-enum End {
+pub(super) enum End {
     /// The client closed the connection or sent Terminate.
     ClientLeft,
     /// The client broke the protocol.
@@ -61,6 +62,8 @@ enum End {
     /// The server failed in the middle of a message that was being streamed to the
     /// client: nothing more can be framed, so the connection is closed without a word.
     ServerLostMidMessage,
+    /// The client's notification inbox overflowed: it does not read.
+    NotificationsOverflowed,
 }
 
 pub(crate) struct Session {
@@ -87,6 +90,9 @@ pub(crate) struct Session {
     registration: ClientRegistration,
     idle_timeout: Option<Duration>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// Its place in the database's notification hub while it listens to a channel
+    /// there (listen_notify = "fanout").
+    subscription: Option<Box<crate::notify::Subscription>>,
     /// The batch being served only reads, outside a transaction (set by `route`).
     rerunnable: bool,
     /// Runs of the current read batch after its server failed, and when the first began.
@@ -142,6 +148,7 @@ impl Session {
             deferred_begin_sent: false,
             local: LocalState::new(),
             server: None,
+            subscription: None,
             client_state: metrics.client_state(ClientState::Idle),
             registration,
             pinned: metrics.pins(),
@@ -155,6 +162,7 @@ impl Session {
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
+            End::NotificationsOverflowed => Some(listen::overflow_error()),
             End::Killed => Some(ClientError::new(
                 Side::Pgrelay,
                 sqlstate::ADMIN_SHUTDOWN,
@@ -213,8 +221,8 @@ impl Session {
             // ever not, the task still yields once its budget is spent instead of
             // keeping its worker from every other client.
             tokio::task::coop::consume_budget().await;
-            if client.flush().await.is_err() {
-                return End::ClientLeft;
+            if let Err(end) = self.flush_notifications(client).await {
+                return end;
             }
             if self.server.is_none() {
                 client.release_buffers();
@@ -229,6 +237,8 @@ impl Session {
             if let Some(end) = Box::pin(self.exchange(client, tag)).await {
                 return end;
             }
+            // An UNLISTEN or DISCARD ALL that went to a server ended fan-out listening.
+            self.sync_channels().await;
             let rerun = std::mem::take(&mut self.rerun_pending);
             if (client.bytes_read, client.inbuf.len()) == input_before && !rerun {
                 // Every exchange takes at least the message it was given, or reads more.
@@ -262,6 +272,9 @@ impl Session {
     async fn exchange(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Option<End> {
         // A copy of a read-only batch, to run it again should its server fail first.
         let mut rerun = None;
+        if self.answer_listen(client, tag).await {
+            return None;
+        }
         if self.server.is_none() {
             let defer_begin = self
                 .defers_begin()

@@ -17,6 +17,8 @@ enum Woke {
     Client(std::io::Result<usize>),
     /// The kept server sent something: what reading it gave.
     Server(std::io::Result<usize>),
+    /// Notifications (or word of a gap) wait in the client's inbox.
+    Notifications,
     Ended(End),
 }
 
@@ -73,7 +75,19 @@ impl Session {
     ) -> Result<(), End> {
         loop {
             let idle = client.inbuf.is_empty();
+            // Between transactions only, as PostgreSQL delivers them; in a block they wait.
+            let inbox = self
+                .subscription
+                .as_deref()
+                .filter(|_| self.local.tx == super::LocalTx::Idle)
+                .map(crate::notify::Subscription::inbox);
             let woke = {
+                let notifications = async {
+                    match inbox {
+                        Some(inbox) => inbox.ready().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let from_client = async {
                     if client.inbuf.is_empty() {
                         // Readable first, so that an idle client holds no buffer.
@@ -110,6 +124,7 @@ impl Session {
                 tokio::select! {
                     read = from_client => Woke::Client(read),
                     read = from_server => Woke::Server(read),
+                    () = notifications => Woke::Notifications,
                     limit = idle_limit => Woke::Ended(End::IdleTimeout(limit)),
                     () = shutting_down => Woke::Ended(End::Shutdown),
                 }
@@ -118,6 +133,12 @@ impl Session {
                 Woke::Client(Ok(0) | Err(_)) => return Err(End::ClientLeft),
                 Woke::Client(Ok(_)) => return Ok(()),
                 Woke::Server(read) => self.kept_server_spoke(client, read).await?,
+                Woke::Notifications => {
+                    // Whole messages only are in the output here: the client's replies
+                    // were all written before it was asked for more.
+                    self.take_notifications(client)?;
+                    self.flush_notifications(client).await?;
+                }
                 Woke::Ended(end) => return Err(end),
             }
         }
