@@ -31,6 +31,7 @@
 //! | `PGRELAY_BENCH_POOL_SIZE` | 20 | server connections per pool, both proxies |
 //! | `PGRELAY_BENCH_SCALE` | 10 | pgbench scale factor |
 //! | `PGRELAY_BENCH_TARGETS` | `direct,pgbouncer,pgrelay` | which targets run |
+//! | `PGRELAY_BENCH_WORKERS` | 0 | pgrelay's `[server] workers` (0: one per core) |
 //!
 //! Everything listens on 127.0.0.1 only. Every process it starts is stopped by its PID when its
 //! guard is dropped, including on errors and panics, and dies with this process otherwise.
@@ -328,12 +329,14 @@ fn describe_setup(settings: &Settings, cluster: &LocalCluster, pgbench_bin: &Pat
         }),
         format!(
             "pgbench scale {}, {} s per run, -j {}, -n, no --rate; transaction pooling with {} server connections for \
-             each proxy; md5 logins as `{}`",
+             each proxy; md5 logins as `{}`; pgrelay `workers = {}`{}",
             settings.scale,
             settings.seconds,
             cores.max(1),
             settings.pool_size,
-            settings::USER
+            settings::USER,
+            settings.workers,
+            if settings.workers == 0 { " (one per core)" } else { "" }
         ),
     ]
 }

@@ -94,6 +94,7 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
     let observers = Observers {
         metrics: metrics.clone(),
         registry: Arc::new(Registry::default()),
+        budgets: Arc::new(crate::pool::Budgets::default()),
     };
     let mut snapshot = Snapshot::build(config, &observers)?;
     snapshot.start_monitors();
@@ -185,7 +186,26 @@ async fn start_metrics_endpoint(addr: String, shared: Arc<Shared>) -> Result<Soc
 
 /// Pool and server state for a scrape, read from the running snapshot.
 fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
-    for database in shared.snapshot().all_databases() {
+    let snapshot = shared.snapshot();
+    let limit = |value: usize| (value > 0).then_some(value);
+    for budget in shared.budgets.users() {
+        sink.user_servers(
+            budget.name(),
+            budget.open(),
+            limit(snapshot.config.pool.max_user_connections),
+        );
+    }
+    for budget in shared.budgets.databases() {
+        // The config, not snapshot.database(): that would make an entry from "*".
+        let max = snapshot
+            .config
+            .database(budget.name())
+            .and_then(|(_, database)| limit(database.pool(&snapshot.config.pool).max_db_connections));
+        sink.database_servers(budget.name(), budget.open(), max);
+    }
+    let (banned, tracked) = shared.access.rate.addresses(std::time::Instant::now());
+    sink.login_addresses(banned, tracked);
+    for database in snapshot.all_databases() {
         let role = |index: usize| {
             if database.is_primary(index) {
                 Role::Primary

@@ -131,6 +131,22 @@ impl ClientError {
                 sqlstate::CONNECTION_FAILURE,
                 format!("server for database \"{database}\" did not finish pgrelay's login within query_wait_timeout"),
             ),
+            PoolError::LimitWaitTimeout { key, limit } => Self::new(
+                Side::Pgrelay,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no server connection for database \"{database}\" within query_wait_timeout: \
+                     {key} ({limit}) reached"
+                ),
+            ),
+            PoolError::Spent(kind) => Self::new(
+                Side::Pgrelay,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no server connection for database \"{database}\": {} reached",
+                    kind.key()
+                ),
+            ),
             PoolError::Connect(upstream) => Self::from_upstream(upstream, database),
             PoolError::Closed => Self::new(
                 Side::Pgrelay,

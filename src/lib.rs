@@ -1,5 +1,6 @@
 //! pgrelay: a PostgreSQL connection pooler and read/write-splitting proxy.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod auth;

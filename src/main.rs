@@ -54,13 +54,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config: path } => match pgrelay::config::load(&path) {
-            Ok(config) => run_async(pgrelay::app::run(config, path)),
+            Ok(config) => run_async(config.server.workers, pgrelay::app::run(config, path)),
             Err(errors) => {
                 eprintln!("{}: invalid configuration:\n{errors}", path.display());
                 ExitCode::FAILURE
             }
         },
-        Command::Demo { port } => run_async(pgrelay::demo::run(port)),
+        Command::Demo { port } => run_async(0, pgrelay::demo::run(port)),
     }
 }
 
@@ -77,8 +77,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run_async<E: std::fmt::Display>(future: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// Runs `future` on a multi-thread runtime of `workers` worker threads (0: one per core).
+fn run_async<E: std::fmt::Display>(
+    workers: usize,
+    future: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");

@@ -53,6 +53,9 @@ fn reload_from(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     if config.server.listen != old.config.server.listen {
         needs_restart.push("server.listen");
     }
+    if config.server.workers != old.config.server.workers {
+        needs_restart.push("server.workers");
+    }
     if config.server.metrics_listen != old.config.server.metrics_listen {
         needs_restart.push("server.metrics_listen");
     }

@@ -82,8 +82,11 @@ pub struct Batch {
     pub statements_after_begin: bool,
     /// Statements added so far.
     pub seen: usize,
-    /// The tables the statements touch.
+    /// The tables the statements touch (left empty without `track_tables`).
     pub tables: Tables,
+    /// `tables` is filled in: only causal consistency needs it, and copying the names of
+    /// every statement's tables costs allocations per batch.
+    pub track_tables: bool,
     /// The first write in the batch is one only because it calls a volatile function.
     pub volatile_write: bool,
 }
@@ -94,7 +97,16 @@ impl Batch {
         Batch {
             all_read: true,
             complete: true,
+            track_tables: true,
             ..Batch::default()
+        }
+    }
+
+    /// [`Batch::new`] without the table names.
+    pub fn without_tables() -> Self {
+        Batch {
+            track_tables: false,
+            ..Batch::new()
         }
     }
 
@@ -125,7 +137,9 @@ impl Batch {
             }
             _ => {}
         }
-        self.tables.union(class.tables.clone());
+        if self.track_tables {
+            self.tables.union(class.tables.clone());
+        }
         if self.all_read && !class.is_read() {
             self.volatile_write = matches!(class.write_reason, Some(WriteReason::VolatileFunction(_)));
         }

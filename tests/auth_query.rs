@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{Proxy, direct, sqlstate, wait_until};
+use common::{Proxy, direct, login_refusals, sqlstate, wait_until};
 use pgrelay::localpg::{ClusterOptions, LocalCluster};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -50,6 +50,8 @@ fn cluster() -> &'static LocalCluster {
             replicas: 0,
             setup_sql: vec![
                 "CREATE ROLE pgrelay_auth LOGIN PASSWORD 'pgrelay_auth'".to_owned(),
+                // The auth_user of the "*" test only, so its side connections can be counted.
+                "CREATE ROLE pgrelay_star LOGIN PASSWORD 'pgrelay_star'".to_owned(),
                 format!("CREATE ROLE {} LOGIN PASSWORD '{}'", SCRAM_ROLE.0, SCRAM_ROLE.1),
                 format!("CREATE ROLE {ROTATED_ROLE} LOGIN PASSWORD 'old password'"),
                 format!(
@@ -64,6 +66,8 @@ fn cluster() -> &'static LocalCluster {
                 "REVOKE ALL ON FUNCTION pgrelay.user_lookup(text) FROM PUBLIC".to_owned(),
                 "GRANT USAGE ON SCHEMA pgrelay TO pgrelay_auth".to_owned(),
                 "GRANT EXECUTE ON FUNCTION pgrelay.user_lookup(text) TO pgrelay_auth".to_owned(),
+                "GRANT USAGE ON SCHEMA pgrelay TO pgrelay_star".to_owned(),
+                "GRANT EXECUTE ON FUNCTION pgrelay.user_lookup(text) TO pgrelay_star".to_owned(),
             ],
             // The md5-stored role must be asked for md5: scram-sha-256 lines refuse it.
             extra_hba: vec![format!("host all {} 127.0.0.1/32 md5", MD5_ROLE.0)],
@@ -114,6 +118,20 @@ fn pki() -> &'static Pki {
 /// cache, `app_su` through the default query (as the superuser), and the configured role's
 /// pg_authid verifier as its password.
 async fn start_proxy() -> Proxy {
+    start_proxy_with("", "").await
+}
+
+/// [`start_proxy`] with more `[server]` and `[server.tls]` lines, and more databases after.
+async fn start_proxy_with(server: &str, tls: &str) -> Proxy {
+    start_proxy_full(server, tls, "").await
+}
+
+async fn start_proxy_full(server: &str, tls: &str, databases: &str) -> Proxy {
+    let server = if server.contains("client_login_timeout") {
+        server.to_owned()
+    } else {
+        format!("client_login_timeout = \"10s\"\n{server}")
+    };
     let primary = cluster().primary().addr();
     let verifier: String = direct(&primary, "postgres")
         .await
@@ -131,12 +149,13 @@ async fn start_proxy() -> Proxy {
 [server]
 listen = "LISTEN"
 metrics_listen = ""
-client_login_timeout = "10s"
+{server}
 
 [server.tls]
 cert = "{cert}"
 key = "{key}"
 mode = "allow"
+{tls}
 
 [[users]]
 name = "pgrelay_auth"
@@ -160,6 +179,7 @@ auth_cache_ttl = "1s"
 dbname = "app"
 primary = "{primary}"
 auth_user = "postgres"
+{databases}
 "#,
         cert = pki.cert.display(),
         key = pki.key.display(),
@@ -205,17 +225,11 @@ async fn scram_role_from_postgres_logs_in_with_pass_through() {
     let other = common::connect(&url(&proxy, user, password, "app")).await.unwrap();
     client.batch_execute("BEGIN; SELECT 1").await.unwrap();
     assert_eq!(server_role(&other).await, user);
+    // Two server connections of this proxy, not any two in the cluster: the backends differ.
+    let ours: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let theirs: i32 = other.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(ours, theirs);
     client.batch_execute("COMMIT").await.unwrap();
-    let backends = direct(&cluster().primary().addr(), "postgres")
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = 'app'",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0);
-    assert!(backends >= 2, "{backends} server connections of {user}");
 
     let (code, message) = login_error(&proxy, user, "wrong", "app").await;
     assert_eq!(
@@ -244,15 +258,8 @@ async fn md5_role_and_unknown_users() {
         assert_eq!(code, "28P01", "{db}");
         assert_eq!(message, "password authentication failed for user \"nobody_here\"");
     }
-    let refused = proxy
-        .running()
-        .shared()
-        .metrics
-        .gather()
-        .iter()
-        .find(|family| family.name() == "pgrelay_login_refusals_total")
-        .map_or(0.0, |family| family.get_metric()[0].get_counter().get_value());
-    assert!(refused >= 5.0, "{refused}");
+    // Two wrong passwords and three unknown users, all counted as reason="password".
+    assert_eq!(login_refusals(&proxy, "password"), 5.0);
 }
 
 #[tokio::test]
@@ -395,6 +402,8 @@ async fn plus_is_offered_on_tls_only_and_checks_the_binding() {
         plus_login(&proxy, "nobody_here", password, theirs).await,
         Err(("28000".to_owned(), "SCRAM channel binding check failed".to_owned()))
     );
+    assert_eq!(login_refusals(&proxy, "channel_binding"), 2.0);
+    assert_eq!(login_refusals(&proxy, "password"), 0.0);
 }
 
 /// A SCRAM-SHA-256-PLUS login over TLS bound to `binding`: Ok, or (SQLSTATE, message).
@@ -486,4 +495,257 @@ fn field(body: &[u8], code: u8) -> String {
     common::raw::error_field(body, code)
         .map(|value| String::from_utf8(value).unwrap())
         .unwrap_or_default()
+}
+
+/// A login dropped by client_login_timeout while its lookup waits for PostgreSQL must not
+/// leave the reply behind for the next lookup: the next user gets its own answer.
+#[tokio::test]
+async fn an_interrupted_lookup_does_not_shift_later_ones() {
+    let slow = format!(
+        r#"
+[databases.slow]
+dbname = "app"
+primary = "{primary}"
+auth_user = "pgrelay_auth"
+auth_cache_ttl = "1s"
+auth_query = "SELECT l.usename, l.passwd FROM pgrelay.user_lookup($1) l, pg_catalog.pg_sleep(CASE WHEN $1 = '{md5}' THEN 1.5 ELSE 0 END)"
+"#,
+        primary = cluster().primary().addr(),
+        md5 = MD5_ROLE.0,
+    );
+    let proxy = start_proxy_full("client_login_timeout = \"1s\"", "", &slow).await;
+    // The md5 role's lookup sleeps past the login timeout: its login is dropped mid-query.
+    let started = std::time::Instant::now();
+    assert!(
+        common::connect(&url(&proxy, MD5_ROLE.0, MD5_ROLE.1, "slow"))
+            .await
+            .is_err()
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // Before the sleeping reply arrives, another user asks on the same lookup.
+    let (user, password) = SCRAM_ROLE;
+    let client = common::connect(&url(&proxy, user, password, "slow")).await.unwrap();
+    assert_eq!(server_role(&client).await, user);
+    // And the next one after it too.
+    let configured = common::connect(&url(&proxy, ROTATED_ROLE, "x", "slow")).await;
+    assert_eq!(sqlstate(&configured.err().unwrap()), "28P01");
+    let client = common::connect(&url(&proxy, user, password, "slow")).await.unwrap();
+    assert_eq!(server_role(&client).await, user);
+}
+
+/// Side connections of the lookup in `app` logged in as `role`.
+async fn side_connections(role: &str) -> i64 {
+    direct(&cluster().primary().addr(), "postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND application_name = $2",
+            &[&role, &pgrelay::runtime::LOOKUP_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Every database made from "*" shares one lookup in `auth_dbname`: database names a client
+/// makes up open no side connection each, answer like real ones, and a side connection the
+/// server closed is replaced without failing the login that finds it closed.
+#[tokio::test]
+async fn star_databases_share_one_lookup_in_auth_dbname() {
+    let primary = cluster().primary().addr();
+    let proxy = Proxy::start(&format!(
+        r#"
+[server]
+listen = "LISTEN"
+metrics_listen = ""
+
+[[users]]
+name = "pgrelay_star"
+password = "pgrelay_star"
+
+[databases."*"]
+primary = "{primary}"
+auth_user = "pgrelay_star"
+auth_dbname = "app"
+auth_query = "SELECT usename, passwd FROM pgrelay.user_lookup($1)"
+"#
+    ))
+    .await;
+    for n in 0..4 {
+        let (code, message) = login_error(&proxy, &format!("nobody_{n}"), "x", &format!("made_up_{n}")).await;
+        assert_eq!(code, "28P01", "{message}");
+    }
+    let (user, password) = SCRAM_ROLE;
+    let client = common::connect(&url(&proxy, user, password, "app")).await.unwrap();
+    assert_eq!(server_role(&client).await, user);
+    assert_eq!(side_connections("pgrelay_star").await, 1);
+    // Only past the password is a database that does not exist told apart, in the
+    // server's words.
+    let (code, message) = login_error(&proxy, user, password, "made_up_0").await;
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.ends_with("database \"made_up_0\" does not exist"), "{message}");
+
+    // The server ends the parked side connection; the next lookup reconnects.
+    direct(&primary, "postgres")
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'pgrelay_star' \
+             AND application_name = '{}'",
+            pgrelay::runtime::LOOKUP_APPLICATION_NAME
+        ))
+        .await
+        .unwrap();
+    wait_until("the side connection is gone", TIMEOUT, || async {
+        side_connections("pgrelay_star").await == 0
+    })
+    .await;
+    let (user, password) = MD5_ROLE;
+    let client = common::connect(&url(&proxy, user, password, "app")).await.unwrap();
+    assert_eq!(server_role(&client).await, user);
+    assert_eq!(side_connections("pgrelay_star").await, 1);
+
+    // A reload that changes nothing of the lookup keeps its side connection (and cache): the
+    // next lookup runs on the same backend.
+    let before = side_pids("pgrelay_star").await;
+    {
+        let shared = proxy.running().shared();
+        let old = shared.snapshot();
+        let mut next = pgrelay::runtime::Snapshot::build((*old.config).clone(), &shared.observers()).unwrap();
+        next.carry_over(&old);
+        next.start_monitors();
+        shared.swap(next);
+    }
+    let (user, password) = (ROTATED_ROLE, "wrong");
+    assert_eq!(login_error(&proxy, user, password, "app").await.0, "28P01");
+    assert_eq!(side_pids("pgrelay_star").await, before);
+}
+
+/// Backend pids of the lookup side connections logged in as `role`.
+async fn side_pids(role: &str) -> Vec<i32> {
+    direct(&cluster().primary().addr(), "postgres")
+        .await
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND application_name = $2 ORDER BY pid",
+            &[&role, &pgrelay::runtime::LOOKUP_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// `[server.tls] channel_binding`: "offer" answers a client that could bind but was told it
+/// cannot (`y`) as PostgreSQL does; "disable" offers SCRAM-SHA-256 only, takes `y`, and
+/// refuses -PLUS as a mechanism it never offered.
+#[tokio::test]
+async fn channel_binding_offer_and_disable() {
+    let (user, password) = SCRAM_ROLE;
+    let offering = start_proxy().await;
+    let (code, message) = scram_login(
+        &offering,
+        user,
+        password,
+        "SCRAM-SHA-256",
+        ChannelBinding::unrequested(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code, "08P01");
+    assert!(
+        message.starts_with("SCRAM channel binding negotiation error"),
+        "{message}"
+    );
+    let (code, message) = scram_login(
+        &offering,
+        user,
+        password,
+        "SCRAM-SHA-256-PLUS",
+        ChannelBinding::unsupported(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code, "08P01");
+    assert!(message.contains("does not include channel binding data"), "{message}");
+
+    let disabled = start_proxy_with("", "channel_binding = \"disable\"").await;
+    let mut tls = tls_connect(&disabled).await;
+    send(&mut tls, &startup(user)).await;
+    assert_eq!(mechanisms(&read_message(&mut tls).await), ["SCRAM-SHA-256"]);
+    assert_eq!(
+        scram_login(
+            &disabled,
+            user,
+            password,
+            "SCRAM-SHA-256",
+            ChannelBinding::unrequested()
+        )
+        .await,
+        Ok(())
+    );
+    let cert = CertificateDer::from_pem_file(&pki().cert).unwrap();
+    let ours = Sha256::digest(cert.as_ref()).to_vec();
+    assert_eq!(
+        scram_login(
+            &disabled,
+            user,
+            password,
+            "SCRAM-SHA-256-PLUS",
+            ChannelBinding::tls_server_end_point(ours)
+        )
+        .await,
+        Err((
+            "08P01".to_owned(),
+            "client selected an invalid SASL authentication mechanism \"SCRAM-SHA-256-PLUS\"".to_owned()
+        ))
+    );
+    // libpq: `prefer` logs in without binding, `require` refuses to go on.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={user} dbname=app sslmode=require channel_binding=prefer",
+        disabled.port()
+    );
+    let (ok, stdout, stderr) = psql(&conninfo, password, "SELECT current_user").await;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), user);
+    let (ok, _, stderr) = psql(&conninfo.replace("=prefer", "=require"), password, "SELECT 1").await;
+    assert!(!ok);
+    assert!(stderr.contains("channel binding"), "{stderr}");
+}
+
+/// A SCRAM login over TLS with `mechanism` and `binding`: Ok, or (SQLSTATE, message) of the
+/// ErrorResponse at whichever step it came.
+async fn scram_login(
+    proxy: &Proxy,
+    user: &str,
+    password: &str,
+    mechanism: &str,
+    binding: ChannelBinding,
+) -> Result<(), (String, String)> {
+    let mut tls = tls_connect(proxy).await;
+    send(&mut tls, &startup(user)).await;
+    read_message(&mut tls).await;
+    let mut scram = ScramSha256::new(password.as_bytes(), binding);
+    let mut out = BytesMut::new();
+    frontend::sasl_initial_response(mechanism, scram.message(), &mut out).unwrap();
+    send(&mut tls, &out).await;
+    let body = match read_message(&mut tls).await {
+        (b'R', body) if body[..4] == 11i32.to_be_bytes() => body,
+        (b'E', body) => return Err((field(&body, b'C'), field(&body, b'M'))),
+        (tag, _) => panic!("unexpected message {}", char::from(tag)),
+    };
+    scram.update(&body[4..]).unwrap();
+    out.clear();
+    frontend::sasl_response(scram.message(), &mut out).unwrap();
+    send(&mut tls, &out).await;
+    match read_message(&mut tls).await {
+        (b'R', body) if body[..4] == 12i32.to_be_bytes() => {
+            scram.finish(&body[4..]).unwrap();
+            Ok(())
+        }
+        (b'E', body) => Err((field(&body, b'C'), field(&body, b'M'))),
+        (tag, _) => panic!("unexpected message {}", char::from(tag)),
+    }
 }

@@ -200,6 +200,17 @@ async fn sql_execute_and_deallocate_reach_a_statement_prepared_with_parse() {
     assert_eq!(replies(&mut raw).await, "T D1 C:SELECT 1 Z:T");
     raw.send(&[query("COMMIT")]).await;
     assert_eq!(replies(&mut raw).await, "C:COMMIT Z:I");
+    // In a failed transaction block the server refuses DEALLOCATE, and drops nothing.
+    raw.send(&[query("BEGIN; SELECT 1/0")]).await;
+    assert_eq!(replies(&mut raw).await, "C:BEGIN E:22012 Z:E");
+    raw.send(&[query("DEALLOCATE ALL")]).await;
+    assert_eq!(replies(&mut raw).await, "E:25P02 Z:E");
+    raw.send(&[query("DEALLOCATE \"FooBar\"")]).await;
+    assert_eq!(replies(&mut raw).await, "E:25P02 Z:E");
+    raw.send(&[query("ROLLBACK")]).await;
+    assert_eq!(replies(&mut raw).await, "C:ROLLBACK Z:I");
+    raw.send(&[query("EXECUTE \"FooBar\"(2)")]).await;
+    assert_eq!(replies(&mut raw).await, "T D1 C:SELECT 1 Z:I");
     raw.send(&[query("DEALLOCATE foobar")]).await;
     assert_eq!(replies(&mut raw).await, "C:DEALLOCATE Z:I");
     raw.send(&[query("EXECUTE foobar")]).await;

@@ -11,7 +11,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{Proxy, config_with_replica, direct, first_value, own_cluster, sqlstate, wait_until};
+use common::{Proxy, config_with_replica, counter, direct, first_value, own_cluster, sqlstate, wait_until};
 use pgrelay::localpg::{ClusterOptions, LocalCluster};
 
 const SETUP: &str = "CREATE SCHEMA IF NOT EXISTS vol;
@@ -52,6 +52,29 @@ async fn setup(primary: &tokio_postgres::Client, replica: &tokio_postgres::Clien
     DONE.get_or_init(|| async { primary.batch_execute(SETUP).await.unwrap() })
         .await;
     replayed(replica).await;
+}
+
+/// This binary's cluster, direct connections to its primary and its replica, with the
+/// schema in place on both.
+async fn servers() -> (&'static LocalCluster, tokio_postgres::Client, tokio_postgres::Client) {
+    let cluster = cluster();
+    let primary = direct(&cluster.primary().addr(), "app").await;
+    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
+    setup(&primary, &replica).await;
+    (cluster, primary, replica)
+}
+
+/// pgrelay without the retry of refusals (so a call succeeds only if pgrelay sent it to the
+/// primary by itself), and a client of it, once the catalog is read: until then a call of the
+/// inserting function goes to the replica and is refused there.
+async fn proxy_with_catalog(cluster: &LocalCluster) -> (Proxy, tokio_postgres::Client) {
+    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", NO_RETRY)).await;
+    let client = proxy.app().await;
+    wait_until("the catalog is read", Duration::from_secs(30), || async {
+        client.simple_query("SELECT vol.log_event('probe')").await.is_ok()
+    })
+    .await;
+    (proxy, client)
 }
 
 /// Routing of the catalog tests: refusals are not run again, so that only the catalog can
@@ -113,19 +136,8 @@ fn failed_in_log(node: &pgrelay::localpg::Node, text: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volatile_calls_run_on_the_primary_and_stable_ones_on_the_replica() {
-    let cluster = cluster();
-    let primary = direct(&cluster.primary().addr(), "app").await;
-    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
-    setup(&primary, &replica).await;
-    // Without the retry of refusals, a call succeeds only if pgrelay sent it to the primary
-    // by itself.
-    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", NO_RETRY)).await;
-    let client = proxy.app().await;
-    // Until the catalog is read, the call goes to the replica and is refused there.
-    wait_until("the catalog is read", Duration::from_secs(30), || async {
-        client.simple_query("SELECT vol.log_event('probe')").await.is_ok()
-    })
-    .await;
+    let (cluster, primary, _) = servers().await;
+    let (proxy, client) = proxy_with_catalog(cluster).await;
 
     let positions = ["select-list", "where", "from", "quoted"];
     for (sql, note) in [
@@ -178,16 +190,8 @@ async fn volatile_calls_run_on_the_primary_and_stable_ones_on_the_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_stat_statements_on_both_servers_shows_volatile_calls_on_the_primary_only() {
-    let cluster = cluster();
-    let primary = direct(&cluster.primary().addr(), "app").await;
-    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
-    setup(&primary, &replica).await;
-    let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", NO_RETRY)).await;
-    let client = proxy.app().await;
-    wait_until("the catalog is read", Duration::from_secs(30), || async {
-        client.simple_query("SELECT vol.log_event('probe')").await.is_ok()
-    })
-    .await;
+    let (cluster, primary, replica) = servers().await;
+    let (proxy, client) = proxy_with_catalog(cluster).await;
 
     let volatile = [
         "SELECT vol.counted_event('counted-select-list')",
@@ -227,10 +231,7 @@ async fn pg_stat_statements_on_both_servers_shows_volatile_calls_on_the_primary_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_created_through_pgrelay_is_known_after_the_ddl() {
-    let cluster = cluster();
-    let primary = direct(&cluster.primary().addr(), "app").await;
-    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
-    setup(&primary, &replica).await;
+    let (cluster, primary, _) = servers().await;
     // Without the retry of refusals, a call succeeds only if pgrelay sent it to the primary
     // by itself.
     let proxy = Proxy::start(&config_with_replica(cluster, "size = 3", NO_RETRY)).await;
@@ -257,10 +258,7 @@ async fn a_function_created_through_pgrelay_is_known_after_the_ddl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_lists_and_no_retry_an_unlisted_function_is_refused_by_the_replica() {
-    let cluster = cluster();
-    let primary = direct(&cluster.primary().addr(), "app").await;
-    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
-    setup(&primary, &replica).await;
+    let (cluster, primary, _) = servers().await;
     let proxy = Proxy::start(&config_with_replica(
         cluster,
         "size = 3",
@@ -279,39 +277,16 @@ async fn with_lists_and_no_retry_an_unlisted_function_is_refused_by_the_replica(
 
 /// `pgrelay_routing_decisions_total{reason="replica_refused"}` of database `app`.
 fn refusals(proxy: &Proxy) -> f64 {
-    counter(proxy, "pgrelay_routing_decisions_total", "replica_refused")
-}
-
-/// The sum of a counter family's values for database `app` and the given `reason` label.
-fn counter(proxy: &Proxy, family: &str, reason: &str) -> f64 {
-    proxy
-        .running()
-        .shared()
-        .metrics
-        .gather()
-        .iter()
-        .filter(|found| found.name() == family)
-        .flat_map(|found| found.get_metric().iter())
-        .filter(|metric| {
-            let label = |name: &str| {
-                metric
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == name)
-                    .map(|l| l.value().to_owned())
-            };
-            label("reason").as_deref() == Some(reason) && label("database").as_deref() == Some("app")
-        })
-        .map(|metric| metric.get_counter().get_value())
-        .sum()
+    counter(
+        proxy,
+        "pgrelay_routing_decisions_total",
+        &[("reason", "replica_refused"), ("database", "app")],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_catalog_a_refusal_is_run_again_on_the_primary_once() {
-    let cluster = cluster();
-    let primary = direct(&cluster.primary().addr(), "app").await;
-    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
-    setup(&primary, &replica).await;
+    let (cluster, primary, replica) = servers().await;
     let proxy = Proxy::start(&config_with_replica(
         cluster,
         "size = 3",
@@ -395,10 +370,7 @@ async fn without_the_catalog_a_refusal_is_run_again_on_the_primary_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_the_replica_cancels_for_a_recovery_conflict_is_answered_by_the_primary() {
-    let cluster = cluster();
-    let primary = direct(&cluster.primary().addr(), "app").await;
-    let replica = direct(&cluster.replicas()[0].addr(), "app").await;
-    setup(&primary, &replica).await;
+    let (cluster, primary, replica) = servers().await;
     primary
         .batch_execute(
             "CREATE TABLE vol.conflict (id int); GRANT ALL ON vol.conflict TO PUBLIC; \
@@ -443,7 +415,14 @@ async fn a_read_the_replica_cancels_for_a_recovery_conflict_is_answered_by_the_p
         .unwrap_or_else(|e| panic!("the client saw the replica's cancel: {e:?}"));
     // Run again on the primary, after the TRUNCATE: no rows.
     assert_eq!(answer, "0");
-    assert_eq!(counter(&proxy, "pgrelay_retries_total", "recovery_conflict"), 1.0);
+    assert_eq!(
+        counter(
+            &proxy,
+            "pgrelay_retries_total",
+            &[("reason", "recovery_conflict"), ("database", "app")]
+        ),
+        1.0
+    );
     assert_eq!(refusals(&proxy), 1.0, "counted as the replica's refusal");
     let conflicts: i64 = replica
         .query_one(

@@ -88,6 +88,8 @@ pub struct Settings {
     pub pool_size: usize,
     /// pgbench scale factor (PGRELAY_BENCH_SCALE, default 10: 1,000,000 accounts).
     pub scale: u32,
+    /// pgrelay's `[server] workers` (PGRELAY_BENCH_WORKERS, default 0: one per core).
+    pub workers: usize,
     /// Which targets run (PGRELAY_BENCH_TARGETS, default "direct,pgbouncer,pgrelay").
     pub targets: Vec<Kind>,
 }
@@ -131,6 +133,7 @@ impl Settings {
             idle_rounds: number("PGRELAY_BENCH_IDLE_ROUNDS", 1, 1, 10)? as usize,
             pool_size: number("PGRELAY_BENCH_POOL_SIZE", 20, 1, 500)? as usize,
             scale: number("PGRELAY_BENCH_SCALE", 10, 1, 1000)? as u32,
+            workers: number("PGRELAY_BENCH_WORKERS", 0, 0, 64)? as usize,
             targets,
         })
     }

@@ -128,6 +128,7 @@ fn pgrelay_config(port: u16, pg_port: u16, settings: &Settings) -> String {
         r#"# Written by benches/load.rs.
 [server]
 listen = "127.0.0.1:{port}"
+workers = {workers}
 max_client_conn = {max_clients}
 metrics_listen = ""
 shutdown_timeout = "2s"
@@ -149,6 +150,7 @@ server_tls = {{ mode = "disable" }}
 "#,
         max_clients = settings.max_client_conn(),
         pool = settings.pool_size,
+        workers = settings.workers,
     )
 }
 

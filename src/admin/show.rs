@@ -18,6 +18,7 @@ pub(super) fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Option<()
         "CLIENTS" => (CLIENT_COLUMNS, clients(shared)),
         "SERVERS" => (SERVER_COLUMNS, servers(shared)),
         "DATABASES" => (DATABASE_COLUMNS, databases(shared)),
+        "USERS" => (USER_COLUMNS, users(shared)),
         "CONFIG" => (&["key", "value"], config(shared)),
         "VERSION" => (
             &["version"],
@@ -227,6 +228,7 @@ const DATABASE_COLUMNS: &[&str] = &[
     "min_pool_size",
     "reserve_pool",
     "pool_mode",
+    "max_connections",
     "current_connections",
     "paused",
 ];
@@ -259,8 +261,46 @@ fn databases(shared: &Shared) -> Vec<Vec<String>> {
                 database.pool.min_size.to_string(),
                 database.pool.reserve_size.to_string(),
                 database.mode().to_string(),
+                database.pool.max_db_connections.to_string(),
                 connections.to_string(),
                 if database.is_paused() { "1" } else { "0" }.to_owned(),
+            ]
+        })
+        .collect()
+}
+
+/// PgBouncer's SHOW USERS columns for the limits: server connections of each user over
+/// every pool (max_user_connections) and its logged-in clients (max_client_conn_per_user).
+const USER_COLUMNS: &[&str] = &[
+    "name",
+    "max_user_connections",
+    "current_connections",
+    "max_user_client_connections",
+    "current_client_connections",
+];
+
+fn users(shared: &Shared) -> Vec<Vec<String>> {
+    let snapshot = shared.snapshot();
+    let server = &snapshot.config.server;
+    let mut names: std::collections::BTreeSet<String> =
+        snapshot.config.users.iter().map(|user| user.name.clone()).collect();
+    // Users with pools that are not in [[users]] (auth_query) are shown too.
+    names.extend(shared.budgets.users().iter().map(|budget| budget.name().to_owned()));
+    let open: BTreeMap<String, usize> = shared
+        .budgets
+        .users()
+        .iter()
+        .map(|budget| (budget.name().to_owned(), budget.open()))
+        .collect();
+    names
+        .into_iter()
+        .map(|name| {
+            vec![
+                name.clone(),
+                snapshot.config.pool.max_user_connections.to_string(),
+                open.get(&name).copied().unwrap_or(0).to_string(),
+                server.max_client_conn_per_user.to_string(),
+                shared.access.counts.user(&name).to_string(),
             ]
         })
         .collect()
@@ -290,6 +330,35 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
             crate::config::format_size(server.max_message_size as u64),
         ),
         row("server.tls", if server.tls.is_some() { "on" } else { "off" }.to_owned()),
+        row(
+            "server.max_client_conn_per_user",
+            server.max_client_conn_per_user.to_string(),
+        ),
+        row(
+            "server.max_client_conn_per_address",
+            server.max_client_conn_per_address.to_string(),
+        ),
+        row(
+            "server.hba",
+            snapshot.access.hba.as_ref().map_or_else(
+                || "off".to_owned(),
+                |hba| format!("{} ({} rules)", hba.source, hba.rules.len()),
+            ),
+        ),
+        row(
+            "server.login_rate.attempts_per_second",
+            server.login_rate.attempts_per_second.to_string(),
+        ),
+        row("server.login_rate.burst", server.login_rate.burst.to_string()),
+        row(
+            "server.login_rate.failed_delay",
+            format_limit(server.login_rate.failed_delay),
+        ),
+        row("server.login_rate.ban_after", server.login_rate.ban_after.to_string()),
+        row(
+            "server.login_rate.ban_duration",
+            crate::config::format_duration(server.login_rate.ban_duration),
+        ),
         row("pool.mode", pool.mode.to_string()),
         row("pool.size", pool.size.to_string()),
         row("pool.min_size", pool.min_size.to_string()),
@@ -304,6 +373,8 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
             pool.server_reset_query.clone().unwrap_or_default(),
         ),
         row("pool.max_prepared_statements", pool.max_prepared_statements.to_string()),
+        row("pool.max_user_connections", pool.max_user_connections.to_string()),
+        row("pool.max_db_connections", pool.max_db_connections.to_string()),
         row(
             "pool.max_client_prepared_statements",
             pool.max_client_prepared_statements.to_string(),
@@ -337,6 +408,10 @@ fn help() -> Vec<Vec<String>> {
         ("SHOW CLIENTS", "every client connection"),
         ("SHOW SERVERS", "every server connection"),
         ("SHOW DATABASES", "configured databases and their pool settings"),
+        (
+            "SHOW USERS",
+            "server and client connections of each user against its limits",
+        ),
         ("SHOW CONFIG", "effective settings"),
         ("SHOW VERSION", "pgrelay's version"),
         ("SHOW HELP", "this list"),

@@ -15,7 +15,7 @@
 //!
 //! On [`ScramError::WrongPassword`] send ErrorResponse 28P01 ("password authentication failed");
 //! where [`ScramError::is_authorization_failure`] holds (a channel binding that does not
-//! match, or a downgrade), 28000 as PostgreSQL does; on errors where
+//! match), 28000 as PostgreSQL does; on errors where (a downgrade among them)
 //! [`ScramError::is_protocol_violation`] holds, 08P01. PostgreSQL never sends a
 //! SCRAM `e=` message, and neither should we.
 
@@ -162,13 +162,10 @@ impl ScramError {
         matches!(self, ScramError::WrongPassword)
     }
 
-    /// True for a failed or downgraded channel binding: answer with 28000
+    /// True for a failed channel binding: answer with 28000
     /// invalid_authorization_specification, as PostgreSQL does.
     pub fn is_authorization_failure(&self) -> bool {
-        matches!(
-            self,
-            ScramError::ChannelBindingCheckFailed | ScramError::ChannelBindingDowngrade
-        )
+        matches!(self, ScramError::ChannelBindingCheckFailed)
     }
 
     /// True when the peer broke the protocol: answer with 08P01 protocol_violation.
@@ -180,6 +177,8 @@ impl ScramError {
                 | ScramError::NonceTooLong
                 | ScramError::ChannelBindingNotOffered
                 | ScramError::ChannelBindingMissing
+                // PostgreSQL answers a downgrade with 08P01, not 28000.
+                | ScramError::ChannelBindingDowngrade
                 | ScramError::UnsupportedChannelBindingType
                 | ScramError::ChannelBindingMismatch
                 | ScramError::AuthzidNotSupported
@@ -820,7 +819,7 @@ mod tests {
 
     #[test]
     fn mock_verifier_always_fails() {
-        let mock = ScramVerifier::mock("ghost", b"process secret");
+        let mock = ScramVerifier::mock("ghost", b"process secret", crate::auth::SCRAM_DEFAULT_ITERATIONS);
         for password in ["", "pencil"] {
             let err = exchange_with_postgres_protocol(&mock, password, ChannelBinding::unsupported()).unwrap_err();
             assert_eq!(err, ScramError::WrongPassword);
@@ -1216,7 +1215,7 @@ mod tests {
                 .handle_client_first(first(flag).as_bytes());
             assert_eq!(result.err(), expected.clone(), "{flag} with {binding:?}");
         }
-        assert!(ScramError::ChannelBindingDowngrade.is_authorization_failure());
+        assert!(ScramError::ChannelBindingDowngrade.is_protocol_violation());
         assert!(ScramError::ChannelBindingMissing.is_protocol_violation());
     }
 

@@ -105,7 +105,9 @@ impl ScramVerifier {
     /// run a complete SCRAM exchange that always fails instead of revealing which users exist.
     /// The salt is derived from the user name and a process-wide secret so repeated attempts
     /// see a stable salt, like a real user's; the keys are random, so no proof can match.
-    pub fn mock(username: &str, mock_secret: &[u8]) -> Self {
+    /// `iterations` should be what real verifiers show (see `ClientAuth` lookups), else the
+    /// count alone tells an unknown user from a known one.
+    pub fn mock(username: &str, mock_secret: &[u8], iterations: u32) -> Self {
         let mut input = Vec::with_capacity(username.len() + mock_secret.len());
         input.extend_from_slice(username.as_bytes());
         input.extend_from_slice(mock_secret);
@@ -115,7 +117,7 @@ impl ScramVerifier {
         rand::fill(&mut stored_key);
         rand::fill(&mut server_key);
         Self {
-            iterations: SCRAM_DEFAULT_ITERATIONS,
+            iterations,
             salt: digest[..SCRAM_DEFAULT_SALT_LEN].to_vec(),
             stored_key,
             server_key,
@@ -416,9 +418,10 @@ mod tests {
 
     #[test]
     fn mock_verifier_is_stable_per_user_and_never_verifies() {
-        let a = ScramVerifier::mock("alice", b"secret");
-        assert_eq!(a.salt, ScramVerifier::mock("alice", b"secret").salt);
-        assert_ne!(a.salt, ScramVerifier::mock("bob", b"secret").salt);
+        let a = ScramVerifier::mock("alice", b"secret", 4096);
+        assert_eq!(a.salt, ScramVerifier::mock("alice", b"secret", 4096).salt);
+        assert_ne!(a.salt, ScramVerifier::mock("bob", b"secret", 4096).salt);
+        assert_eq!(ScramVerifier::mock("alice", b"secret", 10_000).iterations, 10_000);
         assert_eq!(a.salt.len(), SCRAM_DEFAULT_SALT_LEN);
         assert!(!a.verify_password(""));
     }

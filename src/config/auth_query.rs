@@ -23,6 +23,7 @@ pub struct AuthQueryKeys {
     pub auth_user: Option<String>,
     pub auth_query: Option<String>,
     pub auth_cache_ttl: Option<Duration>,
+    pub auth_dbname: Option<String>,
 }
 
 /// The effective settings of one database: passwords of users not in `[[users]]` come from
@@ -34,6 +35,9 @@ pub struct AuthQueryConfig {
     /// Takes the login name as `$1`; answers one row of (name, password) or none.
     pub query: String,
     pub cache_ttl: Duration,
+    /// The database the query runs in (`auth_dbname`); `None`: the client's database.
+    /// Required for `"*"` (see `validate`).
+    pub dbname: Option<String>,
 }
 
 impl AuthQueryKeys {
@@ -52,6 +56,7 @@ impl AuthQueryKeys {
                 .auth_cache_ttl
                 .or(defaults.auth_cache_ttl)
                 .unwrap_or(DEFAULT_AUTH_CACHE_TTL),
+            dbname: self.auth_dbname.as_ref().or(defaults.auth_dbname.as_ref()).cloned(),
         })
     }
 
@@ -75,6 +80,18 @@ pub(super) fn validate(config: &Config, out: &mut Vec<Problem>) {
     for (name, database) in &config.databases {
         let path = key_path("databases", name);
         check_section(&path, &database.auth_query, Some(server), &config.users, out);
+    }
+    // Databases made from "*" are named by clients: running the query in the client's
+    // database would let anyone who can create a database (or a schema in one) answer it,
+    // and would open a side connection per name. They share one lookup in a fixed database.
+    if let Some(settings) = config.auth_query("*")
+        && settings.dbname.is_none()
+    {
+        out.push(Problem::new(
+            key_path(&key_path("databases", "*"), "auth_dbname"),
+            "required when databases made from \"*\" use auth_query (here or in [server]): \
+             the database the query runs in, e.g. \"postgres\"",
+        ));
     }
 }
 
@@ -124,7 +141,7 @@ fn check_section(
         let query_path = key_path(path, "auth_query");
         if query.trim().is_empty() {
             out.push(Problem::new(query_path, "must not be empty"));
-        } else if !query.contains("$1") {
+        } else if !takes_only_first_parameter(query) {
             out.push(Problem::new(query_path, "must take the login name as $1"));
         }
     }
@@ -134,6 +151,22 @@ fn check_section(
             "must be more than zero: every login would run the query",
         ));
     }
+}
+
+/// Whether `query` refers to `$1` and to no other parameter (`$10` is not `$1`): only the
+/// login name is bound.
+fn takes_only_first_parameter(query: &str) -> bool {
+    let bytes = query.as_bytes();
+    let mut first = false;
+    for (at, _) in query.match_indices('$') {
+        let digits = bytes[at + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        match &query[at + 1..at + 1 + digits] {
+            "" => {}
+            "1" => first = true,
+            _ => return false,
+        }
+    }
+    first
 }
 
 /// The auth_user logs in to PostgreSQL before any client has: it needs a secret that works
@@ -177,6 +210,7 @@ primary = "127.0.0.1:5432"
                 auth_user: "app".to_owned(),
                 query: DEFAULT_AUTH_QUERY.to_owned(),
                 cache_ttl: Duration::from_secs(60),
+                dbname: None,
             })
         );
         let text = BASE.replace(
@@ -213,6 +247,33 @@ primary = "127.0.0.1:5432"
         assert_eq!(
             problems("auth_user = \"app\"\nauth_query = \"SELECT rolname, rolpassword FROM pg_authid\"\n"),
             ["databases.app.auth_query: must take the login name as $1"]
+        );
+        assert_eq!(
+            problems("auth_user = \"app\"\nauth_query = \"SELECT $10, $1\"\n"),
+            ["databases.app.auth_query: must take the login name as $1"]
+        );
+        assert_eq!(
+            problems("auth_user = \"app\"\nauth_query = \"SELECT $10 WHERE $$a$$ = $1\"\n"),
+            ["databases.app.auth_query: must take the login name as $1"]
+        );
+        assert!(problems("auth_user = \"app\"\nauth_query = \"SELECT $$x$$, $1\"\n").is_empty());
+        let star = "\n[databases.\"*\"]\nprimary = \"127.0.0.1:5432\"\nauth_user = \"app\"\n";
+        assert_eq!(
+            problems(star),
+            [
+                "databases.\"*\".auth_dbname: required when databases made from \"*\" use auth_query \
+              (here or in [server]): the database the query runs in, e.g. \"postgres\""
+            ]
+        );
+        assert!(problems(&format!("{star}auth_dbname = \"postgres\"\n")).is_empty());
+        assert_eq!(
+            parse(&format!("{BASE}{star}auth_dbname = \"postgres\"\n"))
+                .unwrap()
+                .auth_query("*")
+                .unwrap()
+                .dbname
+                .as_deref(),
+            Some("postgres")
         );
         assert_eq!(
             problems("auth_user = \"app\"\nauth_query = \" \"\n"),

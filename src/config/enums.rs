@@ -179,6 +179,17 @@ keyword_enum! {
 }
 
 keyword_enum! {
+    /// Whether clients on TLS are offered SCRAM-SHA-256-PLUS (`[server.tls] channel_binding`).
+    ChannelBindingMode default Offer {
+        /// As PostgreSQL: -PLUS first, bound to pgrelay's certificate.
+        Offer = "offer",
+        /// SCRAM-SHA-256 only: for clients that reach pgrelay through a proxy that terminates
+        /// or adds TLS, whose binding would name the proxy's certificate.
+        Disable = "disable",
+    }
+}
+
+keyword_enum! {
     /// TLS towards the PostgreSQL servers, with libpq's `sslmode` meanings.
     ServerTlsMode default Prefer {
         Disable = "disable",

@@ -8,6 +8,7 @@ mod auth_query;
 mod database;
 pub mod duration;
 mod enums;
+pub mod hba;
 mod pool;
 mod raw;
 mod secret;
@@ -23,12 +24,12 @@ pub use auth_query::{AuthQueryConfig, AuthQueryKeys, DEFAULT_AUTH_CACHE_TTL, DEF
 pub use database::{DatabaseConfig, RoutingConfig, ServerTlsConfig};
 pub use duration::{format_duration, format_limit, format_size, parse_duration, parse_size};
 pub use enums::{
-    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance, PoolMode, RoutingTarget,
-    ServerTlsMode, TransactionRouting,
+    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance,
+    PoolMode, RoutingTarget, ServerTlsMode, TransactionRouting,
 };
 pub use pool::{PoolConfig, PoolOverrides};
 pub use secret::{PasswordForm, SecretError, check_md5, check_password};
-pub use server::{ClientTlsConfig, ServerConfig, TcpOptions, UserConfig};
+pub use server::{ClientTlsConfig, LoginRateConfig, ServerConfig, TcpOptions, UserConfig};
 pub use validate::{split_host_port, validate};
 
 /// The database name of the admin console; no `[databases]` entry may use it.

@@ -35,6 +35,11 @@ pub struct PoolConfig {
     pub idle_transaction_timeout: Option<Duration>,
     /// A statement running longer is cancelled on its server; `None`: never.
     pub query_timeout: Option<Duration>,
+    /// Server connections of one user over all its pools; 0: no limit. Only in `[pool]`:
+    /// a user's connections span databases.
+    pub max_user_connections: usize,
+    /// Server connections of one database over all its pools; 0: no limit.
+    pub max_db_connections: usize,
 }
 
 impl Default for PoolConfig {
@@ -55,6 +60,8 @@ impl Default for PoolConfig {
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
+            max_user_connections: 0,
+            max_db_connections: 0,
         }
     }
 }
@@ -80,6 +87,8 @@ pub struct PoolOverrides {
     pub retry_reads: Option<bool>,
     pub idle_transaction_timeout: Option<Option<Duration>>,
     pub query_timeout: Option<Option<Duration>>,
+    pub max_user_connections: Option<usize>,
+    pub max_db_connections: Option<usize>,
 }
 
 impl PoolOverrides {
@@ -107,6 +116,8 @@ impl PoolOverrides {
             retry_reads: pick(&self.retry_reads, &base.retry_reads),
             idle_transaction_timeout: pick(&self.idle_transaction_timeout, &base.idle_transaction_timeout),
             query_timeout: pick(&self.query_timeout, &base.query_timeout),
+            max_user_connections: pick(&self.max_user_connections, &base.max_user_connections),
+            max_db_connections: pick(&self.max_db_connections, &base.max_db_connections),
         }
     }
 

@@ -10,14 +10,15 @@ use serde::Deserialize;
 
 use super::duration::{ByteSize, DurationValue};
 use super::enums::{
-    AuthMethod, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance, PoolMode, RoutingTarget,
-    ServerTlsMode, TransactionRouting,
+    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance,
+    PoolMode, RoutingTarget, ServerTlsMode, TransactionRouting,
 };
+use super::hba::{HbaRule, HbaSource};
 use super::secret::PasswordForm;
 use super::section::{Section, Seg, TableOf, deserialize_section, fields_of, index_path, key_path, suggest};
 use super::{
-    AuthQueryKeys, ClientTlsConfig, Config, DatabaseConfig, PoolConfig, PoolOverrides, Problem, RoutingConfig,
-    ServerConfig, ServerTlsConfig, TcpOptions, UserConfig,
+    AuthQueryKeys, ClientTlsConfig, Config, DatabaseConfig, LoginRateConfig, PoolConfig, PoolOverrides, Problem,
+    RoutingConfig, ServerConfig, ServerTlsConfig, TcpOptions, UserConfig,
 };
 
 const TOP_LEVEL_KEYS: &[&str] = &["server", "pool", "users", "databases"];
@@ -26,6 +27,7 @@ const MISSING: &str = "required key is missing";
 #[derive(Deserialize)]
 struct RawServer {
     listen: Option<String>,
+    workers: Option<usize>,
     max_client_conn: Option<usize>,
     admin_users: Option<Vec<String>>,
     stats_users: Option<Vec<String>>,
@@ -41,6 +43,21 @@ struct RawServer {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
+    max_client_conn_per_user: Option<usize>,
+    max_client_conn_per_address: Option<usize>,
+    hba_file: Option<PathBuf>,
+    hba: Option<Vec<String>>,
+    login_rate: Option<TableOf<RawLoginRate>>,
+}
+
+#[derive(Deserialize)]
+struct RawLoginRate {
+    attempts_per_second: Option<u32>,
+    burst: Option<u32>,
+    failed_delay: Option<DurationValue>,
+    ban_after: Option<u32>,
+    ban_duration: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +65,7 @@ struct RawClientTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     mode: Option<ClientTlsMode>,
+    channel_binding: Option<ChannelBindingMode>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +85,8 @@ struct RawPool {
     retry_reads: Option<bool>,
     idle_transaction_timeout: Option<DurationValue>,
     query_timeout: Option<DurationValue>,
+    max_user_connections: Option<usize>,
+    max_db_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +108,7 @@ struct RawDatabase {
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
     listen_notify: Option<ListenNotify>,
 }
 
@@ -114,9 +135,10 @@ struct RawRouting {
 
 impl Section for RawServer {
     fn keys_at(parent: &[Seg]) -> Vec<&'static str> {
-        match parent {
-            [] => fields_of::<RawServer>().to_vec(),
-            _ => fields_of::<RawClientTls>().to_vec(),
+        match parent.first() {
+            None => fields_of::<RawServer>().to_vec(),
+            Some(Seg::Key(key)) if key == "login_rate" => fields_of::<RawLoginRate>().to_vec(),
+            Some(_) => fields_of::<RawClientTls>().to_vec(),
         }
     }
 }
@@ -198,9 +220,11 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
         cert: required(tls.cert, "server.tls.cert".to_owned(), problems),
         key: required(tls.key, "server.tls.key".to_owned(), problems),
         mode: tls.mode.unwrap_or_default(),
+        channel_binding: tls.channel_binding.unwrap_or_default(),
     });
     ServerConfig {
         listen: raw.listen.unwrap_or(defaults.listen),
+        workers: raw.workers.unwrap_or(defaults.workers),
         max_client_conn: raw.max_client_conn.unwrap_or(defaults.max_client_conn),
         admin_users: raw.admin_users.unwrap_or_default(),
         stats_users: raw.stats_users.unwrap_or_default(),
@@ -226,7 +250,13 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
             },
             user_timeout: limit(raw.tcp_user_timeout).unwrap_or(defaults.tcp.user_timeout),
         },
-        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        max_client_conn_per_user: raw.max_client_conn_per_user.unwrap_or(0),
+        max_client_conn_per_address: raw.max_client_conn_per_address.unwrap_or(0),
+        hba: hba(raw.hba_file, raw.hba, problems),
+        login_rate: raw
+            .login_rate
+            .map_or_else(LoginRateConfig::default, |TableOf(raw)| login_rate(raw)),
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
     }
 }
 
@@ -235,11 +265,55 @@ fn auth_query_keys(
     auth_user: Option<String>,
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
+    auth_dbname: Option<String>,
 ) -> AuthQueryKeys {
     AuthQueryKeys {
         auth_user,
         auth_query,
+        auth_dbname,
         auth_cache_ttl: auth_cache_ttl.map(|DurationValue(ttl)| ttl),
+    }
+}
+
+/// `hba_file` is read when the running state is built (and again at each reload); inline
+/// rules are parsed now, each mistake reported at its entry.
+fn hba(file: Option<PathBuf>, inline: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Option<HbaSource> {
+    match (file, inline) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            problems.push(Problem::new("server.hba", "set either hba_file or hba, not both"));
+            None
+        }
+        (Some(file), None) => Some(HbaSource::File(file)),
+        (None, Some(lines)) => {
+            let mut rules = Vec::new();
+            for (index, line) in lines.iter().enumerate() {
+                match super::hba::parse(line, None) {
+                    Ok(parsed) => rules.extend(parsed.into_iter().map(|rule| HbaRule {
+                        line: index + 1,
+                        ..rule
+                    })),
+                    Err(errors) => problems.extend(
+                        errors
+                            .into_iter()
+                            .map(|error| Problem::new(index_path("server.hba", index), error.message)),
+                    ),
+                }
+            }
+            Some(HbaSource::Inline(rules))
+        }
+    }
+}
+
+fn login_rate(raw: RawLoginRate) -> LoginRateConfig {
+    let defaults = LoginRateConfig::default();
+    LoginRateConfig {
+        attempts_per_second: raw.attempts_per_second.unwrap_or(defaults.attempts_per_second),
+        burst: raw.burst.unwrap_or(defaults.burst),
+        failed_delay: limit(raw.failed_delay).unwrap_or(defaults.failed_delay),
+        ban_after: raw.ban_after.unwrap_or(defaults.ban_after),
+        // Zero is kept so that validation can refuse it with its key path.
+        ban_duration: raw.ban_duration.map_or(defaults.ban_duration, |d| d.0),
     }
 }
 
@@ -262,6 +336,8 @@ fn pool(raw: RawPool) -> PoolOverrides {
         retry_reads: raw.retry_reads,
         idle_transaction_timeout: limit(raw.idle_transaction_timeout),
         query_timeout: limit(raw.query_timeout),
+        max_user_connections: raw.max_user_connections,
+        max_db_connections: raw.max_db_connections,
     }
 }
 
@@ -353,7 +429,7 @@ fn database(
             }),
         pool_overrides,
         routing,
-        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl),
+        auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
         listen_notify: raw.listen_notify.unwrap_or_default(),
     }
 }

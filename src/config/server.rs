@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::auth_query::AuthQueryKeys;
-use super::enums::{AuthMethod, ClientTlsMode};
+use super::enums::{AuthMethod, ChannelBindingMode, ClientTlsMode};
+use super::hba::HbaSource;
 use super::secret::PasswordForm;
 use crate::auth::ScramVerifier;
 
@@ -15,6 +16,8 @@ use crate::auth::ScramVerifier;
 pub struct ServerConfig {
     /// Client-facing `IP:port`.
     pub listen: String,
+    /// Tokio worker threads; 0: one per core. Read once, when the runtime is built.
+    pub workers: usize,
     pub max_client_conn: usize,
     /// May use the admin console (database "pgrelay").
     pub admin_users: Vec<String>,
@@ -36,6 +39,42 @@ pub struct ServerConfig {
     pub tcp: TcpOptions,
     /// Defaults of `auth_user` / `auth_query` / `auth_cache_ttl` for every database.
     pub auth_query: AuthQueryKeys,
+    /// Logged-in clients of one user name; 0: no limit.
+    pub max_client_conn_per_user: usize,
+    /// Client connections from one IP address; 0: no limit.
+    pub max_client_conn_per_address: usize,
+    /// Client address rules (`hba_file` or `hba`); `None`: everyone may try to log in.
+    pub hba: Option<HbaSource>,
+    /// `[server.login_rate]`.
+    pub login_rate: LoginRateConfig,
+}
+
+/// `[server.login_rate]`: how often one address or one user name may try to log in, and
+/// what failed passwords cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRateConfig {
+    /// Tokens added per second to each address's and each user's bucket; 0: no limit.
+    pub attempts_per_second: u32,
+    /// Bucket size: attempts allowed at once after a quiet time.
+    pub burst: u32,
+    /// Delay before a failed password is answered, times the failures of that address;
+    /// `None`: no delay.
+    pub failed_delay: Option<Duration>,
+    /// Failed passwords from one address before it is banned; 0: never.
+    pub ban_after: u32,
+    pub ban_duration: Duration,
+}
+
+impl Default for LoginRateConfig {
+    fn default() -> Self {
+        LoginRateConfig {
+            attempts_per_second: 20,
+            burst: 50,
+            failed_delay: Some(Duration::from_millis(100)),
+            ban_after: 20,
+            ban_duration: Duration::from_secs(300),
+        }
+    }
 }
 
 /// TCP settings of every client and server socket: they find a peer that vanished (a
@@ -63,6 +102,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:6432".to_owned(),
+            workers: 0,
             max_client_conn: 10_000,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
@@ -74,6 +114,10 @@ impl Default for ServerConfig {
             tls: None,
             tcp: TcpOptions::default(),
             auth_query: AuthQueryKeys::default(),
+            max_client_conn_per_user: 0,
+            max_client_conn_per_address: 0,
+            hba: None,
+            login_rate: LoginRateConfig::default(),
         }
     }
 }
@@ -84,6 +128,7 @@ pub struct ClientTlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub mode: ClientTlsMode,
+    pub channel_binding: ChannelBindingMode,
 }
 
 /// One `[[users]]` entry. `Debug` hides the passwords because configs end up in logs.

@@ -16,6 +16,7 @@ fn problems(text: &str) -> Vec<String> {
 const FULL: &str = r#"
 [server]
 listen = "0.0.0.0:7432"
+workers = 3
 max_client_conn = 500
 admin_users = ["admin"]
 stats_users = ["monitor"]
@@ -97,6 +98,7 @@ fn full_file_with_every_key() {
 
     let server = &config.server;
     assert_eq!(server.listen, "0.0.0.0:7432");
+    assert_eq!(server.workers, 3);
     assert_eq!(server.max_client_conn, 500);
     assert_eq!(server.admin_users, ["admin"]);
     assert_eq!(server.stats_users, ["monitor"]);
@@ -111,6 +113,7 @@ fn full_file_with_every_key() {
             cert: PathBuf::from("server.crt"),
             key: PathBuf::from("server.key"),
             mode: ClientTlsMode::Require,
+            channel_binding: crate::config::ChannelBindingMode::Offer,
         })
     );
 
@@ -132,6 +135,8 @@ fn full_file_with_every_key() {
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
+            max_user_connections: 0,
+            max_db_connections: 0,
         }
     );
 
@@ -176,6 +181,8 @@ fn full_file_with_every_key() {
             retry_reads: true,
             idle_transaction_timeout: None,
             query_timeout: None,
+            max_user_connections: 0,
+            max_db_connections: 0,
         }
     );
     assert_eq!(
@@ -210,6 +217,7 @@ fn defaults_when_keys_are_absent() {
     assert_eq!(config, Config::default());
     let server = &config.server;
     assert_eq!(server.listen, "127.0.0.1:6432");
+    assert_eq!(server.workers, 0);
     assert_eq!(server.max_client_conn, 10_000);
     assert!(server.admin_users.is_empty() && server.stats_users.is_empty());
     assert_eq!(server.metrics_listen.as_deref(), Some("127.0.0.1:9930"));

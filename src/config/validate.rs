@@ -15,6 +15,8 @@ use super::{
 
 const MIN_MESSAGE_SIZE: usize = 1 << 10;
 const MAX_MESSAGE_SIZE: usize = 1 << 30;
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 /// Every semantic problem in `config`, in file order (server, pool, users, databases).
 pub fn validate(config: &Config) -> Vec<Problem> {
@@ -94,6 +96,13 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
             );
         }
     }
+    if server.workers > MAX_WORKERS {
+        push(
+            out,
+            "server.workers".to_owned(),
+            "must be at most 1024 (0: one per core)",
+        );
+    }
     if server.max_client_conn < 1 {
         push(out, "server.max_client_conn".to_owned(), "must be at least 1");
     }
@@ -106,6 +115,26 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
                 format_size(u64::try_from(server.max_message_size).unwrap_or(u64::MAX))
             ),
         );
+    }
+    let rate = &server.login_rate;
+    if rate.attempts_per_second > 0 && rate.burst < 1 {
+        push(
+            out,
+            "server.login_rate.burst".to_owned(),
+            "must be at least 1 while attempts_per_second is set",
+        );
+    }
+    if rate.ban_after > 0 && rate.ban_duration.is_zero() {
+        push(
+            out,
+            "server.login_rate.ban_duration".to_owned(),
+            "must be greater than 0 (set ban_after = 0 for no bans)",
+        );
+    }
+    if let Some(super::hba::HbaSource::File(file)) = &server.hba
+        && file.as_os_str().is_empty()
+    {
+        push(out, "server.hba_file".to_owned(), "must not be empty");
     }
     if let Some(tls) = &server.tls {
         for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
@@ -157,6 +186,14 @@ fn pool(prefix: &str, pool: &PoolConfig, overrides: Option<&PoolOverrides>, out:
     }
     if own_prepared && pool.max_prepared_statements < 1 {
         push(out, key_path(prefix, "max_prepared_statements"), "must be at least 1");
+    }
+    // A user's server connections span databases: one database cannot set their limit.
+    if overrides.is_some_and(|o| o.max_user_connections.is_some()) {
+        push(
+            out,
+            key_path(prefix, "max_user_connections"),
+            "a user's limit covers every database: set it in [pool]",
+        );
     }
 }
 
@@ -415,6 +452,11 @@ replicas = ["127.0.0.1:5433"]
             "server.max_client_conn: must be at least 1",
         );
         assert_problem(
+            "[server]\nworkers = 5000\n",
+            "server.workers: must be at most 1024 (0: one per core)",
+        );
+        assert_eq!(problems("[server]\nworkers = 2\n"), Vec::<String>::new());
+        assert_problem(
             "[server]\nmax_message_size = \"512B\"\n",
             "server.max_message_size: 512B is out of range: must be between 1kB and 1GB",
         );
@@ -593,6 +635,52 @@ replicas = ["127.0.0.1:5433"]
                 "databases.app.routing.write_functions[1]: must not be empty",
             ]
         );
+    }
+
+    #[test]
+    fn access_keys() {
+        let config = parse(&format!(
+            "{BASE}[server]\nmax_client_conn_per_user = 3\nhba = [\"host all all 10.0.0.0/8 md5\"]\n\
+             [server.login_rate]\nburst = 5\nban_duration = \"1m\"\n[pool]\nmax_user_connections = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(config.server.max_client_conn_per_user, 3);
+        assert_eq!(config.server.login_rate.burst, 5);
+        assert_eq!(config.server.login_rate.attempts_per_second, 20, "default kept");
+        assert_eq!(
+            config.server.login_rate.ban_duration,
+            std::time::Duration::from_secs(60)
+        );
+        assert_eq!(config.pool.max_user_connections, 4);
+        match &config.server.hba {
+            Some(super::super::hba::HbaSource::Inline(rules)) => assert_eq!(rules.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert_problem(
+            "[server]\nhba = [\"host all all 10.0.0.0/8 md5\", \"host all all 10.0.0.1 md5\"]\n",
+            "server.hba[1]: specify an address range in CIDR notation, or provide a separate netmask",
+        );
+        assert_problem(
+            "[server]\nhba = []\nhba_file = \"x\"\n",
+            "server.hba: set either hba_file or hba, not both",
+        );
+        assert_problem(
+            "[server.login_rate]\nburst = 0\n",
+            "server.login_rate.burst: must be at least 1 while attempts_per_second is set",
+        );
+        assert_problem(
+            "[server.login_rate]\nban_duration = \"0\"\n",
+            "server.login_rate.ban_duration: must be greater than 0 (set ban_after = 0 for no bans)",
+        );
+        assert_problem(
+            "[server.login_rate]\nbaan_after = 3\n",
+            "server.login_rate.baan_after: unknown key (did you mean \"ban_after\"?)",
+        );
+        assert_problem(
+            "max_user_connections = 3\n",
+            "databases.app.max_user_connections: a user's limit covers every database: set it in [pool]",
+        );
+        assert_eq!(problems("max_db_connections = 3\n"), Vec::<String>::new());
     }
 
     #[test]

@@ -223,6 +223,51 @@ impl ReloadOutcome {
     }
 }
 
+/// `reason` label of `pgrelay_login_refusals_total`: why a login was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoginRefusal {
+    /// A login-rate bucket (of the address or of the user name) was empty.
+    Rate,
+    /// The address is banned after too many failed passwords.
+    Ban,
+    /// No client address rule let it in, or one rejected it.
+    Hba,
+    /// max_client_conn, max_client_conn_per_user or max_client_conn_per_address.
+    Limit,
+    /// Wrong password, or a user pgrelay does not know.
+    Password,
+}
+
+impl LoginRefusal {
+    pub const ALL: [LoginRefusal; 5] = [
+        LoginRefusal::Rate,
+        LoginRefusal::Ban,
+        LoginRefusal::Hba,
+        LoginRefusal::Limit,
+        LoginRefusal::Password,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LoginRefusal::Rate => "rate",
+            LoginRefusal::Ban => "ban",
+            LoginRefusal::Hba => "hba",
+            LoginRefusal::Limit => "limit",
+            LoginRefusal::Password => "password",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            LoginRefusal::Rate => 0,
+            LoginRefusal::Ban => 1,
+            LoginRefusal::Hba => 2,
+            LoginRefusal::Limit => 3,
+            LoginRefusal::Password => 4,
+        }
+    }
+}
+
 /// The SQLSTATEs SPEC.md's "Errors clients see" lists. Their series exist (at 0) as soon as a
 /// database is known, so `increase()` sees the first error instead of a series appearing at 1.
 pub(crate) const KNOWN_SQLSTATES: [&str; 6] = ["28P01", "3D000", "53300", "08006", "08P01", "42501"];

@@ -26,6 +26,6 @@ mod tests;
 pub use guards::{ClientStateGauge, PinnedGauge};
 pub use handles::SessionMetrics;
 pub use http::{Health, serve};
-pub use labels::{ClientState, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason};
+pub use labels::{ClientState, LoginRefusal, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason};
 pub use registry::{LATENCY_BUCKETS, Metrics, MetricsError, NotifyMetrics};
 pub use scrape::{PoolState, StateSink};

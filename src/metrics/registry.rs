@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use super::handles::{DatabaseHandles, SessionMetrics};
-use super::labels::{NO_DATABASE, ReloadOutcome, sqlstate_label};
+use super::labels::{LoginRefusal, NO_DATABASE, ReloadOutcome, sqlstate_label};
 use super::scrape::{StateCollector, StateSink};
 
 /// Upper bounds (seconds) shared by both histograms: 50 µs (a checkout from a warm pool, a
@@ -149,7 +149,7 @@ impl Families {
             login_refusals: IntCounterVec::new(
                 Opts::new(
                     "pgrelay_login_refusals_total",
-                    "Logins pgrelay refused, by reason: password (a wrong password, an unknown user, or a failed SCRAM channel binding).",
+                    "Logins refused by reason: rate (a login-rate bucket of the address or user was empty), ban (the address failed too often), hba (no client address rule let it in), limit (max_client_conn, max_client_conn_per_user, max_client_conn_per_address), password (a wrong password, an unknown user, or a failed SCRAM channel binding).",
                 ),
                 &["reason"],
             )?,
@@ -216,6 +216,7 @@ pub struct Metrics {
     /// that the registry no longer exports.
     databases: DashMap<Box<str>, Arc<DatabaseHandles>>,
     reloads: [IntCounter; 2],
+    login_refusals: [IntCounter; 5],
     state: StateCollector,
 }
 
@@ -235,12 +236,16 @@ impl Metrics {
         // Both results exist from the start, so an alert on increase(…{result="error"}) fires on
         // the first failure rather than waiting for a second one.
         let reloads = ReloadOutcome::ALL.map(|outcome| families.reloads.with_label_values(&[outcome.label()]));
+        // Every reason from the start, for the same reason.
+        let login_refusals =
+            LoginRefusal::ALL.map(|reason| families.login_refusals.with_label_values(&[reason.label()]));
 
         Ok(Metrics {
             registry,
             families,
             databases: DashMap::new(),
             reloads,
+            login_refusals,
             state,
         })
     }
@@ -290,6 +295,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one refused login.
+    pub fn login_refusal(&self, reason: LoginRefusal) {
+        self.login_refusals[reason.index()].inc();
+    }
+
     /// Counts one configuration reload.
     pub fn config_reload(&self, outcome: ReloadOutcome) {
         self.reloads[outcome.index()].inc();
@@ -301,7 +311,7 @@ impl Metrics {
         self.families.retries.with_label_values(&[database, reason]).inc();
     }
 
-    /// Counts one refused login (`reason`: password). Rare: the label look-up here is fine.
+    /// Counts one refused login (`reason`: password, channel_binding). Rare: the label look-up here is fine.
     pub fn login_refused(&self, reason: &str) {
         self.families.login_refusals.with_label_values(&[reason]).inc();
     }

@@ -95,6 +95,50 @@ impl StateSink<'_> {
             .set(i64::from(split));
     }
 
+    /// Server connections open under one user name over every pool, and its
+    /// max_user_connections (left out when there is none).
+    pub fn user_servers(&mut self, user: &str, open: usize, limit: Option<usize>) {
+        self.families
+            .user_servers
+            .with_label_values(&[user])
+            .set(gauge_int(open));
+        if let Some(limit) = limit {
+            self.families
+                .max_user_connections
+                .with_label_values(&[user])
+                .set(gauge_int(limit));
+        }
+    }
+
+    /// Server connections open for one database over every pool, and its
+    /// max_db_connections (left out when there is none).
+    pub fn database_servers(&mut self, database: &str, open: usize, limit: Option<usize>) {
+        self.families
+            .database_servers
+            .with_label_values(&[database])
+            .set(gauge_int(open));
+        if let Some(limit) = limit {
+            self.families
+                .max_db_connections
+                .with_label_values(&[database])
+                .set(gauge_int(limit));
+        }
+    }
+
+    /// Client addresses banned now for failed passwords, and addresses the login-rate
+    /// table remembers.
+    pub fn login_addresses(&mut self, banned: usize, tracked: usize) {
+        const NO_LABELS: &[&str] = &[];
+        self.families
+            .banned_addresses
+            .with_label_values(NO_LABELS)
+            .set(gauge_int(banned));
+        self.families
+            .tracked_addresses
+            .with_label_values(NO_LABELS)
+            .set(gauge_int(tracked));
+    }
+
     pub fn max_replica_lag(&mut self, database: &str, limit: Duration) {
         self.families
             .max_replica_lag
@@ -128,6 +172,12 @@ pub(crate) struct ScrapeFamilies {
     replica_lag: GaugeVec,
     max_replica_lag: GaugeVec,
     split_brain: IntGaugeVec,
+    user_servers: IntGaugeVec,
+    max_user_connections: IntGaugeVec,
+    database_servers: IntGaugeVec,
+    max_db_connections: IntGaugeVec,
+    banned_addresses: IntGaugeVec,
+    tracked_addresses: IntGaugeVec,
 }
 
 impl ScrapeFamilies {
@@ -190,11 +240,53 @@ impl ScrapeFamilies {
                 ),
                 &["database"],
             )?,
+            user_servers: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_user_servers",
+                    "Server connections of one user over every database and host (what max_user_connections limits).",
+                ),
+                &["user"],
+            )?,
+            max_user_connections: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_max_user_connections",
+                    "The configured max_user_connections in force for the user; absent when there is no limit.",
+                ),
+                &["user"],
+            )?,
+            database_servers: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_database_servers",
+                    "Server connections of one database over every user and host (what max_db_connections limits).",
+                ),
+                &["database"],
+            )?,
+            max_db_connections: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_max_db_connections",
+                    "The configured max_db_connections of the database; absent when there is no limit.",
+                ),
+                &["database"],
+            )?,
+            banned_addresses: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_login_banned_addresses",
+                    "Client addresses refused right now after too many failed passwords (server.login_rate.ban_after).",
+                ),
+                &[],
+            )?,
+            tracked_addresses: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_login_tracked_addresses",
+                    "Client addresses the login-rate table remembers (bounded; the rest share one entry).",
+                ),
+                &[],
+            )?,
         })
     }
 
     /// Every family, for describing, resetting and collecting them alike.
-    fn all(&self) -> [&dyn ScrapeFamily; 8] {
+    fn all(&self) -> [&dyn ScrapeFamily; 14] {
         [
             &self.servers,
             &self.pool_size,
@@ -204,6 +296,12 @@ impl ScrapeFamilies {
             &self.replica_lag,
             &self.max_replica_lag,
             &self.split_brain,
+            &self.user_servers,
+            &self.max_user_connections,
+            &self.database_servers,
+            &self.max_db_connections,
+            &self.banned_addresses,
+            &self.tracked_addresses,
         ]
     }
 }

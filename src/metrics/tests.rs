@@ -82,6 +82,12 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_runtime_stalls_total", "counter", &[]),
     ("pgrelay_retries_total", "counter", &["database", "reason"]),
     ("pgrelay_login_refusals_total", "counter", &["reason"]),
+    ("pgrelay_user_servers", "gauge", &["user"]),
+    ("pgrelay_max_user_connections", "gauge", &["user"]),
+    ("pgrelay_database_servers", "gauge", &["database"]),
+    ("pgrelay_max_db_connections", "gauge", &["database"]),
+    ("pgrelay_login_banned_addresses", "gauge", &[]),
+    ("pgrelay_login_tracked_addresses", "gauge", &[]),
 ];
 
 /// A registry where every family has at least one series.
@@ -96,13 +102,16 @@ fn busy_metrics() -> Metrics {
     session.prepared_statements_evicted(2);
     metrics.server_connect_errors("app", "10.0.0.1:5432").inc();
     metrics.retry("app", "connect");
-    metrics.login_refused("password");
+    metrics.login_refusal(crate::metrics::LoginRefusal::Password);
     metrics.set_state_source(|sink| {
         sink.pool("app", "alice", Role::Primary, "10.0.0.1:5432", pool(20, 5, 3, 1, 0));
         sink.backend("app", Role::Primary, "10.0.0.1:5432", true);
         sink.backend("app", Role::Replica, "10.0.0.2:5432", true);
         sink.replica_lag("app", "10.0.0.2:5432", Duration::from_millis(120));
         sink.max_replica_lag("app", Duration::from_secs(1));
+        sink.user_servers("alice", 3, Some(5));
+        sink.database_servers("app", 3, Some(10));
+        sink.login_addresses(1, 4);
     });
     metrics
 }

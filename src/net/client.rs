@@ -1,7 +1,8 @@
 //! The client's side of a session: its stream, the bytes read from it and not yet
 //! handled, and the bytes waiting to be written to it.
 //!
-//! Buffers exist only while there is traffic: an idle client holds none.
+//! Buffers exist only while there is traffic: an idle client holds none. They come from,
+//! and go back to, the worker's stock (`buffers`), so traffic does not allocate them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -46,6 +47,10 @@ impl ClientConn {
 
     /// Reads what the socket has into `inbuf`; `Ok(0)` at end of stream.
     pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Traffic begins with a read: both buffers come from the stock now, so that
+        // neither the read nor the reply that follows allocates.
+        super::buffers::ensure(&mut self.inbuf);
+        super::buffers::ensure(&mut self.outbuf);
         reserve_for_read(&mut self.inbuf);
         let read = poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.inbuf);
         if let Poll::Ready(Ok(n)) = read {
@@ -109,14 +114,11 @@ impl ClientConn {
         }
     }
 
-    /// Drops the buffers if they are empty, so an idle client costs no buffer memory.
+    /// Gives the buffers back to the stock if they are empty, so an idle client costs no
+    /// buffer memory.
     pub fn release_buffers(&mut self) {
-        if self.inbuf.is_empty() {
-            self.inbuf = BytesMut::new();
-        }
-        if self.outbuf.is_empty() {
-            self.outbuf = BytesMut::new();
-        }
+        super::buffers::give_back(&mut self.inbuf);
+        super::buffers::give_back(&mut self.outbuf);
     }
 }
 

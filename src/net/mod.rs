@@ -1,6 +1,7 @@
 //! The network side: the listener, the client byte stream, and TLS towards clients and
 //! servers.
 
+pub mod buffers;
 mod client;
 mod listener;
 mod stream;

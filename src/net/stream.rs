@@ -30,19 +30,24 @@ impl ClientStream {
     /// Waits until the socket has something to read, without holding a buffer: an idle
     /// client costs no buffer memory while it waits.
     pub async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    /// [`ClientStream::readable`] as a poll, for waits that hold no future of their own.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            ClientStream::Tcp(tcp) => tcp.readable().await,
+            ClientStream::Tcp(tcp) => tcp.poll_read_ready(cx),
             ClientStream::Tls(tls) => {
                 let (tcp, connection) = tls.get_ref();
                 // rustls may hold decrypted bytes the last read did not take (it reads whole
                 // records), or a close_notify: those are readable now, and the socket may
                 // never become readable again for them.
                 if !connection.wants_read() {
-                    return Ok(());
+                    return Poll::Ready(Ok(()));
                 }
-                tcp.readable().await
+                tcp.poll_read_ready(cx)
             }
-            ClientStream::Detached => Err(detached()),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 

@@ -16,7 +16,7 @@ use tokio_rustls::rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ri
 use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode};
+use crate::config::{ChannelBindingMode, ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode};
 
 /// The ALPN protocol name PostgreSQL 17 registered. Offered on both sides: a client or
 /// server that offers no ALPN is unaffected, and one that insists on it (direct TLS
@@ -52,7 +52,8 @@ pub struct ClientTls {
     acceptor: TlsAcceptor,
     required: bool,
     /// `tls-server-end-point` data of the certificate clients get, for SCRAM-SHA-256-PLUS;
-    /// `None` when its signature algorithm defines none (see `auth::channel_binding`).
+    /// `None` when its signature algorithm defines none (see `auth::channel_binding`), or
+    /// with `channel_binding = "disable"`.
     channel_binding: Option<Arc<[u8]>>,
 }
 
@@ -66,6 +67,9 @@ impl ClientTls {
         let certs = read_certificates(&config.cert)?;
         // The certificate a client binds to is the first of the chain it receives.
         let channel_binding = match certs.first().map(|cert| crate::auth::tls_server_end_point(cert)) {
+            // Behind a proxy that terminates or adds TLS, a client would bind to the proxy's
+            // certificate and be refused: the operator turns the offer off.
+            _ if config.channel_binding == ChannelBindingMode::Disable => None,
             Some(Ok(data)) => Some(Arc::from(data)),
             Some(Err(error)) => {
                 tracing::warn!(cert = %config.cert.display(), %error,
@@ -291,6 +295,7 @@ mod tests {
             cert: PathBuf::from("/nonexistent/server.crt"),
             key: PathBuf::from("/nonexistent/server.key"),
             mode: ClientTlsMode::Require,
+            channel_binding: ChannelBindingMode::Offer,
         };
         let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
         assert!(
@@ -323,6 +328,7 @@ mod tests {
             cert: empty.clone(),
             key: empty.clone(),
             mode: ClientTlsMode::Allow,
+            channel_binding: ChannelBindingMode::Offer,
         };
         let error = ClientTls::load(&config).map(|_| ()).map_err(|e| e.to_string());
         assert!(

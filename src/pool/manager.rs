@@ -1,12 +1,15 @@
 //! How the pool makes and checks server connections: the deadpool `Manager`.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use deadpool::managed::{Manager, Metrics, RecycleError, RecycleResult};
 
-use super::PoolCounters;
+use super::budget::{BudgetKind, BudgetPermit, PoolBudgets, Spent};
+use super::{PoolCounters, PoolLimits};
 use crate::upstream::{self, ConnectSpec, ServerConn, UpstreamError};
 
 #[derive(Debug)]
@@ -16,15 +19,55 @@ pub struct ServerManager {
     /// Connections older than this are closed instead of reused.
     pub(super) lifetime: Option<Duration>,
     pub(super) observers: super::PoolObservers,
+    /// max_user_connections and max_db_connections, checked before each new connection.
+    pub(super) budgets: Arc<PoolBudgets>,
+    pub(super) limits: Arc<ArcSwap<PoolLimits>>,
+}
+
+/// A pooled server connection with its place in the user's and the database's budgets,
+/// given back when the connection is dropped.
+#[derive(Debug)]
+pub struct Pooled {
+    /// Boxed so a checkout (and a session holding one) is a pointer, not the whole
+    /// connection state.
+    conn: Box<ServerConn>,
+    _permit: BudgetPermit,
+}
+
+impl Deref for Pooled {
+    type Target = ServerConn;
+
+    fn deref(&self) -> &ServerConn {
+        &self.conn
+    }
+}
+
+impl DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        &mut self.conn
+    }
+}
+
+/// Why no new connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// max_user_connections or max_db_connections is reached: the client waits.
+    #[error("{} reached", .0.key())]
+    Spent(BudgetKind),
 }
 
 impl Manager for ServerManager {
-    /// Boxed so a checkout (and a session holding one) is a pointer, not the whole
-    /// connection state.
-    type Type = Box<ServerConn>;
-    type Error = UpstreamError;
+    type Type = Pooled;
+    type Error = CreateError;
 
-    async fn create(&self) -> Result<Box<ServerConn>, UpstreamError> {
+    async fn create(&self) -> Result<Pooled, CreateError> {
+        let limits = self.limits.load();
+        let permit = self
+            .budgets
+            .take(&self.counters, limits.max_user_connections, limits.max_db_connections)
+            .map_err(|Spent(kind)| CreateError::Spent(kind))?;
         self.counters.logins.fetch_add(1, Ordering::Relaxed);
         // Decremented even if the connect future is dropped by a timeout.
         let _login = scopeguard(|| {
@@ -43,19 +86,19 @@ impl Manager for ServerManager {
                         conn.key().process_id,
                     ));
                 }
-                Ok(conn)
+                Ok(Pooled { conn, _permit: permit })
             }
             Err(error) => {
                 self.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(counter) = &self.observers.connect_errors {
                     counter.inc();
                 }
-                Err(error)
+                Err(error.into())
             }
         }
     }
 
-    async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<UpstreamError> {
+    async fn recycle(&self, conn: &mut Pooled, metrics: &Metrics) -> RecycleResult<CreateError> {
         if self.lifetime.is_some_and(|lifetime| metrics.age() >= lifetime) {
             return Err(RecycleError::message("server_lifetime reached"));
         }

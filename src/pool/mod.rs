@@ -2,8 +2,10 @@
 //!
 //! Built on deadpool: its semaphore serves waiting clients first come, first served.
 //! On top of it this module adds the reserve pool, query_wait_timeout, the checkout
-//! guard that can only hand an idle connection back, and the janitor.
+//! guard that can only hand an idle connection back, the janitor, and the limits that span
+//! pools (`budget.rs`).
 
+mod budget;
 mod janitor;
 mod manager;
 
@@ -17,7 +19,8 @@ use deadpool::managed::{self, Object, TimeoutType, Timeouts};
 
 use crate::registry::{LinkState, Registry};
 use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
-use manager::{ServerManager, scopeguard};
+pub use budget::{Budget, BudgetKind, Budgets, PoolBudgets};
+use manager::{CreateError, ServerManager, scopeguard};
 
 /// The pool settings of SPEC.md that the pool itself enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +35,10 @@ pub struct PoolLimits {
     pub connect_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub lifetime: Option<Duration>,
+    /// Server connections of this pool's user over every pool; `None`: no limit.
+    pub max_user_connections: Option<usize>,
+    /// Server connections of this pool's database over every pool; `None`: no limit.
+    pub max_db_connections: Option<usize>,
 }
 
 /// Why no connection could be handed out.
@@ -45,6 +52,13 @@ pub enum PoolError {
     /// (or with none set).
     #[error("the login to the server did not finish within query_wait_timeout")]
     LoginWaitTimeout,
+    /// The client waited query_wait_timeout while a limit spanning pools was reached.
+    #[error("no server connection within query_wait_timeout: {key} ({limit}) reached")]
+    LimitWaitTimeout { key: &'static str, limit: usize },
+    /// A new connection would exceed max_user_connections or max_db_connections (only for
+    /// callers that do not wait).
+    #[error("{} reached", .0.key())]
+    Spent(BudgetKind),
     #[error(transparent)]
     Connect(#[from] UpstreamError),
     #[error("the pool was closed")]
@@ -61,6 +75,10 @@ pub struct PoolCounters {
     pub connect_errors: AtomicU64,
     /// Bumped to retire every connection opened before (the server changed its part).
     pub generation: AtomicU64,
+    /// Clients waiting because max_user_connections or max_db_connections is reached.
+    limit_waiting: AtomicUsize,
+    /// Wakes one of them when a connection comes back to this pool.
+    returned: tokio::sync::Notify,
     /// When each waiting client started waiting, by ticket: the oldest gives maxwait.
     waiters: Mutex<WaitList>,
     /// ParameterStatus values of the newest connection: what clients are told at login.
@@ -138,23 +156,33 @@ pub type ServerParams = Arc<Vec<(String, String)>>;
 pub struct ServerPool {
     main: Deadpool,
     reserve: Option<Deadpool>,
-    limits: ArcSwap<PoolLimits>,
+    limits: Arc<ArcSwap<PoolLimits>>,
     counters: Arc<PoolCounters>,
     spec: Arc<ConnectSpec>,
+    budgets: Arc<PoolBudgets>,
 }
 
 impl ServerPool {
     /// Creates the pool and starts its janitor; needs a running tokio runtime.
-    /// `connect_errors` counts failed connection attempts (a metric handle).
-    pub fn new(spec: ConnectSpec, limits: PoolLimits, observers: PoolObservers) -> Arc<ServerPool> {
+    /// `connect_errors` counts failed connection attempts (a metric handle); `budgets` are
+    /// the user's and the database's limits over every pool.
+    pub fn new(
+        spec: ConnectSpec,
+        limits: PoolLimits,
+        observers: PoolObservers,
+        budgets: Arc<PoolBudgets>,
+    ) -> Arc<ServerPool> {
         let spec = Arc::new(spec);
         let counters = Arc::new(PoolCounters::default());
+        let shared_limits = Arc::new(ArcSwap::from_pointee(limits.clone()));
         let build = |max_size: usize| {
             let manager = ServerManager {
                 spec: spec.clone(),
                 counters: counters.clone(),
                 lifetime: limits.lifetime,
                 observers: observers.clone(),
+                budgets: budgets.clone(),
+                limits: shared_limits.clone(),
             };
             managed::Pool::builder(manager)
                 .max_size(max_size)
@@ -174,10 +202,12 @@ impl ServerPool {
         let pool = Arc::new(ServerPool {
             main,
             reserve,
-            limits: ArcSwap::from_pointee(limits),
+            limits: shared_limits,
             counters,
             spec,
+            budgets,
         });
+        pool.budgets.join(&pool);
         janitor::spawn(&pool);
         pool
     }
@@ -195,6 +225,12 @@ impl ServerPool {
     /// Whom this pool logs in as.
     pub fn credentials(&self) -> &crate::upstream::ServerCredentials {
         &self.spec.credentials
+    }
+
+    /// Whether this pool logs in with exactly `credentials` (the same object, so the same
+    /// learned pass-through secret), not merely equal configuration.
+    pub fn uses_credentials(&self, credentials: &Arc<crate::upstream::ServerCredentials>) -> bool {
+        Arc::ptr_eq(&self.spec.credentials, credentials)
     }
 
     pub fn limits(&self) -> Arc<PoolLimits> {
@@ -218,13 +254,45 @@ impl ServerPool {
             // Boxed: the waiting path is a large future, needed only when the pool is busy.
             None => Box::pin(self.checkout_waiting()).await?,
         };
+        Ok(self.lend(object))
+    }
+
+    /// An idle connection now, without waiting, queueing or connecting; `None` when
+    /// there is none or clients are queued (then [`ServerPool::checkout`] does the rest).
+    /// Synchronous, so that the common case needs no future: `checkout`'s is some 6 KB,
+    /// most of it the state of a new connection's login, and a session that awaits it
+    /// carries that space in every transaction.
+    pub fn checkout_idle(&self) -> Option<Checkout> {
+        if self.counters.waiting.load(Ordering::Acquire) > 0 || self.main.status().available == 0 {
+            return None;
+        }
+        let timeouts = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        let mut get = std::pin::pin!(self.main.timeout_get(&timeouts));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // With an idle connection the first poll finishes: taking a slot, popping the
+        // connection and its recycle check never wait. Anything else (another client took
+        // it first, or it failed its check and a new one would have to be opened) is
+        // dropped unfinished here, which gives the slot back, and left to `checkout`.
+        match get.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(object)) => Some(self.lend(object)),
+            std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => None,
+        }
+    }
+
+    /// Wraps a connection taken from deadpool for a client.
+    fn lend(&self, object: Object<ServerManager>) -> Checkout {
         if let Some(registration) = &object.registration {
             registration.entry().set_state(LinkState::Active);
         }
-        Ok(Checkout {
+        Checkout {
             object: Some(object),
             counters: self.counters.clone(),
-        })
+            budgets: self.budgets.clone(),
+        }
     }
 
     /// The common case, without queueing or timers: a free slot while nobody waits (so
@@ -252,7 +320,9 @@ impl ServerPool {
         };
         match self.main.timeout_get(&timeouts).await {
             Ok(object) => Ok(Some(object)),
-            Err(managed::PoolError::Timeout(TimeoutType::Wait)) => Ok(None),
+            // No free slot, or a limit spanning pools is reached: queue.
+            Err(managed::PoolError::Timeout(TimeoutType::Wait))
+            | Err(managed::PoolError::Backend(CreateError::Spent(_))) => Ok(None),
             Err(managed::PoolError::Timeout(TimeoutType::Create)) if by_wait => Err(PoolError::LoginWaitTimeout),
             Err(error) => Err(map_error(error)),
         }
@@ -276,12 +346,68 @@ impl ServerPool {
             self.counters.stop_waiting(ticket);
             self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
         });
-        let wait = self.wait_for_connection(limits.reserve_timeout);
-        match limits.query_wait_timeout {
-            Some(limit) => tokio::time::timeout(limit, wait)
-                .await
-                .map_err(|_| PoolError::WaitTimeout)?,
-            None => wait.await,
+        let mut spent = None;
+        let wait = self.wait_within_limits(limits.reserve_timeout, &mut spent);
+        let result = match limits.query_wait_timeout {
+            Some(limit) => tokio::time::timeout(limit, wait).await.ok(),
+            None => Some(wait.await),
+        };
+        match (result, spent) {
+            (Some(result), _) => result,
+            (None, None) => Err(PoolError::WaitTimeout),
+            (None, Some(kind)) => Err(PoolError::LimitWaitTimeout {
+                key: kind.key(),
+                limit: match kind {
+                    BudgetKind::User => limits.max_user_connections,
+                    BudgetKind::Database => limits.max_db_connections,
+                }
+                .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Waits for a connection like [`Self::wait_for_connection`]; while a limit spanning
+    /// pools keeps this pool from opening one, waits until a connection comes back to this
+    /// pool or one under the limit closes, then tries again. `spent` says which limit held
+    /// the client up last.
+    async fn wait_within_limits(
+        &self,
+        reserve_after: Option<Duration>,
+        spent: &mut Option<BudgetKind>,
+    ) -> Result<Object<ServerManager>, PoolError> {
+        let started = Instant::now();
+        let mut counted = None;
+        loop {
+            // Registered before trying, so that what happens between a failed try and
+            // the wait below still wakes it.
+            let returned = self.counters.returned.notified();
+            let user_changed = self.budgets.user.changed().notified();
+            let database_changed = self.budgets.database.changed().notified();
+            tokio::pin!(returned, user_changed, database_changed);
+            returned.as_mut().enable();
+            user_changed.as_mut().enable();
+            database_changed.as_mut().enable();
+            let reserve_left = reserve_after.map(|after| after.saturating_sub(started.elapsed()));
+            match self.wait_for_connection(reserve_left).await {
+                Err(PoolError::Spent(kind)) => *spent = Some(kind),
+                other => return other,
+            }
+            if counted.is_none() {
+                // From now on releases here and closes under the budgets wake this client;
+                // the try right after covers what happened before.
+                self.counters.limit_waiting.fetch_add(1, Ordering::AcqRel);
+                self.budgets.start_waiting();
+                counted = Some(scopeguard(|| {
+                    self.budgets.stop_waiting();
+                    self.counters.limit_waiting.fetch_sub(1, Ordering::AcqRel);
+                }));
+                continue;
+            }
+            tokio::select! {
+                () = &mut returned => {}
+                () = &mut user_changed => {}
+                () = &mut database_changed => {}
+            }
         }
     }
 
@@ -310,10 +436,24 @@ impl ServerPool {
             .timeout_get(&self.without_waiting())
             .await
             .map_err(map_error)?;
-        Ok(Checkout {
-            object: Some(object),
-            counters: self.counters.clone(),
-        })
+        Ok(self.lend(object))
+    }
+
+    /// Closes one idle connection, for a pool under the same limit that needs a new one.
+    /// Connections kept for min_size are not spared: a waiting client comes first.
+    fn close_one_idle(&self) -> bool {
+        for (deadpool, _) in self.deadpools() {
+            let mut left = 1usize;
+            deadpool.retain(|_, _| {
+                let keep = left == 0;
+                left = left.saturating_sub(1);
+                keep
+            });
+            if left == 0 {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -380,11 +520,12 @@ impl ServerPool {
     }
 }
 
-fn map_error(error: managed::PoolError<UpstreamError>) -> PoolError {
+fn map_error(error: managed::PoolError<CreateError>) -> PoolError {
     match error {
         managed::PoolError::Timeout(TimeoutType::Create) => PoolError::ConnectTimeout,
         managed::PoolError::Timeout(_) => PoolError::WaitTimeout,
-        managed::PoolError::Backend(error) => PoolError::Connect(error),
+        managed::PoolError::Backend(CreateError::Upstream(error)) => PoolError::Connect(error),
+        managed::PoolError::Backend(CreateError::Spent(kind)) => PoolError::Spent(kind),
         managed::PoolError::Closed | managed::PoolError::NoRuntimeSpecified | managed::PoolError::PostCreateHook(_) => {
             PoolError::Closed
         }
@@ -398,6 +539,7 @@ fn map_error(error: managed::PoolError<UpstreamError>) -> PoolError {
 pub struct Checkout {
     object: Option<Object<ServerManager>>,
     counters: Arc<PoolCounters>,
+    budgets: Arc<PoolBudgets>,
 }
 
 impl Checkout {
@@ -440,6 +582,12 @@ impl Drop for Checkout {
                 registration.entry().set_state(LinkState::Idle);
             }
             drop(object);
+            // A client held up by max_user_connections or max_db_connections may take
+            // it: one of this pool's, or one of another pool that closes it.
+            if self.counters.limit_waiting.load(Ordering::Acquire) > 0 {
+                self.counters.returned.notify_one();
+            }
+            self.budgets.wake_waiters();
         } else {
             drop(Object::take(object));
         }

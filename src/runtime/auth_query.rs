@@ -1,18 +1,26 @@
 //! Passwords of users not in `[[users]]`, asked from PostgreSQL (`auth_query`): one side
-//! connection per database, logged in as `auth_user`, runs the query with the login name as
-//! `$1`; answers are cached for `auth_cache_ttl` (a missing user more briefly), in a bounded
-//! map. Users found this way get pools like configured ones, keyed by name, whose
-//! credentials learn the pass-through secret from each successful client login.
+//! connection per lookup (a configured database, or every database made from `"*"` together),
+//! logged in as `auth_user` to `auth_dbname`, runs the query with the login name as `$1`;
+//! answers are cached for `auth_cache_ttl` (a missing user more briefly), in a bounded map.
+//! Users found this way get pools like configured ones, keyed by name, whose credentials learn
+//! the pass-through secret from each successful client login.
+//!
+//! Cancellation: a login may be dropped at any await (client_login_timeout, the client
+//! leaving). The side connection is therefore taken out of its slot for the whole exchange and
+//! put back only after a complete answer, so a reply nobody read can never be taken for the
+//! next user's answer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{ClientAuth, UserEntry};
-use crate::auth::Secret;
+use crate::auth::{SCRAM_DEFAULT_ITERATIONS, Secret};
 use crate::config::{AuthQueryConfig, TcpOptions};
 use crate::net::ServerTls;
-use crate::upstream::{ConnectSpec, ServerConn, ServerCredentials, UpstreamError, connect};
+use crate::upstream::{ConnectSpec, LookupRows, ServerConn, ServerCredentials, UpstreamError, connect};
 
 /// Answers kept at most, found and missing together: bounded whatever names clients try.
 const MAX_CACHED: usize = 10_000;
@@ -20,15 +28,23 @@ const MAX_CACHED: usize = 10_000;
 /// in PostgreSQL can log in soon; long enough that a client retrying one wrong name does not
 /// make a query per attempt.
 const MISSING_TTL: Duration = Duration::from_secs(5);
-/// Used for connecting and for the query when `server_connect_timeout` is "0": a stuck side
-/// connection must not hold every later login.
+/// Used for the whole lookup (waiting for the side connection, connecting, the query) when
+/// `server_connect_timeout` is "0": a stuck side connection must not hold every later login.
 const FALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a failed connect, lookups fail at once for this long instead of each trying again:
+/// with the primary down, a queue of logins would otherwise wait for one connect timeout
+/// each, and every attempt costs auth_user's SCRAM exchange.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+/// What the side connection calls itself in `pg_stat_activity`.
+pub const LOOKUP_APPLICATION_NAME: &str = "pgrelay auth_query";
 
 /// Why the password of a user could not be looked up.
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
     #[error("cannot connect as auth_user: {0}")]
     Connect(UpstreamError),
+    #[error("connecting as auth_user failed less than {0:?} ago: {1}")]
+    BackingOff(Duration, String),
     #[error("auth_query failed: {0}")]
     Query(UpstreamError),
     #[error("auth_query failed with {sqlstate}: {message}")]
@@ -43,20 +59,36 @@ struct Cached {
     auth: Option<ClientAuth>,
 }
 
-/// Where a database's auth_query runs and what it answered.
+/// The side connection while no lookup uses it.
+struct Parked {
+    conn: ServerConn,
+    since: Instant,
+}
+
+/// Where an auth_query runs and what it answered.
 pub struct AuthLookup {
+    /// As built, to tell whether a reload changed anything.
+    settings: LookupSettings,
     config: AuthQueryConfig,
-    /// The name of the database on the servers.
+    /// The database the query runs in (`auth_dbname`, else the database's own name).
     dbname: String,
     auth_user: Arc<ServerCredentials>,
     tls: Arc<ServerTls>,
     tcp: TcpOptions,
+    /// Bounds a whole lookup: the wait for the side connection, connecting, the query.
     timeout: Duration,
-    /// The side connection; the lock also makes lookups of one database run one at a time,
-    /// which bounds the queries unknown names can cause.
-    conn: tokio::sync::Mutex<Option<ServerConn>>,
+    /// An unused side connection is closed after this (`server_idle_timeout`).
+    idle_timeout: Option<Duration>,
+    /// The side connection; the lock also makes lookups run one at a time, which bounds the
+    /// queries unknown names can cause.
+    conn: tokio::sync::Mutex<Option<Parked>>,
+    /// Until when, and why, connecting is not tried again.
+    connect_failed: Mutex<Option<(Instant, String)>>,
     cache: Mutex<HashMap<String, Cached>>,
-    /// One entry per user found, for the life of this config: its pools are keyed by name and
+    /// Iteration count of the last SCRAM verifier the query answered: unknown users' mock
+    /// verifiers use it, so the count does not tell them apart.
+    iterations: std::sync::atomic::AtomicU32,
+    /// One entry per user found, for the life of this lookup: its pools are keyed by name and
     /// its credentials keep what clients' logins taught them. Grows only with users that
     /// exist in PostgreSQL.
     users: Mutex<HashMap<String, Arc<UserEntry>>>,
@@ -71,44 +103,69 @@ impl std::fmt::Debug for AuthLookup {
     }
 }
 
+/// What decides where and how a lookup runs; a reload that leaves these alone keeps the
+/// lookup (its side connection, cache and users).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupSettings {
+    pub config: AuthQueryConfig,
+    pub dbname: String,
+    pub tcp: TcpOptions,
+    pub timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
 impl AuthLookup {
-    pub(super) fn new(
-        config: AuthQueryConfig,
-        dbname: String,
-        auth_user: Arc<ServerCredentials>,
-        tls: Arc<ServerTls>,
-        tcp: TcpOptions,
-        timeout: Option<Duration>,
-    ) -> AuthLookup {
+    pub(super) fn new(settings: LookupSettings, auth_user: Arc<ServerCredentials>, tls: Arc<ServerTls>) -> AuthLookup {
         AuthLookup {
-            config,
-            dbname,
+            settings: settings.clone(),
+            config: settings.config,
+            dbname: settings.dbname,
             auth_user,
             tls,
-            tcp,
-            timeout: timeout.unwrap_or(FALLBACK_TIMEOUT),
+            tcp: settings.tcp,
+            timeout: settings.timeout.unwrap_or(FALLBACK_TIMEOUT),
+            idle_timeout: settings.idle_timeout,
             conn: tokio::sync::Mutex::new(None),
+            connect_failed: Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
+            iterations: std::sync::atomic::AtomicU32::new(SCRAM_DEFAULT_ITERATIONS),
             users: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Whether `newer` (a reload's) runs this lookup as it runs now: same settings, and
+    /// `auth_user` logging in the same way.
+    pub(super) fn same_as(&self, newer: &AuthLookup) -> bool {
+        self.settings == newer.settings && *self.auth_user == *newer.auth_user
+    }
+
+    /// The iteration count unknown users' mock SCRAM verifiers should show.
+    pub fn mock_iterations(&self) -> u32 {
+        self.iterations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How `user_name` logs in, and the entry its pools use; `None` when PostgreSQL has no
-    /// such user or no password for it. `primary` is where the query runs.
+    /// such user or no password for it. `primary` is where the query runs. Takes at most the
+    /// lookup's timeout, waiting for other lookups included.
     pub async fn lookup(
-        &self,
+        self: &Arc<Self>,
         user_name: &str,
         primary: &Arc<str>,
     ) -> Result<Option<(Arc<UserEntry>, ClientAuth)>, LookupError> {
         let auth = match self.cached(user_name) {
             Some(auth) => auth,
             None => {
-                let mut conn = self.conn.lock().await;
-                // Another login may have asked while this one waited for the connection.
+                let deadline = Instant::now() + self.timeout;
+                self.check_backoff()?;
+                let mut slot = tokio::time::timeout_at(deadline, self.conn.lock())
+                    .await
+                    .map_err(|_| LookupError::Timeout(self.timeout))?;
+                // Another login may have asked, or failed to connect, while this one waited.
                 match self.cached(user_name) {
                     Some(auth) => auth,
                     None => {
-                        let auth = self.query(&mut conn, user_name, primary).await?;
+                        self.check_backoff()?;
+                        let auth = self.query(&mut slot, user_name, primary, deadline).await?;
                         self.remember(user_name, auth.clone());
                         auth
                     }
@@ -116,6 +173,24 @@ impl AuthLookup {
             }
         };
         Ok(auth.map(|auth| (self.user_entry(user_name), auth)))
+    }
+
+    fn check_backoff(&self) -> Result<(), LookupError> {
+        let Ok(failed) = self.connect_failed.lock() else {
+            return Ok(());
+        };
+        match &*failed {
+            Some((until, reason)) if *until > Instant::now() => {
+                Err(LookupError::BackingOff(CONNECT_BACKOFF, reason.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn note_connect(&self, failure: Option<String>) {
+        if let Ok(mut failed) = self.connect_failed.lock() {
+            *failed = failure.map(|reason| (Instant::now() + CONNECT_BACKOFF, reason));
+        }
     }
 
     fn cached(&self, user_name: &str) -> Option<Option<ClientAuth>> {
@@ -149,6 +224,19 @@ impl AuthLookup {
         );
     }
 
+    /// This lookup's entry for a user an older lookup (before a reload) found: the same
+    /// entry if this is that lookup, else one of its own that starts with what the old
+    /// entry's logins taught it, so the user's pools can log in before its next login.
+    pub fn adopt(&self, old: &UserEntry) -> Arc<UserEntry> {
+        let entry = self.user_entry(&old.name);
+        if entry.server_credentials.learned().is_none()
+            && let Some(secret) = old.server_credentials.learned()
+        {
+            entry.server_credentials.learn((*secret).clone());
+        }
+        entry
+    }
+
     fn user_entry(&self, user_name: &str) -> Arc<UserEntry> {
         let make = || {
             Arc::new(UserEntry {
@@ -163,48 +251,106 @@ impl AuthLookup {
         }
     }
 
+    /// Runs the query on the parked side connection, or a new one. The connection stays out
+    /// of `slot` until the answer is complete (see the module docs).
     async fn query(
-        &self,
-        conn: &mut Option<ServerConn>,
+        self: &Arc<Self>,
+        slot: &mut Option<Parked>,
         user_name: &str,
         primary: &Arc<str>,
+        deadline: Instant,
     ) -> Result<Option<ClientAuth>, LookupError> {
-        // A primary that changed (failover) or a connection that broke: start afresh.
-        if conn
-            .as_ref()
-            .is_some_and(|open| open.addr() != &**primary || !open.is_idle())
-        {
-            *conn = None;
-        }
-        if conn.is_none() {
-            let spec = ConnectSpec {
-                addr: primary.clone(),
-                database: self.dbname.clone(),
-                credentials: self.auth_user.clone(),
-                tls: self.tls.clone(),
-                tcp: self.tcp,
-            };
-            let opened = tokio::time::timeout(self.timeout, connect(&spec))
-                .await
-                .map_err(|_| LookupError::Timeout(self.timeout))?
-                .map_err(LookupError::Connect)?;
-            *conn = Some(opened);
-        }
-        let Some(open) = conn.as_mut() else {
-            return Err(LookupError::Timeout(self.timeout));
+        // A primary that changed (failover), a connection in an unknown state or one unused
+        // for longer than server_idle_timeout: start afresh.
+        let reusable = slot.take().filter(|parked| {
+            parked.conn.addr() == &**primary
+                && parked.conn.is_idle()
+                && self.idle_timeout.is_none_or(|idle| parked.since.elapsed() < idle)
+        });
+        let (conn, answer) = match reusable {
+            Some(Parked { mut conn, .. }) => match self.run(&mut conn, user_name, deadline).await {
+                Ok(answer) => (conn, answer),
+                // The server closed it while parked (restart, idle cut, pg_terminate_backend):
+                // nothing was answered, so one try on a fresh connection is safe.
+                Err(LookupError::Query(error @ (UpstreamError::Io { .. } | UpstreamError::Closed { .. }))) => {
+                    tracing::debug!(database = ?self.dbname, %error, "auth_query side connection was lost; reconnecting");
+                    self.fresh(primary, user_name, deadline).await?
+                }
+                Err(error) => return Err(error),
+            },
+            None => self.fresh(primary, user_name, deadline).await?,
         };
-        let answer = match tokio::time::timeout(self.timeout, open.run_lookup(&self.config.query, user_name)).await {
-            Ok(Ok(answer)) => answer,
+        // An error here leaves the connection out of the slot: whatever went wrong, it is
+        // not trusted with the next user's lookup.
+        let auth = self.read_answer(user_name, answer)?;
+        *slot = Some(Parked {
+            conn,
+            since: Instant::now(),
+        });
+        self.close_when_idle();
+        Ok(auth)
+    }
+
+    async fn fresh(
+        &self,
+        primary: &Arc<str>,
+        user_name: &str,
+        deadline: Instant,
+    ) -> Result<(ServerConn, LookupRows), LookupError> {
+        let spec = ConnectSpec {
+            addr: primary.clone(),
+            database: self.dbname.clone(),
+            credentials: self.auth_user.clone(),
+            tls: self.tls.clone(),
+            tcp: self.tcp,
+            application_name: Some(LOOKUP_APPLICATION_NAME),
+        };
+        let opened = match tokio::time::timeout_at(deadline, connect(&spec)).await {
+            Ok(Ok(conn)) => {
+                self.note_connect(None);
+                conn
+            }
             Ok(Err(error)) => {
-                *conn = None;
-                return Err(LookupError::Query(error));
+                self.note_connect(Some(error.to_string()));
+                return Err(LookupError::Connect(error));
             }
             Err(_) => {
-                // Dropped mid-exchange: the connection's state is unknown.
-                *conn = None;
+                self.note_connect(Some(format!("no connection within {:?}", self.timeout)));
                 return Err(LookupError::Timeout(self.timeout));
             }
         };
+        let mut conn = opened;
+        let answer = self.run(&mut conn, user_name, deadline).await?;
+        Ok((conn, answer))
+    }
+
+    async fn run(&self, conn: &mut ServerConn, user_name: &str, deadline: Instant) -> Result<LookupRows, LookupError> {
+        match tokio::time::timeout_at(deadline, conn.run_lookup(&self.config.query, user_name)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(error)) => Err(LookupError::Query(error)),
+            Err(_) => Err(LookupError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Closes the parked connection once it has been unused for `idle_timeout`, so a lookup
+    /// that is rarely asked does not hold a server connection for ever.
+    fn close_when_idle(self: &Arc<Self>) {
+        let Some(idle) = self.idle_timeout else { return };
+        let lookup: Weak<AuthLookup> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(idle).await;
+            let Some(lookup) = lookup.upgrade() else { return };
+            // In use: whoever holds it parks it again and schedules another check.
+            let Ok(mut slot) = lookup.conn.try_lock() else { return };
+            if slot.as_ref().is_some_and(|parked| parked.since.elapsed() >= idle) {
+                *slot = None;
+            }
+        });
+    }
+
+    /// The password of `user_name` in the query's answer. A row for another name is refused:
+    /// whatever made the query answer it, it is not this user's password.
+    fn read_answer(&self, user_name: &str, answer: LookupRows) -> Result<Option<ClientAuth>, LookupError> {
         if let Some((sqlstate, message)) = answer.error {
             return Err(LookupError::Refused {
                 sqlstate,
@@ -219,9 +365,20 @@ impl AuthLookup {
                     message: format!("auth_query must answer two columns (name, password), not {}", row.len()),
                 });
             }
+            Some(row) if row.first().and_then(Option::as_deref) != Some(user_name) => {
+                return Err(LookupError::Refused {
+                    sqlstate: "XX000".to_owned(),
+                    message: "auth_query answered a row whose name is not the login name".to_owned(),
+                });
+            }
             Some(row) => row.get(1).cloned().flatten(),
         };
-        Ok(password.and_then(|password| self.client_auth(user_name, &password)))
+        let auth = password.and_then(|password| self.client_auth(user_name, &password));
+        if let Some(ClientAuth::Scram(verifier)) = &auth {
+            self.iterations
+                .store(verifier.iterations, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(auth)
     }
 
     /// How a client proves it knows the password PostgreSQL stores.
@@ -233,12 +390,12 @@ impl AuthLookup {
             // would put a password on the wire for nothing.
             Ok(Secret::Plain(password)) if password.is_empty() => None,
             Ok(Secret::Plain(_)) => {
-                tracing::warn!(database = %self.dbname, user = %user_name,
+                tracing::warn!(database = ?self.dbname, user = ?user_name,
                     "auth_query returned a plaintext password; only SCRAM verifiers and md5 hashes are used");
                 None
             }
             Err(error) => {
-                tracing::warn!(database = %self.dbname, user = %user_name, %error,
+                tracing::warn!(database = ?self.dbname, user = ?user_name, %error,
                     "auth_query returned a password pgrelay cannot use");
                 None
             }

@@ -33,8 +33,13 @@ impl Fences {
                     tables.clear();
                 }
                 for name in names {
-                    let position = tables.entry(unqualified(name).to_owned()).or_default();
-                    *position = (*position).max(lsn.0);
+                    // A table written before needs no new key (no allocation).
+                    match tables.get_mut(unqualified(name)) {
+                        Some(position) => *position = (*position).max(lsn.0),
+                        None => {
+                            tables.insert(unqualified(name).to_owned(), lsn.0);
+                        }
+                    }
                 }
             }
             Tables::Unknown => {

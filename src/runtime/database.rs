@@ -17,11 +17,17 @@ use crate::config::{
 };
 use crate::metrics::Metrics;
 use crate::net::ServerTls;
-use crate::pool::{PoolLimits, PoolObservers, ServerPool};
+use crate::pool::{Budgets, PoolLimits, PoolObservers, ServerPool};
 use crate::registry::Registry;
 use crate::route::{Classifier, ClassifierSettings};
 use crate::router::Reason;
 use crate::upstream::ConnectSpec;
+
+/// Replicas kept inline in [`Candidates`]; more spill to the heap.
+const CANDIDATES_INLINE: usize = 8;
+
+/// The replicas that may serve a read, in the order to try them.
+pub type Candidates = smallvec::SmallVec<[usize; CANDIDATES_INLINE]>;
 
 /// Statements whose classification each database remembers.
 const CLASSIFICATION_CACHE: usize = 10_000;
@@ -80,6 +86,8 @@ pub struct DatabaseEntry {
     pools: DashMap<String, Arc<UserPools>>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
+    /// max_user_connections and max_db_connections over every pool.
+    budgets: Arc<Budgets>,
     /// Reads the statements clients send, for routing and session tracking.
     pub classifier: Classifier,
     /// PAUSE: while true, new transactions wait. Shared with the entry that replaces
@@ -114,6 +122,7 @@ impl DatabaseEntry {
             tcp,
             metrics: observers.metrics.clone(),
             registry: observers.registry.clone(),
+            budgets: observers.budgets.clone(),
             name: name.to_owned(),
             server_dbname: config.server_dbname(name).to_owned(),
             listen_notify: config.listen_notify,
@@ -228,10 +237,12 @@ impl DatabaseEntry {
 
     /// The hosts that may serve a read that must see `fence` (if any), in the order
     /// load balancing prefers them; or why there is none.
-    pub fn read_candidates(&self, pools: &UserPools, fence: Option<Lsn>) -> Result<Vec<usize>, NoReplica> {
+    pub fn read_candidates(&self, pools: &UserPools, fence: Option<Lsn>) -> Result<Candidates, NoReplica> {
         let view = self.view();
         let primary = view.as_ref().and_then(|view| view.primary).unwrap_or(0);
-        let healthy: Vec<usize> = (0..self.hosts.len().min(pools.hosts.len()))
+        // One list, narrowed in place: inline up to CANDIDATES_INLINE hosts, so choosing
+        // a replica allocates nothing.
+        let mut candidates: Candidates = (0..self.hosts.len().min(pools.hosts.len()))
             .filter(|&index| index != primary && self.host_health[index].usable())
             .filter(|&index| match &view {
                 Some(view) => view
@@ -241,32 +252,23 @@ impl DatabaseEntry {
                 None => true,
             })
             .collect();
-        if healthy.is_empty() {
+        if candidates.is_empty() {
             return Err(NoReplica::Unhealthy);
         }
-        let fresh: Vec<usize> = match &view {
-            Some(view) => healthy
-                .iter()
-                .copied()
-                .filter(|&index| view.hosts[index].usable_for_reads)
-                .collect(),
-            None => healthy,
-        };
-        if fresh.is_empty() {
+        if let Some(view) = &view {
+            candidates.retain(|index| view.hosts[*index].usable_for_reads);
+        }
+        if candidates.is_empty() {
             return Err(NoReplica::Lagging);
         }
-        let mut caught_up: Vec<usize> = match (fence, &view) {
-            (Some(fence), Some(view)) => fresh
-                .into_iter()
-                .filter(|&index| view.hosts[index].replay_lsn.is_some_and(|replayed| replayed >= fence))
-                .collect(),
-            _ => fresh,
-        };
-        if caught_up.is_empty() {
+        if let (Some(fence), Some(view)) = (fence, &view) {
+            candidates.retain(|index| view.hosts[*index].replay_lsn.is_some_and(|replayed| replayed >= fence));
+        }
+        if candidates.is_empty() {
             return Err(NoReplica::Behind);
         }
-        self.balance(&mut caught_up, pools);
-        Ok(caught_up)
+        self.balance(&mut candidates, pools);
+        Ok(candidates)
     }
 
     fn balance(&self, candidates: &mut [usize], pools: &UserPools) {
@@ -286,10 +288,19 @@ impl DatabaseEntry {
                 // Ties are broken round robin so equal replicas share the load.
                 let start = self.next_replica.fetch_add(1, Ordering::Relaxed) % candidates.len();
                 candidates.rotate_left(start);
-                candidates.sort_by_key(|&index| {
-                    let status = pools.hosts[index].status();
-                    status.active + status.waiting
-                });
+                // Each pool's load read once (a lock of its slots), not at every
+                // comparison; the sort is stable, so ties keep the rotated order.
+                let mut loads: smallvec::SmallVec<[(usize, usize); CANDIDATES_INLINE]> = candidates
+                    .iter()
+                    .map(|&index| {
+                        let status = pools.hosts[index].status();
+                        (status.active + status.waiting, index)
+                    })
+                    .collect();
+                loads.sort_by_key(|&(load, _)| load);
+                for (slot, (_, index)) in candidates.iter_mut().zip(loads) {
+                    *slot = index;
+                }
             }
         }
     }
@@ -379,8 +390,24 @@ impl DatabaseEntry {
 
     /// The pools of `user` in this database, created on first use.
     pub fn pools(&self, user: &UserEntry) -> Arc<UserPools> {
-        if let Some(pools) = self.pools.get(&user.name) {
+        // Pools are keyed by name, but a user entry made by another lookup (one a reload
+        // replaced) has other credentials: pools made for it would keep logging in with
+        // those, so they are replaced rather than shared.
+        let current = |pools: &Arc<UserPools>| {
+            pools
+                .hosts
+                .iter()
+                .all(|pool| pool.uses_credentials(&user.server_credentials))
+        };
+        if let Some(pools) = self.pools.get(&user.name)
+            && current(&pools)
+        {
             return pools.clone();
+        }
+        if let Some(stale) = self.pools.get(&user.name).map(|pools| pools.clone())
+            && !current(&stale)
+        {
+            self.pools.remove_if(&user.name, |_, pools| Arc::ptr_eq(pools, &stale));
         }
         self.pools
             .entry(user.name.clone())
@@ -393,12 +420,14 @@ impl DatabaseEntry {
                             credentials: user.server_credentials.clone(),
                             tls: self.server_tls.clone(),
                             tcp: self.tcp,
+                            application_name: None,
                         },
                         self.limits(),
                         PoolObservers {
                             connect_errors: Some(self.metrics.server_connect_errors(&self.name, addr)),
                             registry: Some((self.registry.clone(), self.name.clone())),
                         },
+                        self.budgets.for_pool(&user.name, &self.name),
                     )
                 };
                 Arc::new(UserPools {
@@ -426,6 +455,8 @@ impl DatabaseEntry {
             connect_timeout: self.pool.server_connect_timeout,
             idle_timeout: self.pool.server_idle_timeout,
             lifetime: self.pool.server_lifetime,
+            max_user_connections: (self.pool.max_user_connections > 0).then_some(self.pool.max_user_connections),
+            max_db_connections: (self.pool.max_db_connections > 0).then_some(self.pool.max_db_connections),
         }
     }
 

@@ -8,7 +8,7 @@ mod database;
 mod schema;
 mod volatility;
 
-pub use auth_query::{AuthLookup, LookupError};
+pub use auth_query::{AuthLookup, LOOKUP_APPLICATION_NAME, LookupError, LookupSettings};
 pub use consistency::Fences;
 pub use database::{DatabaseEntry, NoReplica, UserPools};
 pub use schema::{SchemaWatch, StaleStatement};
@@ -20,11 +20,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
+use crate::access::{Access, AccessSettings, HbaRules};
 use crate::auth::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
+use crate::config::hba::{HbaMethod, HbaSource};
 use crate::config::{AuthMethod, Config, DatabaseConfig};
 use crate::metrics::Metrics;
 use crate::net::{ClientTls, ServerTls, TlsError};
+use crate::pool::Budgets;
 use crate::registry::Registry;
 use crate::upstream::ServerCredentials;
 
@@ -46,6 +49,8 @@ pub enum ClientAuth {
     /// Not in `[[users]]`: the password comes from the database's auth_query at each login
     /// (see [`AuthLookup`]); this entry only carries the user's pools and credentials.
     Query,
+    /// The password in clear (hba method `password`), checked against the secret.
+    Cleartext(Secret),
 }
 
 /// A `[[users]]` entry, ready for use.
@@ -61,6 +66,9 @@ pub struct UserEntry {
 pub struct Observers {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
+    /// Server connections per user and per database over every pool
+    /// (max_user_connections, max_db_connections).
+    pub budgets: Arc<Budgets>,
 }
 
 /// Why a config could not be turned into a running state.
@@ -70,6 +78,8 @@ pub enum BuildError {
     User { user: String, reason: String },
     #[error("{key}: {source}")]
     Tls { key: String, source: TlsError },
+    #[error("server.hba_file: {0}")]
+    Hba(String),
 }
 
 /// One consistent view of users, databases and pools.
@@ -82,6 +92,9 @@ pub struct Snapshot {
     /// `[server.tls]`, its files read when the snapshot is built (so a reload reads them
     /// again); `None`: SSLRequest is answered 'N'.
     pub client_tls: Option<ClientTls>,
+    /// Address rules (the hba file read when the snapshot is built), login rate and client
+    /// limits.
+    pub access: AccessSettings,
     users: HashMap<String, Arc<UserEntry>>,
     databases: HashMap<String, Arc<DatabaseEntry>>,
     /// The `"*"` entry: databases not listed are created from it on first use.
@@ -91,14 +104,10 @@ pub struct Snapshot {
     dynamic: DashMap<String, Arc<DatabaseEntry>>,
     /// auth_query of each configured database that has one.
     auth_lookups: HashMap<String, Arc<AuthLookup>>,
-    /// auth_query of databases made from `"*"`, made on a login's first lookup (bounded).
-    fallback_lookups: DashMap<String, Arc<AuthLookup>>,
+    /// auth_query of every database made from `"*"`, run in its `auth_dbname`.
+    fallback_lookup: Option<Arc<AuthLookup>>,
     observers: Observers,
 }
-
-/// Databases made from `"*"` whose auth_query pgrelay keeps a side connection and cache for:
-/// names are the client's choice, so they must not make this grow without bound.
-const MAX_FALLBACK_LOOKUPS: usize = 256;
 
 /// The name of the admin console's database.
 pub const ADMIN_DATABASE: &str = "pgrelay";
@@ -155,6 +164,10 @@ impl Snapshot {
                 Some((name.clone(), Arc::new(lookup)))
             })
             .collect();
+        let access = access_settings(&config.server)?;
+        // Every database made from "*" shares one lookup, in its fixed auth_dbname: names
+        // clients make up cost nothing before they have logged in.
+        let fallback_lookup = build_auth_lookup(&config, &users, "*", "", fallback_tls.clone()).map(Arc::new);
         let client_limits = ClientLimits {
             max_client_conn: config.server.max_client_conn,
             login_timeout: config.server.client_login_timeout,
@@ -166,21 +179,23 @@ impl Snapshot {
             config: Arc::new(config),
             client_limits,
             client_tls,
+            access,
             users,
             databases,
             fallback,
             fallback_tls,
             dynamic: DashMap::new(),
             auth_lookups,
-            fallback_lookups: DashMap::new(),
+            fallback_lookup,
             observers: observers.clone(),
         })
     }
 
     /// The auth_query of the database a client asked for, and the address to run it on (the
     /// primary the monitor found, else the configured one). `None` when it has none. Makes
-    /// nothing but the lookup itself: the database entry of a `"*"` name is made only once a
-    /// client has logged in.
+    /// nothing: the database entry of a `"*"` name is made only once a client has logged in,
+    /// and all of them share one lookup, so a name that does not exist answers like one that
+    /// does.
     pub fn auth_lookup(&self, dbname: &str) -> Option<(Arc<AuthLookup>, Arc<str>)> {
         if let Some(database) = self.databases.get(dbname) {
             let lookup = self.auth_lookups.get(dbname)?.clone();
@@ -190,29 +205,32 @@ impl Snapshot {
         if dbname.is_empty() || dbname == ADMIN_DATABASE {
             return None;
         }
+        let lookup = self.fallback_lookup.clone()?;
         let primary = match self.dynamic.get(dbname) {
             Some(database) => database.hosts[database.primary_index()].clone(),
             None => Arc::from(fallback.primary.as_str()),
         };
-        if let Some(lookup) = self.fallback_lookups.get(dbname) {
-            return Some((lookup.clone(), primary));
-        }
-        if self.fallback_lookups.len() >= MAX_FALLBACK_LOOKUPS {
-            tracing::warn!(database = %dbname, "too many databases made from \"*\" use auth_query: not looked up");
-            return None;
-        }
-        let lookup = build_auth_lookup(&self.config, &self.users, "*", dbname, self.fallback_tls.clone())?;
-        let lookup = self
-            .fallback_lookups
-            .entry(dbname.to_owned())
-            .or_insert_with(|| Arc::new(lookup))
-            .clone();
         Some((lookup, primary))
     }
 
     /// Takes over from the snapshot this one replaces whatever is still valid (see
     /// [`DatabaseEntry::carry_over`]). Call before the snapshot is shared.
     pub fn carry_over(&mut self, old: &Snapshot) {
+        // A lookup whose settings did not change keeps its side connection, cache and users
+        // (and with them their pools' learned keys); a changed one is dropped with the old
+        // snapshot, closing its connection.
+        for (name, lookup) in self.auth_lookups.iter_mut() {
+            if let Some(old_lookup) = old.auth_lookups.get(name)
+                && old_lookup.same_as(lookup)
+            {
+                *lookup = old_lookup.clone();
+            }
+        }
+        if let (Some(lookup), Some(old_lookup)) = (&mut self.fallback_lookup, &old.fallback_lookup)
+            && old_lookup.same_as(lookup)
+        {
+            *lookup = old_lookup.clone();
+        }
         // Credentials that did not change keep what clients' logins taught them (SCRAM
         // pass-through keys), and with them their pools.
         for (name, user) in self.users.iter_mut() {
@@ -350,6 +368,36 @@ impl Snapshot {
     }
 }
 
+/// The access settings of `[server]`; an hba file is read now, so a reload reads it again
+/// and an unreadable or invalid one fails the reload, keeping the rules in force.
+fn access_settings(server: &crate::config::ServerConfig) -> Result<AccessSettings, BuildError> {
+    let hba = match &server.hba {
+        None => None,
+        Some(HbaSource::Inline(rules)) => Some(HbaRules {
+            source: "server.hba".to_owned(),
+            rules: Arc::new(rules.clone()),
+        }),
+        Some(HbaSource::File(path)) => {
+            let rules = crate::config::hba::read_file(path).map_err(BuildError::Hba)?;
+            if rules.iter().any(|rule| rule.method == HbaMethod::Cert) {
+                tracing::warn!(file = %path.display(),
+                    "\"cert\" rules refuse every client: pgrelay does not request client certificates");
+            }
+            Some(HbaRules {
+                source: path.display().to_string(),
+                rules: Arc::new(rules),
+            })
+        }
+    };
+    let limit = |value: usize| (value > 0).then_some(value);
+    Ok(AccessSettings {
+        hba,
+        login_rate: server.login_rate.clone(),
+        max_client_conn_per_user: limit(server.max_client_conn_per_user),
+        max_client_conn_per_address: limit(server.max_client_conn_per_address),
+    })
+}
+
 fn build_server_tls(name: &str, database: &DatabaseConfig) -> Result<Arc<ServerTls>, BuildError> {
     ServerTls::build(&database.server_tls)
         .map(Arc::new)
@@ -359,7 +407,8 @@ fn build_server_tls(name: &str, database: &DatabaseConfig) -> Result<Arc<ServerT
         })
 }
 
-/// The auth_query of the `[databases]` entry `key`, serving clients' `dbname`.
+/// The auth_query of the `[databases]` entry `key`, serving clients' `dbname` (ignored when
+/// `auth_dbname` is set, as it must be for `"*"`).
 fn build_auth_lookup(
     config: &Config,
     users: &HashMap<String, Arc<UserEntry>>,
@@ -371,13 +420,22 @@ fn build_auth_lookup(
     let database = config.databases.get(key)?;
     // Validation makes sure the auth_user exists.
     let auth_user = users.get(&settings.auth_user)?.server_credentials.clone();
+    let pool = database.pool(&config.pool);
+    let dbname = match &settings.dbname {
+        Some(dbname) => dbname.clone(),
+        None if key == "*" => return None,
+        None => database.server_dbname(dbname).to_owned(),
+    };
     Some(AuthLookup::new(
-        settings,
-        database.server_dbname(dbname).to_owned(),
+        LookupSettings {
+            config: settings,
+            dbname,
+            tcp: config.server.tcp,
+            timeout: pool.server_connect_timeout,
+            idle_timeout: pool.server_idle_timeout,
+        },
         auth_user,
         tls,
-        config.server.tcp,
-        database.pool(&config.pool).server_connect_timeout,
     ))
 }
 
@@ -433,10 +491,21 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Connected clients and server connections, for the admin console.
     pub registry: Arc<Registry>,
+    /// Server connections per user and per database over every pool.
+    pub budgets: Arc<Budgets>,
+    /// Client counts per user and per address, login buckets and bans.
+    pub access: Arc<Access>,
     /// The file a reload reads, if pgrelay was started from one.
     config_path: Option<std::path::PathBuf>,
     /// The admin console's SHUTDOWN.
     shutdown_requested: tokio::sync::Notify,
+    /// Wakes every idle session once `shutting_down` turns true (see
+    /// [`Shared::shutdown_notified`]).
+    shutdown_notify: tokio::sync::Notify,
+    /// Bumped after each swap of the snapshot: a session compares it with the count it
+    /// last saw (one load of a rarely written atomic) instead of taking the snapshot at
+    /// every transaction.
+    reloads: std::sync::atomic::AtomicU64,
     /// The control thread's runtime, where the admin console runs (see `control`).
     control: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The worker runtime, where sessions, pools and monitors run.
@@ -450,11 +519,15 @@ impl Shared {
         Arc::new(Shared {
             config_path,
             shutdown_requested: tokio::sync::Notify::new(),
+            shutdown_notify: tokio::sync::Notify::new(),
+            reloads: std::sync::atomic::AtomicU64::new(0),
             control: std::sync::OnceLock::new(),
             workers: std::sync::OnceLock::new(),
             notify: crate::notify::Hubs::new(observers.metrics.clone()),
             metrics: observers.metrics,
             registry: observers.registry,
+            budgets: observers.budgets,
+            access: Arc::new(Access::default()),
             snapshot: ArcSwap::from_pointee(snapshot),
             cancel: Arc::new(CancelRegistry::default()),
             clients: std::sync::atomic::AtomicUsize::new(0),
@@ -488,6 +561,24 @@ impl Shared {
     pub fn begin_shutdown(&self) {
         self.accepting.store(false, std::sync::atomic::Ordering::Release);
         self.shutting_down.send_replace(true);
+        self.shutdown_notify.notify_waiters();
+    }
+
+    /// Whether pgrelay is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Completes once a shutdown begins after it was made; check [`Shared::is_shutting_down`]
+    /// after making it (and enabling it) so that none is missed. A small future to hold
+    /// while idle, where a watch receiver's wait is three times its size.
+    pub fn shutdown_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shutdown_notify.notified()
+    }
+
+    /// How many times the snapshot was swapped so far.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn config_path(&self) -> Option<std::path::PathBuf> {
@@ -498,6 +589,7 @@ impl Shared {
         Observers {
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
+            budgets: self.budgets.clone(),
         }
     }
 
@@ -528,6 +620,9 @@ impl Shared {
 
     /// Makes `next` the state new clients see; returns the previous one.
     pub fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
-        self.snapshot.swap(Arc::new(next))
+        let previous = self.snapshot.swap(Arc::new(next));
+        // After the store: whoever sees the new count sees the new snapshot.
+        self.reloads.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        previous
     }
 }

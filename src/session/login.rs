@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use super::options::parse_startup_options;
+use crate::access::Gate;
 use crate::auth::{self, ChannelBinding, ScramError, ScramServer, ScramVerifier};
 use crate::cancel::CancelHandle;
 use crate::config::RoutingTarget;
@@ -51,6 +52,7 @@ pub(super) async fn login(
     minor_version: u16,
     params: Vec<(String, String)>,
     cancel: &CancelHandle,
+    gate: &mut Gate,
 ) -> Result<Destination, LoginError> {
     let param = |name: &str| {
         params
@@ -99,20 +101,40 @@ pub(super) async fn login(
         }
     }
 
-    let (user, auth) = resolve_user(snapshot, user_name, database_name).await?;
-    let learned = authenticate(client, shared, snapshot, user_name, auth.as_ref())
+    let Resolved {
+        user,
+        auth: known,
+        mock_iterations,
+    } = resolve_user(snapshot, user_name, database_name).await?;
+    // A matching client address rule decides the method; without rules, the user's own.
+    let auth = match gate.method {
+        Some((method, line)) => super::method::client_auth(
+            method,
+            line,
+            user_name,
+            known.as_ref(),
+            (&shared.mock_secret, mock_iterations),
+        )
+        .map_err(Some)?,
+        None => known,
+    };
+    // Wrong passwords are counted where the login's answer is given (with their delay).
+    let learned = authenticate(client, shared, snapshot, user_name, auth.as_ref(), mock_iterations)
         .await
         .inspect_err(|error| {
-            if error.as_ref().is_some_and(|error| {
-                error.sqlstate == sqlstate::INVALID_PASSWORD || error.sqlstate == sqlstate::INVALID_AUTHORIZATION
-            }) {
-                shared.metrics.login_refused("password");
+            // 28000 during SCRAM: the channel binding failed or was stripped.
+            if error
+                .as_ref()
+                .is_some_and(|error| error.sqlstate == sqlstate::INVALID_AUTHORIZATION)
+            {
+                shared.metrics.login_refused("channel_binding");
             }
         })?;
     let Some(user) = user else {
         // authenticate() never lets an unknown user through.
         return Err(Some(password_failed(user_name)));
     };
+    gate.authenticated(&user.name).map_err(Some)?;
     // Pass-through: without a configured password, the pools log in to PostgreSQL with what
     // this login proved (the newest login's secret wins, so a changed password takes over).
     if let Some(secret) = learned
@@ -244,29 +266,48 @@ fn greet(
     client_encoding
 }
 
+/// Who a login says it is, as far as pgrelay knows.
+struct Resolved {
+    user: Option<Arc<UserEntry>>,
+    auth: Option<ClientAuth>,
+    /// The iteration count an unknown user's mock SCRAM verifier shows: the one real
+    /// verifiers of the same lookup have, so the count does not tell the two apart.
+    mock_iterations: u32,
+}
+
 /// Who `user_name` is and how it must prove it: its `[[users]]` entry, else what the
 /// database's auth_query answers, else nobody (`None`, `None`: it goes through a login that
 /// cannot succeed). The admin console knows configured users only.
-async fn resolve_user(
-    snapshot: &Snapshot,
-    user_name: &str,
-    database_name: &str,
-) -> Result<(Option<Arc<UserEntry>>, Option<ClientAuth>), LoginError> {
+async fn resolve_user(snapshot: &Snapshot, user_name: &str, database_name: &str) -> Result<Resolved, LoginError> {
+    let nobody = |mock_iterations| Resolved {
+        user: None,
+        auth: None,
+        mock_iterations,
+    };
     if let Some(user) = snapshot.user(user_name) {
         let auth = user.auth.clone();
-        return Ok((Some(user), Some(auth)));
+        return Ok(Resolved {
+            user: Some(user),
+            auth: Some(auth),
+            mock_iterations: auth::SCRAM_DEFAULT_ITERATIONS,
+        });
     }
     if database_name == ADMIN_DATABASE {
-        return Ok((None, None));
+        return Ok(nobody(auth::SCRAM_DEFAULT_ITERATIONS));
     }
     let Some((lookup, primary)) = snapshot.auth_lookup(database_name) else {
-        return Ok((None, None));
+        return Ok(nobody(auth::SCRAM_DEFAULT_ITERATIONS));
     };
     match lookup.lookup(user_name, &primary).await {
-        Ok(Some((user, auth))) => Ok((Some(user), Some(auth))),
-        Ok(None) => Ok((None, None)),
+        Ok(Some((user, auth))) => Ok(Resolved {
+            user: Some(user),
+            auth: Some(auth),
+            mock_iterations: lookup.mock_iterations(),
+        }),
+        Ok(None) => Ok(nobody(lookup.mock_iterations())),
         Err(error) => {
-            tracing::warn!(database = %database_name, user = %user_name, %error, "auth_query failed");
+            // Debug formatting: a name with a newline cannot forge a log line.
+            tracing::warn!(database = ?database_name, user = ?user_name, %error, "auth_query failed");
             Err(Some(ClientError::new(
                 Side::Server,
                 sqlstate::CONNECTION_FAILURE,
@@ -286,9 +327,21 @@ async fn authenticate(
     snapshot: &Snapshot,
     user_name: &str,
     auth: Option<&ClientAuth>,
+    mock_iterations: u32,
 ) -> Result<Option<PassThrough>, LoginError> {
     match auth {
         Some(ClientAuth::Trust) => Ok(None),
+        Some(ClientAuth::Cleartext(secret)) => {
+            compose::auth_cleartext(&mut client.outbuf);
+            let response = read_password_message(client).await?;
+            let password = views::read_cstr(&response, "PasswordMessage")
+                .map_err(|error| Some(ClientError::protocol_violation(error.to_string())))?
+                .0;
+            match std::str::from_utf8(password) {
+                Ok(password) if secret.verify_cleartext(user_name, password) => Ok(None),
+                _ => Err(Some(password_failed(user_name))),
+            }
+        }
         Some(ClientAuth::Md5(secret)) => {
             let salt: [u8; 4] = rand::random();
             compose::auth_md5(&mut client.outbuf, salt);
@@ -313,7 +366,7 @@ async fn authenticate(
         // does not reveal which users exist. (`Query` is never handed here: `resolve_user`
         // replaces it with the looked-up secret.)
         Some(ClientAuth::Query) | None => {
-            let mock = ScramVerifier::mock(user_name, &shared.mock_secret);
+            let mock = ScramVerifier::mock(user_name, &shared.mock_secret, mock_iterations);
             scram(client, snapshot, user_name, &mock).await?;
             Err(Some(password_failed(user_name)))
         }

@@ -5,6 +5,7 @@ mod carried;
 mod handshake;
 mod local;
 mod login;
+mod method;
 mod options;
 mod prepared;
 mod pump;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::access::{Counted, Gate, LoginRequest, Refusal};
 use crate::error::{ClientError, Side, sqlstate};
 use crate::net::ClientConn;
 use crate::net::ClientStream;
@@ -45,11 +47,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let limits = snapshot.client_limits.clone();
     let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, limits.max_message_size);
     // Taken before the startup packet: connections still in their handshake or login
-    // count against max_client_conn too, so a flood of connections that never finish
-    // logging in cannot grow without bound. One over the limit is only read far enough
-    // to tell a cancel request from a login, which it is refused, and not for long.
-    let slot = ClientSlot::take(&shared, limits.max_client_conn);
-    let over_limit = slot.is_none();
+    // count against max_client_conn (and max_client_conn_per_address) too, so a flood of
+    // connections that never finish logging in cannot grow without bound. One over a limit
+    // is only read far enough to tell a cancel request from a login, which it is refused,
+    // and not for long.
+    let slot = ClientSlot::take(&shared, &snapshot, peer);
+    let over_limit = slot.is_err();
     let login_timeout = if over_limit {
         Some(
             limits
@@ -59,13 +62,19 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     } else {
         limits.login_timeout
     };
+    let over_limit_error = slot.as_ref().err().cloned();
+    let mut refused = None;
     let started = match login_timeout {
         // Boxed: the login future is large and must not make every idle session's task
         // that large too.
         Some(limit) => {
-            match tokio::time::timeout(limit, Box::pin(start(&mut client, &shared, &snapshot, slot))).await {
+            let start = Box::pin(start(&mut client, &shared, &snapshot, slot, &mut refused));
+            match tokio::time::timeout(limit, start).await {
                 Ok(started) => started,
-                Err(_) if over_limit => Err(Some(too_many_clients())),
+                Err(_) if over_limit => {
+                    refused = Some(Refusal::Limit);
+                    Err(over_limit_error)
+                }
                 Err(_) => Err(Some(ClientError::new(
                     Side::Client,
                     sqlstate::PROTOCOL_VIOLATION,
@@ -76,14 +85,37 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 ))),
             }
         }
-        None => Box::pin(start(&mut client, &shared, &snapshot, slot)).await,
+        None => Box::pin(start(&mut client, &shared, &snapshot, slot, &mut refused)).await,
     };
     match started {
-        Ok(Some(Started::Session(session))) => session.run(client).await,
+        Ok(Some(Started::Session(session))) => session.run(&mut client).await,
         Ok(Some(Started::Admin(admin))) => admin.run_on(shared.control(), client).await,
         Ok(None) => {}
         Err(Some(error)) => {
-            tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused");
+            let refused = refused.or((error.sqlstate == sqlstate::INVALID_PASSWORD).then_some(Refusal::Password));
+            let settings = &snapshot.access;
+            match refused {
+                Some(reason) => {
+                    shared.metrics.login_refusal(reason);
+                    // Throttled per address: a guesser or a flood must not flood the log
+                    // too. The message never holds a password.
+                    if let Some(unlogged) = shared.access.may_log(settings, peer.ip()) {
+                        tracing::info!(client = %peer, reason = reason.label(), sqlstate = %error.sqlstate,
+                            error = %error.message, unlogged, "login refused");
+                    }
+                }
+                None => {
+                    tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused")
+                }
+            }
+            if refused == Some(Refusal::Password) {
+                // The answer waits, growing with the address's failures; an async sleep
+                // holds no thread. The connection's places were given back with the failed
+                // login: waiting ones are bounded by the login rate (a token per attempt)
+                // times the longest delay (10 s), per address.
+                let delay = shared.access.failed_password(settings, peer.ip());
+                tokio::time::sleep(delay).await;
+            }
             shared.metrics.client_error(None, &error.sqlstate);
             compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
@@ -97,7 +129,8 @@ async fn start(
     client: &mut ClientConn,
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
-    slot: Option<ClientSlot>,
+    slot: Result<ClientSlot, ClientError>,
+    refused: &mut Option<Refusal>,
 ) -> Result<Option<Started>, LoginError> {
     let opening = handshake::open(&mut client.stream, snapshot.client_tls.as_ref())
         .await
@@ -124,9 +157,42 @@ async fn start(
         }
         Opening::Session { minor_version, params } => (minor_version, params),
     };
-    let slot = slot.ok_or_else(|| Some(too_many_clients()))?;
+    let mut slot = slot.map_err(|error| {
+        *refused = Some(Refusal::Limit);
+        Some(error)
+    })?;
+    // Before any authentication work: address rules, bans, login rate.
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+            .filter(|value| !value.is_empty())
+    };
+    let Some(user_name) = param("user") else {
+        return Err(Some(ClientError::new(
+            Side::Client,
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )));
+    };
+    let request = LoginRequest {
+        ip: client.peer.ip(),
+        tls: client.stream.is_tls(),
+        user: user_name,
+        database: param("database").unwrap_or(user_name),
+    };
+    let mut gate = Gate::open(&shared.access, &snapshot.access, &request)
+        .await
+        .map_err(|(reason, error)| {
+            *refused = Some(reason);
+            Some(error)
+        })?;
     let cancel = shared.cancel.register();
-    let logged_in = match login::login(client, shared, snapshot, minor_version, params, &cancel).await? {
+    let destination = login::login(client, shared, snapshot, minor_version, params, &cancel, &mut gate).await;
+    *refused = refused.or(gate.refused);
+    slot.user = gate.take_user_slot();
+    let logged_in = match destination? {
         Destination::Database(logged_in) => logged_in,
         Destination::Admin(user) => {
             tracing::info!(client = %client.peer, user = %user.name, "admin console client connected");
@@ -163,17 +229,38 @@ enum Started {
     Admin(crate::admin::AdminSession),
 }
 
-/// One of max_client_conn places, held for the life of a session.
+/// One of max_client_conn places, with the client's places in the counts of its address
+/// and (once logged in) its user, held for the life of a session.
 #[derive(Debug)]
 pub struct ClientSlot {
     shared: Arc<Shared>,
+    _address: Option<Counted>,
+    user: Option<Counted>,
 }
 
 impl ClientSlot {
-    fn take(shared: &Arc<Shared>, max: usize) -> Option<ClientSlot> {
+    /// The places of a new connection from `peer`, or the refusal it is to be told.
+    fn take(shared: &Arc<Shared>, snapshot: &Snapshot, peer: SocketAddr) -> Result<ClientSlot, ClientError> {
         let previous = shared.clients.fetch_add(1, Ordering::AcqRel);
-        let slot = ClientSlot { shared: shared.clone() };
-        (previous < max).then_some(slot)
+        let mut slot = ClientSlot {
+            shared: shared.clone(),
+            _address: None,
+            user: None,
+        };
+        if previous >= snapshot.client_limits.max_client_conn {
+            return Err(too_many_clients());
+        }
+        let per_address = snapshot.access.max_client_conn_per_address;
+        match shared.access.counts.take_address(peer.ip(), per_address) {
+            Ok(counted) => slot._address = Some(counted),
+            Err(_) => {
+                return Err(crate::access::too_many_from_address(
+                    peer.ip(),
+                    per_address.unwrap_or_default(),
+                ));
+            }
+        }
+        Ok(slot)
     }
 }
 

@@ -24,8 +24,13 @@ pub(super) fn plan_batch(
     classifier: &Classifier,
     charset: Charset,
     tx: &LocalTx,
+    track_tables: bool,
 ) -> Batch {
-    let mut batch = Batch::new();
+    let mut batch = if track_tables {
+        Batch::new()
+    } else {
+        Batch::without_tables()
+    };
     if let LocalTx::DeferredBegin { sql } = tx {
         batch.add(&classifier.classify_text(sql.as_bytes(), charset));
     }
@@ -78,14 +83,19 @@ pub(super) fn plan_batch(
 /// before answering; `None` if the batch holds a message whose effect cannot be undone
 /// by a failure (a named Parse or a Close change what the client's names mean) or is
 /// not whole.
-pub(super) fn batch_copy(inbuf: &[u8]) -> Option<bytes::Bytes> {
+pub(super) fn batch_copy(inbuf: &[u8]) -> Option<bytes::BytesMut> {
     let mut offset = 0;
     loop {
         let header = Header::peek(&inbuf[offset..]).ok()??;
         let body = inbuf.get(offset + HEADER_LEN..offset + header.len)?;
         offset += header.len;
         match FrontendTag::from_byte(header.tag)? {
-            FrontendTag::Query | FrontendTag::Sync => return Some(bytes::Bytes::copy_from_slice(&inbuf[..offset])),
+            FrontendTag::Query | FrontendTag::Sync => {
+                // In a stock buffer, given back after the exchange: no allocation.
+                let mut copy = crate::net::buffers::take();
+                copy.extend_from_slice(&inbuf[..offset]);
+                return Some(copy);
+            }
             FrontendTag::Parse if ParseView::read(body).ok()?.name.is_empty() => {}
             FrontendTag::Bind | FrontendTag::Describe | FrontendTag::Execute | FrontendTag::Flush => {}
             _ => return None,
@@ -153,7 +163,11 @@ pub(super) async fn checkout_patiently(
             PoolError::Connect(upstream) => upstream.is_transient(),
             PoolError::ConnectTimeout => true,
             // The client's patience is spent.
-            PoolError::WaitTimeout | PoolError::LoginWaitTimeout | PoolError::Closed => false,
+            PoolError::WaitTimeout
+            | PoolError::LoginWaitTimeout
+            | PoolError::LimitWaitTimeout { .. }
+            | PoolError::Spent(_)
+            | PoolError::Closed => false,
         };
         if !transient || deadline.is_some_and(|deadline| Instant::now() + pause >= deadline) {
             return Err(error);
@@ -162,6 +176,40 @@ pub(super) async fn checkout_patiently(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RETRY_PAUSE.1);
     }
+}
+
+/// [`checkout_for`] when its first choice has an idle connection now: the common case,
+/// without a future. `None`: [`checkout_for`] decides.
+pub(super) fn checkout_idle_for(
+    decision: Decision,
+    fence: Option<Lsn>,
+    database: &DatabaseEntry,
+    pools: &UserPools,
+) -> Option<(Checkout, Placement)> {
+    let mut reason = decision.reason;
+    if decision.target == Target::Replica {
+        match database.read_candidates(pools, fence) {
+            Ok(candidates) => {
+                let checkout = pools.hosts[*candidates.first()?].checkout_idle()?;
+                return Some((
+                    checkout,
+                    Placement {
+                        target: Target::Replica,
+                        reason,
+                    },
+                ));
+            }
+            Err(why) => reason = why.reason(),
+        }
+    }
+    let checkout = pools.hosts[database.primary_index()].checkout_idle()?;
+    Some((
+        checkout,
+        Placement {
+            target: Target::Primary,
+            reason,
+        },
+    ))
 }
 
 /// A server connection for a routing decision: a replica that can serve the read

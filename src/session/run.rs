@@ -30,7 +30,7 @@ use crate::protocol::{FrontendTag, TxStatus};
 use crate::registry::{ClientRegistration, LinkState};
 use crate::route::PinReason;
 use crate::router::{self, Decision, Reason, Target};
-use crate::runtime::{DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
+use crate::runtime::{ClientAuth, DatabaseEntry, Shared, Snapshot, UserEntry, UserPools};
 use crate::upstream::{Expect, ParamDiff, Recipient, SessionParams, UpstreamError};
 
 /// How long pgrelay waits for ROLLBACK or the reset query before closing the server.
@@ -89,7 +89,11 @@ pub(crate) struct Session {
     /// This client in SHOW CLIENTS; KILL reaches the session through it.
     registration: ClientRegistration,
     idle_timeout: Option<Duration>,
-    shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// client_idle_timeout's timer, made at the first idle wait when the limit is set and
+    /// reset for every later one.
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// `Shared::reloads` when this session last looked for a new snapshot.
+    reloads_seen: u64,
     /// Its place in the database's notification hub while it listens to a channel
     /// there (listen_notify = "fanout").
     subscription: Option<Box<crate::notify::Subscription>>,
@@ -126,7 +130,8 @@ impl Session {
             logged_in.wanted.get("application_name").unwrap_or_default(),
         );
         Session {
-            shutting_down: shared.shutting_down(),
+            idle_timer: None,
+            reloads_seen: shared.reloads(),
             shared,
             idle_timeout: snapshot.client_limits.idle_timeout,
             database: logged_in.database,
@@ -157,8 +162,8 @@ impl Session {
     }
 
     /// Runs the session; boxed so that the task of an idle client stays small.
-    pub(super) async fn run(mut self: Box<Self>, mut client: ClientConn) {
-        let end = self.serve(&mut client).await;
+    pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
+        let end = self.serve(client).await;
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
@@ -289,10 +294,15 @@ impl Session {
                 Answer::NeedsServer => {}
             }
             self.follow_reload();
-            match self.acquire(client, tag).await {
-                Ok(server) => self.server = Some(server),
-                Err(Some(end)) => return Some(end),
-                Err(None) => return None,
+            match self.acquire_idle(client) {
+                Some(server) => self.server = Some(server),
+                // Boxed: waiting for a server is a large future, needed only when no
+                // connection is idle; the exchange, boxed for every batch, stays small.
+                None => match Box::pin(self.acquire(client, tag)).await {
+                    Ok(server) => self.server = Some(server),
+                    Err(Some(end)) => return Some(end),
+                    Err(None) => return None,
+                },
             }
             let catch_refusal = self.on_replica && self.database.routing.retry_refused_on_primary;
             if self.rerunnable && (self.database.pool.retry_reads || catch_refusal) && !self.carried.pins.is_pinned() {
@@ -321,7 +331,7 @@ impl Session {
             &self.database.schema,
         );
         let pump = if capture_fences {
-            pump.capturing_fences(&self.database.fences)
+            pump.capturing_fences(&self.database.fences, routing.consistency == Consistency::Causal)
         } else {
             pump
         };
@@ -332,7 +342,12 @@ impl Session {
             pump
         };
         let exit = pump.run().await;
-        self.after_pump(client, server, exit, rerun).await
+        let end = self.after_pump(client, server, exit, rerun.as_deref()).await;
+        if let Some(mut batch) = rerun {
+            batch.clear();
+            crate::net::buffers::give_back(&mut batch);
+        }
+        end
     }
 
     /// How the pump treats the attached server.
@@ -347,6 +362,22 @@ impl Session {
             idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
             query_timeout: self.database.pool.query_timeout,
         }
+    }
+
+    /// The common case of [`Session::acquire`], synchronous: nothing paused, and the
+    /// chosen server has an idle connection. `None`: `acquire` does it all again (routing
+    /// included) and waits.
+    fn acquire_idle(&mut self, client: &ClientConn) -> Option<Checkout> {
+        if self.refused_rerun || self.database.is_paused() {
+            return None;
+        }
+        let (decision, fence, rerunnable) = self.route(client);
+        let (checkout, placement) = routing::checkout_idle_for(decision, fence, &self.database, &self.pools)?;
+        self.rerunnable = rerunnable;
+        self.on_replica = placement.target == Target::Replica;
+        self.set_state(ClientState::Active);
+        self.count_route(placement);
+        Some(checkout)
     }
 
     /// Waits for a server for the message at the front of the input. On failure the
@@ -422,6 +453,11 @@ impl Session {
     /// the servers changed). A database or user the reload removed keeps serving this
     /// client as before; only new clients are refused.
     fn follow_reload(&mut self) {
+        let reloads = self.shared.reloads();
+        if reloads == self.reloads_seen {
+            return;
+        }
+        self.reloads_seen = reloads;
         let snapshot = self.shared.snapshot();
         let Some(database) = snapshot.database(&self.database.name) else {
             return;
@@ -429,7 +465,7 @@ impl Session {
         if Arc::ptr_eq(&database, &self.database) {
             return;
         }
-        let user = snapshot.user(&self.user.name).unwrap_or_else(|| self.user.clone());
+        let user = user_in(&snapshot, &database.name, &self.user);
         self.pools = database.pools(&user);
         self.database = database;
         self.user = user;
@@ -524,6 +560,8 @@ impl Session {
             &self.database.classifier,
             self.carried.client_encoding().charset,
             &self.local.tx,
+            // Only causal consistency fences by table.
+            routing.consistency == Consistency::Causal,
         );
         // Only reads, whole, outside any transaction: safe to run again elsewhere.
         let rerunnable = batch.all_read
@@ -596,7 +634,7 @@ impl Session {
         client: &mut ClientConn,
         mut server: Checkout,
         exit: PumpExit,
-        rerun: Option<bytes::Bytes>,
+        rerun: Option<&[u8]>,
     ) -> Option<End> {
         self.sync_pins();
         let begun_here = std::mem::take(&mut self.deferred_begin_sent);
@@ -753,7 +791,7 @@ impl Session {
         client: &mut ClientConn,
         mut server: Checkout,
         refusal: (bytes::Bytes, String, Refusal),
-        rerun: Option<bytes::Bytes>,
+        rerun: Option<&[u8]>,
         begun_here: bool,
     ) -> Option<End> {
         let (error, sqlstate, kind) = refusal;
@@ -771,7 +809,7 @@ impl Session {
             && !mid_batch
             && !in_transaction
         {
-            let texts = routing::batch_texts(&batch);
+            let texts = routing::batch_texts(batch);
             let statement: String = texts
                 .first()
                 .map(|text| String::from_utf8_lossy(text).chars().take(200).collect())
@@ -796,7 +834,7 @@ impl Session {
             }
             let rest = std::mem::take(&mut client.inbuf);
             client.inbuf.reserve(batch.len() + rest.len());
-            client.inbuf.extend_from_slice(&batch);
+            client.inbuf.extend_from_slice(batch);
             client.inbuf.extend_from_slice(&rest);
             self.rerun_pending = true;
             self.refused_rerun = true;
@@ -834,10 +872,10 @@ impl Session {
 
     /// Puts the read batch back at the front of the input, to be routed again, with the
     /// replica that failed set aside.
-    fn rerun_read(&mut self, client: &mut ClientConn, batch: bytes::Bytes, failed_host: &str, failure: &UpstreamError) {
+    fn rerun_read(&mut self, client: &mut ClientConn, batch: &[u8], failed_host: &str, failure: &UpstreamError) {
         let rest = std::mem::take(&mut client.inbuf);
         client.inbuf.reserve(batch.len() + rest.len());
-        client.inbuf.extend_from_slice(&batch);
+        client.inbuf.extend_from_slice(batch);
         client.inbuf.extend_from_slice(&rest);
         self.rerun_pending = true;
         if self.on_replica
@@ -896,5 +934,19 @@ impl Session {
             }
             Err(_) => false,
         }
+    }
+}
+
+/// `user`'s entry in `snapshot` (a reload's): a user found by auth_query belongs to the
+/// new snapshot's lookup, since keeping the old entry would tie the session to pools with
+/// the old lookup's credentials.
+pub(super) fn user_in(snapshot: &Snapshot, database: &str, user: &Arc<UserEntry>) -> Arc<UserEntry> {
+    match (snapshot.user(&user.name), &user.auth) {
+        (Some(user), _) => user,
+        (None, ClientAuth::Query) => match snapshot.auth_lookup(database) {
+            Some((lookup, _)) => lookup.adopt(user),
+            None => user.clone(),
+        },
+        (None, _) => user.clone(),
     }
 }

@@ -33,6 +33,9 @@ pub struct ConnectSpec {
     pub tls: Arc<ServerTls>,
     /// Keepalive and user timeout of the socket.
     pub tcp: crate::config::TcpOptions,
+    /// Sent in the startup message so pgrelay's own side connections can be told apart in
+    /// `pg_stat_activity`; pools send none (clients set their own with SET).
+    pub application_name: Option<&'static str>,
 }
 
 pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
@@ -69,10 +72,13 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, UpstreamError> {
         released_at: Instant::now(),
     };
     let mut out = BytesMut::new();
-    let params = [
+    let mut params = vec![
         ("user", spec.credentials.user.as_str()),
         ("database", spec.database.as_str()),
     ];
+    if let Some(name) = spec.application_name {
+        params.push(("application_name", name));
+    }
     frontend::startup_message(params, &mut out).map_err(io_error)?;
     write_out(&mut conn.stream, &out).await.map_err(io_error)?;
 

@@ -19,11 +19,21 @@ const LOOKUP_REPLY_LIMIT: usize = 1 << 16;
 const MAX_ROWS: usize = 4;
 
 /// What the statement answered: its rows (each column text or NULL), or the server's error.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// `Debug` shows no values: the rows hold password verifiers.
+#[derive(Default, Clone, PartialEq, Eq)]
 pub struct LookupRows {
     pub rows: Vec<Vec<Option<String>>>,
     /// (SQLSTATE, message) of the error, if the statement failed.
     pub error: Option<(String, MessageText)>,
+}
+
+impl std::fmt::Debug for LookupRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LookupRows")
+            .field("rows", &self.rows.len())
+            .field("error", &self.error.as_ref().map(|(code, _)| code))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerConn {

@@ -18,16 +18,21 @@ pub enum ServerStream {
 impl ServerStream {
     /// Waits until the socket has something to read, without a buffer to read it into.
     pub async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    /// [`ServerStream::readable`] as a poll, for waits that hold no future of their own.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            ServerStream::Tcp(tcp) => tcp.readable().await,
+            ServerStream::Tcp(tcp) => tcp.poll_read_ready(cx),
             ServerStream::Tls(tls) => {
                 let (tcp, connection) = tls.get_ref();
                 // Decrypted bytes the last read did not take, or a close_notify, are
                 // readable now; the socket may never become readable again for them.
                 if !connection.wants_read() {
-                    return Ok(());
+                    return Poll::Ready(Ok(()));
                 }
-                tcp.readable().await
+                tcp.poll_read_ready(cx)
             }
         }
     }

@@ -206,6 +206,39 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// A TCP stream to `addr` from `source` (an address of 127.0.0.0/8).
+pub async fn stream_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Logs in to pgrelay at `addr` from `source` without TLS.
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: &str,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(addr.port())
+        .user(user)
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(10));
+    if !password.is_empty() {
+        config.password(password);
+    }
+    let stream = stream_from(source, addr).await;
+    let (client, connection) = config.connect_raw(stream, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 /// A direct connection to a node of the cluster as the superuser.
 pub async fn direct(addr: &str, db: &str) -> Client {
     let (host, port) = addr.split_once(':').expect("host:port");
@@ -300,6 +333,34 @@ pub fn init_test_log() {
             .with_writer(Mutex::new(file))
             .try_init();
     }
+}
+
+/// The sum of the counter `family`'s series of a running proxy whose labels include every
+/// `(name, value)` of `labels`.
+pub fn counter(proxy: &Proxy, family: &str, labels: &[(&str, &str)]) -> f64 {
+    proxy
+        .running()
+        .shared()
+        .metrics
+        .gather()
+        .iter()
+        .filter(|found| found.name() == family)
+        .flat_map(|found| found.get_metric())
+        .filter(|metric| {
+            labels.iter().all(|(name, value)| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|label| label.name() == *name && label.value() == *value)
+            })
+        })
+        .map(|metric| metric.get_counter().get_value())
+        .sum()
+}
+
+/// `pgrelay_login_refusals_total{reason}` of a running proxy.
+pub fn login_refusals(proxy: &Proxy, reason: &str) -> f64 {
+    counter(proxy, "pgrelay_login_refusals_total", &[("reason", reason)])
 }
 
 /// pgrelay_runtime_stalls_total of a running proxy.

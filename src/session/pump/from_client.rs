@@ -9,7 +9,7 @@ use bytes::Buf;
 use super::{HIGH_WATER, Pump, PumpExit, move_bytes};
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::{BindView, ObjectKind, ObjectRef, ParseView, query_text};
-use crate::protocol::{FrontendTag, Header, ProtocolError};
+use crate::protocol::{FrontendTag, Header, ProtocolError, TxStatus};
 use crate::session::prepared::{
     Deallocate, PreparedStatement, checked_parse, close_statement, describe_statement, execute_query, parse_deallocate,
     parse_execute, refused_parse, rewrite_bind,
@@ -125,6 +125,9 @@ impl Pump<'_> {
                 self.hold = self.mode.single_unit;
                 let sql = query_text(body).map_err(malformed)?;
                 let encoding = text_encoding(&self.pending, self.carried);
+                // In a failed transaction block the server refuses every statement (25P02)
+                // and drops nothing: so does the client's DEALLOCATE, by going there.
+                let manage = manage && server.status() != TxStatus::Failed;
                 if manage
                     && !self.carried.pins.is_pinned()
                     && encoding.charset.reads(sql)

@@ -123,7 +123,8 @@ impl Pump<'_> {
                 let message = &self.server.inbuf[run..run + header.len];
                 if let Some(exit) = super::refusal::refused(message) {
                     self.server.inbuf.advance(header.len);
-                    self.held = bytes::BytesMut::new();
+                    self.held.clear();
+                    crate::net::buffers::give_back(&mut self.held);
                     break Err(exit);
                 }
             }
@@ -131,6 +132,7 @@ impl Pump<'_> {
                 // Nothing has gone to the client yet (`run` is empty): hold what carries no
                 // data, release it all before the first reply that does.
                 if carries_no_data(tag) {
+                    crate::net::buffers::ensure(&mut self.held);
                     self.held.extend_from_slice(&self.server.inbuf[run..run + header.len]);
                     self.server.inbuf.advance(header.len);
                     continue;

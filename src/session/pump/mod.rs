@@ -267,15 +267,17 @@ impl<'a> Pump<'a> {
         if !self.held.is_empty() {
             self.replied = true;
             self.client.outbuf.extend_from_slice(&self.held);
-            self.held = BytesMut::new();
+            self.held.clear();
+            crate::net::buffers::give_back(&mut self.held);
         }
     }
 
-    /// Records the commit position of each write transaction in `fences` and in the
-    /// client's own fence before the client hears of the commit.
-    pub fn capturing_fences(mut self, fences: &'a Fences) -> Self {
+    /// Records the commit position of each write transaction in the client's own fence
+    /// before the client hears of the commit, and with `by_table` (causal consistency,
+    /// where other clients' reads wait for it too) in `fences` under the tables written.
+    pub fn capturing_fences(mut self, fences: &'a Fences, by_table: bool) -> Self {
         self.fences = Some(fences);
-        self.writes.keep_tables = true;
+        self.writes.keep_tables = by_table;
         self
     }
 
@@ -528,11 +530,13 @@ impl<'a> Pump<'a> {
             return false;
         }
         self.writes.wrote = false;
-        let mut query = bytes::BytesMut::new();
-        if postgres_protocol::message::frontend::query(FENCE_QUERY, &mut query).is_err() {
-            return false;
-        }
-        self.server.outbuf.extend_from_slice(&query);
+        // A Query message, written in place (no buffer of its own to allocate).
+        self.server.outbuf.extend_from_slice(b"Q");
+        self.server
+            .outbuf
+            .extend_from_slice(&((4 + FENCE_QUERY.len() + 1) as u32).to_be_bytes());
+        self.server.outbuf.extend_from_slice(FENCE_QUERY.as_bytes());
+        self.server.outbuf.extend_from_slice(b"\0");
         // Withhold the client's ReadyForQuery only if nothing else of the client's is in
         // flight: pipelined statements run on this same server anyway.
         let hold = self.server.expect.is_empty();
@@ -562,7 +566,9 @@ impl<'a> Pump<'a> {
                 self.carried.write_fence.max(Some(lsn))
             };
             self.carried.fence_lost = false;
-            fences.record(&written, lsn);
+            if self.writes.keep_tables {
+                fences.record(&written, lsn);
+            }
         }
         if let Some(status) = held {
             compose::ready_for_query(&mut self.client.outbuf, status);
@@ -688,13 +694,20 @@ fn yield_to_io(cx: &mut Context<'_>) {
     }
 }
 
-/// Moves the first `n` bytes of `from` to the end of `to`, without copying when `to`
-/// is empty.
+/// Bytes from which [`move_bytes`] hands a run over instead of copying it.
+const MOVE_WITHOUT_COPY: usize = 16 * 1024;
+
+/// Moves the first `n` bytes of `from` to the end of `to`. A large run into an empty `to`
+/// is handed over without a copy (a split of `from`'s buffer); anything else is copied.
+/// Copying the few hundred bytes of an OLTP message costs less than a split, which
+/// allocates a shared header and leaves both buffers without room of their own, so that
+/// the next message would need a new buffer.
 fn move_bytes(from: &mut BytesMut, n: usize, to: &mut BytesMut) {
     if n == 0 {
         return;
     }
-    if to.is_empty() {
+    if to.is_empty() && n >= MOVE_WITHOUT_COPY {
+        crate::net::buffers::give_back(to);
         *to = from.split_to(n);
     } else {
         to.extend_from_slice(&from[..n]);

@@ -183,7 +183,7 @@ impl Session {
             let shared = shared.upgrade()?;
             let snapshot = shared.snapshot();
             let entry = snapshot.database(&database)?;
-            let user = snapshot.user(&user.name).unwrap_or_else(|| user.clone());
+            let user = super::user_in(&snapshot, &database, &user);
             let pools = entry.pools(&user);
             pools.hosts.get(entry.primary_index()).map(|pool| pool.spec())
         })

@@ -1,9 +1,12 @@
 //! Waiting for the client's next whole message: client_idle_timeout, shutdown, and the
 //! server kept between messages (session mode, a pinned client), whose notifications,
 //! notices and parameter changes go to the client as they come, and whose end ends the
-//! session at once, as on a direct connection.
+//! session at once, as on a direct connection; and, for a fan-out listener, the notifications
+//! in its inbox, delivered while it is between transactions.
 
-use tokio::io::AsyncReadExt;
+use std::task::Poll;
+
+use tokio_util::io::poll_read_buf;
 
 use super::{End, Session};
 use crate::error::ClientError;
@@ -68,6 +71,10 @@ impl Session {
     /// holds no buffer and the wait ends on client_idle_timeout or at shutdown. Whatever
     /// a kept server says meanwhile is handled at once; each pass of the loop takes what
     /// one read of the server gave, so it waits for a socket every time.
+    ///
+    /// An idle client's task waits here, so the wait is one small hand-written poll
+    /// (socket readiness, the session's own timer, a shutdown `Notified`, the
+    /// notification inbox of a fan-out listener) rather than a `select!` of five futures.
     async fn wait_for_input(
         &mut self,
         client: &mut ClientConn,
@@ -75,64 +82,82 @@ impl Session {
     ) -> Result<(), End> {
         loop {
             let idle = client.inbuf.is_empty();
-            // Between transactions only, as PostgreSQL delivers them; in a block they wait.
-            let inbox = self
-                .subscription
-                .as_deref()
-                .filter(|_| self.local.tx == super::LocalTx::Idle)
-                .map(crate::notify::Subscription::inbox);
+            // A block of its own: the shutdown `Notified` borrows the session until it ends.
             let woke = {
-                let notifications = async {
+                let shared = &self.shared;
+                let mut shutdown = std::pin::pin!(shared.shutdown_notified());
+                // Enabled before the flag is read: a shutdown that begins after the read
+                // completes it (see `Shared::shutdown_notified`).
+                shutdown.as_mut().enable();
+                if idle && shared.is_shutting_down() {
+                    return Err(End::Shutdown);
+                }
+                let idle_limit = match idle_deadline {
+                    Some((deadline, limit)) if idle => {
+                        let timer = self
+                            .idle_timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        timer.as_mut().reset(deadline);
+                        Some(limit)
+                    }
+                    _ => None,
+                };
+                // Between transactions only, as PostgreSQL delivers them; in a block they wait.
+                let inbox = self
+                    .subscription
+                    .as_deref()
+                    .filter(|_| self.local.tx == super::LocalTx::Idle)
+                    .map(crate::notify::Subscription::inbox);
+                let mut notifications = std::pin::pin!(async {
                     match inbox {
                         Some(inbox) => inbox.ready().await,
                         None => std::future::pending().await,
                     }
-                };
-                let from_client = async {
-                    if client.inbuf.is_empty() {
-                        // Readable first, so that an idle client holds no buffer.
-                        client.stream.readable().await?;
-                    }
-                    client.read_more().await
-                };
-                let from_server = async {
-                    match self.server.as_deref_mut() {
-                        Some(server) => {
-                            server.stream.readable().await?;
-                            reserve_for_read(&mut server.inbuf);
-                            server.stream.read_buf(&mut server.inbuf).await
+                });
+                let server = &mut self.server;
+                let timer = &mut self.idle_timer;
+                std::future::poll_fn(|cx| {
+                    if !client.inbuf.is_empty() || client.stream.poll_read_ready(cx).is_ready() {
+                        // Readable first, so that an idle client holds no buffer; an error
+                        // of the readiness shows again in the read.
+                        if let Poll::Ready(read) = client.poll_read_more(cx) {
+                            return Poll::Ready(Woke::Client(read));
                         }
-                        None => std::future::pending().await,
                     }
-                };
-                let idle_limit = async {
-                    match idle_deadline {
-                        Some((deadline, limit)) if idle => {
-                            tokio::time::sleep_until(deadline).await;
-                            limit
+                    if let Some(server) = server.as_deref_mut() {
+                        match server.stream.poll_read_ready(cx) {
+                            Poll::Ready(Err(error)) => return Poll::Ready(Woke::Server(Err(error))),
+                            Poll::Ready(Ok(())) => {
+                                reserve_for_read(&mut server.inbuf);
+                                let read = poll_read_buf(std::pin::Pin::new(&mut server.stream), cx, &mut server.inbuf);
+                                if let Poll::Ready(read) = read {
+                                    return Poll::Ready(Woke::Server(read));
+                                }
+                            }
+                            Poll::Pending => {}
                         }
-                        _ => std::future::pending().await,
                     }
-                };
-                let shutting_down = async {
-                    if idle {
-                        let _ = self.shutting_down.wait_for(|stopping| *stopping).await;
-                    } else {
-                        std::future::pending::<()>().await;
+                    if notifications.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Notifications);
                     }
-                };
-                tokio::select! {
-                    read = from_client => Woke::Client(read),
-                    read = from_server => Woke::Server(read),
-                    () = notifications => Woke::Notifications,
-                    limit = idle_limit => Woke::Ended(End::IdleTimeout(limit)),
-                    () = shutting_down => Woke::Ended(End::Shutdown),
-                }
+                    if let (Some(limit), Some(timer)) = (idle_limit, timer.as_mut())
+                        && timer.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Woke::Ended(End::IdleTimeout(limit)));
+                    }
+                    if idle && shutdown.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Ended(End::Shutdown));
+                    }
+                    Poll::Pending
+                })
+                .await
             };
             match woke {
                 Woke::Client(Ok(0) | Err(_)) => return Err(End::ClientLeft),
                 Woke::Client(Ok(_)) => return Ok(()),
-                Woke::Server(read) => self.kept_server_spoke(client, read).await?,
+                // Boxed: forwarding what a kept server said (and ending the session if it
+                // is gone) is a large future, needed only in session mode or when pinned.
+                Woke::Server(read) => Box::pin(self.kept_server_spoke(client, read)).await?,
                 Woke::Notifications => {
                     // Whole messages only are in the output here: the client's replies
                     // were all written before it was asked for more.
