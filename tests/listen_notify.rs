@@ -2,7 +2,9 @@
 //! default): clients are answered by pgrelay and not pinned, one listener connection per
 //! database serves them all, notifications reach clients while they are idle and while
 //! other clients' transactions run, a client that does not read is disconnected, and a
-//! lost listener connection is reopened with a warning to the clients.
+//! lost listener connection is reopened with a warning to the clients. LISTEN through the
+//! extended protocol (unnamed and named statements) is answered by pgrelay too, and
+//! inside a transaction block it takes effect at COMMIT and never after a ROLLBACK.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -10,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::raw::{Raw, query};
+use common::raw::{Raw, bind, execute, message, parse, query, show, sync};
 use common::{Proxy, config_for, direct, shared_cluster, wait_until};
 use futures_util::{StreamExt, stream};
 use tokio::io::AsyncReadExt;
@@ -322,5 +324,239 @@ async fn a_lost_listener_connection_is_reopened_with_a_warning() {
         }
     }
     assert_eq!(listener_connections(&admin, "app_t15").await, 1);
+    proxy.shutdown().await;
+}
+
+/// The pinned clients of database `app`, for any reason.
+async fn pinned(proxy: &Proxy) -> f64 {
+    metric(proxy, "pgrelay_pinned_sessions", Some("app")).await
+}
+
+/// A Describe of the unnamed portal.
+fn describe_portal() -> Vec<u8> {
+    message(b'D', b"P\0")
+}
+
+/// A Describe of statement `name`.
+fn describe_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    message(b'D', &body)
+}
+
+/// Sends NOTIFY `marker` on `channel` and waits for it: every notification sent before
+/// it that was to come has come (delivery is in order), and is returned.
+async fn until_marker(listener: &mut Listener, admin: &Client, channel: &str, marker: &str) -> Vec<String> {
+    admin
+        .batch_execute(&format!("NOTIFY {channel}, '{marker}'"))
+        .await
+        .unwrap();
+    let mut before = Vec::new();
+    loop {
+        let (_, payload, _) = listener.notification().await;
+        if payload == marker {
+            return before;
+        }
+        before.push(payload);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_listen_is_answered_by_pgrelay_without_pinning() {
+    let proxy = Proxy::start(&config_for(shared_cluster(), "size = 2")).await;
+    let admin = direct(&shared_cluster().primary().addr(), "app").await;
+
+    // Five clients of a pool of two LISTEN with prepared statements (tokio-postgres'
+    // execute: Parse of a named statement, Describe, then Bind and Execute).
+    let url = proxy.url("app_t16", "app_t16", "app");
+    let mut listeners = Vec::new();
+    for _ in 0..5 {
+        let listener = Listener::connect(&url).await;
+        listener.client.execute("LISTEN fan_ext", &[]).await.unwrap();
+        listener.client.execute("LISTEN fan_ext_marker", &[]).await.unwrap();
+        listeners.push(listener);
+    }
+    assert_eq!(pinned(&proxy).await, 0.0, "no listening client is pinned");
+    assert_eq!(
+        listener_connections(&admin, "app_t16").await,
+        1,
+        "one listener connection"
+    );
+    let servers = common::backends(&admin, "app_t16").await;
+    assert!(
+        servers <= 2,
+        "five listening clients, the pool of two: {servers} server connections"
+    );
+    // Every one of them can still run queries with a pool of two.
+    for listener in &listeners {
+        listener.client.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    admin.batch_execute("NOTIFY fan_ext, 'extended'").await.unwrap();
+    for listener in &mut listeners {
+        assert_eq!(
+            listener.notification().await.0.as_str(),
+            "fan_ext",
+            "every client hears it"
+        );
+    }
+
+    // What a driver sees, message by message: the unnamed statement, then a named one
+    // described first as tokio-postgres and pgjdbc do.
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(&[
+        parse("", "LISTEN fan_ext_raw"),
+        bind("", &[]),
+        describe_portal(),
+        execute(),
+        sync(),
+    ])
+    .await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "1 2 n C:LISTEN Z:I");
+    raw.send(&[parse("unl", "UNLISTEN fan_ext_raw"), describe_statement("unl"), sync()])
+        .await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "1 t n Z:I");
+    raw.send(&[bind("unl", &[]), execute(), sync()]).await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "2 C:UNLISTEN Z:I");
+    // A LISTEN and a SELECT in one batch: the SELECT goes to a server, in order.
+    raw.send(&[
+        parse("", "LISTEN fan_ext_raw"),
+        bind("", &[]),
+        execute(),
+        parse("", "SELECT 1"),
+        bind("", &[]),
+        execute(),
+        sync(),
+    ])
+    .await;
+    assert_eq!(
+        show(&raw.replies_until_ready(1).await),
+        "1 2 C:LISTEN 1 2 D C:SELECT 1 Z:I"
+    );
+    assert_eq!(pinned(&proxy).await, 0.0, "no client is pinned");
+
+    // UNLISTEN through the extended protocol stops delivery to that client.
+    let quiet = &mut listeners[0];
+    quiet.client.execute("UNLISTEN fan_ext", &[]).await.unwrap();
+    admin
+        .batch_execute("NOTIFY fan_ext, 'not for the first'")
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(quiet, &admin, "fan_ext_marker", "marker").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(listeners[1].notification().await.1, "not for the first");
+    assert_eq!(metric(&proxy, "pgrelay_listen_clients", Some("app")).await, 6.0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_in_a_transaction_block_takes_effect_at_commit_and_never_after_rollback() {
+    let proxy = Proxy::start(&fanout_config()).await;
+    let admin = direct(&shared_cluster().primary().addr(), "app").await;
+    let mut listener = Listener::connect(&proxy.url("app_t11", "app_t11", "app")).await;
+    listener.client.batch_execute("LISTEN fan_tx_marker").await.unwrap();
+
+    // Committed: heard from the commit on, not before (as on a direct connection).
+    listener.client.batch_execute("BEGIN").await.unwrap();
+    listener.client.batch_execute("LISTEN fan_tx").await.unwrap();
+    admin.batch_execute("NOTIFY fan_tx, 'before commit'").await.unwrap();
+    listener.client.batch_execute("COMMIT").await.unwrap();
+    admin.batch_execute("NOTIFY fan_tx, 'after commit'").await.unwrap();
+    assert_eq!(
+        until_marker(&mut listener, &admin, "fan_tx_marker", "m1").await,
+        vec!["after commit".to_owned()]
+    );
+
+    // Rolled back: a LISTEN never takes effect, an UNLISTEN never stops anything.
+    listener.client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    listener.client.batch_execute("LISTEN fan_tx_rolled").await.unwrap();
+    listener.client.batch_execute("UNLISTEN fan_tx").await.unwrap();
+    listener.client.batch_execute("ROLLBACK").await.unwrap();
+    admin
+        .batch_execute("NOTIFY fan_tx_rolled, 'never'; NOTIFY fan_tx, 'still listening'")
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(&mut listener, &admin, "fan_tx_marker", "m2").await,
+        vec!["still listening".to_owned()]
+    );
+
+    // The extended protocol in a transaction (tokio-postgres' transaction(), as
+    // psycopg and pgjdbc without autocommit): at COMMIT, and not at ROLLBACK.
+    let transaction = listener.client.transaction().await.unwrap();
+    transaction.execute("LISTEN fan_tx_extended", &[]).await.unwrap();
+    transaction.rollback().await.unwrap();
+    let transaction = listener.client.transaction().await.unwrap();
+    transaction.execute("UNLISTEN fan_tx", &[]).await.unwrap();
+    transaction.execute("LISTEN fan_tx_extended_2", &[]).await.unwrap();
+    transaction.commit().await.unwrap();
+    admin
+        .batch_execute(
+            "NOTIFY fan_tx_extended, 'rolled back'; NOTIFY fan_tx, 'unlistened'; NOTIFY fan_tx_extended_2, 'committed'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(&mut listener, &admin, "fan_tx_marker", "m3").await,
+        vec!["committed".to_owned()]
+    );
+
+    // A NOTIFY inside a transaction that rolls back is never delivered.
+    admin
+        .batch_execute("BEGIN; NOTIFY fan_tx_extended_2, 'notify rolled back'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(&mut listener, &admin, "fan_tx_marker", "m4").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(pinned(&proxy).await, 0.0, "the client was never pinned");
+
+    // In a failed transaction block the LISTEN is refused as the server refuses it.
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(&[query("BEGIN")]).await;
+    assert_eq!(raw.transcript_until_ready(1).await, "C:BEGIN Z:T");
+    raw.send(&[query("SELECT 1/0")]).await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "E:22012 Z:E");
+    raw.send(&[query("LISTEN fan_tx_failed")]).await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "E:25P02 Z:E");
+    raw.send(&[parse("", "LISTEN fan_tx_failed"), bind("", &[]), execute(), sync()])
+        .await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "E:25P02 Z:E");
+    raw.send(&[query("ROLLBACK")]).await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "C:ROLLBACK Z:I");
+    // The extended protocol's implicit transaction: a LISTEN whose batch fails later
+    // is rolled back with it.
+    raw.send(&[
+        parse("", "LISTEN fan_tx_failed"),
+        bind("", &[]),
+        execute(),
+        parse("", "SELECT 1/0"),
+        bind("", &[]),
+        execute(),
+        sync(),
+    ])
+    .await;
+    assert_eq!(show(&raw.replies_until_ready(1).await), "1 2 C:LISTEN 1 E:22012 Z:I");
+    // fan_tx_marker and fan_tx_extended_2: nothing of the failed transactions.
+    assert_eq!(metric(&proxy, "pgrelay_listen_channels", Some("app")).await, 2.0);
+    assert_eq!(pinned(&proxy).await, 0.0, "nobody was pinned");
+
+    // After a SAVEPOINT a LISTEN goes to the server (pinning the client), which keeps
+    // PostgreSQL's word on ROLLBACK TO.
+    listener.client.batch_execute("BEGIN; SAVEPOINT s").await.unwrap();
+    listener.client.batch_execute("LISTEN fan_tx_savepoint").await.unwrap();
+    listener.client.batch_execute("ROLLBACK TO s").await.unwrap();
+    listener.client.batch_execute("COMMIT").await.unwrap();
+    admin
+        .batch_execute("NOTIFY fan_tx_savepoint, 'rolled back to the savepoint'")
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(&mut listener, &admin, "fan_tx_marker", "m5").await,
+        Vec::<String>::new()
+    );
     proxy.shutdown().await;
 }

@@ -33,6 +33,9 @@ pub(crate) struct Carried {
     pub fanout_channels: std::collections::BTreeSet<String>,
     /// `fanout_channels` changed since the hub last heard of them.
     pub fanout_dirty: bool,
+    /// LISTEN statements, portals and in-transaction changes pgrelay answered while a
+    /// server was attached.
+    pub listen_tx: super::listen_tx::ListenTx,
 }
 
 impl Carried {
@@ -82,6 +85,9 @@ impl Carried {
             _ => false,
         };
         self.fanout_dirty |= unlistened;
+        if *effect == SessionEffect::DiscardAll {
+            self.listen_tx.forget_statements();
+        }
         self.pins.apply(effect);
     }
 }

@@ -342,6 +342,15 @@ impl Session {
             pump
         };
         let exit = pump.run().await;
+        if matches!(exit, PumpExit::ServerFailed { .. } | PumpExit::ReplicaRefused { .. }) {
+            // Whatever LISTEN its transaction made is gone with it.
+            self.carried.listen_tx.lost();
+        }
+        // A commit changed the client's channels: the hub hears of them before the client
+        // hears of the commit, so that what is notified after that reaches it.
+        if self.carried.fanout_dirty && !self.sync_channels().await {
+            listen::warn_unconfirmed(client, &self.database.name);
+        }
         let end = self.after_pump(client, server, exit, rerun.as_deref()).await;
         if let Some(mut batch) = rerun {
             batch.clear();
@@ -361,6 +370,7 @@ impl Session {
             role: if self.on_replica { Role::Replica } else { Role::Primary },
             idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
             query_timeout: self.database.pool.query_timeout,
+            fanout: self.fans_out(),
         }
     }
 

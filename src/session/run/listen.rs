@@ -1,8 +1,11 @@
 //! LISTEN / UNLISTEN with `listen_notify = "fanout"` (transaction and statement mode):
-//! pgrelay answers them itself, outside a transaction block, and the client's channels go
-//! to its database's hub instead of to a server, so the client is never pinned for them.
-//! Notifications from the hub's inbox go to the client while it is outside a transaction
-//! block, as PostgreSQL delivers them. See docs/notifications.md.
+//! the client's channels go to its database's hub instead of to a server, so the client is
+//! never pinned for them. A simple query of only LISTEN/UNLISTEN with no server attached
+//! and outside a transaction block is answered here; with a server attached (the
+//! extended protocol, a transaction block) the pump answers it (`pump::listen`) and the
+//! changes take effect when the transaction commits. Notifications from the hub's inbox
+//! go to the client while it is outside a transaction block, as PostgreSQL delivers them.
+//! See docs/notifications.md.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,11 +15,12 @@ use super::{End, Session};
 use crate::config::{ListenNotify, PoolMode};
 use crate::error::{ClientError, Side, sqlstate};
 use crate::net::ClientConn;
-use crate::notify::{Target, channel_name};
+use crate::notify::Target;
 use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::query_text;
 use crate::protocol::{FrontendTag, Header, TxStatus};
-use crate::route::{Classification, PinReason, SessionEffect};
+use crate::route::PinReason;
+use crate::session::listen_tx;
 use crate::session::local::LocalTx;
 
 /// How long a LISTEN waits for the listener connection to LISTEN too, when
@@ -26,56 +30,6 @@ const CONFIRM_FALLBACK: Duration = Duration::from_secs(10);
 /// SQLSTATE of the end of a client whose notification inbox overflowed:
 /// program_limit_exceeded, as PostgreSQL's own "too many notifications in the NOTIFY queue".
 pub(super) const INBOX_OVERFLOW: &str = "54000";
-
-/// One change a LISTEN or UNLISTEN makes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Change {
-    Listen(String),
-    Unlisten(String),
-    UnlistenAll,
-}
-
-impl Change {
-    fn tag(&self) -> &'static str {
-        match self {
-            Change::Listen(_) => "LISTEN",
-            Change::Unlisten(_) | Change::UnlistenAll => "UNLISTEN",
-        }
-    }
-
-    fn apply(&self, channels: &mut BTreeSet<String>) {
-        match self {
-            Change::Listen(channel) => {
-                channels.insert(channel.clone());
-            }
-            Change::Unlisten(channel) => {
-                channels.remove(channel);
-            }
-            Change::UnlistenAll => channels.clear(),
-        }
-    }
-}
-
-/// The changes of a query made of nothing but LISTEN and UNLISTEN statements, in order;
-/// `None` for anything else (which goes to a server as before).
-fn listen_only(class: &Classification) -> Option<Vec<Change>> {
-    if class.transaction.is_some() || class.statements == 0 {
-        return None;
-    }
-    let mut changes = Vec::new();
-    for effect in &class.session {
-        match effect {
-            SessionEffect::Listen { channel } => changes.push(Change::Listen(channel_name(channel))),
-            SessionEffect::Unlisten { channel: Some(channel) } => {
-                changes.push(Change::Unlisten(channel_name(channel)));
-            }
-            SessionEffect::Unlisten { channel: None } => changes.push(Change::UnlistenAll),
-            SessionEffect::Pin(PinReason::Listen) | SessionEffect::Unpin(PinReason::Listen) => {}
-            _ => return None,
-        }
-    }
-    (changes.len() == class.statements).then_some(changes)
-}
 
 impl Session {
     /// Whether this client's LISTENs are served by the database's hub.
@@ -111,18 +65,20 @@ impl Session {
             .database
             .classifier
             .classify_text(sql, self.carried.client_encoding().charset);
-        let Some(changes) = listen_only(&class) else {
+        let Some(changes) = listen_tx::listen_only(&class) else {
             return false;
         };
         let _ = client.inbuf.split_to(header.len);
+        // A simple query ends the unnamed statement.
+        self.carried.listen_tx.unnamed = None;
         let before = self.carried.fanout_channels.clone();
-        for change in &changes {
-            change.apply(&mut self.carried.fanout_channels);
+        for change in changes.iter() {
+            listen_tx::apply(change, &mut self.carried.fanout_channels);
         }
         self.carried.fanout_dirty = true;
         if self.sync_channels().await {
-            for change in &changes {
-                compose::command_complete(&mut client.outbuf, change.tag());
+            for change in changes.iter() {
+                compose::command_complete(&mut client.outbuf, listen_tx::tag(change));
             }
         } else {
             // As if the statement had failed: the channels stay as they were.
@@ -234,34 +190,15 @@ pub(super) fn overflow_error() -> ClientError {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::route::{Charset, Classifier, ClassifierSettings};
-
-    fn changes(sql: &str) -> Option<Vec<Change>> {
-        let classifier = Classifier::new(ClassifierSettings::default());
-        listen_only(&classifier.classify_text(sql.as_bytes(), Charset::Utf8))
-    }
-
-    #[test]
-    fn only_queries_of_listen_and_unlisten_are_answered() {
-        assert_eq!(changes("LISTEN Orders"), Some(vec![Change::Listen("orders".into())]));
-        assert_eq!(
-            changes("listen \"Orders\"; UNLISTEN x; unlisten *"),
-            Some(vec![
-                Change::Listen("Orders".into()),
-                Change::Unlisten("x".into()),
-                Change::UnlistenAll
-            ])
-        );
-        assert_eq!(
-            changes(&format!("LISTEN {}", "a".repeat(80))),
-            Some(vec![Change::Listen("a".repeat(63))])
-        );
-        assert_eq!(changes("LISTEN a; SELECT 1"), None);
-        assert_eq!(changes("BEGIN; LISTEN a; COMMIT"), None);
-        assert_eq!(changes("NOTIFY a"), None);
-        assert_eq!(changes("SELECT 1"), None);
-    }
+/// Tells the client that the channels its commit gave it are not listened to yet: the
+/// listener connection could not LISTEN in time (it goes on trying, and notifications
+/// come once it has).
+pub(super) fn warn_unconfirmed(client: &mut ClientConn, database: &str) {
+    compose::warning(
+        &mut client.outbuf,
+        sqlstate::CONNECTION_FAILURE,
+        &format!(
+            "pgrelay's listener connection to the primary of database \"{database}\" is not available: notifications may be missed until it is back"
+        ),
+    );
 }

@@ -106,7 +106,13 @@ impl Session {
                 let inbox = self
                     .subscription
                     .as_deref()
-                    .filter(|_| self.local.tx == super::LocalTx::Idle)
+                    .filter(|_| {
+                        self.local.tx == super::LocalTx::Idle
+                            && self
+                                .server
+                                .as_deref()
+                                .is_none_or(|server| server.status() == crate::protocol::TxStatus::Idle)
+                    })
                     .map(crate::notify::Subscription::inbox);
                 let mut notifications = std::pin::pin!(async {
                     match inbox {
