@@ -61,11 +61,11 @@ fn fanout_config() -> String {
     config_for(shared_cluster(), "size = 4")
 }
 
-/// Server connections of `user` on the primary that ran a LISTEN last.
+/// pgrelay's listener connections of `user` on the primary.
 async fn listener_connections(admin: &Client, user: &str) -> i64 {
     admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND query ILIKE 'LISTEN%'",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND application_name = 'pgrelay listener'",
             &[&user],
         )
         .await
@@ -284,7 +284,7 @@ async fn a_lost_listener_connection_is_reopened_with_a_warning() {
     listener.client.batch_execute("LISTEN fan_lost").await.unwrap();
     let killed: i64 = admin
         .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'app_t15' AND query ILIKE 'LISTEN%'",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'app_t15' AND application_name = 'pgrelay listener'",
             &[],
         )
         .await
@@ -383,7 +383,15 @@ async fn extended_protocol_listen_is_answered_by_pgrelay_without_pinning() {
         1,
         "one listener connection"
     );
-    let servers = common::backends(&admin, "app_t16").await;
+    let servers: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_t16' \
+             AND backend_type = 'client backend' AND application_name <> 'pgrelay listener'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert!(
         servers <= 2,
         "five listening clients, the pool of two: {servers} server connections"
@@ -468,6 +476,21 @@ async fn listen_in_a_transaction_block_takes_effect_at_commit_and_never_after_ro
         until_marker(&mut listener, &admin, "fan_tx_marker", "m1").await,
         vec!["after commit".to_owned()]
     );
+
+    // A channel another client listens to already: what was committed before this
+    // client's LISTEN returned is not for it, even though the listener connection gets it.
+    let mut other = Listener::connect(&proxy.url("app_t11", "app_t11", "app")).await;
+    other.client.batch_execute("LISTEN fan_tx_shared").await.unwrap();
+    admin.batch_execute("NOTIFY fan_tx_shared, 'before'").await.unwrap();
+    listener.client.batch_execute("LISTEN fan_tx_shared").await.unwrap();
+    admin.batch_execute("NOTIFY fan_tx_shared, 'after'").await.unwrap();
+    assert_eq!(other.notification().await.1, "before");
+    assert_eq!(
+        until_marker(&mut listener, &admin, "fan_tx_marker", "m1b").await,
+        vec!["after".to_owned()]
+    );
+    listener.client.batch_execute("UNLISTEN fan_tx_shared").await.unwrap();
+    drop(other);
 
     // Rolled back: a LISTEN never takes effect, an UNLISTEN never stops anything.
     listener.client.batch_execute("BEGIN; SELECT 1").await.unwrap();

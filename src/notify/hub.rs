@@ -22,6 +22,10 @@ pub type Target = Arc<dyn Fn() -> Option<Arc<ConnectSpec>> + Send + Sync>;
 struct Subscriber {
     inbox: Arc<Inbox>,
     channels: BTreeSet<String>,
+    /// Channels it added, with the generation from whose confirmation on it hears them:
+    /// a notification the listener connection reads before that was committed before the
+    /// client's LISTEN took effect, and PostgreSQL would not deliver it either.
+    since: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -87,6 +91,7 @@ impl Hub {
             Subscriber {
                 inbox: inbox.clone(),
                 channels: BTreeSet::new(),
+                since: HashMap::new(),
             },
         );
         Subscription {
@@ -101,10 +106,19 @@ impl Hub {
     /// (`None`: nothing was added). `target` becomes the listener's target: the listener
     /// logs in as the user of the client that last changed its channels.
     fn set_channels(self: &Arc<Self>, id: u64, channels: &BTreeSet<String>, target: Target) -> Option<u64> {
+        let applied = *self.applied.borrow();
         let mut state = self.state();
         let state = &mut *state;
         let subscriber = state.subscribers.get_mut(&id)?;
         let old = std::mem::replace(&mut subscriber.channels, channels.clone());
+        subscriber
+            .since
+            .retain(|channel, since| *since > applied && channels.contains(channel));
+        // Heard from the round trip the listener connection makes after this change.
+        let since = state.generation + 1;
+        for new in channels.difference(&old) {
+            subscriber.since.insert(new.clone(), since);
+        }
         let was_listening = !old.is_empty();
         let mut union_changed = false;
         let mut added = false;
@@ -132,7 +146,9 @@ impl Hub {
             .channels
             .set(i64::try_from(state.channels.len()).unwrap_or(i64::MAX));
         state.target = Some(target);
-        if union_changed {
+        // An added channel needs a round trip of the listener connection even when others
+        // listen to it already: what it reads before that is not for this client.
+        if union_changed || added {
             state.generation += 1;
             if !state.listening && !state.channels.is_empty() {
                 state.listening = true;
@@ -210,8 +226,10 @@ impl Hub {
     }
 
     /// Queues one NotificationResponse (`message`, whole) for every client listening to
-    /// `channel`; a client whose inbox overflows is left to its session to disconnect.
+    /// `channel` (since before the listener's last round trip); a client whose inbox
+    /// overflows is left to its session to disconnect.
     pub(super) fn deliver(&self, channel: &str, message: &Bytes) {
+        let applied = *self.applied.borrow();
         let state = self.state();
         let Some(ids) = state.channels.get(channel) else {
             return;
@@ -220,6 +238,10 @@ impl Hub {
             let Some(subscriber) = state.subscribers.get(id) else {
                 continue;
             };
+            if subscriber.since.get(channel).is_some_and(|since| *since > applied) {
+                // Committed before this client's LISTEN took effect.
+                continue;
+            }
             match subscriber.inbox.push(message) {
                 Pushed::Queued => self.metrics.delivered.inc(),
                 Pushed::Overflowed => self.metrics.dropped.inc(),

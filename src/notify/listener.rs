@@ -14,7 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::hub::Hub;
 use crate::protocol::frame::split_frame;
 use crate::protocol::views::{ErrorFields, read_cstr};
-use crate::upstream::{ServerConn, UpstreamError};
+use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
+
+/// The listener connection's `application_name`, by which it is told apart in
+/// `pg_stat_activity`.
+pub const LISTENER_APPLICATION_NAME: &str = "pgrelay listener";
 
 /// First wait after a failed connect; doubled up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -39,7 +43,14 @@ pub(super) async fn run(hub: Arc<Hub>) {
             tracing::debug!(database = %hub.database(), "no client listens: listener connection closed");
             return;
         };
-        let spec = target.and_then(|target| target());
+        let spec = target.and_then(|target| target()).map(|pool| ConnectSpec {
+            addr: pool.addr.clone(),
+            database: pool.database.clone(),
+            credentials: pool.credentials.clone(),
+            tls: pool.tls.clone(),
+            tcp: pool.tcp,
+            application_name: Some(LISTENER_APPLICATION_NAME),
+        });
         let connected = match &spec {
             Some(spec) => match tokio::time::timeout(CONNECT_TIMEOUT, crate::upstream::connect(spec)).await {
                 Ok(result) => result.map_err(|error| error.to_string()),
@@ -76,12 +87,17 @@ pub(super) async fn run(hub: Arc<Hub>) {
 /// connection fails or no channel is wanted.
 async fn serve(hub: &Hub, mut conn: ServerConn) -> Ended {
     let mut subscribed = BTreeSet::new();
+    let mut confirmed = 0;
     loop {
         let (wanted, generation) = hub.wanted();
         if wanted.is_empty() {
             return Ended::Idle;
         }
-        if wanted != subscribed {
+        // A round trip (the LISTENs, or an empty query when only a client joined a channel
+        // already listened to): the server sends every notification committed before it
+        // ahead of its ReadyForQuery, so what is read after it was committed after the
+        // clients' LISTENs of this generation.
+        if wanted != subscribed || generation > confirmed {
             let sql = statements(&subscribed, &wanted);
             if let Err(reason) = run_query(hub, &mut conn, &sql).await {
                 return Ended::Failed(reason);
@@ -89,6 +105,7 @@ async fn serve(hub: &Hub, mut conn: ServerConn) -> Ended {
             subscribed = wanted;
         }
         hub.confirm(generation);
+        confirmed = generation;
         // Waits for a change of the channels or for the server. Cancel-safe: a change
         // noted while reading is kept as the Notify's permit.
         tokio::select! {

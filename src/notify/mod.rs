@@ -13,6 +13,7 @@ mod listener;
 
 pub use hub::{Hub, Hubs, Subscription, Target};
 pub use inbox::{Inbox, MAX_QUEUED, MAX_QUEUED_BYTES};
+pub use listener::LISTENER_APPLICATION_NAME;
 
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer ones are truncated.
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
