@@ -14,6 +14,7 @@ pub mod localpg;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod pool;
 pub mod protocol;
 pub mod registry;

@@ -1,7 +1,9 @@
 //! Driver compatibility: real client drivers through a transaction-mode pool of 3 server
 //! connections, each with more concurrent clients than that. Each driver's suite
 //! (tests/drivers/) uses named server-side prepared statements, transactions that commit
-//! and roll back, session settings, COPY in and out, and errors, and checks its results.
+//! and roll back, session settings, COPY in and out, and errors, and checks its results;
+//! in transaction mode each also LISTENs with more clients than servers and gets
+//! notifications through its own API (pgrelay's listener connection is outside the pool).
 //! tests/drivers/install.sh installs the drivers first; a driver that cannot be installed
 //! fails its test.
 
@@ -81,6 +83,20 @@ fn schema_of(user: &str) -> String {
     format!("drv_{user}")
 }
 
+/// The server connections `user` holds on the primary, without pgrelay's listener
+/// connection (listen_notify = "fanout"), which is outside the pool.
+async fn pool_backends(direct: &Client, user: &str) -> i64 {
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' \
+             AND application_name <> $2",
+            &[&user, &pgrelay::notify::LISTENER_APPLICATION_NAME],
+        )
+        .await
+        .expect("count backends")
+        .get(0)
+}
+
 /// A proxy with a pool for the shared cluster, and the peak
 /// number of server connections `user` held on the primary while it ran, sampled every
 /// 5 ms by a direct superuser connection.
@@ -130,7 +146,7 @@ impl Harness {
             let (peak, stop) = (peak.clone(), stop.clone());
             async move {
                 while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(common::backends(&direct, user).await, Ordering::Relaxed);
+                    peak.fetch_max(pool_backends(&direct, user).await, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }

@@ -375,7 +375,7 @@ fn notification(tag: u8, body: &[u8]) -> (String, String) {
     (fields.next().unwrap_or_default(), fields.next().unwrap_or_default())
 }
 
-/// A client that LISTENs keeps its server (it is pinned) and hears every notification as
+/// With listen_notify = "pin", a client that LISTENs keeps its server (it is pinned) and hears every notification as
 /// soon as the server sends it, while it sends nothing itself, as on a direct connection:
 /// the first one after LISTEN, and each of a batch that arrives at once. When that server
 /// ends the session, the client is told at once too, not at its next statement.
@@ -384,7 +384,11 @@ async fn a_listening_client_hears_notifications_and_its_server_s_end_while_idle(
     let cluster = shared_cluster();
     let admin = common::direct(&cluster.primary().addr(), "app").await;
     for mode in ["transaction", "session"] {
-        let proxy = Proxy::start(&config_for(cluster, &format!("mode = \"{mode}\"\nsize = 2"))).await;
+        // listen_notify = "pin": the server-side LISTEN of before (fan-out has its own
+        // tests in tests/listen_notify.rs).
+        let config = config_for(cluster, &format!("mode = \"{mode}\"\nsize = 2"))
+            .replace("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n");
+        let proxy = Proxy::start(&config).await;
         let name = format!("raw_listener_{mode}");
         let channel = format!("raw_channel_{mode}");
         let mut listener = common::raw::Raw::connect_named(&proxy.addr.to_string(), &name).await;

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::auth_query::AuthQueryKeys;
-use super::enums::{Consistency, FunctionVolatility, LoadBalance, RoutingTarget, ServerTlsMode, TransactionRouting};
+use super::enums::{
+    Consistency, FunctionVolatility, ListenNotify, LoadBalance, RoutingTarget, ServerTlsMode, TransactionRouting,
+};
 use super::pool::{PoolConfig, PoolOverrides};
 
 /// One `[databases.NAME]` entry (NAME is the key of [`super::Config::databases`]).
@@ -23,6 +25,8 @@ pub struct DatabaseConfig {
     /// `auth_user` / `auth_query` / `auth_cache_ttl` as this entry wrote them; see
     /// [`super::Config::auth_query`] for the effective settings.
     pub auth_query: AuthQueryKeys,
+    /// How LISTEN is served in transaction and statement mode.
+    pub listen_notify: ListenNotify,
 }
 
 impl DatabaseConfig {
@@ -36,6 +40,7 @@ impl DatabaseConfig {
             pool_overrides: PoolOverrides::default(),
             routing: RoutingConfig::default(),
             auth_query: AuthQueryKeys::default(),
+            listen_notify: ListenNotify::default(),
         }
     }
 

@@ -103,6 +103,17 @@ keyword_enum! {
 }
 
 keyword_enum! {
+    /// How a client's LISTEN is served in transaction and statement mode.
+    ListenNotify default Fanout {
+        /// pgrelay answers LISTEN/UNLISTEN itself; one listener connection per database
+        /// LISTENs to the union of its clients' channels (docs/notifications.md).
+        Fanout = "fanout",
+        /// LISTEN goes to the client's server, which the client then keeps (pinned).
+        Pin = "pin",
+    }
+}
+
+keyword_enum! {
     /// How reads are spread over the usable replicas.
     LoadBalance default LeastConnections {
         RoundRobin = "round_robin",

@@ -24,8 +24,8 @@ pub use auth_query::{AuthQueryConfig, AuthQueryKeys, DEFAULT_AUTH_CACHE_TTL, DEF
 pub use database::{DatabaseConfig, RoutingConfig, ServerTlsConfig};
 pub use duration::{format_duration, format_limit, format_size, parse_duration, parse_size};
 pub use enums::{
-    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode,
-    RoutingTarget, ServerTlsMode, TransactionRouting,
+    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance,
+    PoolMode, RoutingTarget, ServerTlsMode, TransactionRouting,
 };
 pub use pool::{PoolConfig, PoolOverrides};
 pub use secret::{PasswordForm, SecretError, check_md5, check_password};

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::duration::{ByteSize, DurationValue};
 use super::enums::{
-    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, LoadBalance, PoolMode,
-    RoutingTarget, ServerTlsMode, TransactionRouting,
+    AuthMethod, ChannelBindingMode, ClientTlsMode, Consistency, FunctionVolatility, ListenNotify, LoadBalance,
+    PoolMode, RoutingTarget, ServerTlsMode, TransactionRouting,
 };
 use super::hba::{HbaRule, HbaSource};
 use super::secret::PasswordForm;
@@ -114,6 +114,7 @@ struct RawDatabase {
     auth_query: Option<String>,
     auth_cache_ttl: Option<DurationValue>,
     auth_dbname: Option<String>,
+    listen_notify: Option<ListenNotify>,
 }
 
 #[derive(Deserialize)]
@@ -452,6 +453,7 @@ fn database(
         pool_overrides,
         routing,
         auth_query: auth_query_keys(raw.auth_user, raw.auth_query, raw.auth_cache_ttl, raw.auth_dbname),
+        listen_notify: raw.listen_notify.unwrap_or_default(),
     }
 }
 

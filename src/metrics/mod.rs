@@ -27,5 +27,5 @@ pub use guards::{ClientStateGauge, PinnedGauge};
 pub use handles::SessionMetrics;
 pub use http::{Health, serve};
 pub use labels::{CancelResult, ClientState, LoginRefusal, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason};
-pub use registry::{LATENCY_BUCKETS, Metrics, MetricsError};
+pub use registry::{LATENCY_BUCKETS, Metrics, MetricsError, NotifyMetrics};
 pub use scrape::{PoolState, StateSink};

@@ -49,6 +49,9 @@ pub(crate) struct Families {
     pub(crate) login_refusals: IntCounterVec,
     pub(crate) cancels: IntCounterVec,
     pub(crate) cancel_forward_failures: IntCounter,
+    pub(crate) listen_clients: IntGaugeVec,
+    pub(crate) listen_channels: IntGaugeVec,
+    pub(crate) notifications: IntCounterVec,
 }
 
 impl Families {
@@ -163,8 +166,29 @@ impl Families {
                 "pgrelay_cancel_forward_failures_total",
                 "Peers a forwarded cancel request could not be sent to (connection refused or timed out, name not resolved).",
             )?,
+            listen_clients: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_listen_clients",
+                    "Clients listening through the database's listener connection (listen_notify = \"fanout\"): each LISTENs to at least one channel.",
+                ),
+                &["database"],
+            )?,
+            listen_channels: IntGaugeVec::new(
+                Opts::new(
+                    "pgrelay_listen_channels",
+                    "Channels the database's listener connection LISTENs to: the union of its clients' channels.",
+                ),
+                &["database"],
+            )?,
+            notifications: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_notifications_total",
+                    "Notifications from the listener connection, counted per listening client: result = delivered (queued for the client), dropped (its queue was full, or it left before reading them).",
+                ),
+                &["database", "result"],
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 17] = [
+        let collectors: [Box<dyn Collector>; 20] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -182,6 +206,9 @@ impl Families {
             Box::new(families.login_refusals.clone()),
             Box::new(families.cancels.clone()),
             Box::new(families.cancel_forward_failures.clone()),
+            Box::new(families.listen_clients.clone()),
+            Box::new(families.listen_channels.clone()),
+            Box::new(families.notifications.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -317,6 +344,17 @@ impl Metrics {
         self.families.login_refusals.with_label_values(&[reason]).inc();
     }
 
+    /// The handles of one database's listener hub (listen_notify = "fanout"). Resolve once per
+    /// hub; both results of pgrelay_notifications_total exist from then on.
+    pub fn notify(&self, database: &str) -> NotifyMetrics {
+        NotifyMetrics {
+            clients: self.families.listen_clients.with_label_values(&[database]),
+            channels: self.families.listen_channels.with_label_values(&[database]),
+            delivered: self.families.notifications.with_label_values(&[database, "delivered"]),
+            dropped: self.families.notifications.with_label_values(&[database, "dropped"]),
+        }
+    }
+
     /// Counts one stall seen by the watchdog.
     pub fn runtime_stall(&self) {
         self.families.runtime_stalls.inc();
@@ -362,4 +400,17 @@ impl std::fmt::Debug for Metrics {
             .field("databases", &self.databases.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Handles of one database's notification fan-out (see [`Metrics::notify`]).
+#[derive(Debug, Clone)]
+pub struct NotifyMetrics {
+    /// pgrelay_listen_clients{database}
+    pub clients: prometheus::IntGauge,
+    /// pgrelay_listen_channels{database}
+    pub channels: prometheus::IntGauge,
+    /// pgrelay_notifications_total{database,result="delivered"}
+    pub delivered: IntCounter,
+    /// pgrelay_notifications_total{database,result="dropped"}
+    pub dropped: IntCounter,
 }

@@ -216,6 +216,12 @@ impl ServerPool {
         &self.spec.addr
     }
 
+    /// Where and as whom this pool connects (the listener connection of LISTEN/NOTIFY
+    /// fan-out connects the same way, outside the pool).
+    pub fn spec(&self) -> Arc<crate::upstream::ConnectSpec> {
+        self.spec.clone()
+    }
+
     /// Whom this pool logs in as.
     pub fn credentials(&self) -> &crate::upstream::ServerCredentials {
         &self.spec.credentials

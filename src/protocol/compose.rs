@@ -51,6 +51,11 @@ pub fn notice(buf: &mut BytesMut, sqlstate: &str, message: &(impl AsRef<[u8]> + 
     error_or_notice(buf, b'N', "NOTICE", sqlstate, message.as_ref());
 }
 
+/// A NoticeResponse of severity WARNING; `message` as for [`error`].
+pub fn warning(buf: &mut BytesMut, sqlstate: &str, message: &(impl AsRef<[u8]> + ?Sized)) {
+    error_or_notice(buf, b'N', "WARNING", sqlstate, message.as_ref());
+}
+
 /// Written by hand rather than with pgwire, whose messages hold only UTF-8 text.
 fn error_or_notice(buf: &mut BytesMut, tag: u8, severity: &str, sqlstate: &str, message: &[u8]) {
     let until_nul = |text: &'_ [u8]| -> usize { text.iter().position(|&b| b == 0).unwrap_or(text.len()) };

@@ -81,6 +81,8 @@ pub struct DatabaseEntry {
     pub fences: Arc<Fences>,
     /// Schema changes seen and stale statements refused, shared by its clients.
     pub schema: Arc<SchemaWatch>,
+    /// How a client's LISTEN is served in transaction and statement mode.
+    pub listen_notify: crate::config::ListenNotify,
     pools: DashMap<String, Arc<UserPools>>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
@@ -123,6 +125,7 @@ impl DatabaseEntry {
             budgets: observers.budgets.clone(),
             name: name.to_owned(),
             server_dbname: config.server_dbname(name).to_owned(),
+            listen_notify: config.listen_notify,
             pool: config.pool(defaults),
             routing: config.routing.clone(),
             host_health: hosts

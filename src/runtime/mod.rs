@@ -539,6 +539,8 @@ pub struct Shared {
     control: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The worker runtime, where sessions, pools and monitors run.
     workers: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Each database's LISTEN/NOTIFY fan-out (listen_notify = "fanout").
+    pub notify: crate::notify::Hubs,
 }
 
 impl Shared {
@@ -550,6 +552,7 @@ impl Shared {
             reloads: std::sync::atomic::AtomicU64::new(0),
             control: std::sync::OnceLock::new(),
             workers: std::sync::OnceLock::new(),
+            notify: crate::notify::Hubs::new(observers.metrics.clone()),
             metrics: observers.metrics,
             registry: observers.registry,
             budgets: observers.budgets,

@@ -28,6 +28,14 @@ pub(crate) struct Carried {
     /// The client_encoding of a session whose settings name none: the database's, as the
     /// server reported it at login.
     pub default_encoding: ClientEncoding,
+    /// listen_notify = "fanout": the channels the client listens to through its
+    /// database's hub (not on any server).
+    pub fanout_channels: std::collections::BTreeSet<String>,
+    /// `fanout_channels` changed since the hub last heard of them.
+    pub fanout_dirty: bool,
+    /// LISTEN statements, portals and in-transaction changes pgrelay answered while a
+    /// server was attached.
+    pub listen_tx: super::listen_tx::ListenTx,
 }
 
 impl Carried {
@@ -64,6 +72,21 @@ impl Carried {
                 *server = SessionParams::default();
             }
             _ => {}
+        }
+        // An UNLISTEN or DISCARD ALL that went to a server ends fan-out listening too, as
+        // it would end any LISTEN on a direct connection.
+        let unlistened = match effect {
+            SessionEffect::Unlisten { channel: Some(channel) } => self.fanout_channels.remove(channel),
+            SessionEffect::Unlisten { channel: None } | SessionEffect::DiscardAll => {
+                let had = !self.fanout_channels.is_empty();
+                self.fanout_channels.clear();
+                had
+            }
+            _ => false,
+        };
+        self.fanout_dirty |= unlistened;
+        if *effect == SessionEffect::DiscardAll {
+            self.listen_tx.forget_statements();
         }
         self.pins.apply(effect);
     }

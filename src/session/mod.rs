@@ -3,6 +3,7 @@
 
 mod carried;
 mod handshake;
+mod listen_tx;
 mod local;
 mod login;
 mod method;

@@ -2,6 +2,7 @@
 //! server for it (per transaction, per statement, or once for the whole session),
 //! forward until the server is idle again, and give the server back.
 
+mod listen;
 mod wait;
 
 use std::sync::Arc;
@@ -43,7 +44,7 @@ const WAITING_INPUT_LIMIT: usize = 1 << 20;
 
 /// Why a session ended.
 #[derive(Debug)]
-enum End {
+pub(super) enum End {
     /// The client closed the connection or sent Terminate.
     ClientLeft,
     /// The client broke the protocol.
@@ -61,6 +62,8 @@ enum End {
     /// The server failed in the middle of a message that was being streamed to the
     /// client: nothing more can be framed, so the connection is closed without a word.
     ServerLostMidMessage,
+    /// The client's notification inbox overflowed: it does not read.
+    NotificationsOverflowed,
 }
 
 pub(crate) struct Session {
@@ -91,6 +94,9 @@ pub(crate) struct Session {
     idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// `Shared::reloads` when this session last looked for a new snapshot.
     reloads_seen: u64,
+    /// Its place in the database's notification hub while it listens to a channel
+    /// there (listen_notify = "fanout").
+    subscription: Option<Box<crate::notify::Subscription>>,
     /// The batch being served only reads, outside a transaction (set by `route`).
     rerunnable: bool,
     /// Runs of the current read batch after its server failed, and when the first began.
@@ -147,6 +153,7 @@ impl Session {
             deferred_begin_sent: false,
             local: LocalState::new(),
             server: None,
+            subscription: None,
             client_state: metrics.client_state(ClientState::Idle),
             registration,
             pinned: metrics.pins(),
@@ -160,6 +167,7 @@ impl Session {
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),
+            End::NotificationsOverflowed => Some(listen::overflow_error()),
             End::Killed => Some(ClientError::new(
                 Side::Pgrelay,
                 sqlstate::ADMIN_SHUTDOWN,
@@ -218,8 +226,8 @@ impl Session {
             // ever not, the task still yields once its budget is spent instead of
             // keeping its worker from every other client.
             tokio::task::coop::consume_budget().await;
-            if client.flush().await.is_err() {
-                return End::ClientLeft;
+            if let Err(end) = self.flush_notifications(client).await {
+                return end;
             }
             if self.server.is_none() {
                 client.release_buffers();
@@ -234,6 +242,8 @@ impl Session {
             if let Some(end) = Box::pin(self.exchange(client, tag)).await {
                 return end;
             }
+            // An UNLISTEN or DISCARD ALL that went to a server ended fan-out listening.
+            self.sync_channels().await;
             let rerun = std::mem::take(&mut self.rerun_pending);
             if (client.bytes_read, client.inbuf.len()) == input_before && !rerun {
                 // Every exchange takes at least the message it was given, or reads more.
@@ -267,6 +277,9 @@ impl Session {
     async fn exchange(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Option<End> {
         // A copy of a read-only batch, to run it again should its server fail first.
         let mut rerun = None;
+        if self.answer_listen(client, tag).await {
+            return None;
+        }
         if self.server.is_none() {
             let defer_begin = self
                 .defers_begin()
@@ -329,6 +342,15 @@ impl Session {
             pump
         };
         let exit = pump.run().await;
+        if matches!(exit, PumpExit::ServerFailed { .. } | PumpExit::ReplicaRefused { .. }) {
+            // Whatever LISTEN its transaction made is gone with it.
+            self.carried.listen_tx.lost();
+        }
+        // A commit changed the client's channels: the hub hears of them before the client
+        // hears of the commit, so that what is notified after that reaches it.
+        if self.carried.fanout_dirty && !self.sync_channels().await {
+            listen::warn_unconfirmed(client, &self.database.name);
+        }
         let end = self.after_pump(client, server, exit, rerun.as_deref()).await;
         if let Some(mut batch) = rerun {
             batch.clear();
@@ -348,6 +370,7 @@ impl Session {
             role: if self.on_replica { Role::Replica } else { Role::Primary },
             idle_transaction_timeout: self.database.pool.idle_transaction_timeout,
             query_timeout: self.database.pool.query_timeout,
+            fanout: self.fans_out(),
         }
     }
 
@@ -452,16 +475,7 @@ impl Session {
         if Arc::ptr_eq(&database, &self.database) {
             return;
         }
-        // A user found by auth_query belongs to the new snapshot's lookup: keeping the old
-        // entry would tie this session to pools with the old lookup's credentials.
-        let user = match (snapshot.user(&self.user.name), &self.user.auth) {
-            (Some(user), _) => user,
-            (None, ClientAuth::Query) => match snapshot.auth_lookup(&database.name) {
-                Some((lookup, _)) => lookup.adopt(&self.user),
-                None => self.user.clone(),
-            },
-            (None, _) => self.user.clone(),
-        };
+        let user = user_in(&snapshot, &database.name, &self.user);
         self.pools = database.pools(&user);
         self.database = database;
         self.user = user;
@@ -930,5 +944,19 @@ impl Session {
             }
             Err(_) => false,
         }
+    }
+}
+
+/// `user`'s entry in `snapshot` (a reload's): a user found by auth_query belongs to the
+/// new snapshot's lookup, since keeping the old entry would tie the session to pools with
+/// the old lookup's credentials.
+pub(super) fn user_in(snapshot: &Snapshot, database: &str, user: &Arc<UserEntry>) -> Arc<UserEntry> {
+    match (snapshot.user(&user.name), &user.auth) {
+        (Some(user), _) => user,
+        (None, ClientAuth::Query) => match snapshot.auth_lookup(database) {
+            Some((lookup, _)) => lookup.adopt(user),
+            None => user.clone(),
+        },
+        (None, _) => user.clone(),
     }
 }

@@ -57,13 +57,26 @@ pub enum Expect {
 }
 
 /// Replies pgrelay makes up so the client sees exactly what a server would send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Synthetic {
     /// For a Close of a client's statement: the server-side statement stays cached.
     CloseComplete,
     /// For a simple query answered by pgrelay: CommandComplete with this tag, then
     /// ReadyForQuery.
     QueryDone(&'static str),
+    /// For a Parse of a LISTEN or UNLISTEN pgrelay answers (`listen_notify = "fanout"`).
+    ParseComplete,
+    /// For a Bind of such a statement.
+    BindComplete,
+    /// For a Describe of such a statement (`statement`: ParameterDescription first) or
+    /// of its portal: NoData.
+    NoData { statement: bool },
+    /// The LISTEN and UNLISTEN effects of a statement pgrelay answers, in order: their
+    /// CommandComplete messages, then with `query` (a simple query) ReadyForQuery.
+    Listen {
+        changes: std::sync::Arc<[crate::route::SessionEffect]>,
+        query: bool,
+    },
 }
 
 /// Who receives the replies to an entry.
@@ -247,7 +260,9 @@ impl ResponseQueue {
                 *recipient == Recipient::Client
                     && matches!(
                         expect,
-                        Expect::Ready | Expect::ResultsUntilReady | Expect::Synthetic(Synthetic::QueryDone(_))
+                        Expect::Ready
+                            | Expect::ResultsUntilReady
+                            | Expect::Synthetic(Synthetic::QueryDone(_) | Synthetic::Listen { query: true, .. })
                     )
             })
             .count()
@@ -267,11 +282,32 @@ impl ResponseQueue {
     pub fn pop_synthetic(&mut self) -> Option<Synthetic> {
         match self.entries.front() {
             Some((Expect::Synthetic(synthetic), _)) => {
-                let synthetic = *synthetic;
+                let synthetic = synthetic.clone();
                 self.pop_front();
                 Some(synthetic)
             }
             _ => None,
+        }
+    }
+
+    /// pgrelay answered an extended-protocol message of its own with an error: the
+    /// replies it was to make itself for the rest of the batch are dropped, as a server
+    /// skips the rest of a batch after an error. Replies the server owes stay: those
+    /// messages are in the server's hands.
+    pub fn drop_synthetic_batch(&mut self) {
+        while matches!(
+            self.entries.front(),
+            Some((
+                Expect::Synthetic(
+                    Synthetic::ParseComplete
+                        | Synthetic::BindComplete
+                        | Synthetic::NoData { .. }
+                        | Synthetic::Listen { query: false, .. }
+                ),
+                _
+            ))
+        ) {
+            self.pop_front();
         }
     }
 

@@ -3,7 +3,8 @@
 // Run by tests/drivers.rs (compiled into target/driver-java) with the connection details in
 // PGRELAY_* variables. prepareThreshold=1 makes every PreparedStatement a named server-side
 // statement (S_1, S_2, ...) from its first execution; executeBatch pipelines several
-// Bind/Execute pairs before one Sync. Exits non-zero at the first failed check.
+// Bind/Execute pairs before one Sync; clients LISTEN and read getNotifications(). Exits
+// non-zero at the first failed check.
 
 import java.io.StringReader;
 import java.io.StringWriter;
@@ -26,6 +27,7 @@ import java.util.concurrent.Future;
 import java.util.concurrent.TimeUnit;
 
 import org.postgresql.PGConnection;
+import org.postgresql.PGNotification;
 import org.postgresql.copy.CopyManager;
 
 public final class JdbcSuite {
@@ -304,6 +306,93 @@ public final class JdbcSuite {
         return written;
     }
 
+    /** The server connections the suite's user holds apart from pgrelay's listener connection. */
+    static final String SERVERS = "SELECT count(*) FROM pg_stat_activity WHERE usename = current_user"
+            + " AND backend_type = 'client backend' AND application_name <> 'pgrelay listener'";
+
+    static void exec(Connection conn, String sql) throws SQLException {
+        try (Statement st = conn.createStatement()) {
+            st.execute(sql);
+        }
+    }
+
+    /** The next `count` notifications of `conn` as "channel:payload", through getNotifications. */
+    static List<String> notifications(Connection conn, int count, String what) throws SQLException {
+        PGConnection pg = conn.unwrap(PGConnection.class);
+        List<String> got = new ArrayList<>();
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(10);
+        while (got.size() < count) {
+            long left = TimeUnit.NANOSECONDS.toMillis(deadline - System.nanoTime());
+            check(left > 0, what + ": " + got.size() + " of " + count + " notifications within 10 s: " + got);
+            PGNotification[] batch = pg.getNotifications((int) left);
+            if (batch != null) {
+                for (PGNotification notification : batch) {
+                    got.add(notification.getName() + ":" + notification.getParameter());
+                }
+            }
+        }
+        return got;
+    }
+
+    /**
+     * listen_notify = "fanout" (transaction mode, the default): more clients LISTEN (the
+     * extended protocol, as pgjdbc sends every statement) than the pool has servers, one
+     * of them with autoCommit off; pgrelay answers the LISTENs, holds one listener
+     * connection for them all, and each client gets every notification through
+     * getNotifications() while it holds no server.
+     */
+    static void listenFanout() throws Exception {
+        String channel = "drv_fan_" + USER;
+        String marker = "drv_fan_mark_" + USER;
+        List<Connection> listeners = new ArrayList<>();
+        try (Connection sender = connect(null)) {
+            for (int i = 0; i < POOL_SIZE + 2; i++) {
+                listeners.add(connect(null));
+            }
+            for (Connection conn : listeners.subList(0, listeners.size() - 1)) {
+                exec(conn, "LISTEN " + channel);
+                exec(conn, "LISTEN " + marker);
+            }
+            // With autoCommit off the LISTEN goes with pgjdbc's BEGIN and takes effect at
+            // commit, as on the server.
+            Connection inTx = listeners.get(listeners.size() - 1);
+            inTx.setAutoCommit(false);
+            exec(inTx, "LISTEN " + channel);
+            exec(sender, "NOTIFY " + channel + ", 'before commit'");
+            inTx.commit();
+            inTx.setAutoCommit(true);
+            int servers = Integer.parseInt(one(sender, SERVERS));
+            check(servers <= POOL_SIZE, listeners.size() + " listening clients hold " + servers + " servers");
+            // The server connection a client gets knows nothing of its channels.
+            checkEquals("0", one(listeners.get(0), "SELECT count(*) FROM pg_listening_channels()"),
+                    "channels of the server connection");
+            exec(sender, "NOTIFY " + channel + ", 'to all'");
+            // The others listened already when 'before commit' was sent.
+            for (int i = 0; i < listeners.size() - 1; i++) {
+                checkEquals(List.of(channel + ":before commit", channel + ":to all"),
+                        notifications(listeners.get(i), 2, "listener " + i), "listener " + i);
+            }
+            checkEquals(List.of(channel + ":to all"), notifications(inTx, 1, "the listener with autoCommit off"),
+                    "the listener with autoCommit off");
+            // UNLISTEN stops delivery to that client; a NOTIFY rolled back reaches nobody.
+            exec(listeners.get(0), "UNLISTEN " + channel);
+            exec(sender, "NOTIFY " + channel + ", 'after unlisten'");
+            sender.setAutoCommit(false);
+            exec(sender, "NOTIFY " + channel + ", 'rolled back'");
+            sender.rollback();
+            sender.setAutoCommit(true);
+            exec(sender, "NOTIFY " + marker + ", 'marker'");
+            checkEquals(List.of(marker + ":marker"), notifications(listeners.get(0), 1, "after UNLISTEN"),
+                    "after UNLISTEN");
+            checkEquals(List.of(channel + ":after unlisten", marker + ":marker"),
+                    notifications(listeners.get(1), 2, "after a rollback"), "after a rollback");
+        } finally {
+            for (Connection conn : listeners) {
+                conn.close();
+            }
+        }
+    }
+
     public static void main(String[] args) throws Exception {
         long started = System.nanoTime();
         log("pgjdbc " + org.postgresql.util.DriverInfo.DRIVER_VERSION + ", " + WORKERS + " clients, pool of "
@@ -336,6 +425,10 @@ public final class JdbcSuite {
         log(WORKERS + " concurrent clients used " + pids.size() + " server connections: " + pids);
         check(SESSION_MODE || WORKERS > POOL_SIZE, "more clients than servers");
         check(pids.size() >= 1 && pids.size() <= POOL_SIZE, pids.size() + " server connections for a pool of " + POOL_SIZE);
+        if (!SESSION_MODE) {
+            listenFanout();
+            log("LISTEN/NOTIFY fan-out done");
+        }
         try (Connection conn = connect(null)) {
             checkEquals(String.valueOf(written), one(conn, "SELECT count(*) FROM " + TABLE), "rows in the table");
             try (Statement st = conn.createStatement()) {

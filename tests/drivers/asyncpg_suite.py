@@ -310,9 +310,73 @@ async def next_notification(received, what):
         raise AssertionError(f"{what}: no notification within 10 s") from None
 
 
+# The server connections the suite's user holds apart from pgrelay's listener connection.
+SERVERS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE usename = current_user"
+    " AND backend_type = 'client backend' AND application_name <> 'pgrelay listener'"
+)
+
+
+async def listen_fanout():
+    """listen_notify = "fanout" (transaction mode, the default): more clients add_listener
+    (a LISTEN through fetch: the extended protocol) than the pool has servers, one of them
+    inside a transaction; pgrelay answers the LISTENs, holds one listener connection for
+    them all, and each client's callback gets every notification while it holds no server."""
+    channel = f"drv_fan_{USER}"
+    marker = f"drv_fan_mark_{USER}"
+    listeners = [await connect() for _ in range(POOL_SIZE + 2)]
+    sender = await connect()
+    queues = [asyncio.Queue() for _ in listeners]
+    callbacks = []
+    try:
+        for queue in queues:
+            def on_notification(_conn, _pid, chan, payload, queue=queue):
+                queue.put_nowait((chan, payload))
+
+            callbacks.append(on_notification)
+        for conn, callback in zip(listeners[:-1], callbacks):
+            await conn.add_listener(channel, callback)
+            await conn.add_listener(marker, callback)
+        # Inside a transaction a LISTEN takes effect at COMMIT, as on the server.
+        async with listeners[-1].transaction():
+            await listeners[-1].add_listener(channel, callbacks[-1])
+            await sender.execute(f"NOTIFY {channel}, 'before commit'")
+        servers = await sender.fetchval(SERVERS)
+        assert servers <= POOL_SIZE, f"{len(listeners)} listening clients hold {servers} servers"
+        # The server connection a client gets knows nothing of its channels.
+        assert await listeners[0].fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+        await sender.execute(f"NOTIFY {channel}, 'to all'")
+        # The others listened already when 'before commit' was sent.
+        for index, queue in enumerate(queues):
+            if index < len(queues) - 1:
+                got = await next_notification(queue, f"listener {index}")
+                assert got == (channel, "before commit"), f"listener {index}: {got}"
+            got = await next_notification(queue, f"listener {index}")
+            assert got == (channel, "to all"), f"listener {index}: {got}"
+        # remove_listener (UNLISTEN) stops delivery to that client; a NOTIFY rolled back
+        # reaches nobody.
+        await listeners[0].remove_listener(channel, callbacks[0])
+        await sender.execute(f"NOTIFY {channel}, 'after unlisten'")
+        try:
+            async with sender.transaction():
+                await sender.execute(f"NOTIFY {channel}, 'rolled back'")
+                raise SourceFailed("roll back")
+        except SourceFailed:
+            pass
+        await sender.execute(f"NOTIFY {marker}, 'marker'")
+        got = await next_notification(queues[0], "after remove_listener")
+        assert got == (marker, "marker"), f"after remove_listener: {got}"
+        got = [await next_notification(queues[1], f"after a rollback {k}") for k in range(2)]
+        assert got == [(channel, "after unlisten"), (marker, "marker")], f"after a rollback: {got}"
+    finally:
+        for conn in listeners + [sender]:
+            await conn.close()
+
+
 async def listen_notify():
-    """LISTEN/NOTIFY with add_listener: the listener (pinned to its server in transaction
-    mode) gets each notification while it sends nothing; the sender is another connection."""
+    """LISTEN/NOTIFY with add_listener: the listener gets each notification while it sends
+    nothing; the sender is another connection. In session mode the listener LISTENs on its
+    own server; in transaction mode pgrelay's listener connection does."""
     channel = f"drv_chan_{USER}"
     listener = await connect()
     sender = await connect()
@@ -337,8 +401,10 @@ async def listen_notify():
                 await sender.execute(f"NOTIFY {channel}, 'tx{k}'")
         batch = [await next_notification(received, f"transaction notification {k}") for k in range(3)]
         assert batch == [(channel, f"tx{k}") for k in range(3)], batch
-        # The listener works as usual in between, and still listens afterwards.
-        assert await listener.fetchval("SELECT pg_listening_channels()") == channel
+        # The listener works as usual in between, and still listens afterwards. Only a
+        # session-mode client's own server LISTENs (see docs/notifications.md).
+        listening = [row[0] for row in await listener.fetch("SELECT pg_listening_channels()")]
+        assert listening == ([channel] if SESSION_MODE else []), listening
         await sender.execute(f"NOTIFY {channel}, 'after a query'")
         assert await next_notification(received, "after a query") == (channel, "after a query")
         await listener.remove_listener(channel, on_notification)
@@ -463,6 +529,9 @@ async def main():
     log("short sessions with types done")
     await listen_notify()
     log("LISTEN/NOTIFY done")
+    if not SESSION_MODE:
+        await listen_fanout()
+        log("LISTEN/NOTIFY fan-out done")
     await error_mid_batch()
     log("error mid-batch done")
     await copy_aborted_by_client()

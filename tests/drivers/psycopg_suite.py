@@ -293,10 +293,67 @@ def pipeline_checks():
         conn.commit()
 
 
+# The server connections the suite's user holds apart from pgrelay's listener connection.
+SERVERS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE usename = current_user"
+    " AND backend_type = 'client backend' AND application_name <> 'pgrelay listener'"
+)
+
+
+def payloads(conn, count):
+    return [(n.channel, n.payload) for n in conn.notifies(timeout=10, stop_after=count)]
+
+
+def listen_fanout():
+    """listen_notify = "fanout" (transaction mode, the default): more clients LISTEN than
+    the pool has servers, with prepared statements (prepare_threshold=0) and inside a
+    transaction; pgrelay answers the LISTENs, holds one listener connection for them all,
+    and each client gets every notification through notifies() while it holds no server."""
+    channel = f"drv_fan_{USER}"
+    marker = f"drv_fan_mark_{USER}"
+    listeners = [connect() for _ in range(POOL_SIZE + 2)]
+    in_tx = connect(autocommit=False)
+    sender = connect()
+    try:
+        for conn in listeners:
+            conn.execute(f"LISTEN {channel}")
+            conn.execute(f"LISTEN {marker}")
+        # Inside a transaction a LISTEN takes effect at COMMIT, as on the server.
+        in_tx.execute(f"LISTEN {channel}")
+        assert in_tx.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        sender.execute(f"NOTIFY {channel}, 'before commit'")
+        in_tx.commit()
+        servers = one(sender, SERVERS)
+        assert servers <= POOL_SIZE, f"{len(listeners) + 1} listening clients hold {servers} servers"
+        # The server connection a client gets knows nothing of its channels.
+        assert one(listeners[0], "SELECT count(*) FROM pg_listening_channels()") == 0
+        sender.execute(f"NOTIFY {channel}, 'to all'")
+        # The others listened already when 'before commit' was sent.
+        for index, conn in enumerate(listeners):
+            got = payloads(conn, 2)
+            assert got == [(channel, "before commit"), (channel, "to all")], f"listener {index}: {got}"
+        got = payloads(in_tx, 1)
+        assert got == [(channel, "to all")], f"the listener that LISTENed in a transaction: {got}"
+        # UNLISTEN stops delivery to that client; a NOTIFY rolled back reaches nobody.
+        listeners[0].execute(f"UNLISTEN {channel}")
+        sender.execute(f"NOTIFY {channel}, 'after unlisten'")
+        with sender.transaction():
+            sender.execute(f"NOTIFY {channel}, 'rolled back'")
+            raise psycopg.Rollback()
+        sender.execute(f"NOTIFY {marker}, 'marker'")
+        got = payloads(listeners[0], 1)
+        assert got == [(marker, "marker")], f"after UNLISTEN: {got}"
+        got = payloads(listeners[1], 2)
+        assert got == [(channel, "after unlisten"), (marker, "marker")], f"after a rollback: {got}"
+    finally:
+        for conn in listeners + [in_tx, sender]:
+            conn.close()
+
+
 def listen_notify():
-    """LISTEN/NOTIFY with the notifies() generator: the listener (pinned to its server in
-    transaction mode) gets each notification while it sends nothing; the sender is another
-    connection."""
+    """LISTEN/NOTIFY with the notifies() generator: the listener gets each notification
+    while it sends nothing; the sender is another connection. In session mode the listener
+    LISTENs on its own server; in transaction mode pgrelay's listener connection does."""
     channel = f"drv_chan_{USER}"
     with connect() as listener, connect() as sender:
         listener.execute(f"LISTEN {channel}")
@@ -315,8 +372,10 @@ def listen_notify():
                 sender.execute(f"NOTIFY {channel}, 'tx{k}'")
         got = [n.payload for n in listener.notifies(timeout=10, stop_after=3)]
         assert got == ["tx0", "tx1", "tx2"], f"from a transaction: {got}"
-        # The listener works as usual in between, and still listens afterwards.
-        assert one(listener, "SELECT pg_listening_channels()") == channel
+        # The listener works as usual in between, and still listens afterwards. Only a
+        # session-mode client's own server LISTENs (see docs/notifications.md).
+        listening = listener.execute("SELECT pg_listening_channels()").fetchall()
+        assert listening == ([(channel,)] if SESSION_MODE else []), listening
         sender.execute(f"NOTIFY {channel}, 'after a query'")
         got = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
         assert got == ["after a query"], f"after a query: {got}"
@@ -364,6 +423,9 @@ def main():
     log("pipeline checks done")
     listen_notify()
     log("LISTEN/NOTIFY done")
+    if not SESSION_MODE:
+        listen_fanout()
+        log("LISTEN/NOTIFY fan-out done")
     copy_aborted_by_client()
     log("COPY aborted by the client done")
     with connect() as conn:

@@ -24,7 +24,7 @@ use crate::session::carried::{Carried, may_change_encoding};
 use crate::upstream::{Expect, Recipient, ServerConn, Synthetic};
 
 /// What becomes of one client message.
-enum Disposition {
+pub(super) enum Disposition {
     /// Sent to the server unchanged.
     Forward,
     /// Handled: whatever replaces it is already in the server's output.
@@ -121,14 +121,17 @@ impl Pump<'_> {
 
     /// Decides about the message at `start..start + len` of the client input.
     fn plan(&mut self, tag: FrontendTag, start: usize, len: usize) -> Result<Disposition, PumpExit> {
+        if self.server.expect.skipping_to_sync() && !matches!(tag, FrontendTag::Sync | FrontendTag::Terminate) {
+            // The server skips it after the error in this batch and owes no reply.
+            return Ok(Disposition::Forward);
+        }
+        if let Some(disposition) = self.plan_listen(tag, start, len)? {
+            return Ok(disposition);
+        }
         let body = &self.client.inbuf[start + crate::protocol::HEADER_LEN..start + len];
         let server = &mut *self.server;
         let manage = self.mode.manage_statements;
         let malformed = |error: ProtocolError| PumpExit::ClientBroke(error);
-        if server.expect.skipping_to_sync() && !matches!(tag, FrontendTag::Sync | FrontendTag::Terminate) {
-            // The server skips it after the error in this batch and owes no reply.
-            return Ok(Disposition::Forward);
-        }
         Ok(match tag {
             FrontendTag::Query => {
                 self.unit_started.get_or_insert_with(Instant::now);
@@ -147,6 +150,7 @@ impl Pump<'_> {
                     // serve other clients too, and a client without SQL-level PREPAREs
                     // (those pin it) has nothing else there to deallocate.
                     self.carried.statements.clear();
+                    self.carried.listen_tx.forget_statements();
                     server.expect.push(
                         Expect::Synthetic(Synthetic::QueryDone("DEALLOCATE ALL")),
                         Recipient::Client,
@@ -156,7 +160,8 @@ impl Pump<'_> {
                 if manage
                     && let Some(Deallocate::One(name)) = parse_deallocate(sql)
                     && encoding.charset.reads(sql)
-                    && self.carried.statements.remove(&name)
+                    && (self.carried.statements.remove(&name)
+                        || self.carried.listen_tx.statements.remove(&name[..]).is_some())
                 {
                     server
                         .expect
@@ -195,6 +200,7 @@ impl Pump<'_> {
                 }
                 server.expect.push(Expect::ResultsUntilReady, Recipient::Client);
                 let class = self.classifier.classify_text(sql, encoding.charset);
+                note_savepoint(self.carried, &class);
                 if !class.session.is_empty() {
                     self.note_effects(&class.session);
                 }
@@ -223,6 +229,7 @@ impl Pump<'_> {
                     );
                     let class = self.classifier.classify_text(parse.query, encoding.charset);
                     self.batch_parsed_unnamed |= parse.name.is_empty();
+                    note_savepoint(self.carried, &class);
                     if !class.session.is_empty() {
                         self.note_effects(&class.session);
                     }
@@ -256,6 +263,7 @@ impl Pump<'_> {
                     .statements
                     .contains(&statement.server_name)
                     .then(|| checked_parse(&parse));
+                note_savepoint(self.carried, &statement.class);
                 if !statement.class.session.is_empty() {
                     let effects = statement.class.session.clone();
                     self.note_effects(&effects);
@@ -425,7 +433,7 @@ const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 /// The encoding the client's next text is in: the one its settings name, unless a
 /// statement that may change it has not settled yet (then it is in doubt, and only ASCII
 /// text is read).
-fn text_encoding(pending: &PendingEffects, carried: &Carried) -> ClientEncoding {
+pub(super) fn text_encoding(pending: &PendingEffects, carried: &Carried) -> ClientEncoding {
     if pending.any(may_change_encoding) {
         ClientEncoding::UNKNOWN
     } else {
@@ -512,4 +520,12 @@ fn prepare(
         },
         recipient,
     );
+}
+
+/// A SAVEPOINT on its way: from now on in this transaction a LISTEN goes to the server
+/// (see `listen`).
+fn note_savepoint(carried: &mut Carried, class: &crate::route::Classification) {
+    if matches!(class.transaction, Some(crate::route::TxControl::Savepoint { .. })) {
+        carried.listen_tx.savepoint = true;
+    }
 }

@@ -183,6 +183,8 @@ impl Pump<'_> {
                 }
                 self.finish_unit();
                 self.error_since_ready = false;
+                let took = self.carried.listen_tx.ready(status == TxStatus::Idle);
+                super::listen::took_effect(self.carried, took);
                 if self.mode.statement_mode && status != TxStatus::Idle {
                     return Err(PumpExit::TransactionInStatementMode);
                 }
@@ -215,6 +217,7 @@ impl Pump<'_> {
                 server.state.copy_ended();
                 if to_client {
                     self.pending.failed();
+                    self.carried.listen_tx.failed();
                     self.error_since_ready = true;
                 }
                 if let Some(definition) = routing.failed_definition {
@@ -265,6 +268,8 @@ impl Pump<'_> {
                 server.state.copy_ended();
                 if to_client && let Ok(tag) = command_tag(body) {
                     self.pending.completed(tag);
+                    let took = self.carried.listen_tx.completed(tag);
+                    super::listen::took_effect(self.carried, took);
                     if changes_schema(tag) {
                         // At once, for the statements this client prepares next in its
                         // transaction, and again when it ends (see `schema_changed`).

@@ -11,6 +11,7 @@ mod effects;
 mod fence;
 mod from_client;
 mod from_server;
+mod listen;
 pub(super) mod refusal;
 
 use std::future::poll_fn;
@@ -104,6 +105,9 @@ pub(super) struct PumpMode {
     pub idle_transaction_timeout: Option<std::time::Duration>,
     /// query_timeout.
     pub query_timeout: Option<std::time::Duration>,
+    /// `listen_notify = "fanout"` in transaction or statement mode: pgrelay answers the
+    /// client's LISTEN and UNLISTEN (see `listen`).
+    pub fanout: bool,
 }
 
 pub(super) struct Pump<'a> {
@@ -294,10 +298,17 @@ impl<'a> Pump<'a> {
                 Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
                 Poll::Pending => {}
             }
-            match self.client.poll_write_out(cx) {
-                Poll::Ready(Ok(wrote)) => progress |= wrote,
-                Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
-                Poll::Pending => {}
+            // A commit changed the client's channels: it hears of the commit once the
+            // session has handed them to the hub, when the server is idle (which ends
+            // the run). Written meanwhile only if holding it could stall the run.
+            let channels_unsettled =
+                self.carried.fanout_dirty && !self.server.expect.is_empty() && self.client.outbuf.len() < HIGH_WATER;
+            if !channels_unsettled {
+                match self.client.poll_write_out(cx) {
+                    Poll::Ready(Ok(wrote)) => progress |= wrote,
+                    Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
+                    Poll::Pending => {}
+                }
             }
 
             if self.hold && self.server.expect.is_empty() && self.server.status() != TxStatus::Idle {
@@ -306,11 +317,15 @@ impl<'a> Pump<'a> {
             }
             if self.server.outbuf.len() < HIGH_WATER && self.client.outbuf.len() < HIGH_WATER && !self.hold {
                 if !self.client.inbuf.is_empty() {
-                    let before = self.server.outbuf.len();
+                    let before = (self.server.outbuf.len(), self.client.outbuf.len());
                     if let Err(exit) = self.on_client_input() {
                         return Poll::Ready(exit);
                     }
-                    progress |= self.server.outbuf.len() != before;
+                    // A message pgrelay answered itself may have been the last one owed.
+                    if self.server.is_idle() {
+                        return Poll::Ready(PumpExit::ServerIdle);
+                    }
+                    progress |= (self.server.outbuf.len(), self.client.outbuf.len()) != before;
                 }
                 match self.client.poll_read_more(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(PumpExit::ClientGone),
@@ -319,6 +334,9 @@ impl<'a> Pump<'a> {
                         read += n;
                         if let Err(exit) = self.on_client_input() {
                             return Poll::Ready(exit);
+                        }
+                        if self.server.is_idle() {
+                            return Poll::Ready(PumpExit::ServerIdle);
                         }
                     }
                     Poll::Pending => {}
@@ -503,6 +521,7 @@ impl<'a> Pump<'a> {
                     compose::command_complete(out, tag);
                     compose::ready_for_query(out, self.server.status());
                 }
+                listen => self.emit_listen(listen),
             }
         }
     }

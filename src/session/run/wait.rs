@@ -1,7 +1,8 @@
 //! Waiting for the client's next whole message: client_idle_timeout, shutdown, and the
 //! server kept between messages (session mode, a pinned client), whose notifications,
 //! notices and parameter changes go to the client as they come, and whose end ends the
-//! session at once, as on a direct connection.
+//! session at once, as on a direct connection; and, for a fan-out listener, the notifications
+//! in its inbox, delivered while it is between transactions.
 
 use std::task::Poll;
 
@@ -19,6 +20,8 @@ enum Woke {
     Client(std::io::Result<usize>),
     /// The kept server sent something: what reading it gave.
     Server(std::io::Result<usize>),
+    /// Notifications (or word of a gap) wait in the client's inbox.
+    Notifications,
     Ended(End),
 }
 
@@ -70,8 +73,8 @@ impl Session {
     /// one read of the server gave, so it waits for a socket every time.
     ///
     /// An idle client's task waits here, so the wait is one small hand-written poll
-    /// (socket readiness, the session's own timer, a shutdown `Notified`) rather than a
-    /// `select!` of four futures.
+    /// (socket readiness, the session's own timer, a shutdown `Notified`, the
+    /// notification inbox of a fan-out listener) rather than a `select!` of five futures.
     async fn wait_for_input(
         &mut self,
         client: &mut ClientConn,
@@ -99,6 +102,24 @@ impl Session {
                     }
                     _ => None,
                 };
+                // Between transactions only, as PostgreSQL delivers them; in a block they wait.
+                let inbox = self
+                    .subscription
+                    .as_deref()
+                    .filter(|_| {
+                        self.local.tx == super::LocalTx::Idle
+                            && self
+                                .server
+                                .as_deref()
+                                .is_none_or(|server| server.status() == crate::protocol::TxStatus::Idle)
+                    })
+                    .map(crate::notify::Subscription::inbox);
+                let mut notifications = std::pin::pin!(async {
+                    match inbox {
+                        Some(inbox) => inbox.ready().await,
+                        None => std::future::pending().await,
+                    }
+                });
                 let server = &mut self.server;
                 let timer = &mut self.idle_timer;
                 std::future::poll_fn(|cx| {
@@ -122,6 +143,9 @@ impl Session {
                             Poll::Pending => {}
                         }
                     }
+                    if notifications.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Notifications);
+                    }
                     if let (Some(limit), Some(timer)) = (idle_limit, timer.as_mut())
                         && timer.as_mut().poll(cx).is_ready()
                     {
@@ -140,6 +164,12 @@ impl Session {
                 // Boxed: forwarding what a kept server said (and ending the session if it
                 // is gone) is a large future, needed only in session mode or when pinned.
                 Woke::Server(read) => Box::pin(self.kept_server_spoke(client, read)).await?,
+                Woke::Notifications => {
+                    // Whole messages only are in the output here: the client's replies
+                    // were all written before it was asked for more.
+                    self.take_notifications(client)?;
+                    self.flush_notifications(client).await?;
+                }
                 Woke::Ended(end) => return Err(end),
             }
         }

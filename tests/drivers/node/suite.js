@@ -1,8 +1,9 @@
 // node-postgres (pg) through a transaction-mode pgrelay pool smaller than the number of
 // clients. Run by tests/drivers.rs with the connection details in PGRELAY_* variables and
 // NODE_PATH pointing at the installed node_modules (target/driver-node). Queries with a
-// `name` are named server-side prepared statements, parsed once per connection. Exits
-// non-zero at the first failed check.
+// `name` are named server-side prepared statements, parsed once per connection; clients
+// LISTEN and get notifications as `notification` events. Exits non-zero at the first
+// failed check.
 'use strict'
 
 const assert = require('node:assert/strict')
@@ -265,6 +266,82 @@ async function poolChecks() {
   }
 }
 
+// The server connections the suite's user holds apart from pgrelay's listener connection.
+const SERVERS =
+  "SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = current_user" +
+  " AND backend_type = 'client backend' AND application_name <> 'pgrelay listener'"
+
+// The `notification` events of `client`, one at a time: next(what) waits at most 10 s.
+function inbox(client) {
+  const received = []
+  const waiting = []
+  client.on('notification', (message) => {
+    const item = [message.channel, message.payload]
+    const resolve = waiting.shift()
+    if (resolve) resolve(item)
+    else received.push(item)
+  })
+  return (what) =>
+    received.length
+      ? Promise.resolve(received.shift())
+      : withTimeout(new Promise((resolve) => waiting.push(resolve)), 10000, what)
+}
+
+// listen_notify = "fanout" (transaction mode, the default): more clients LISTEN than the
+// pool has servers, one with a named statement (the extended protocol) and one inside a
+// transaction; pgrelay answers the LISTENs, holds one listener connection for them all,
+// and each client gets every notification as a `notification` event while it holds no
+// server.
+async function listenFanout() {
+  const channel = `drv_fan_${config.user}`
+  const marker = `drv_fan_mark_${config.user}`
+  const listeners = []
+  for (let i = 0; i < POOL_SIZE + 2; i++) listeners.push(await connect())
+  const sender = await connect()
+  const next = listeners.map(inbox)
+  try {
+    for (const [index, client] of listeners.slice(0, -1).entries()) {
+      if (index === 0) {
+        await client.query({ name: 'listen_fan', text: `LISTEN ${channel}` })
+      } else {
+        await client.query(`LISTEN ${channel}`)
+      }
+      await client.query(`LISTEN ${marker}`)
+    }
+    // Inside a transaction a LISTEN takes effect at COMMIT, as on the server.
+    const inTx = listeners[listeners.length - 1]
+    await inTx.query('BEGIN')
+    await inTx.query(`LISTEN ${channel}`)
+    await sender.query(`NOTIFY ${channel}, 'before commit'`)
+    await inTx.query('COMMIT')
+    const servers = (await sender.query(SERVERS)).rows[0].n
+    assert.ok(servers <= POOL_SIZE, `${listeners.length} listening clients hold ${servers} servers`)
+    // The server connection a client gets knows nothing of its channels.
+    const listening = await listeners[0].query('SELECT count(*)::int AS n FROM pg_listening_channels()')
+    assert.equal(listening.rows[0].n, 0)
+    await sender.query(`NOTIFY ${channel}, 'to all'`)
+    // The others listened already when 'before commit' was sent.
+    for (const [index, nextOf] of next.entries()) {
+      if (index < listeners.length - 1) {
+        assert.deepEqual(await nextOf(`listener ${index}`), [channel, 'before commit'], `listener ${index}`)
+      }
+      assert.deepEqual(await nextOf(`listener ${index}`), [channel, 'to all'], `listener ${index}`)
+    }
+    // UNLISTEN stops delivery to that client; a NOTIFY rolled back reaches nobody.
+    await listeners[0].query({ name: 'unlisten_fan', text: `UNLISTEN ${channel}` })
+    await sender.query(`NOTIFY ${channel}, 'after unlisten'`)
+    await sender.query('BEGIN')
+    await sender.query(`NOTIFY ${channel}, 'rolled back'`)
+    await sender.query('ROLLBACK')
+    await sender.query(`NOTIFY ${marker}, 'marker'`)
+    assert.deepEqual(await next[0]('after UNLISTEN'), [marker, 'marker'], 'after UNLISTEN')
+    assert.deepEqual(await next[1]('after a rollback'), [channel, 'after unlisten'], 'after a rollback')
+    assert.deepEqual(await next[1]('the marker'), [marker, 'marker'], 'the marker')
+  } finally {
+    for (const client of [...listeners, sender]) await client.end()
+  }
+}
+
 async function main() {
   const started = Date.now()
   log(`pg ${require('pg/package.json').version}, ${WORKERS} clients, pool of ${POOL_SIZE}`)
@@ -273,6 +350,10 @@ async function main() {
   log('workers done')
   await poolChecks()
   log('pool checks done')
+  if (!SESSION_MODE) {
+    await listenFanout()
+    log('LISTEN/NOTIFY fan-out done')
+  }
   const client = await connect()
   try {
     await client.query(`DROP TABLE ${TABLE}`)

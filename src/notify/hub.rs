@@ -1,0 +1,326 @@
+//! One database's notification hub: which client listens to which channel, the union of
+//! those channels that the listener connection must LISTEN to, and the fan-out of each
+//! notification to the inboxes of the clients listening to its channel.
+//!
+//! Locking: one std mutex per hub, held only for map updates and for pushing one
+//! notification to its inboxes (never across an await).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::inbox::{Inbox, Pushed};
+use crate::metrics::NotifyMetrics;
+use crate::upstream::ConnectSpec;
+
+/// Where the listener connection goes and as whom, asked afresh at every (re)connect so a
+/// new primary and a reload are followed. `None`: the database is gone.
+pub type Target = Arc<dyn Fn() -> Option<Arc<ConnectSpec>> + Send + Sync>;
+
+struct Subscriber {
+    inbox: Arc<Inbox>,
+    channels: BTreeSet<String>,
+    /// Channels it added, with the generation from whose confirmation on it hears them:
+    /// a notification the listener connection reads before that was committed before the
+    /// client's LISTEN took effect, and PostgreSQL would not deliver it either.
+    since: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+struct State {
+    subscribers: HashMap<u64, Subscriber>,
+    /// Channel → the subscribers listening to it; a channel is here while one does.
+    channels: HashMap<String, HashSet<u64>>,
+    next_id: u64,
+    /// Bumped whenever the set of channels gains one: what the listener must confirm.
+    generation: u64,
+    /// The listener task runs.
+    listening: bool,
+    /// The most recent subscriber's target (see `Hub::subscribe`).
+    target: Option<Target>,
+}
+
+/// See the module documentation.
+pub struct Hub {
+    database: String,
+    state: Mutex<State>,
+    /// Wakes the listener task when the channels change.
+    pub(super) changed: tokio::sync::Notify,
+    /// The generation the listener connection has confirmed (its LISTENs answered).
+    applied: tokio::sync::watch::Sender<u64>,
+    metrics: NotifyMetrics,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub(super) fn new(database: &str, metrics: NotifyMetrics) -> Hub {
+        Hub {
+            database: database.to_owned(),
+            state: Mutex::new(State::default()),
+            changed: tokio::sync::Notify::new(),
+            applied: tokio::sync::watch::channel(0).0,
+            metrics,
+        }
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new subscriber with no channel yet.
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        let inbox = Arc::new(Inbox::default());
+        let mut state = self.state();
+        state.next_id += 1;
+        let id = state.next_id;
+        state.subscribers.insert(
+            id,
+            Subscriber {
+                inbox: inbox.clone(),
+                channels: BTreeSet::new(),
+                since: HashMap::new(),
+            },
+        );
+        Subscription {
+            hub: self.clone(),
+            id,
+            inbox,
+        }
+    }
+
+    /// Makes `channels` the channels of subscriber `id`. Returns the generation the
+    /// listener must confirm before a notification on an added channel is sure to come
+    /// (`None`: nothing was added). `target` becomes the listener's target: the listener
+    /// logs in as the user of the client that last changed its channels.
+    fn set_channels(self: &Arc<Self>, id: u64, channels: &BTreeSet<String>, target: Target) -> Option<u64> {
+        let applied = *self.applied.borrow();
+        let mut state = self.state();
+        let state = &mut *state;
+        let subscriber = state.subscribers.get_mut(&id)?;
+        let old = std::mem::replace(&mut subscriber.channels, channels.clone());
+        subscriber
+            .since
+            .retain(|channel, since| *since > applied && channels.contains(channel));
+        // Heard from the round trip the listener connection makes after this change.
+        let since = state.generation + 1;
+        for new in channels.difference(&old) {
+            subscriber.since.insert(new.clone(), since);
+        }
+        let was_listening = !old.is_empty();
+        let mut union_changed = false;
+        let mut added = false;
+        for gone in old.difference(channels) {
+            if let Some(ids) = state.channels.get_mut(gone) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    state.channels.remove(gone);
+                    union_changed = true;
+                }
+            }
+        }
+        for new in channels.difference(&old) {
+            added = true;
+            let ids = state.channels.entry(new.clone()).or_default();
+            union_changed |= ids.is_empty();
+            ids.insert(id);
+        }
+        match (was_listening, channels.is_empty()) {
+            (false, false) => self.metrics.clients.inc(),
+            (true, true) => self.metrics.clients.dec(),
+            _ => {}
+        }
+        self.metrics
+            .channels
+            .set(i64::try_from(state.channels.len()).unwrap_or(i64::MAX));
+        state.target = Some(target);
+        // An added channel needs a round trip of the listener connection even when others
+        // listen to it already: what it reads before that is not for this client.
+        if union_changed || added {
+            state.generation += 1;
+            if !state.listening && !state.channels.is_empty() {
+                state.listening = true;
+                tokio::spawn(super::listener::run(self.clone()));
+            }
+            self.changed.notify_one();
+        }
+        added.then_some(state.generation)
+    }
+
+    /// Waits until the listener has confirmed `generation`, at most `limit`.
+    async fn wait_applied(&self, generation: u64, limit: Duration) -> bool {
+        let mut applied = self.applied.subscribe();
+        tokio::time::timeout(limit, applied.wait_for(|done| *done >= generation))
+            .await
+            .is_ok_and(|waited| waited.is_ok())
+    }
+
+    fn remove(&self, id: u64) {
+        let mut state = self.state();
+        let Some(subscriber) = state.subscribers.remove(&id) else {
+            return;
+        };
+        let mut union_changed = false;
+        for channel in &subscriber.channels {
+            if let Some(ids) = state.channels.get_mut(channel) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    state.channels.remove(channel);
+                    union_changed = true;
+                }
+            }
+        }
+        if !subscriber.channels.is_empty() {
+            self.metrics.clients.dec();
+        }
+        self.metrics
+            .channels
+            .set(i64::try_from(state.channels.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .dropped
+            .inc_by(u64::try_from(subscriber.inbox.queued()).unwrap_or(u64::MAX));
+        if union_changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The channels the listener connection must LISTEN to, and their generation.
+    pub(super) fn wanted(&self) -> (BTreeSet<String>, u64) {
+        let state = self.state();
+        (state.channels.keys().cloned().collect(), state.generation)
+    }
+
+    /// The listener's target, or `None` after marking the listener stopped when no
+    /// channel is wanted any more (checked under the lock, so a subscriber adding one
+    /// meanwhile starts a new listener).
+    pub(super) fn target_or_stop(&self) -> Option<Option<Target>> {
+        let mut state = self.state();
+        if state.channels.is_empty() {
+            state.listening = false;
+            return None;
+        }
+        Some(state.target.clone())
+    }
+
+    /// The listener connection confirmed `generation`.
+    pub(super) fn confirm(&self, generation: u64) {
+        self.applied.send_if_modified(|applied| {
+            let newer = generation > *applied;
+            if newer {
+                *applied = generation;
+            }
+            newer
+        });
+    }
+
+    /// Queues one NotificationResponse (`message`, whole) for every client listening to
+    /// `channel` (since before the listener's last round trip); a client whose inbox
+    /// overflows is left to its session to disconnect.
+    pub(super) fn deliver(&self, channel: &str, message: &Bytes) {
+        let applied = *self.applied.borrow();
+        let state = self.state();
+        let Some(ids) = state.channels.get(channel) else {
+            return;
+        };
+        for id in ids {
+            let Some(subscriber) = state.subscribers.get(id) else {
+                continue;
+            };
+            if subscriber.since.get(channel).is_some_and(|since| *since > applied) {
+                // Committed before this client's LISTEN took effect.
+                continue;
+            }
+            match subscriber.inbox.push(message) {
+                Pushed::Queued => self.metrics.delivered.inc(),
+                Pushed::Overflowed => self.metrics.dropped.inc(),
+            }
+        }
+    }
+
+    /// The listener connection was lost: every listening client may miss notifications.
+    pub(super) fn mark_gap(&self) {
+        let state = self.state();
+        for subscriber in state.subscribers.values() {
+            if !subscriber.channels.is_empty() {
+                subscriber.inbox.mark_gap();
+            }
+        }
+    }
+}
+
+/// One client's place in a hub; leaving it (drop) removes the client's channels.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    id: u64,
+    inbox: Arc<Inbox>,
+}
+
+impl Subscription {
+    pub fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Makes `channels` this client's channels; when one was added, waits (at most
+    /// `limit`) until the listener connection LISTENs to it, so that a notification
+    /// committed after the client's LISTEN returns reaches it, as on a direct connection.
+    /// `false`: the listener could not confirm in time (the channels stay set, and take
+    /// effect once it reconnects).
+    pub async fn set_channels(&self, channels: &BTreeSet<String>, target: Target, limit: Duration) -> bool {
+        match self.hub.set_channels(self.id, channels, target) {
+            Some(generation) => self.hub.wait_applied(generation, limit).await,
+            None => true,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.remove(self.id);
+    }
+}
+
+/// The hubs of every database, created on first use and kept for the life of the
+/// process (a hub with no subscriber holds no connection).
+pub struct Hubs {
+    hubs: Mutex<HashMap<String, Arc<Hub>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for Hubs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hubs").finish_non_exhaustive()
+    }
+}
+
+impl Hubs {
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Hubs {
+        Hubs {
+            hubs: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn hub(&self, database: &str) -> Arc<Hub> {
+        let mut hubs = self.hubs.lock().unwrap_or_else(PoisonError::into_inner);
+        hubs.entry(database.to_owned())
+            .or_insert_with(|| Arc::new(Hub::new(database, self.metrics.notify(database))))
+            .clone()
+    }
+}
