@@ -245,6 +245,64 @@ async fn the_commit_position_travels_with_the_commit_and_every_shape_of_write_is
         .unwrap();
 }
 
+/// Batches whose end the statements cannot show: an extended-protocol write that fails,
+/// followed by a simple query and only then a Sync; a write followed by a query pgrelay
+/// answers itself before the Sync. Each is answered in full (no ReadyForQuery withheld for
+/// ever), and a write that did commit is read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsynced_and_failed_extended_batches_are_answered_and_read_back() {
+    use common::raw::{Raw, bind, execute, parse, query, show, sync};
+    let cluster = cluster_with_delay(Some(Duration::from_millis(500))).await;
+    let config = config(&cluster, "consistency = \"session\"").replace(
+        "[[users]]",
+        "[[users]]\nname = \"app_trust\"\nauth = \"trust\"\n\n[[users]]",
+    );
+    let proxy = Proxy::start(&config).await;
+    let mut raw = Raw::connect(&proxy).await;
+    let within = Duration::from_secs(10);
+    // A write that fails (no such column), then a Query, then the Sync.
+    raw.send(&[
+        parse("", "INSERT INTO rw (nope) VALUES (1)"),
+        bind("", &[]),
+        execute(),
+        query("SELECT 1"),
+        sync(),
+    ])
+    .await;
+    let replies = tokio::time::timeout(within, raw.replies_until_ready(1))
+        .await
+        .expect("the failed batch is answered");
+    assert_eq!(show(&replies), "E:42703 Z:I");
+    // A write, then a Query before the Sync: the Query ends the implicit transaction.
+    raw.send(&[
+        parse("", "INSERT INTO rw (v) VALUES (20) RETURNING id"),
+        bind("", &[]),
+        execute(),
+        query("SELECT 2"),
+        sync(),
+    ])
+    .await;
+    let replies = tokio::time::timeout(within, raw.replies_until_ready(2))
+        .await
+        .expect("the unsynced batch is answered");
+    assert_eq!(show(&replies), "1 2 D C:INSERT 0 1 T D C:SELECT 1 Z:I Z:I");
+    // Whatever was committed is seen by this client's next read.
+    raw.send(&[query("SELECT count(*) FROM rw WHERE v = 20")]).await;
+    let messages = tokio::time::timeout(within, raw.messages_until_ready())
+        .await
+        .expect("the read is answered");
+    let row = messages
+        .iter()
+        .find(|(tag, _)| *tag == b'D')
+        .map(|(_, body)| String::from_utf8_lossy(&body[6..]).into_owned());
+    assert_eq!(row.as_deref(), Some("1"), "the write read back");
+    proxy.shutdown().await;
+    tokio::task::spawn_blocking(move || cluster.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn causal_consistency_fences_the_tables_written_through_pgrelay() {
     let cluster = cluster_with_delay(Some(Duration::from_millis(500))).await;

@@ -155,7 +155,16 @@ impl Pump<'_> {
     pub(super) fn batch_ends_writing(&mut self) -> bool {
         self.batch_parsed_unnamed = false;
         let ends_idle = std::mem::take(&mut self.batch_end) == BatchEnd::Idle;
-        ends_idle && self.writes.wrote && self.fences.is_some() && !self.fence.is_pending()
+        // After an error the server skips to the next Sync, the fence query with it; a
+        // Query that leaves extended-protocol messages unsynced before it does not end
+        // their implicit transaction if pgrelay answered it itself.
+        let server = &*self.server;
+        ends_idle
+            && self.writes.wrote
+            && self.fences.is_some()
+            && !self.fence.is_pending()
+            && !server.state.is_unsynced()
+            && !server.expect.skipping_to_sync()
     }
 
     /// Sends the fence query behind the batch just planned (see `batch_ends_writing`).
@@ -178,7 +187,12 @@ impl Pump<'_> {
             *held = Some(TxStatus::Idle);
             return true;
         }
-        if !self.writes.wrote || self.fences.is_none() || self.fence.is_pending() {
+        if self.fence.is_pending() {
+            // The fence on its way was sent after this batch, so it covers its writes;
+            // what is noted now was sent after the fence and needs one of its own.
+            return false;
+        }
+        if !self.writes.wrote || self.fences.is_none() {
             self.writes.clear();
             return false;
         }
@@ -248,6 +262,11 @@ impl Pump<'_> {
         else {
             return;
         };
+        if lsn.is_none() && !void && self.fences.is_some() {
+            // The query failed (a late cancel, statement_timeout, a demoted primary): the
+            // commit happened, its position is unknown.
+            self.carried.fence_lost = true;
+        }
         if let (Some(lsn), Some(fences), false) = (lsn, self.fences, void) {
             // A position lost before is older than this one: this one covers it.
             self.carried.write_fence = if self.carried.fence_lost {

@@ -95,6 +95,8 @@ impl Pump<'_> {
                 Ok(disposition) => disposition,
                 Err(exit) => break Err(exit),
             };
+            // Only a message the server gets can end a transaction there.
+            let forwarded = matches!(disposition, Disposition::Forward);
             match disposition {
                 Disposition::Forward => run += header.len,
                 Disposition::Consumed => {
@@ -103,7 +105,7 @@ impl Pump<'_> {
                     run = 0;
                 }
             }
-            if matches!(tag, FrontendTag::Query | FrontendTag::Sync) && self.batch_ends_writing() {
+            if matches!(tag, FrontendTag::Query | FrontendTag::Sync) && self.batch_ends_writing() && forwarded {
                 // The fence query follows the batch that commits, in the same write.
                 move_bytes(&mut self.client.inbuf, run, &mut self.server.outbuf);
                 run = 0;

@@ -247,7 +247,7 @@ impl<'a> Pump<'a> {
             return exit;
         }
         if self.server.is_idle() {
-            return PumpExit::ServerIdle;
+            return self.server_idle();
         }
         poll_fn(|cx| self.poll(cx)).await
     }
@@ -285,7 +285,7 @@ impl<'a> Pump<'a> {
                             return Poll::Ready(self.server_closed());
                         }
                         if self.server.is_idle() {
-                            return Poll::Ready(PumpExit::ServerIdle);
+                            return Poll::Ready(self.server_idle());
                         }
                     }
                     Poll::Ready(Err(source)) => return Poll::Ready(self.server_io_failed(source)),
@@ -323,7 +323,7 @@ impl<'a> Pump<'a> {
                     }
                     // A message pgrelay answered itself may have been the last one owed.
                     if self.server.is_idle() {
-                        return Poll::Ready(PumpExit::ServerIdle);
+                        return Poll::Ready(self.server_idle());
                     }
                     progress |= (self.server.outbuf.len(), self.client.outbuf.len()) != before;
                 }
@@ -336,7 +336,7 @@ impl<'a> Pump<'a> {
                             return Poll::Ready(exit);
                         }
                         if self.server.is_idle() {
-                            return Poll::Ready(PumpExit::ServerIdle);
+                            return Poll::Ready(self.server_idle());
                         }
                     }
                     Poll::Pending => {}
@@ -524,6 +524,16 @@ impl<'a> Pump<'a> {
                 listen => self.emit_listen(listen),
             }
         }
+    }
+
+    /// The server owes nothing and is outside a transaction: the run ends. A fence still
+    /// pending here got no answer (the server skipped it after an error): the ReadyForQuery
+    /// it held goes out, and the client's reads stay on the primary until a later position.
+    fn server_idle(&mut self) -> PumpExit {
+        if self.fence.is_pending() {
+            self.abandon_fence();
+        }
+        PumpExit::ServerIdle
     }
 
     fn server_closed(&mut self) -> PumpExit {
