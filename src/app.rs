@@ -268,7 +268,7 @@ fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
         sink.user_servers(
             budget.name(),
             budget.open(),
-            limit(snapshot.config.pool.max_user_connections),
+            limit(snapshot.config.max_user_connections(budget.name())),
         );
     }
     for budget in shared.budgets.databases() {

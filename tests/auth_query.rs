@@ -2,7 +2,8 @@
 //! function docs/configuration.md shows, SCRAM pass-through (pgrelay logs in to PostgreSQL
 //! with the keys the client's proof gave, as that role), md5 hashes, unknown users, a changed
 //! password once `auth_cache_ttl` passes, and SCRAM-SHA-256-PLUS channel binding over TLS
-//! (psql with `channel_binding=require`; a client bound to another certificate is refused).
+//! (psql with `channel_binding=require`; a client bound to another certificate is refused),
+//! and `[pool]`'s max_user_connections for users found this way.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -245,6 +246,39 @@ async fn scram_role_from_postgres_logs_in_with_pass_through() {
         (code.as_str(), message.as_str()),
         ("28P01", "password authentication failed for user \"aq_scram\"")
     );
+}
+
+/// A user found by auth_query has no `[[users]]` entry of its own: `[pool]`'s
+/// max_user_connections applies to its pools and SHOW USERS shows it.
+#[tokio::test]
+async fn a_user_found_by_auth_query_has_the_pool_max_user_connections() {
+    let proxy = start_proxy_full(
+        "admin_users = [\"postgres\"]",
+        "",
+        "\n[pool]\nmax_user_connections = 4\n",
+    )
+    .await;
+    let (user, password) = SCRAM_ROLE;
+    let client = common::connect(&url(&proxy, user, password, "app")).await.unwrap();
+    assert_eq!(server_role(&client).await, user);
+    let app = proxy.running().shared().snapshot().database("app").unwrap();
+    let (_, pools) = app.all_pools().into_iter().find(|(name, _)| name == user).unwrap();
+    assert_eq!(pools.hosts[0].limits().max_user_connections, Some(4));
+    let console = common::connect(&url(&proxy, "postgres", "postgres", "pgrelay"))
+        .await
+        .unwrap();
+    let row = console
+        .simple_query("SHOW USERS")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some(user) => {
+                Some((row.get(1).map(str::to_owned), row.get(2).map(str::to_owned)))
+            }
+            _ => None,
+        });
+    assert_eq!(row, Some((Some("4".to_owned()), Some("1".to_owned()))));
 }
 
 #[tokio::test]

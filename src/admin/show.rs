@@ -305,7 +305,8 @@ fn users(shared: &Shared) -> Vec<Vec<String>> {
         .map(|name| {
             vec![
                 name.clone(),
-                snapshot.config.pool.max_user_connections.to_string(),
+                // Its own limit if its [[users]] entry sets one, else [pool]'s.
+                snapshot.config.max_user_connections(&name).to_string(),
                 open.get(&name).copied().unwrap_or(0).to_string(),
                 server.max_client_conn_per_user.to_string(),
                 shared.access.counts.user(&name).to_string(),

@@ -62,6 +62,14 @@ impl Config {
         self.users.iter().find(|user| user.name == name)
     }
 
+    /// The `max_user_connections` in force for `user` (0: no limit): its `[[users]]`
+    /// entry's own, else `[pool]`'s (also for users found by auth_query).
+    pub fn max_user_connections(&self, user: &str) -> usize {
+        self.user(user)
+            .and_then(|user| user.max_user_connections)
+            .unwrap_or(self.pool.max_user_connections)
+    }
+
     pub fn is_admin(&self, user: &str) -> bool {
         self.server.admin_users.iter().any(|name| name == user)
     }

@@ -100,6 +100,7 @@ struct RawUser {
     password: Option<String>,
     server_password: Option<String>,
     auth: Option<AuthMethod>,
+    max_user_connections: Option<usize>,
 }
 
 /// The database's own keys; its `[pool]` keys are split off and read as a [`RawPool`].
@@ -389,6 +390,7 @@ fn users(value: toml::Value, problems: &mut Vec<Problem>) -> Vec<UserConfig> {
             password: raw.password,
             server_password: raw.server_password,
             auth,
+            max_user_connections: raw.max_user_connections,
         });
     }
     users

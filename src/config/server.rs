@@ -263,6 +263,8 @@ pub struct UserConfig {
     pub server_password: Option<String>,
     /// As configured, or derived from the form of `password`.
     pub auth: AuthMethod,
+    /// This user's own `max_user_connections` (0: no limit); `None`: `[pool]`'s applies.
+    pub max_user_connections: Option<usize>,
 }
 
 impl UserConfig {
@@ -273,6 +275,7 @@ impl UserConfig {
             password: Some(password.into()),
             server_password: None,
             auth: AuthMethod::ScramSha256,
+            max_user_connections: None,
         }
     }
 
@@ -312,6 +315,7 @@ impl fmt::Debug for UserConfig {
             .field("password", &redact(&self.password))
             .field("server_password", &redact(&self.server_password))
             .field("auth", &self.auth)
+            .field("max_user_connections", &self.max_user_connections)
             .finish()
     }
 }

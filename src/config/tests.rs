@@ -49,6 +49,7 @@ max_prepared_statements = 50
 name = "app"
 password = "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$67JFtZNI0yaS8i+7fP8/m/zCGx7Aa697n5KX1HseycM=:5/1Y0k/ettsWQ3XOOoMkGMphA7V8yuRhvhBAbo3XowA="
 server_password = "app"
+max_user_connections = 7
 
 [[users]]
 name = "admin"
@@ -148,6 +149,8 @@ fn full_file_with_every_key() {
     assert_eq!(app.server_password.as_deref(), Some("app"));
     assert_eq!(app.auth, AuthMethod::ScramSha256);
     assert_eq!(app.scram_verifier().unwrap().iterations, 4096);
+    assert_eq!(app.max_user_connections, Some(7));
+    assert_eq!(config.user("admin").unwrap().max_user_connections, None);
     assert_eq!(config.user("admin").unwrap().auth, AuthMethod::Md5);
     let monitor = config.user("monitor").unwrap();
     assert_eq!((monitor.auth, monitor.password.as_deref()), (AuthMethod::Trust, None));

@@ -233,7 +233,7 @@ fn pool(prefix: &str, pool: &PoolConfig, overrides: Option<&PoolOverrides>, out:
         push(
             out,
             key_path(prefix, "max_user_connections"),
-            "a user's limit covers every database: set it in [pool]",
+            "a user's limit covers every database: set it in [pool] or in the user's [[users]] entry",
         );
     }
 }
@@ -719,9 +719,37 @@ replicas = ["127.0.0.1:5433"]
         );
         assert_problem(
             "max_user_connections = 3\n",
-            "databases.app.max_user_connections: a user's limit covers every database: set it in [pool]",
+            "databases.app.max_user_connections: a user's limit covers every database: set it in [pool] or in the user's [[users]] entry",
         );
         assert_eq!(problems("max_db_connections = 3\n"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_user_may_set_its_own_max_user_connections() {
+        let config = parse(&format!(
+            "{BASE}[pool]\nmax_user_connections = 8\n\
+             [[users]]\nname = \"low\"\npassword = \"x\"\nmax_user_connections = 2\n\
+             [[users]]\nname = \"free\"\npassword = \"x\"\nmax_user_connections = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(config.user("low").unwrap().max_user_connections, Some(2));
+        assert_eq!(config.user("app").unwrap().max_user_connections, None);
+        assert_eq!(config.max_user_connections("low"), 2);
+        assert_eq!(config.max_user_connections("free"), 0, "0: no limit for this user");
+        assert_eq!(config.max_user_connections("app"), 8, "[pool]'s");
+        assert_eq!(
+            config.max_user_connections("from_auth_query"),
+            8,
+            "not in [[users]]: [pool]'s"
+        );
+        assert_problem(
+            "[[users]]\nname = \"b\"\npassword = \"x\"\nmax_user_connections = -1\n",
+            "users[1].max_user_connections: invalid value: integer `-1`, expected usize",
+        );
+        assert_problem(
+            "[[users]]\nname = \"b\"\npassword = \"x\"\nmax_user_connection = 1\n",
+            "users[1].max_user_connection: unknown key (did you mean \"max_user_connections\"?)",
+        );
     }
 
     #[test]

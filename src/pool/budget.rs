@@ -10,7 +10,9 @@
 //! budget closes, bounded by query_wait_timeout.
 //!
 //! Budgets are keyed by name, not by config entry: users that are not in `[[users]]` (found
-//! by `auth_query`) count like any other. They outlive reloads: a pool carried over keeps
+//! by `auth_query`) count like any other. The limit is not kept here: each pool checks its
+//! own (`PoolLimits`), which for `max_user_connections` is its user's (a `[[users]]` entry's
+//! own, else `[pool]`'s), the same in every pool of that user. They outlive reloads: a pool carried over keeps
 //! its permits, and a new pool of the same user finds the same budget.
 
 use std::collections::HashMap;

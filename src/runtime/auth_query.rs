@@ -340,6 +340,8 @@ impl AuthLookup {
                 name: user_name.to_owned(),
                 auth: ClientAuth::Query,
                 server_credentials: Arc::new(ServerCredentials::new(user_name, None, None)),
+                // Not in [[users]]: [pool]'s max_user_connections applies.
+                max_user_connections: None,
             })
         };
         match self.users.lock() {

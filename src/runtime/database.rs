@@ -371,7 +371,6 @@ impl DatabaseEntry {
         if self.server_tls.config() != old.server_tls.config() {
             return;
         }
-        let limits = self.limits();
         for (user_name, pools) in old.all_pools() {
             let Some(user) = users.get(&user_name) else { continue };
             if pools
@@ -381,6 +380,7 @@ impl DatabaseEntry {
             {
                 continue;
             }
+            let limits = self.limits(user);
             for pool in &pools.hosts {
                 pool.set_limits(limits.clone());
             }
@@ -422,7 +422,7 @@ impl DatabaseEntry {
                             tcp: self.tcp,
                             application_name: None,
                         },
-                        self.limits(),
+                        self.limits(user),
                         PoolObservers {
                             connect_errors: Some(self.metrics.server_connect_errors(&self.name, addr)),
                             registry: Some((self.registry.clone(), self.name.clone())),
@@ -445,7 +445,10 @@ impl DatabaseEntry {
             .collect()
     }
 
-    fn limits(&self) -> PoolLimits {
+    /// The limits of `user`'s pools: this database's pool settings, and the user's own
+    /// max_user_connections if its `[[users]]` entry sets one.
+    fn limits(&self, user: &UserEntry) -> PoolLimits {
+        let max_user_connections = user.max_user_connections.unwrap_or(self.pool.max_user_connections);
         PoolLimits {
             size: self.pool.size,
             min_size: self.pool.min_size,
@@ -455,7 +458,7 @@ impl DatabaseEntry {
             connect_timeout: self.pool.server_connect_timeout,
             idle_timeout: self.pool.server_idle_timeout,
             lifetime: self.pool.server_lifetime,
-            max_user_connections: (self.pool.max_user_connections > 0).then_some(self.pool.max_user_connections),
+            max_user_connections: (max_user_connections > 0).then_some(max_user_connections),
             max_db_connections: (self.pool.max_db_connections > 0).then_some(self.pool.max_db_connections),
         }
     }

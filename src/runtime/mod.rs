@@ -59,6 +59,9 @@ pub struct UserEntry {
     pub name: String,
     pub auth: ClientAuth,
     pub server_credentials: Arc<ServerCredentials>,
+    /// Its own `max_user_connections` (0: no limit); `None` (and users found by
+    /// auth_query): `[pool]`'s applies.
+    pub max_user_connections: Option<usize>,
 }
 
 /// What outlives a config: metrics and the registry of connections.
@@ -495,6 +498,7 @@ fn build_user(user: &crate::config::UserConfig) -> Result<UserEntry, BuildError>
         name: user.name.clone(),
         auth,
         server_credentials: Arc::new(ServerCredentials::new(user.name.clone(), password, md5_hash)),
+        max_user_connections: user.max_user_connections,
     })
 }
 
