@@ -224,6 +224,39 @@ async fn a_read_whose_server_was_lost_before_answering_runs_again() {
     proxy.shutdown().await;
 }
 
+/// A read-only batch may run again should its server fail before answering, so its replies
+/// that carry no data are held back; not without bound: a batch whose metadata alone is
+/// larger than a client's output buffer gets it before its (slow) data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replies_held_back_for_a_rerun_are_bounded() {
+    let proxy = proxy().await;
+    let mut raw = Raw::connect_named(&proxy.addr.to_string(), "loss_held").await;
+    // A small batch with large metadata: a statement of 330 columns described 100 times
+    // (about 1 MB of RowDescriptions from under 2 KB sent, so the whole batch is read at
+    // once and may run again), then a slow read.
+    let wide = (0..10)
+        .map(|i| format!("pg_catalog.pg_class c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut messages = vec![parse("", &format!("SELECT * FROM {wide}"))];
+    for _ in 0..100 {
+        messages.push(common::raw::message(b'D', b"S\0"));
+    }
+    messages.push(parse("", "SELECT pg_sleep(20)"));
+    messages.push(bind("", &[]));
+    messages.push(execute());
+    messages.push(sync());
+    raw.send(&messages).await;
+    // The first reply comes long before the sleep ends.
+    let first = tokio::time::timeout(Duration::from_secs(15), raw.next_reply())
+        .await
+        .expect("held replies are released once they exceed the bound");
+    assert_eq!(first, Reply::Other('1'));
+    // Gone before its sleep ends: the shutdown need not wait for it.
+    drop(raw);
+    proxy.shutdown().await;
+}
+
 /// The pid of the server session of the client named `name`, once it runs a statement.
 async fn backend_pid(name: &str) -> i32 {
     let admin = direct(&shared_cluster().primary().addr(), "app").await;

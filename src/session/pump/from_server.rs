@@ -129,8 +129,10 @@ impl Pump<'_> {
             }
             if to_client && self.hold_metadata {
                 // Nothing has gone to the client yet (`run` is empty): hold what carries no
-                // data, release it all before the first reply that does.
-                if carries_no_data(tag) {
+                // data, release it all before the first reply that does, or once holding
+                // more would take more memory than a client's output may (the batch can then
+                // no longer run again unseen).
+                if carries_no_data(tag) && self.held.len() + header.len <= super::HIGH_WATER {
                     crate::net::buffers::ensure(&mut self.held);
                     self.held.extend_from_slice(&self.server.inbuf[run..run + header.len]);
                     self.server.inbuf.advance(header.len);
