@@ -171,7 +171,9 @@ async fn start(
         })?;
     let (minor_version, params) = match opening {
         Opening::Cancel(key) => {
-            cancel(shared, snapshot, &client.stream, &key).await;
+            // Boxed: forwarding to peers is a large future, and every session's task
+            // would otherwise reserve room for it while idle.
+            Box::pin(cancel(shared, snapshot, &client.stream, &key)).await;
             return Ok(None);
         }
         Opening::Session { minor_version, params } => (minor_version, params),
