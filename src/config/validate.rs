@@ -132,6 +132,19 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
             );
         }
     }
+    if let Some(path) = &server.takeover_socket {
+        // sun_path holds 108 bytes with the terminating NUL.
+        let length = path.as_os_str().len();
+        if length == 0 {
+            push(out, "server.takeover_socket".to_owned(), "must be a file path");
+        } else if length > 107 {
+            push(
+                out,
+                "server.takeover_socket".to_owned(),
+                "is longer than the 107 bytes a Unix socket path may have",
+            );
+        }
+    }
     if server.workers > MAX_WORKERS {
         push(
             out,

@@ -541,6 +541,9 @@ pub struct Shared {
     workers: std::sync::OnceLock<tokio::runtime::Handle>,
     /// Each database's LISTEN/NOTIFY fan-out (listen_notify = "fanout").
     pub notify: crate::notify::Hubs,
+    /// The process this one took over from (`--takeover`), while it drains: cancels for
+    /// its clients are carried there.
+    pub predecessor: crate::takeover::Predecessor,
 }
 
 impl Shared {
@@ -553,6 +556,7 @@ impl Shared {
             control: std::sync::OnceLock::new(),
             workers: std::sync::OnceLock::new(),
             notify: crate::notify::Hubs::new(observers.metrics.clone()),
+            predecessor: crate::takeover::Predecessor::default(),
             metrics: observers.metrics,
             registry: observers.registry,
             budgets: observers.budgets,

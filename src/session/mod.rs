@@ -296,6 +296,7 @@ async fn cancel(
     let context = crate::cancel::forward::Context {
         peers: &server.peers,
         own: &own,
+        predecessor: Some(&shared.predecessor),
     };
     let result =
         crate::cancel::forward::handle(&shared.cancel, &shared.cancel_forwarder, &shared.metrics, context, key).await;

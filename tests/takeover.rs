@@ -1,0 +1,222 @@
+//! Socket takeover end to end, with real processes: a new pgrelay takes the listening
+//! sockets over from a running one (`run --takeover`), the old one finishes its
+//! transactions and exits 0, and no connection attempt is refused on the way.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{first_value, shared_cluster, sqlstate, wait_until};
+use tokio_postgres::NoTls;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pgrelay process whose stderr goes to a file (a pipe nobody reads would fill up).
+struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    fn start(config: &Path, takeover: Option<&Path>, log: PathBuf) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        command.args(["run", "-c"]).arg(config);
+        if let Some(path) = takeover {
+            command.arg("--takeover").arg(path);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().unwrap().id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its status and its log.
+    async fn wait(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let status = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || child.wait().unwrap()))
+            .await
+            .unwrap_or_else(|_| panic!("pgrelay did not exit in time; its log:\n{}", self.log()))
+            .unwrap();
+        (status, self.log())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn url(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("takeover.sock");
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 8").replacen(
+        "listen = \"LISTEN\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+            socket.display()
+        ),
+        1,
+    );
+    let config_path = dir.path().join("pgrelay.toml");
+    std::fs::write(&config_path, &config).unwrap();
+
+    let old = Process::start(&config_path, None, dir.path().join("old.log"));
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the takeover socket is for its owner only");
+
+    // A second process on the same takeover socket, not taking over, is refused: it would
+    // share the port with the first.
+    let second = Process::start(&config_path, None, dir.path().join("second.log"));
+    let (status, log) = second.wait(Duration::from_secs(20)).await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("is in use"), "{log}");
+
+    // A client in a transaction, and one running a long statement, both on the old process.
+    let busy = common::connect(&url(port)).await.unwrap();
+    busy.batch_execute("BEGIN; CREATE TEMP TABLE IF NOT EXISTS t_takeover (x int) ON COMMIT DROP")
+        .await
+        .unwrap();
+    let sleeper = Arc::new(common::connect(&url(port)).await.unwrap());
+    let sleeping = {
+        let sleeper = sleeper.clone();
+        tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(30)").await })
+    };
+
+    // New logins all along, one after the other: none may fail across the takeover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let logins = Arc::new(AtomicUsize::new(0));
+    let storm = {
+        let (stop, logins) = (stop.clone(), logins.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                match common::connect(&url(port)).await {
+                    Ok(client) => match client.simple_query("SELECT 1").await {
+                        Ok(_) => {
+                            logins.fetch_add(1, Ordering::AcqRel);
+                        }
+                        Err(error) => failures.push(error.to_string()),
+                    },
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            failures
+        })
+    };
+    wait_until("logins before the takeover", Duration::from_secs(10), || async {
+        logins.load(Ordering::Acquire) >= 20
+    })
+    .await;
+
+    let new = Process::start(&config_path, Some(&socket), dir.path().join("new.log"));
+    wait_until(
+        "the new process took the sockets over",
+        Duration::from_secs(20),
+        || async { new.log().contains("took the listening sockets over") },
+    )
+    .await;
+    let at_takeover = logins.load(Ordering::Acquire);
+    wait_until("logins after the takeover", Duration::from_secs(10), || async {
+        logins.load(Ordering::Acquire) >= at_takeover + 20
+    })
+    .await;
+    assert!(old.log().contains("handed the listening sockets over"), "{}", old.log());
+
+    // The cancel reaches the new process (the port is its now) and is carried to the old
+    // one, whose client it is.
+    sleeper.cancel_token().cancel_query(NoTls).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(5), sleeping)
+        .await
+        .expect("the cancel landed within 5 s")
+        .unwrap();
+    assert_eq!(sqlstate(&cancelled.unwrap_err()), "57014");
+
+    // The transaction that was open during the takeover goes on and commits.
+    busy.batch_execute("INSERT INTO t_takeover VALUES (1)").await.unwrap();
+    let rows = busy.simple_query("SELECT count(*) FROM t_takeover").await.unwrap();
+    assert_eq!(first_value(&rows), "1");
+    busy.batch_execute("COMMIT").await.unwrap();
+
+    // Its clients done, the old process exits 0.
+    let (status, log) = old.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+
+    stop.store(true, Ordering::Release);
+    let failures = storm.await.unwrap();
+    assert!(failures.is_empty(), "failed logins across the takeover: {failures:?}");
+
+    // The new process serves, and now owns the takeover socket.
+    let client = common::connect(&url(port)).await.unwrap();
+    let rows = client.simple_query("SELECT 41 + 1").await.unwrap();
+    assert_eq!(first_value(&rows), "42");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A process speaking another version of the exchange is refused with a reason, and
+    // nothing changes for the running one.
+    let answer = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || {
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            stream.write_all(b"HELLO pgrelay-takeover/0 9.9.9\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).unwrap();
+            line
+        }
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("REFUSED "), "{answer:?}");
+    let rows = client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(first_value(&rows), "1");
+    drop(client);
+
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "{log}");
+    assert!(!socket.exists(), "the takeover socket is removed at exit");
+}
