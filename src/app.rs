@@ -567,16 +567,27 @@ pub async fn run_taking_over(
     let mut running = start_inheriting(config, Some(path), inherited.as_mut()).await?;
     let shared = running.shared.clone();
     if let Some(inherited) = inherited {
-        let predecessor = tokio::task::spawn_blocking(move || inherited.finish())
-            .await
-            .map_err(|error| AppError::Thread(std::io::Error::other(error)))??;
-        if let Err(error) = shared.predecessor.attach(predecessor).await {
-            tracing::warn!(%error, "cannot carry cancels to the old process");
+        // This process accepts already: whatever happens to the old one now, it goes on.
+        match tokio::task::spawn_blocking(move || inherited.finish()).await {
+            Ok(Ok(stream)) => {
+                if let Err(error) = shared.predecessor.attach(stream).await {
+                    tracing::warn!(%error, "cannot carry cancels to the old process");
+                }
+                tracing::info!("took the listening sockets over: the old process finishes its transactions");
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "took the listening sockets over; the old process did not confirm")
+            }
+            Err(error) => tracing::warn!(%error, "took the listening sockets over; the old process did not confirm"),
         }
-        tracing::info!("took the listening sockets over: the old process finishes its transactions");
         if let Some(socket) = config_takeover_socket(&shared) {
-            let unix = crate::takeover::bind(&socket)?;
-            running.serve_takeover(unix, socket);
+            match crate::takeover::bind(&socket) {
+                Ok(unix) => running.serve_takeover(unix, socket),
+                // Serving matters more than being replaceable: say so, and go on.
+                Err(error) => {
+                    tracing::error!(%error, "cannot open the takeover socket: this process cannot be taken over")
+                }
+            }
         }
     }
     tokio::select! {
