@@ -86,16 +86,23 @@ fn url(port: u16) -> String {
 async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0() {
     let cluster = shared_cluster();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let (port, metrics_port, peer_port) = (free_port(), free_port(), free_port());
     let socket = dir.path().join("takeover.sock");
-    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 8").replacen(
-        "listen = \"LISTEN\"",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
-            socket.display()
-        ),
-        1,
-    );
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 8")
+        .replacen(
+            "listen = \"LISTEN\"",
+            &format!(
+                "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"\n\
+             peer_listen = \"127.0.0.1:{peer_port}\"",
+                socket.display()
+            ),
+            1,
+        )
+        .replacen(
+            "metrics_listen = \"\"",
+            &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+            1,
+        );
     let config_path = dir.path().join("pgrelay.toml");
     std::fs::write(&config_path, &config).unwrap();
 
@@ -195,6 +202,13 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
         "one login at a time: at most one was on the old process, {closed} closed"
     );
 
+    // The old process is gone: the metrics endpoint and peer_listen answer, so the new
+    // process has them (it could not have bound them while the old one held them).
+    let health = http_get(metrics_port, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    tokio::net::TcpStream::connect(("127.0.0.1", peer_port)).await.unwrap();
+    assert!(new.log().contains("pgrelay is accepting clients"), "{}", new.log());
+
     // The new process serves, and now owns the takeover socket.
     let client = common::connect(&url(port)).await.unwrap();
     let rows = client.simple_query("SELECT 41 + 1").await.unwrap();
@@ -226,4 +240,17 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     let (status, log) = new.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
     assert!(!socket.exists(), "the takeover socket is removed at exit");
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    response
 }
