@@ -54,6 +54,8 @@ pub struct Running {
     handed_over: Arc<watch::Sender<bool>>,
     /// `takeover_socket`, removed at shutdown unless a new process took it over.
     takeover_socket: Option<std::path::PathBuf>,
+    /// Clients handed over by the process this one took over from, to the accept loop.
+    resume: tokio::sync::mpsc::UnboundedSender<session::Resumed>,
     /// The listening sockets to hand to a new process, until the takeover socket serves.
     offered: Option<Vec<crate::takeover::Offered>>,
     /// Runs the accept loop, the metrics endpoint and the admin console; stops with this.
@@ -267,12 +269,16 @@ pub async fn start_inheriting(
         None => None,
     };
     let (stop, stopped) = watch::channel(false);
+    let (resume, resumed) = tokio::sync::mpsc::unbounded_channel();
     shared.set_accepting(true);
     let task = control.handle().spawn(serve(
         listener,
         shared.clone(),
-        stopped,
-        handed_over.subscribe(),
+        AcceptInputs {
+            stopped,
+            handed_over: handed_over.subscribe(),
+            resumed,
+        },
         shutdown_timeout,
         watchdog,
         workers,
@@ -288,6 +294,7 @@ pub async fn start_inheriting(
         handed_over,
         takeover_socket,
         offered: Some(offered),
+        resume,
         _control: control,
     };
     if let (Some(unix), Some(path)) = (takeover_listener, running.takeover_socket.clone()) {
@@ -475,17 +482,31 @@ fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
     }
 }
 
+/// What the accept loop waits for besides connections.
+struct AcceptInputs {
+    /// Shutdown (SIGTERM and the like).
+    stopped: watch::Receiver<bool>,
+    /// A new process took the sockets over.
+    handed_over: watch::Receiver<bool>,
+    /// Clients handed over by the process this one took over from.
+    resumed: tokio::sync::mpsc::UnboundedReceiver<session::Resumed>,
+}
+
 /// The accept loop, on the control thread: each client's session runs on the workers,
 /// timed by the watchdog.
 async fn serve(
     listener: Listener,
     shared: Arc<Shared>,
-    mut stopped: watch::Receiver<bool>,
-    mut handed_over: watch::Receiver<bool>,
+    inputs: AcceptInputs,
     shutdown_timeout: Option<Duration>,
     watchdog: Arc<Watchdog>,
     workers: tokio::runtime::Handle,
 ) {
+    let AcceptInputs {
+        mut stopped,
+        mut handed_over,
+        mut resumed,
+    } = inputs;
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
@@ -504,6 +525,14 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            Some(resumed) = resumed.recv() => {
+                let peer = resumed
+                    .stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let session = session::resume(resumed, shared.clone());
+                sessions.spawn_on(watchdog.watch(peer, session), &workers);
+            }
             // A finished session's task keeps its memory (as large as the session future)
             // until it is joined: joined at once, so a crowd that left gives it all back.
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -569,9 +598,19 @@ pub async fn run_taking_over(
     if let Some(inherited) = inherited {
         // This process accepts already: whatever happens to the old one now, it goes on.
         match tokio::task::spawn_blocking(move || inherited.finish()).await {
-            Ok(Ok(stream)) => {
+            Ok(Ok((stream, clients))) => {
                 if let Err(error) = shared.predecessor.attach(stream).await {
                     tracing::warn!(%error, "cannot carry cancels to the old process");
+                }
+                if let Some(channel) = clients {
+                    let resume = running.resume.clone();
+                    let receiving = crate::takeover::receive_clients(channel, move |stream, description| {
+                        // Refused only once this process shuts down: the client is closed.
+                        let _ = resume.send(session::Resumed { stream, description });
+                    });
+                    if let Err(error) = receiving {
+                        tracing::warn!(%error, "cannot take the old process's idle clients over");
+                    }
                 }
                 tracing::info!("took the listening sockets over: the old process finishes its transactions");
             }

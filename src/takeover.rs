@@ -115,8 +115,9 @@ impl Inherited {
 
     /// Tells the old process that this one accepts now; returns once it has stopped
     /// accepting and given up the takeover socket. The connection stays open, for
-    /// [`Predecessor::attach`].
-    pub fn finish(mut self) -> Result<UnixStream, TakeoverError> {
+    /// [`Predecessor::attach`]; with it comes the channel idle clients are handed over on
+    /// ([`receive_clients`]).
+    pub fn finish(mut self) -> Result<(UnixStream, Option<OwnedFd>), TakeoverError> {
         let path = self.path.clone();
         let io_error = |source| TakeoverError::Io {
             path: path.clone(),
@@ -130,12 +131,12 @@ impl Inherited {
             );
         }
         self.stream.write_all(b"ACCEPTING\n").map_err(io_error)?;
-        let line = read_line(&mut self.stream).map_err(io_error)?;
+        let (line, mut fds) = receive_with_fds(&self.stream).map_err(io_error)?;
         if line != "RELEASED" {
             return Err(TakeoverError::Protocol(format!("expected RELEASED, got {line:?}")));
         }
         self.stream.set_read_timeout(None).map_err(io_error)?;
-        Ok(self.stream)
+        Ok((self.stream, fds.pop()))
     }
 }
 
@@ -351,6 +352,121 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
     Ok(listener)
 }
 
+/// The old process's end of the channel idle clients are handed over on: a
+/// `SOCK_SEQPACKET` socket pair, one message per client (its description, with its socket
+/// attached), so that each arrives whole or not at all.
+#[derive(Debug, Default)]
+pub struct ClientHandover {
+    channel: std::sync::Mutex<Option<OwnedFd>>,
+}
+
+/// The largest client description handed over (a seqpacket message must fit the socket's
+/// send buffer); a client with more prepared statements than fit finishes here.
+pub const MAX_DESCRIPTION: usize = 128 * 1024;
+
+impl ClientHandover {
+    /// Whether a new process takes clients now.
+    pub fn is_active(&self) -> bool {
+        self.channel.lock().is_ok_and(|channel| channel.is_some())
+    }
+
+    fn set(&self, fd: OwnedFd) {
+        if let Ok(mut channel) = self.channel.lock() {
+            *channel = Some(fd);
+        }
+    }
+
+    /// Sends a client's socket with its `description`; false if it could not be sent (the
+    /// new process is gone, or it does not keep up for a second): the client then stays.
+    pub async fn send(&self, client: std::os::fd::BorrowedFd<'_>, description: &[u8]) -> bool {
+        if description.len() > MAX_DESCRIPTION {
+            return false;
+        }
+        let fds = [client.as_raw_fd()];
+        for _ in 0..100 {
+            let sent = {
+                let Ok(mut channel) = self.channel.lock() else {
+                    return false;
+                };
+                let Some(fd) = channel.as_ref() else {
+                    return false;
+                };
+                let sent = sendmsg::<()>(
+                    fd.as_raw_fd(),
+                    &[IoSlice::new(description)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                    None,
+                );
+                if let Err(error) = sent
+                    && error != nix::errno::Errno::EAGAIN
+                {
+                    tracing::warn!(%error, "the new process no longer takes clients");
+                    *channel = None;
+                }
+                sent
+            };
+            match sent {
+                Ok(length) => return length == description.len(),
+                Err(nix::errno::Errno::EAGAIN) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// The new process's end: receives the old process's idle clients, on a thread of its own,
+/// until the old process exits; each is passed to `deliver`.
+pub fn receive_clients(
+    channel: OwnedFd,
+    deliver: impl Fn(std::net::TcpStream, Vec<u8>) + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("pgrelay-takeover".to_owned())
+        .spawn(move || {
+            let mut buffer = vec![0u8; MAX_DESCRIPTION];
+            loop {
+                let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+                let (length, truncated, raw_fds) = {
+                    let mut iov = [IoSliceMut::new(&mut buffer)];
+                    let message = match recvmsg::<()>(
+                        channel.as_raw_fd(),
+                        &mut iov,
+                        Some(&mut space),
+                        MsgFlags::MSG_CMSG_CLOEXEC,
+                    ) {
+                        Ok(message) => message,
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(error) => return tracing::warn!(%error, "takeover: client channel failed"),
+                    };
+                    let mut raw_fds = Vec::new();
+                    if let Ok(cmsgs) = message.cmsgs() {
+                        for cmsg in cmsgs {
+                            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                                raw_fds.extend(fds);
+                            }
+                        }
+                    }
+                    let truncated = message.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                    (message.bytes, truncated, raw_fds)
+                };
+                let mut fds: Vec<OwnedFd> = raw_fds.into_iter().map(owned).collect();
+                if length == 0 && fds.is_empty() {
+                    // The old process has exited: every client it could hand over came.
+                    return;
+                }
+                if truncated || fds.len() != 1 {
+                    tracing::warn!("takeover: a malformed client message; its connection is closed");
+                    continue;
+                }
+                if let Some(fd) = fds.pop() {
+                    deliver(std::net::TcpStream::from(fd), buffer[..length].to_vec());
+                }
+            }
+        })
+}
+
 /// The old process's side: waits on the takeover socket for a new process, hands it the
 /// `offered` sockets, and, once it accepts, sets `handed_over` (which stops every accept
 /// loop here and starts the graceful shutdown) and answers its cancels until exit.
@@ -381,6 +497,23 @@ pub async fn serve(
             Err(error) => tracing::warn!(%error, "takeover did not complete; still serving"),
         }
     };
+    // Idle clients go to the new process from now on, on a channel of their own.
+    let pair = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    );
+    let theirs = match pair {
+        Ok((ours, theirs)) => {
+            shared.client_handover.set(ours);
+            Some(theirs)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot hand clients over: they finish here");
+            None
+        }
+    };
     // The new process accepts: stop accepting here (the sockets stay open in the new
     // process, with their backlog), free the path for it, and say so.
     handed_over.send_replace(true);
@@ -389,6 +522,20 @@ pub async fn serve(
         tracing::warn!(path = %path.display(), %error, "cannot remove the takeover socket");
     }
     tracing::info!("handed the listening sockets over to a new process: finishing the running transactions");
+    let fds: Vec<RawFd> = theirs.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    // Blocking, and nine bytes into an empty socket: sent whole.
+    if let Err(error) = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(b"RELEASED\n")],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    ) {
+        return tracing::warn!(%error, "takeover connection lost: cancels no longer carried");
+    }
+    drop(theirs);
     let stream = stream
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixStream::from_std(stream));
@@ -397,9 +544,6 @@ pub async fn serve(
         Err(error) => return tracing::warn!(%error, "takeover connection lost: cancels no longer carried"),
     };
     let (read, mut write) = stream.into_split();
-    if write.write_all(b"RELEASED\n").await.is_err() {
-        return;
-    }
     let mut read = BufReader::new(read);
     let mut line = String::new();
     loop {

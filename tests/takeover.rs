@@ -121,21 +121,22 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     assert!(!status.success(), "{log}");
     assert!(log.contains("is in use"), "{log}");
 
-    // A client in a transaction, and one running a long statement, both on the old process.
+    // On the old process: an idle client with a setting and a prepared statement, a client
+    // in a transaction, and one running a long statement.
+    let idle = common::connect(&url(port)).await.unwrap();
+    idle.batch_execute("SET statement_timeout = '123s'").await.unwrap();
+    let statement = idle.prepare("SELECT $1::int + 1").await.unwrap();
     let busy = common::connect(&url(port)).await.unwrap();
-    busy.batch_execute("BEGIN; CREATE TEMP TABLE IF NOT EXISTS t_takeover (x int) ON COMMIT DROP")
-        .await
-        .unwrap();
+    busy.batch_execute("BEGIN").await.unwrap();
+    let txid = first_value(&busy.simple_query("SELECT txid_current()").await.unwrap());
     let sleeper = Arc::new(common::connect(&url(port)).await.unwrap());
     let sleeping = {
         let sleeper = sleeper.clone();
         tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(30)").await })
     };
 
-    // New logins all along, one after the other: none may be refused across the takeover.
-    // A client that logged in to the old process just before it was taken over may still
-    // see that connection closed before its first statement (57P01, as at any graceful
-    // shutdown: client connections are not handed over); those are counted apart.
+    // New logins all along, one after the other: none may fail across the takeover, also
+    // not one that logged in to the old process just before and is handed over.
     let stop = Arc::new(AtomicBool::new(false));
     let logins = Arc::new(AtomicUsize::new(0));
     let storm = {
@@ -185,22 +186,56 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     assert_eq!(sqlstate(&cancelled.unwrap_err()), "57014");
 
     // The transaction that was open during the takeover goes on and commits.
-    busy.batch_execute("INSERT INTO t_takeover VALUES (1)").await.unwrap();
-    let rows = busy.simple_query("SELECT count(*) FROM t_takeover").await.unwrap();
-    assert_eq!(first_value(&rows), "1");
+    let rows = busy.simple_query("SELECT txid_current()").await.unwrap();
+    assert_eq!(first_value(&rows), txid, "still the same transaction");
     busy.batch_execute("COMMIT").await.unwrap();
 
-    // Its clients done, the old process exits 0.
-    let (status, log) = old.wait(Duration::from_secs(25)).await;
+    // Its clients handed over, the old process exits 0, well before shutdown_timeout.
+    let (status, log) = old.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert!(log.contains("client handed over to the new process"), "{log}");
+
+    // Every client goes on, on the new process (the old one is gone): the idle one with
+    // its setting, its prepared statement and its cancel key.
+    let rows = idle.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "123s");
+    let row = idle.query_one(&statement, &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let idle = Arc::new(idle);
+    let sleeping = {
+        let idle = idle.clone();
+        tokio::spawn(async move { idle.simple_query("SELECT pg_sleep(30)").await })
+    };
+    wait_until("the statement runs", Duration::from_secs(10), || async {
+        let direct = common::direct(&cluster.primary().addr(), "app").await;
+        let rows = direct
+            .simple_query("SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'")
+            .await
+            .unwrap();
+        rows.iter()
+            .any(|row| matches!(row, tokio_postgres::SimpleQueryMessage::Row(_)))
+    })
+    .await;
+    idle.cancel_token().cancel_query(NoTls).await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_secs(5), sleeping)
+        .await
+        .expect("the cancel landed within 5 s")
+        .unwrap();
+    assert_eq!(sqlstate(&cancelled.unwrap_err()), "57014");
+    for client in [&busy, &*sleeper] {
+        let rows = client.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(first_value(&rows), "1");
+    }
+    assert!(
+        new.log().contains("client taken over from the old process"),
+        "{}",
+        new.log()
+    );
 
     stop.store(true, Ordering::Release);
     let (refused, closed) = storm.await.unwrap();
     assert!(refused.is_empty(), "failed logins across the takeover: {refused:?}");
-    assert!(
-        closed <= 1,
-        "one login at a time: at most one was on the old process, {closed} closed"
-    );
+    assert_eq!(closed, 0, "logins closed across the takeover");
 
     // The old process is gone: the metrics endpoint and peer_listen answer, so the new
     // process has them (it could not have bound them while the old one held them).

@@ -544,6 +544,8 @@ pub struct Shared {
     /// The process this one took over from (`--takeover`), while it drains: cancels for
     /// its clients are carried there.
     pub predecessor: crate::takeover::Predecessor,
+    /// Once a new process has taken this one over: where idle clients are handed to it.
+    pub client_handover: crate::takeover::ClientHandover,
 }
 
 impl Shared {
@@ -557,6 +559,7 @@ impl Shared {
             workers: std::sync::OnceLock::new(),
             notify: crate::notify::Hubs::new(observers.metrics.clone()),
             predecessor: crate::takeover::Predecessor::default(),
+            client_handover: crate::takeover::ClientHandover::default(),
             metrics: observers.metrics,
             registry: observers.registry,
             budgets: observers.budgets,
