@@ -155,7 +155,10 @@ impl Session {
             && self.subscription.is_none()
             && self.carried.fanout_channels.is_empty()
             && !self.carried.listen_tx.holds_anything()
-            && !self.deferred_begin_sent;
+            && !self.deferred_begin_sent
+            // A user found through auth_query is not in the file: the new process could
+            // not place it without a login.
+            && self.shared.snapshot().user(&self.user.name).is_some();
         if !movable {
             return None;
         }
