@@ -128,6 +128,13 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     let statement = idle.prepare("SELECT $1::int + 1").await.unwrap();
     let busy = common::connect(&url(port)).await.unwrap();
     busy.batch_execute("BEGIN").await.unwrap();
+    // Pinned to its server by a temporary table: it cannot move, and finishes on the old
+    // process (its table would silently be gone on the new one).
+    let pinned = common::connect(&url(port)).await.unwrap();
+    pinned
+        .batch_execute("CREATE TEMP TABLE t_pinned (x int)")
+        .await
+        .unwrap();
     let txid = first_value(&busy.simple_query("SELECT txid_current()").await.unwrap());
     let sleeper = Arc::new(common::connect(&url(port)).await.unwrap());
     let sleeping = {
@@ -231,6 +238,10 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
         "{}",
         new.log()
     );
+    // Closed with the old process, not moved without its table (which would fail with
+    // 42P01 on an open connection).
+    let error = pinned.simple_query("SELECT * FROM t_pinned").await.unwrap_err();
+    assert!(pinned.is_closed(), "{error}");
 
     stop.store(true, Ordering::Release);
     let (refused, closed) = storm.await.unwrap();
@@ -271,8 +282,22 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     assert_eq!(first_value(&rows), "1");
     drop(client);
 
-    new.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    // And once more: a client handed over already moves again, with all it had.
+    let third = Process::start(&config_path, Some(&socket), dir.path().join("third.log"));
+    let (status, log) = new.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "the second process exited with {status}:\n{log}");
+    let rows = idle.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "123s");
+    let row = idle.query_one(&statement, &[&1i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert!(
+        third.log().contains("client taken over from the old process"),
+        "{}",
+        third.log()
+    );
+
+    third.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = third.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
     assert!(!socket.exists(), "the takeover socket is removed at exit");
 }
