@@ -152,5 +152,7 @@ run_pgbench held -c 50
 log "logs of the pgrelay processes:"
 for f in "$WORK"/relay.*.log; do
     echo "--- $(basename "$f")"
-    grep -E "takeover|took the|handed|exited|shutdown|ERROR|WARN" "$f" | cut -c1-200 | head -20
+    grep -E "takeover|took the|handed the|exited|shutdown|ERROR|WARN" "$f" | cut -c1-200 | head -20
+    echo "clients handed over to the next process: $(grep -c "client handed over" "$f" || true)"
+    echo "clients taken over from the previous one: $(grep -c "client taken over" "$f" || true)"
 done
