@@ -135,6 +135,10 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
         .batch_execute("CREATE TEMP TABLE t_pinned (x int)")
         .await
         .unwrap();
+    // A fan-out listener: its subscription stays with the old process's listener
+    // connection, so it finishes there too (docs/operations.md).
+    let listener = common::connect(&url(port)).await.unwrap();
+    listener.batch_execute("LISTEN takeover_channel").await.unwrap();
     let txid = first_value(&busy.simple_query("SELECT txid_current()").await.unwrap());
     let sleeper = Arc::new(common::connect(&url(port)).await.unwrap());
     let sleeping = {
@@ -242,6 +246,8 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     // 42P01 on an open connection).
     let error = pinned.simple_query("SELECT * FROM t_pinned").await.unwrap_err();
     assert!(pinned.is_closed(), "{error}");
+    let error = listener.simple_query("SELECT 1").await.unwrap_err();
+    assert!(listener.is_closed(), "{error}");
 
     stop.store(true, Ordering::Release);
     let (refused, closed) = storm.await.unwrap();
