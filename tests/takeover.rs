@@ -1,6 +1,7 @@
 //! Socket takeover end to end, with real processes: a new pgrelay takes the listening
 //! sockets over from a running one (`run --takeover`), the old one finishes its
-//! transactions and exits 0, and no connection attempt is refused on the way.
+//! transactions and exits 0, and no connection attempt is refused on the way; idle clients
+//! move with their session, TLS, pinned and fan-out listening clients finish on the old one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -319,4 +320,97 @@ async fn http_get(port: u16, path: &str) -> String {
         .unwrap()
         .unwrap();
     response
+}
+
+/// A CA and a certificate for localhost signed by it, in `dir`: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "takeover test CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (dir.join("root.crt"), dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tls_client_finishes_on_the_old_process_and_a_plain_one_moves() {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::ring};
+
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("takeover.sock");
+    let (ca, cert, key) = certificates(dir.path());
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
+        "listen = \"LISTEN\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+            socket.display()
+        ),
+        1,
+    ) + &format!(
+        "\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"allow\"\n",
+        cert.display(),
+        key.display()
+    );
+    let config_path = dir.path().join("pgrelay.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let old = Process::start(&config_path, None, dir.path().join("old.log"));
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls_config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (tls_client, connection) = tokio_postgres::connect(
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=app password=app dbname=app sslmode=require connect_timeout=5"
+        ),
+        tokio_postgres_rustls::MakeRustlsConnect::new(tls_config),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let rows = tls_client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(first_value(&rows), "1");
+    let plain = common::connect(&url(port)).await.unwrap();
+    plain.batch_execute("SET statement_timeout = '77s'").await.unwrap();
+
+    let new = Process::start(&config_path, Some(&socket), dir.path().join("new.log"));
+    let (status, log) = old.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 1, "{log}");
+
+    // The TLS session could not move: its connection ended with the old process.
+    let error = tls_client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(tls_client.is_closed(), "{error}");
+    let rows = plain.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "77s");
+
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "{log}");
 }
