@@ -796,6 +796,18 @@ replicas = ["127.0.0.1:5433"]
     }
 
     #[test]
+    fn takeover_socket_must_be_a_usable_unix_socket_path() {
+        assert_problem(
+            "[server]\ntakeover_socket = \"\"\n",
+            "server.takeover_socket: must be a file path",
+        );
+        assert_problem(
+            &format!("[server]\ntakeover_socket = \"/{}\"\n", "x".repeat(107)),
+            "server.takeover_socket: is longer than the 107 bytes a Unix socket path may have",
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let found = problems("[server]\nmax_client_conn = 0\n[pool]\nsize = 0\n[databases.pgrelay]\nprimary = \"x\"\n");
         assert_eq!(
