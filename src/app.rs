@@ -29,6 +29,8 @@ pub enum AppError {
     Listen { addr: String, source: std::io::Error },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Takeover(#[from] crate::takeover::TakeoverError),
 }
 
 /// Connections open at once on `peer_listen`; more are closed at once. Each lives for at
@@ -47,6 +49,15 @@ pub struct Running {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Turns true once a new process has taken the listening sockets over: every accept
+    /// loop here stops (see `takeover`).
+    handed_over: Arc<watch::Sender<bool>>,
+    /// `takeover_socket`, removed at shutdown unless a new process took it over.
+    takeover_socket: Option<std::path::PathBuf>,
+    /// Clients handed over by the process this one took over from, to the accept loop.
+    resume: tokio::sync::mpsc::UnboundedSender<session::Resumed>,
+    /// The listening sockets to hand to a new process, until the takeover socket serves.
+    offered: Option<Vec<crate::takeover::Offered>>,
     /// Runs the accept loop, the metrics endpoint and the admin console; stops with this.
     _control: Arc<ControlThread>,
 }
@@ -76,6 +87,31 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(path) = &self.takeover_socket
+            && !*self.handed_over.borrow()
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Waits on the takeover socket for a new process (see `takeover::serve`).
+    fn serve_takeover(&mut self, unix: tokio::net::UnixListener, path: std::path::PathBuf) {
+        let offered = self.offered.take().unwrap_or_default();
+        if let Some(control) = self.shared.control() {
+            control.spawn(crate::takeover::serve(
+                unix,
+                path,
+                offered,
+                self.shared.clone(),
+                self.handed_over.clone(),
+            ));
+        }
+    }
+
+    /// Resolves once a new process has taken the listening sockets over.
+    pub async fn handed_over(&self) {
+        let mut handed_over = self.handed_over.subscribe();
+        let _ = handed_over.wait_for(|handed_over| *handed_over).await;
     }
 
     /// Waits until pgrelay stops by itself (it never does unless shut down).
@@ -91,6 +127,24 @@ pub async fn start(config: Config) -> Result<Running, AppError> {
 
 /// Like [`start`], remembering the file the config came from so it can be reloaded.
 pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, AppError> {
+    start_inheriting(config, path, None).await
+}
+
+/// Like [`start_with_file`]; with `inherited`, the listening sockets a running pgrelay
+/// handed over are used instead of binding new ones (`run --takeover`). The caller then
+/// tells the old process, with [`crate::takeover::Inherited::finish`].
+pub async fn start_inheriting(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    mut inherited: Option<&mut crate::takeover::Inherited>,
+) -> Result<Running, AppError> {
+    use crate::takeover::Role;
+    // Bound first when starting afresh: a running pgrelay there means this one must not
+    // share its port. After a takeover, bound only once the old process has let it go.
+    let takeover_listener = match (&config.server.takeover_socket, &inherited) {
+        (Some(socket), None) => Some(crate::takeover::bind(socket)?),
+        _ => None,
+    };
     let listen = config.server.listen.clone();
     let addr: SocketAddr = listen
         .parse()
@@ -134,52 +188,124 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
     // worker is kept by a task.
     let listener = {
         let _control = control.handle().enter();
-        net::bind(addr)
+        match inherited
+            .as_deref_mut()
+            .and_then(|inherited| inherited.take(Role::Listen, &listen))
+        {
+            Some(socket) => Listener::from_std(socket),
+            None => net::bind(addr),
+        }
     }
     .map_err(|source| AppError::Listen {
         addr: listen.clone(),
         source,
     })?;
+    // Kept when takeover_socket is set: a process that took over binds it only later.
+    let offering = config_takeover_socket(&shared).is_some();
+    let (handed_over, _) = watch::channel(false);
+    let handed_over = Arc::new(handed_over);
+    let mut offered = Vec::new();
+    let offer_error = |addr: &str, source| AppError::Listen {
+        addr: addr.to_owned(),
+        source,
+    };
+    if offering {
+        offered.push(crate::takeover::Offered {
+            role: Role::Listen,
+            addr: listen.clone(),
+            fd: listener.try_clone_fd().map_err(|source| offer_error(&listen, source))?,
+        });
+    }
     let local_addr = listener
         .local_addr()
         .map_err(|source| AppError::Listen { addr: listen, source })?;
     let metrics_addr = match metrics_listen {
         Some(metrics_listen) => {
-            let endpoint = control
-                .handle()
-                .spawn(start_metrics_endpoint(metrics_listen.clone(), shared.clone()));
-            Some(endpoint.await.map_err(|error| AppError::Listen {
-                addr: metrics_listen,
+            let socket = inherited
+                .as_deref_mut()
+                .and_then(|inherited| inherited.take(Role::MetricsListen, &metrics_listen));
+            let endpoint = control.handle().spawn(start_metrics_endpoint(
+                metrics_listen.clone(),
+                socket,
+                shared.clone(),
+                handed_over.subscribe(),
+            ));
+            let (local, fd) = endpoint.await.map_err(|error| AppError::Listen {
+                addr: metrics_listen.clone(),
                 source: std::io::Error::other(error),
-            })??)
+            })??;
+            if offering {
+                offered.push(crate::takeover::Offered {
+                    role: Role::MetricsListen,
+                    addr: metrics_listen,
+                    fd,
+                });
+            }
+            Some(local)
         }
         None => None,
     };
     let workers = tokio::runtime::Handle::current();
     let peer_addr = match peer_listen {
-        Some(peer_listen) => Some(start_peer_listener(&peer_listen, &control, &shared, &workers)?),
+        Some(peer_listen) => {
+            let socket = inherited.and_then(|inherited| inherited.take(Role::PeerListen, &peer_listen));
+            let (local, fd) = start_peer_listener(
+                &peer_listen,
+                socket,
+                &control,
+                &shared,
+                &workers,
+                handed_over.subscribe(),
+            )?;
+            if offering {
+                offered.push(crate::takeover::Offered {
+                    role: Role::PeerListen,
+                    addr: peer_listen,
+                    fd,
+                });
+            }
+            Some(local)
+        }
         None => None,
     };
     let (stop, stopped) = watch::channel(false);
+    let (resume, resumed) = tokio::sync::mpsc::unbounded_channel();
     shared.set_accepting(true);
     let task = control.handle().spawn(serve(
         listener,
         shared.clone(),
-        stopped,
+        AcceptInputs {
+            stopped,
+            handed_over: handed_over.subscribe(),
+            resumed,
+        },
         shutdown_timeout,
         watchdog,
         workers,
     ));
-    tracing::info!(%local_addr, metrics = ?metrics_addr, peer_listen = ?peer_addr, "pgrelay is accepting clients");
-    Ok(Running {
+    let takeover_socket = config_takeover_socket(&shared);
+    let mut running = Running {
         local_addr,
         metrics_addr,
         peer_addr,
         shared,
         stop,
         task,
+        handed_over,
+        takeover_socket,
+        offered: Some(offered),
+        resume,
         _control: control,
-    })
+    };
+    if let (Some(unix), Some(path)) = (takeover_listener, running.takeover_socket.clone()) {
+        running.serve_takeover(unix, path);
+    }
+    tracing::info!(%local_addr, metrics = ?metrics_addr, peer_listen = ?peer_addr, "pgrelay is accepting clients");
+    Ok(running)
+}
+
+fn config_takeover_socket(shared: &Shared) -> Option<std::path::PathBuf> {
+    shared.snapshot().config.server.takeover_socket.clone()
 }
 
 /// Binds `peer_listen` on the control thread and accepts cancel requests there for as long
@@ -187,10 +313,12 @@ pub async fn start_with_file(config: Config, path: Option<std::path::PathBuf>) -
 /// clients' statements may still need cancelling.
 fn start_peer_listener(
     addr: &str,
+    inherited: Option<std::net::TcpListener>,
     control: &ControlThread,
     shared: &Arc<Shared>,
     workers: &tokio::runtime::Handle,
-) -> Result<SocketAddr, AppError> {
+    mut handed_over: watch::Receiver<bool>,
+) -> Result<(SocketAddr, std::os::fd::OwnedFd), AppError> {
     let listen_error = |source| AppError::Listen {
         addr: addr.to_owned(),
         source,
@@ -203,20 +331,26 @@ fn start_peer_listener(
         })?;
     let listener = {
         let _control = control.handle().enter();
-        net::bind(parsed)
+        match inherited {
+            Some(socket) => Listener::from_std(socket),
+            None => net::bind(parsed),
+        }
     }
     .map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
+    let fd = listener.try_clone_fd().map_err(listen_error)?;
     let shared = shared.clone();
     let workers = workers.clone();
     control.handle().spawn(async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
         loop {
-            match listener
-                .accept()
-                .await
-                .and_then(|(stream, peer)| Ok((stream.into_std()?, peer)))
-            {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // The new process takes the cancels from here on (and carries those of
+                // this one's clients back here).
+                () = until_handed_over(&mut handed_over) => return,
+            };
+            match accepted.and_then(|(stream, peer)| Ok((stream.into_std()?, peer))) {
                 Ok((stream, peer)) => {
                     // Past the limit the connection is closed unread: a peer's cancel is
                     // lost, a flood does not grow.
@@ -236,18 +370,32 @@ fn start_peer_listener(
             }
         }
     });
-    Ok(local)
+    Ok((local, fd))
 }
 
 /// Binds the HTTP endpoint for /metrics, /healthz and /readyz on the control thread; it
 /// runs as long as that thread, so /healthz answers for as long as pgrelay runs.
-async fn start_metrics_endpoint(addr: String, shared: Arc<Shared>) -> Result<SocketAddr, AppError> {
+async fn start_metrics_endpoint(
+    addr: String,
+    inherited: Option<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    mut handed_over: watch::Receiver<bool>,
+) -> Result<(SocketAddr, std::os::fd::OwnedFd), AppError> {
     let listen_error = |source| AppError::Listen {
         addr: addr.clone(),
         source,
     };
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(listen_error)?;
+    let listener = match inherited {
+        Some(socket) => socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(socket)),
+        None => tokio::net::TcpListener::bind(&addr).await,
+    }
+    .map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
+    let fd = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .map_err(listen_error)?;
     let weak = Arc::downgrade(&shared);
     let ready = move || weak.upgrade().is_some_and(|shared| shared.is_ready());
     let metrics = shared.metrics.clone();
@@ -255,9 +403,18 @@ async fn start_metrics_endpoint(addr: String, shared: Arc<Shared>) -> Result<Soc
         listener,
         metrics,
         Arc::new(ready),
-        std::future::pending::<()>(),
+        // Until a new process takes the endpoint over; a scrape then reaches that one.
+        async move { until_handed_over(&mut handed_over).await },
     ));
-    Ok(local)
+    Ok((local, fd))
+}
+
+/// Resolves once a new process has taken the listening sockets over (never, if nobody can
+/// any more).
+async fn until_handed_over(handed_over: &mut watch::Receiver<bool>) {
+    if handed_over.wait_for(|handed_over| *handed_over).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Pool and server state for a scrape, read from the running snapshot.
@@ -325,16 +482,31 @@ fn report_state(shared: &Shared, sink: &mut StateSink<'_>) {
     }
 }
 
+/// What the accept loop waits for besides connections.
+struct AcceptInputs {
+    /// Shutdown (SIGTERM and the like).
+    stopped: watch::Receiver<bool>,
+    /// A new process took the sockets over.
+    handed_over: watch::Receiver<bool>,
+    /// Clients handed over by the process this one took over from.
+    resumed: tokio::sync::mpsc::UnboundedReceiver<session::Resumed>,
+}
+
 /// The accept loop, on the control thread: each client's session runs on the workers,
 /// timed by the watchdog.
 async fn serve(
     listener: Listener,
     shared: Arc<Shared>,
-    mut stopped: watch::Receiver<bool>,
+    inputs: AcceptInputs,
     shutdown_timeout: Option<Duration>,
     watchdog: Arc<Watchdog>,
     workers: tokio::runtime::Handle,
 ) {
+    let AcceptInputs {
+        mut stopped,
+        mut handed_over,
+        mut resumed,
+    } = inputs;
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
@@ -353,10 +525,21 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            Some(resumed) = resumed.recv() => {
+                let peer = resumed
+                    .stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let session = session::resume(resumed, shared.clone());
+                sessions.spawn_on(watchdog.watch(peer, session), &workers);
+            }
             // A finished session's task keeps its memory (as large as the session future)
             // until it is joined: joined at once, so a crowd that left gives it all back.
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = stopped.changed() => break,
+            // Stops accepting without closing the socket's queue: the new process holds the
+            // same socket and accepts what waits there.
+            () = until_handed_over(&mut handed_over) => break,
         }
     }
     drop(listener);
@@ -390,9 +573,66 @@ async fn serve(
 /// Runs pgrelay until SIGTERM, SIGINT or the admin console's SHUTDOWN, then shuts
 /// down gracefully. SIGHUP reloads the file.
 pub async fn run(config: Config, path: std::path::PathBuf) -> Result<(), AppError> {
-    let running = start_with_file(config, Some(path)).await?;
+    run_taking_over(config, path, None).await
+}
+
+/// Like [`run`]; with `takeover`, first takes the listening sockets over from the pgrelay
+/// running at that Unix socket (`run --takeover PATH`), which then drains and exits.
+/// A new process that takes over and a process that is taken over both end like
+/// [`run`]: gracefully, with running transactions finished.
+pub async fn run_taking_over(
+    config: Config,
+    path: std::path::PathBuf,
+    takeover: Option<std::path::PathBuf>,
+) -> Result<(), AppError> {
+    let mut inherited = match takeover {
+        Some(socket) => Some(
+            tokio::task::spawn_blocking(move || crate::takeover::receive(&socket))
+                .await
+                .map_err(|error| AppError::Thread(std::io::Error::other(error)))??,
+        ),
+        None => None,
+    };
+    let mut running = start_inheriting(config, Some(path), inherited.as_mut()).await?;
     let shared = running.shared.clone();
-    wait_for_stop(&shared).await;
+    if let Some(inherited) = inherited {
+        // This process accepts already: whatever happens to the old one now, it goes on.
+        match tokio::task::spawn_blocking(move || inherited.finish()).await {
+            Ok(Ok((stream, clients))) => {
+                if let Err(error) = shared.predecessor.attach(stream).await {
+                    tracing::warn!(%error, "cannot carry cancels to the old process");
+                }
+                if let Some(channel) = clients {
+                    let resume = running.resume.clone();
+                    let receiving = crate::takeover::receive_clients(channel, move |stream, description| {
+                        // Refused only once this process shuts down: the client is closed.
+                        let _ = resume.send(session::Resumed { stream, description });
+                    });
+                    if let Err(error) = receiving {
+                        tracing::warn!(%error, "cannot take the old process's idle clients over");
+                    }
+                }
+                tracing::info!("took the listening sockets over: the old process finishes its transactions");
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "took the listening sockets over; the old process did not confirm")
+            }
+            Err(error) => tracing::warn!(%error, "took the listening sockets over; the old process did not confirm"),
+        }
+        if let Some(socket) = config_takeover_socket(&shared) {
+            match crate::takeover::bind(&socket) {
+                Ok(unix) => running.serve_takeover(unix, socket),
+                // Serving matters more than being replaceable: say so, and go on.
+                Err(error) => {
+                    tracing::error!(%error, "cannot open the takeover socket: this process cannot be taken over")
+                }
+            }
+        }
+    }
+    tokio::select! {
+        () = wait_for_stop(&shared) => {}
+        () = running.handed_over() => {}
+    }
     running.shutdown().await;
     Ok(())
 }

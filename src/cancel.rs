@@ -136,6 +136,29 @@ impl CancelRegistry {
         }
     }
 
+    /// Registers a key given out by the process this one took over from, for a client
+    /// handed over from it; `None` if a client here already has that process id.
+    pub fn register_key(self: &Arc<Self>, process_id: u32, secret: u32) -> Option<CancelHandle> {
+        let slot = Arc::new(Slot {
+            secret,
+            target: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            delivered: Notify::new(),
+            cancel_wait: Notify::new(),
+        });
+        match self.slots.entry(process_id) {
+            dashmap::Entry::Vacant(entry) => {
+                entry.insert(slot.clone());
+                Some(CancelHandle {
+                    registry: self.clone(),
+                    process_id,
+                    slot,
+                })
+            }
+            dashmap::Entry::Occupied(_) => None,
+        }
+    }
+
     /// Applies a CancelRequest for a client of this instance, returning once it has been
     /// delivered (or given up on); false when no client here holds the key. The caller
     /// says nothing to the sender either way, as PostgreSQL does, so keys cannot be probed.

@@ -23,5 +23,6 @@ pub mod route;
 pub mod router;
 pub mod runtime;
 pub mod session;
+pub mod takeover;
 pub mod upstream;
 pub mod watchdog;

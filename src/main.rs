@@ -33,6 +33,10 @@ enum Command {
         /// The TOML configuration file.
         #[arg(short, long, env = "PGRELAY_CONFIG")]
         config: PathBuf,
+        /// Take the listening sockets over from the pgrelay running with this
+        /// takeover_socket; it then finishes its transactions and exits.
+        #[arg(long, value_name = "PATH")]
+        takeover: Option<PathBuf>,
     },
     /// Validate a configuration file: print every problem with its key path.
     Check {
@@ -53,8 +57,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config: path } => match pgrelay::config::load(&path) {
-            Ok(config) => run_async(config.server.workers, pgrelay::app::run(config, path)),
+        Command::Run { config: path, takeover } => match pgrelay::config::load(&path) {
+            Ok(config) => run_async(
+                config.server.workers,
+                pgrelay::app::run_taking_over(config, path, takeover),
+            ),
             Err(errors) => {
                 eprintln!("{}: invalid configuration:\n{errors}", path.display());
                 ExitCode::FAILURE

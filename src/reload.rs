@@ -62,6 +62,9 @@ fn reload_from(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     if config.server.peer_listen != old.config.server.peer_listen {
         needs_restart.push("server.peer_listen");
     }
+    if config.server.takeover_socket != old.config.server.takeover_socket {
+        needs_restart.push("server.takeover_socket");
+    }
     let mut next = Snapshot::build(config, &shared.observers())?;
     // Keys already given out carry the id, and peers would drop cancels for the keys of
     // clients still connected if it changed under them: the id is the process's.

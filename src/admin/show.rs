@@ -455,6 +455,14 @@ fn config(shared: &Shared) -> Vec<Vec<String>> {
             },
         ),
         row("server.peer_listen", server.peer_listen.clone().unwrap_or_default()),
+        row(
+            "server.takeover_socket",
+            server
+                .takeover_socket
+                .as_ref()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
+        ),
         row("pool.mode", pool.mode.to_string()),
         row("pool.size", pool.size.to_string()),
         row("pool.min_size", pool.min_size.to_string()),

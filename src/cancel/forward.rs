@@ -79,6 +79,9 @@ pub struct Context<'a> {
     /// Addresses of this instance (the one the request arrived on first): a resolved peer
     /// address among them is skipped.
     pub own: &'a [SocketAddr],
+    /// The process this one took over from, while it drains: its clients' keys are known
+    /// there only.
+    pub predecessor: Option<&'a crate::takeover::Predecessor>,
 }
 
 /// Handles one CancelRequest, returning once it has been applied, forwarded and answered
@@ -98,7 +101,12 @@ pub async fn handle(
     };
     // Keys are looked up here first, whatever id they carry: a key this instance gave out
     // is found even if it names another id (one handed over by an older process, say).
-    let result = if registry.cancel(&local).await {
+    let found = registry.cancel(&local).await
+        || match context.predecessor {
+            Some(predecessor) => predecessor.cancel(&local).await,
+            None => false,
+        };
+    let result = if found {
         if from_peer {
             CancelResult::Received
         } else {
@@ -328,6 +336,7 @@ mod tests {
             .targets(
                 &metrics,
                 Context {
+                    predecessor: None,
                     peers: &peers,
                     own: &own,
                 },
@@ -339,6 +348,7 @@ mod tests {
             .targets(
                 &metrics,
                 Context {
+                    predecessor: None,
                     peers: &peers,
                     own: &own,
                 },
@@ -350,6 +360,7 @@ mod tests {
             .targets(
                 &metrics,
                 Context {
+                    predecessor: None,
                     peers: &peers,
                     own: &own,
                 },

@@ -53,6 +53,7 @@ struct RawServer {
     peers: Option<Vec<String>>,
     peers_dns: Option<String>,
     peer_listen: Option<String>,
+    takeover_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +268,7 @@ fn server(raw: RawServer, problems: &mut Vec<Problem>) -> ServerConfig {
         instance_id: raw.instance_id.unwrap_or_default(),
         peers: peers(raw.peers, raw.peers_dns, problems),
         peer_listen: raw.peer_listen,
+        takeover_socket: raw.takeover_socket,
     }
 }
 

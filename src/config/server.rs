@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// An `IP:port` of this instance alone, where peers may send it cancel requests; `None`:
     /// only `listen`. Read once, at startup.
     pub peer_listen: Option<String>,
+    /// A Unix socket where a new pgrelay process (`run --takeover PATH`) takes the listening
+    /// sockets and idle clients over from this one; `None`: no takeover. Read once, at startup.
+    pub takeover_socket: Option<PathBuf>,
 }
 
 /// `[server] instance_id` as written: a number, or derived from the host name.
@@ -237,6 +240,7 @@ impl Default for ServerConfig {
             instance_id: InstanceIdSetting::default(),
             peers: Peers::None,
             peer_listen: None,
+            takeover_socket: None,
         }
     }
 }

@@ -132,6 +132,19 @@ fn server(server: &ServerConfig, users: &[UserConfig], out: &mut Vec<Problem>) {
             );
         }
     }
+    if let Some(path) = &server.takeover_socket {
+        // sun_path holds 108 bytes with the terminating NUL.
+        let length = path.as_os_str().len();
+        if length == 0 {
+            push(out, "server.takeover_socket".to_owned(), "must be a file path");
+        } else if length > 107 {
+            push(
+                out,
+                "server.takeover_socket".to_owned(),
+                "is longer than the 107 bytes a Unix socket path may have",
+            );
+        }
+    }
     if server.workers > MAX_WORKERS {
         push(
             out,
@@ -807,6 +820,18 @@ replicas = ["127.0.0.1:5433"]
         assert_problem(
             "[server]\nlisten = \"127.0.0.1:6432\"\npeer_listen = \"127.0.0.1:6432\"\n",
             "server.peer_listen: must be an address of its own, not that of listen or metrics_listen",
+        );
+    }
+
+    #[test]
+    fn takeover_socket_must_be_a_usable_unix_socket_path() {
+        assert_problem(
+            "[server]\ntakeover_socket = \"\"\n",
+            "server.takeover_socket: must be a file path",
+        );
+        assert_problem(
+            &format!("[server]\ntakeover_socket = \"/{}\"\n", "x".repeat(107)),
+            "server.takeover_socket: is longer than the 107 bytes a Unix socket path may have",
         );
     }
 

@@ -53,6 +53,20 @@ pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
 }
 
 impl Listener {
+    /// A listener on a socket bound elsewhere (handed over by the process pgrelay took
+    /// over from).
+    pub fn from_std(listener: std::net::TcpListener) -> io::Result<Listener> {
+        listener.set_nonblocking(true)?;
+        Ok(Listener {
+            inner: TcpListener::from_std(listener)?,
+        })
+    }
+
+    /// A second descriptor of the listening socket, to hand to a new process.
+    pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.inner).try_clone_to_owned()
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }

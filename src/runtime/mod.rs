@@ -545,6 +545,11 @@ pub struct Shared {
     workers: std::sync::OnceLock<tokio::runtime::Handle>,
     /// Each database's LISTEN/NOTIFY fan-out (listen_notify = "fanout").
     pub notify: crate::notify::Hubs,
+    /// The process this one took over from (`--takeover`), while it drains: cancels for
+    /// its clients are carried there.
+    pub predecessor: crate::takeover::Predecessor,
+    /// Once a new process has taken this one over: where idle clients are handed to it.
+    pub client_handover: crate::takeover::ClientHandover,
 }
 
 impl Shared {
@@ -557,6 +562,8 @@ impl Shared {
             control: std::sync::OnceLock::new(),
             workers: std::sync::OnceLock::new(),
             notify: crate::notify::Hubs::new(observers.metrics.clone()),
+            predecessor: crate::takeover::Predecessor::default(),
+            client_handover: crate::takeover::ClientHandover::default(),
             metrics: observers.metrics,
             registry: observers.registry,
             budgets: observers.budgets,

@@ -59,6 +59,18 @@ pub(crate) fn apply(change: &SessionEffect, channels: &mut BTreeSet<String>) {
     }
 }
 
+impl ListenTx {
+    /// Whether any statement, portal or open change is known: a client with one is not
+    /// handed over to another process.
+    pub fn holds_anything(&self) -> bool {
+        self.unnamed.is_some()
+            || !self.statements.is_empty()
+            || !self.portals.is_empty()
+            || !self.open.is_empty()
+            || self.savepoint
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub(crate) struct ListenTx {

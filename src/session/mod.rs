@@ -27,7 +27,7 @@ use crate::net::ClientStream;
 use crate::protocol::compose::{self, Severity};
 use crate::runtime::{Shared, Snapshot};
 use handshake::{HandshakeError, Opening};
-use login::{Destination, LoginError};
+use login::{Destination, LoggedIn, LoginError};
 use run::Session;
 
 /// How long pgrelay tries to deliver a last error to a client that is being refused.
@@ -236,6 +236,83 @@ async fn start(
     )))))
 }
 
+/// A client handed over by the process this one took over from (`crate::takeover`): its
+/// socket and the description of its session.
+#[derive(Debug)]
+pub struct Resumed {
+    pub stream: std::net::TcpStream,
+    pub description: Vec<u8>,
+}
+
+/// Serves a handed-over client: its session is rebuilt from its description, with no
+/// login (the old process logged it in), and its cancel key stays the same.
+pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
+    let Ok(peer) = resumed.stream.peer_addr() else {
+        return;
+    };
+    let stream = match TcpStream::from_std(resumed.stream) {
+        Ok(stream) => stream,
+        Err(error) => return tracing::warn!(client = %peer, %error, "cannot take over a handed-over client"),
+    };
+    let snapshot = shared.snapshot();
+    let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, snapshot.client_limits.max_message_size);
+    let description = run::handover::Description::decode(&resumed.description);
+    let entries = description.as_ref().and_then(|description| {
+        Some((
+            snapshot.database(&description.database)?,
+            snapshot.user(&description.user)?,
+        ))
+    });
+    let (Some(description), Some((database, user))) = (description, entries) else {
+        // Its session cannot be rebuilt here (another layout, or its database or user is
+        // not in this configuration): it ends as at a shutdown, and reconnects.
+        tracing::warn!(client = %peer, "a handed-over client's session cannot be rebuilt here: disconnecting it");
+        compose::error(
+            &mut client.outbuf,
+            Severity::Fatal,
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection because pgrelay was replaced and this session cannot be carried over",
+        );
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
+        return;
+    };
+    let mut slot = match ClientSlot::take(&shared, &snapshot, peer) {
+        Ok(slot) => slot,
+        Err(error) => {
+            compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
+            return;
+        }
+    };
+    // Counted, never refused: the client was let in already.
+    slot.user = shared.access.counts.take_user(&user.name, None).ok();
+    let cancel = match shared.cancel.register_key(description.process_id, description.secret) {
+        Some(cancel) => cancel,
+        None => {
+            tracing::warn!(client = %peer, "a handed-over client's cancel key is taken here: its cancels will not work");
+            shared.cancel.register()
+        }
+    };
+    let mut wanted = crate::upstream::SessionParams::default();
+    for (name, value, _) in &description.wanted {
+        wanted.set(name, value);
+    }
+    let logged_in = LoggedIn {
+        user,
+        database,
+        wanted,
+        client_encoding: description.encoding.as_deref().map_or_else(
+            crate::route::ClientEncoding::default,
+            crate::route::ClientEncoding::named,
+        ),
+    };
+    let mut session = Box::new(Session::new(shared.clone(), &snapshot, logged_in, peer, cancel, slot));
+    session.restore(&description);
+    tracing::info!(client = %peer, database = %description.database, user = %description.user,
+        "client taken over from the old process");
+    session.run(&mut client).await;
+}
+
 /// Serves a connection accepted on `peer_listen`, which takes a CancelRequest and nothing
 /// else: it is an address of this instance alone, for peers to forward cancels to.
 pub async fn serve_cancel_only(stream: std::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -298,6 +375,7 @@ async fn cancel(
     let context = crate::cancel::forward::Context {
         peers: &server.peers,
         own: &own,
+        predecessor: Some(&shared.predecessor),
     };
     let result =
         crate::cancel::forward::handle(&shared.cancel, &shared.cancel_forwarder, &shared.metrics, context, key).await;

@@ -186,6 +186,16 @@ impl ClientStatements {
         }
     }
 
+    /// Each name with the query text and parameter types of its Parse (for a takeover).
+    pub fn definitions(&self) -> impl Iterator<Item = (&[u8], ParseView<'_>)> {
+        self.by_name.iter().filter_map(|(name, defined)| {
+            // The stored Parse is pgrelay's own: a 5-byte header, then a well-formed body.
+            let body = defined.statement.parse.get(5..)?;
+            let parse = ParseView::read(body).ok()?;
+            Some((name.as_slice(), parse))
+        })
+    }
+
     pub fn clear(&mut self) {
         self.by_name.clear();
         self.bytes = 0;

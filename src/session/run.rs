@@ -2,6 +2,7 @@
 //! server for it (per transaction, per statement, or once for the whole session),
 //! forward until the server is idle again, and give the server back.
 
+pub(crate) mod handover;
 mod listen;
 mod wait;
 
@@ -164,6 +165,21 @@ impl Session {
     /// Runs the session; boxed so that the task of an idle client stays small.
     pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
         let end = self.serve(client).await;
+        // Taken over: an idle client goes on in the new process, with its session.
+        if matches!(end, End::Shutdown)
+            && self.shared.client_handover.is_active()
+            && let Some(description) = self.handover_description(client)
+            && let crate::net::ClientStream::Tcp(stream) = &client.stream
+            && self
+                .shared
+                .client_handover
+                .send(std::os::fd::AsFd::as_fd(stream), &description.encode())
+                .await
+        {
+            tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
+                "client handed over to the new process");
+            return;
+        }
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,
             End::ClientBroke(error) | End::ServerLost(error) => Some(error.clone()),

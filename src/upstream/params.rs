@@ -95,6 +95,13 @@ impl SessionParams {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Each setting with whether it was given as SQL text (`set_sql`) rather than a value.
+    pub fn iter_with_form(&self) -> impl Iterator<Item = (&str, &str, bool)> {
+        self.entries
+            .iter()
+            .map(|(name, value, form)| (name.as_str(), value.as_str(), *form == Form::Sql))
+    }
 }
 
 /// The statements that make a server's applied settings equal to a client's wanted ones.

@@ -1,0 +1,256 @@
+//! Handing an idle client to the process that took this one over (`crate::takeover`): which
+//! clients can go (transaction or statement mode, plain TCP, between transactions with no
+//! server and no pending input, nothing pinning it), the description of its session that
+//! goes with its socket, and the session rebuilt from it on the other side.
+
+use super::Session;
+use crate::config::PoolMode;
+use crate::net::{ClientConn, ClientStream};
+use crate::protocol::views::ParseView;
+use crate::route::ClientEncoding;
+
+/// Marks a description, and its layout: a process that writes another one is refused.
+const MAGIC: &[u8] = b"pgrelay-client/1";
+
+/// A client's session as it travels from one process to the other.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Description {
+    pub database: String,
+    pub user: String,
+    pub process_id: u32,
+    pub secret: u32,
+    /// The client_encoding it was greeted with (when its settings name none).
+    pub encoding: Option<String>,
+    /// Its startup settings and its current ones: (name, value, given as SQL text).
+    pub startup: Vec<(String, String, bool)>,
+    pub wanted: Vec<(String, String, bool)>,
+    /// Its prepared statements: (name, query, parameter types as sent).
+    pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    pub write_fence: Option<u64>,
+    pub fence_lost: bool,
+}
+
+impl Description {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        let bytes = |out: &mut Vec<u8>, value: &[u8]| {
+            out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(value);
+        };
+        bytes(&mut out, self.database.as_bytes());
+        bytes(&mut out, self.user.as_bytes());
+        out.extend_from_slice(&self.process_id.to_be_bytes());
+        out.extend_from_slice(&self.secret.to_be_bytes());
+        bytes(&mut out, self.encoding.as_deref().unwrap_or("").as_bytes());
+        for params in [&self.startup, &self.wanted] {
+            out.extend_from_slice(&u32::try_from(params.len()).unwrap_or(u32::MAX).to_be_bytes());
+            for (name, value, sql) in params {
+                bytes(&mut out, name.as_bytes());
+                bytes(&mut out, value.as_bytes());
+                out.push(u8::from(*sql));
+            }
+        }
+        out.extend_from_slice(&u32::try_from(self.statements.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for (name, query, types) in &self.statements {
+            bytes(&mut out, name);
+            bytes(&mut out, query);
+            bytes(&mut out, types);
+        }
+        out.push(u8::from(self.write_fence.is_some()));
+        out.extend_from_slice(&self.write_fence.unwrap_or(0).to_be_bytes());
+        out.push(u8::from(self.fence_lost));
+        out
+    }
+
+    /// `None` for anything but a whole description of this layout.
+    pub fn decode(input: &[u8]) -> Option<Description> {
+        let mut reader = Reader(input.strip_prefix(MAGIC)?);
+        let database = reader.string()?;
+        let user = reader.string()?;
+        let process_id = reader.u32()?;
+        let secret = reader.u32()?;
+        let encoding = Some(reader.string()?).filter(|name| !name.is_empty());
+        let mut params = || -> Option<Vec<(String, String, bool)>> {
+            let count = reader.u32()?;
+            let mut list = Vec::new();
+            for _ in 0..count {
+                list.push((reader.string()?, reader.string()?, reader.byte()? != 0));
+            }
+            Some(list)
+        };
+        let startup = params()?;
+        let wanted = params()?;
+        let count = reader.u32()?;
+        let mut statements = Vec::new();
+        for _ in 0..count {
+            statements.push((
+                reader.bytes()?.to_vec(),
+                reader.bytes()?.to_vec(),
+                reader.bytes()?.to_vec(),
+            ));
+        }
+        let has_fence = reader.byte()? != 0;
+        let fence = reader.u64()?;
+        let fence_lost = reader.byte()? != 0;
+        reader.0.is_empty().then_some(Description {
+            database,
+            user,
+            process_id,
+            secret,
+            encoding,
+            startup,
+            wanted,
+            statements,
+            write_fence: has_fence.then_some(fence),
+            fence_lost,
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, length: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(length)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|bytes| bytes[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let length = usize::try_from(self.u32()?).ok()?;
+        self.take(length)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?.to_vec()).ok()
+    }
+}
+
+impl Session {
+    /// The description of this session if its client can be handed over now, `None` if it
+    /// must finish here.
+    pub(super) fn handover_description(&self, client: &ClientConn) -> Option<Description> {
+        let movable = self.database.mode() != PoolMode::Session
+            && matches!(client.stream, ClientStream::Tcp(_))
+            && self.server.is_none()
+            && client.inbuf.is_empty()
+            && client.outbuf.is_empty()
+            && self.local.tx == super::LocalTx::Idle
+            && !self.local.skipping_to_sync
+            && !self.carried.pins.is_pinned()
+            // A fan-out listener keeps its subscriptions on this process: its channels
+            // are not carried over (documented).
+            && self.subscription.is_none()
+            && self.carried.fanout_channels.is_empty()
+            && !self.carried.listen_tx.holds_anything()
+            && !self.deferred_begin_sent
+            // A user found through auth_query is not in the file: the new process could
+            // not place it without a login.
+            && self.shared.snapshot().user(&self.user.name).is_some();
+        if !movable {
+            return None;
+        }
+        let params = |params: &crate::upstream::SessionParams| {
+            params
+                .iter_with_form()
+                .map(|(name, value, sql)| (name.to_owned(), value.to_owned(), sql))
+                .collect()
+        };
+        Some(Description {
+            database: self.database.name.to_string(),
+            user: self.user.name.to_string(),
+            process_id: self.cancel.process_id(),
+            secret: self.cancel.secret(),
+            encoding: self.carried.default_encoding.name.map(str::to_owned),
+            startup: params(&self.carried.startup),
+            wanted: params(&self.carried.wanted),
+            statements: self
+                .carried
+                .statements
+                .definitions()
+                .map(|(name, parse)| (name.to_vec(), parse.query.to_vec(), parse.param_types.to_vec()))
+                .collect(),
+            write_fence: self.carried.write_fence.map(|lsn| lsn.0),
+            fence_lost: self.carried.fence_lost,
+        })
+    }
+
+    /// Puts a handed-over client's settings and prepared statements into this session.
+    pub(crate) fn restore(&mut self, description: &Description) {
+        let params = |list: &[(String, String, bool)]| {
+            let mut params = crate::upstream::SessionParams::default();
+            for (name, value, sql) in list {
+                if *sql {
+                    params.set_sql(name, value);
+                } else {
+                    params.set(name, value);
+                }
+            }
+            params
+        };
+        self.carried.startup = params(&description.startup);
+        self.carried.wanted = params(&description.wanted);
+        if let Some(name) = &description.encoding {
+            self.carried.default_encoding = ClientEncoding::named(name);
+        }
+        self.carried.write_fence = description.write_fence.map(crate::cluster::Lsn);
+        self.carried.fence_lost = description.fence_lost;
+        let encoding = self.carried.client_encoding();
+        let epoch = self.database.schema.epoch();
+        for (name, query, types) in &description.statements {
+            let parse = ParseView {
+                name,
+                query,
+                param_types: types,
+            };
+            let search_path = self.carried.wanted.get("search_path").map(str::to_owned);
+            self.carried.statements.define(
+                &parse,
+                &self.database.classifier,
+                search_path.as_deref(),
+                encoding,
+                epoch,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_round_trips_and_a_damaged_one_is_refused() {
+        let description = Description {
+            database: "app".to_owned(),
+            user: "app".to_owned(),
+            process_id: 7 << 23 | 12345,
+            secret: 0xdead_beef,
+            encoding: Some("UTF8".to_owned()),
+            startup: vec![("application_name".to_owned(), "x".to_owned(), false)],
+            wanted: vec![("statement_timeout".to_owned(), "'5s'".to_owned(), true)],
+            statements: vec![(b"s1".to_vec(), b"SELECT $1".to_vec(), vec![0, 1, 0, 0, 0, 23])],
+            write_fence: Some(42),
+            fence_lost: false,
+        };
+        let encoded = description.encode();
+        assert_eq!(Description::decode(&encoded), Some(description));
+        assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
+        let mut longer = encoded.clone();
+        longer.push(0);
+        assert_eq!(Description::decode(&longer), None);
+        assert_eq!(Description::decode(b"pgrelay-client/2"), None);
+    }
+}
