@@ -92,7 +92,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     drop(logging_in);
     match started {
         Ok(Some(Started::Session(session))) => session.run(&mut client).await,
-        Ok(Some(Started::Admin(admin))) => admin.run_on(shared.control(), client).await,
+        // Boxed: the admin console's future is the largest a connection can run, and every
+        // client session's task would otherwise reserve room for it.
+        Ok(Some(Started::Admin(admin))) => Box::pin(admin.run_on(shared.control(), client)).await,
         Ok(None) => {}
         Err(Some(error)) => {
             let refused = refused.or((error.sqlstate == sqlstate::INVALID_PASSWORD).then_some(Refusal::Password));
