@@ -246,9 +246,9 @@ async fn the_commit_position_travels_with_the_commit_and_every_shape_of_write_is
 }
 
 /// Batches whose end the statements cannot show: an extended-protocol write that fails,
-/// followed by a simple query and only then a Sync; a write followed by a query pgrelay
-/// answers itself before the Sync. Each is answered in full (no ReadyForQuery withheld for
-/// ever), and a write that did commit is read back.
+/// followed by a simple query and only then a Sync; a write followed by a simple query
+/// before the Sync (which ends the write's implicit transaction). Each is answered in full
+/// (no ReadyForQuery withheld for ever), and a write that did commit is read back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsynced_and_failed_extended_batches_are_answered_and_read_back() {
     use common::raw::{Raw, bind, execute, parse, query, show, sync};
