@@ -16,10 +16,24 @@ use crate::session::carried::Carried;
 use crate::session::listen_tx::{self, Changes};
 use crate::upstream::{Expect, Recipient, Synthetic};
 
-/// Whether `sql` may hold a LISTEN or UNLISTEN: a scan that spares the classifier for
-/// nearly every statement.
+/// Whether `sql` may be nothing but LISTEN and UNLISTEN statements (what pgrelay answers):
+/// it begins with one of those words, looked at without scanning the text, which spares the
+/// classifier for nearly every statement. Text that begins with a comment, a parenthesis or
+/// an empty statement is scanned whole.
 fn mentions_listen(sql: &[u8]) -> bool {
-    sql.windows(6).any(|word| word.eq_ignore_ascii_case(b"listen"))
+    let start = sql
+        .iter()
+        .position(|byte| !byte.is_ascii_whitespace())
+        .unwrap_or(sql.len());
+    let rest = &sql[start..];
+    let begins_with = |word: &[u8]| {
+        rest.get(..word.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(word))
+    };
+    match rest.first() {
+        Some(b'/' | b'-' | b'(' | b';') => sql.windows(6).any(|word| word.eq_ignore_ascii_case(b"listen")),
+        _ => begins_with(b"listen") || begins_with(b"unlisten"),
+    }
 }
 
 /// The portal an Execute names.
@@ -52,7 +66,9 @@ impl Pump<'_> {
             FrontendTag::Query => {
                 // A simple query ends the unnamed statement and portal.
                 listen_tx.unnamed = None;
-                listen_tx.portals.remove(&b""[..]);
+                if !listen_tx.portals.is_empty() {
+                    listen_tx.portals.remove(&b""[..]);
+                }
                 let sql = query_text(body).map_err(malformed)?;
                 let Some(changes) = self.answerable(sql) else {
                     return Ok(None);
@@ -228,4 +244,26 @@ pub(super) fn took_effect(carried: &mut Carried, took: Option<Vec<SessionEffect>
         listen_tx::apply(change, &mut carried.fanout_channels);
     }
     carried.fanout_dirty = true;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mentions_listen;
+
+    #[test]
+    fn only_text_that_may_be_listen_statements_is_classified() {
+        for sql in [
+            "LISTEN a",
+            "  unlisten *",
+            "\nListen \"x\"; LISTEN y",
+            "/* c */ LISTEN a",
+            "-- c\nUNLISTEN a",
+            ";LISTEN a",
+        ] {
+            assert!(mentions_listen(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["SELECT 1", "SELECT 'listen'", "NOTIFY listen", "", "   ", "LISTE"] {
+            assert!(!mentions_listen(sql.as_bytes()), "{sql}");
+        }
+    }
 }
