@@ -568,10 +568,30 @@ async fn serve(
     for database in shared.snapshot().all_databases() {
         database.close();
     }
+    if shared.client_handover.started() {
+        // Every session has ended: the counts are final. Passed on, so that the new
+        // process's endpoint (which the old one's scrapes now reach) goes on with them.
+        let tally = crate::metrics::TakeoverResult::ALL.map(|result| shared.metrics.takeover_clients_so_far(result));
+        let passed_on = shared.client_handover.send_tally(tally);
+        tracing::info!(
+            handed_over = tally[0],
+            kept = tally[2],
+            passed_on,
+            "takeover: clients handed over and kept here"
+        );
+    }
+}
+
+/// Adds what the process this one took over from counted (see [`crate::takeover::Tally`]).
+fn add_tally(metrics: &Metrics, tally: crate::takeover::Tally) {
+    for (result, count) in crate::metrics::TakeoverResult::ALL.into_iter().zip(tally) {
+        metrics.takeover_clients(result, count);
+    }
 }
 
 /// Runs pgrelay until SIGTERM, SIGINT or the admin console's SHUTDOWN, then shuts
-/// down gracefully. SIGHUP reloads the file.
+/// down gracefully. SIGHUP reloads the file; SIGUSR2 starts a successor that takes this
+/// process over (with `takeover_socket` set).
 pub async fn run(config: Config, path: std::path::PathBuf) -> Result<(), AppError> {
     run_taking_over(config, path, None).await
 }
@@ -585,6 +605,9 @@ pub async fn run_taking_over(
     path: std::path::PathBuf,
     takeover: Option<std::path::PathBuf>,
 ) -> Result<(), AppError> {
+    // Before anything else: once the binary is replaced on disk, the path is all that
+    // still leads to the new one.
+    let successor = crate::successor::Successor::of_this_process();
     let mut inherited = match takeover {
         Some(socket) => Some(
             tokio::task::spawn_blocking(move || crate::takeover::receive(&socket))
@@ -604,10 +627,15 @@ pub async fn run_taking_over(
                 }
                 if let Some(channel) = clients {
                     let resume = running.resume.clone();
-                    let receiving = crate::takeover::receive_clients(channel, move |stream, description| {
-                        // Refused only once this process shuts down: the client is closed.
-                        let _ = resume.send(session::Resumed { stream, description });
-                    });
+                    let metrics = shared.metrics.clone();
+                    let receiving = crate::takeover::receive_clients(
+                        channel,
+                        move |stream, description| {
+                            // Refused only once this process shuts down: the client is closed.
+                            let _ = resume.send(session::Resumed { stream, description });
+                        },
+                        move |tally| add_tally(&metrics, tally),
+                    );
                     if let Err(error) = receiving {
                         tracing::warn!(%error, "cannot take the old process's idle clients over");
                     }
@@ -629,20 +657,51 @@ pub async fn run_taking_over(
             }
         }
     }
+    let upgrade = Upgrade {
+        successor,
+        socket: running.takeover_socket.clone(),
+    };
     tokio::select! {
-        () = wait_for_stop(&shared) => {}
+        () = wait_for_stop(&shared, &upgrade) => {}
         () = running.handed_over() => {}
     }
     running.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_stop(shared: &Shared) {
+/// What SIGUSR2 needs to start a successor that takes this process over.
+struct Upgrade {
+    successor: Option<crate::successor::Successor>,
+    /// `takeover_socket` as read at startup.
+    socket: Option<std::path::PathBuf>,
+}
+
+impl Upgrade {
+    /// Starts the successor; this process goes on serving until it connects (and for good
+    /// if it never does).
+    fn start(&self) {
+        let Some(socket) = &self.socket else {
+            return tracing::warn!("SIGUSR2 received, but takeover_socket is not set: nothing to do");
+        };
+        let Some(successor) = &self.successor else {
+            return tracing::error!(
+                "SIGUSR2 received, but this process's executable is unknown: cannot start a successor"
+            );
+        };
+        match successor.spawn(socket) {
+            Ok(pid) => tracing::info!(pid, "SIGUSR2 received: started a successor to take this process over"),
+            Err(error) => tracing::error!(%error, "SIGUSR2 received, but the successor did not start: still serving"),
+        }
+    }
+}
+
+async fn wait_for_stop(shared: &Shared, upgrade: &Upgrade) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup), Ok(mut user2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
     ) else {
         tracing::error!("cannot install signal handlers; stop pgrelay with SIGKILL");
         std::future::pending::<()>().await;
@@ -658,6 +717,7 @@ async fn wait_for_stop(shared: &Shared) {
                 // Failures are logged and counted by reload itself; nothing changes then.
                 let _ = crate::reload::reload(shared);
             }
+            _ = user2.recv() => upgrade.start(),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod route;
 pub mod router;
 pub mod runtime;
 pub mod session;
+pub mod successor;
 pub mod takeover;
 pub mod upstream;
 pub mod watchdog;

@@ -17,6 +17,11 @@
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
+//!
+//! With RELEASED comes one end of a `SOCK_SEQPACKET` pair: the old process's idle clients
+//! travel on it, one message each (a description of the session with the socket attached;
+//! see `session::run::handover`), and last, when its drain ends, its [`Tally`] of
+//! `pgrelay_takeover_clients_total`.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -358,7 +363,18 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
 #[derive(Debug, Default)]
 pub struct ClientHandover {
     channel: std::sync::Mutex<Option<OwnedFd>>,
+    /// A new process took the sockets over: every client still here either moves or is
+    /// counted as kept (`pgrelay_takeover_clients_total`).
+    started: std::sync::atomic::AtomicBool,
 }
+
+/// What the old process counted at the takeover (and had been passed on by its own
+/// predecessors), sent to the new process at exit so that `pgrelay_takeover_clients_total`
+/// goes on counting across processes: handed_over, received, kept, failed.
+pub type Tally = [u64; 4];
+
+/// Marks the one message on the client channel that carries no client but the [`Tally`].
+const TALLY: &[u8] = b"pgrelay-tally/1";
 
 /// The largest client description handed over (a seqpacket message must fit the socket's
 /// send buffer); a client with more prepared statements than fit finishes here.
@@ -370,10 +386,39 @@ impl ClientHandover {
         self.channel.lock().is_ok_and(|channel| channel.is_some())
     }
 
-    fn set(&self, fd: OwnedFd) {
-        if let Ok(mut channel) = self.channel.lock() {
+    /// Whether a new process has taken this one over (clients may have moved or not).
+    pub fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start(&self, fd: Option<OwnedFd>) {
+        if let (Some(fd), Ok(mut channel)) = (fd, self.channel.lock()) {
             *channel = Some(fd);
         }
+        self.started.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Sends `tally` to the new process, last thing before exit; false if it could not.
+    pub fn send_tally(&self, tally: Tally) -> bool {
+        let mut message = TALLY.to_vec();
+        for count in tally {
+            message.extend_from_slice(&count.to_be_bytes());
+        }
+        let Ok(channel) = self.channel.lock() else {
+            return false;
+        };
+        let Some(fd) = channel.as_ref() else {
+            return false;
+        };
+        // A few dozen bytes into a channel the new process reads on a thread of its own.
+        sendmsg::<()>(
+            fd.as_raw_fd(),
+            &[IoSlice::new(&message)],
+            &[],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .is_ok_and(|sent| sent == message.len())
     }
 
     /// Sends a client's socket with its `description`; false if it could not be sent (the
@@ -416,11 +461,26 @@ impl ClientHandover {
     }
 }
 
+/// The tally in a message of the client channel, if it is one.
+fn parse_tally(message: &[u8]) -> Option<Tally> {
+    let counts = message.strip_prefix(TALLY)?;
+    if counts.len() != 4 * 8 {
+        return None;
+    }
+    let mut tally = [0u64; 4];
+    for (count, bytes) in tally.iter_mut().zip(counts.chunks_exact(8)) {
+        *count = u64::from_be_bytes(bytes.try_into().ok()?);
+    }
+    Some(tally)
+}
+
 /// The new process's end: receives the old process's idle clients, on a thread of its own,
-/// until the old process exits; each is passed to `deliver`.
+/// until the old process exits; each is passed to `deliver`, and the old process's
+/// [`Tally`] to `tally`.
 pub fn receive_clients(
     channel: OwnedFd,
     deliver: impl Fn(std::net::TcpStream, Vec<u8>) + Send + 'static,
+    tally: impl Fn(Tally) + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("pgrelay-takeover".to_owned())
@@ -455,6 +515,13 @@ pub fn receive_clients(
                 if length == 0 && fds.is_empty() {
                     // The old process has exited: every client it could hand over came.
                     return;
+                }
+                if fds.is_empty()
+                    && !truncated
+                    && let Some(counts) = parse_tally(&buffer[..length])
+                {
+                    tally(counts);
+                    continue;
                 }
                 if truncated || fds.len() != 1 {
                     tracing::warn!("takeover: a malformed client message; its connection is closed");
@@ -506,11 +573,12 @@ pub async fn serve(
     );
     let theirs = match pair {
         Ok((ours, theirs)) => {
-            shared.client_handover.set(ours);
+            shared.client_handover.start(Some(ours));
             Some(theirs)
         }
         Err(error) => {
             tracing::warn!(%error, "cannot hand clients over: they finish here");
+            shared.client_handover.start(None);
             None
         }
     };
@@ -635,6 +703,36 @@ mod tests {
         assert!(parse_cancel("CANCEL 42 abc").is_none());
         assert!(parse_cancel("CANCEL x 00").is_none());
         assert!(parse_cancel("CANCEL 1 00 extra").is_none());
+    }
+
+    #[test]
+    fn a_tally_round_trips_and_nothing_else_is_one() {
+        let handover = ClientHandover::default();
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        assert!(!handover.started());
+        handover.start(Some(ours));
+        assert!(handover.started());
+        assert!(handover.send_tally([3, 1, 4, 1 << 40]));
+        let (sender, received) = std::sync::mpsc::channel();
+        let thread = receive_clients(
+            theirs,
+            |_, _| panic!("no client was sent"),
+            move |tally| {
+                sender.send(tally).unwrap();
+            },
+        )
+        .unwrap();
+        assert_eq!(received.recv().unwrap(), [3, 1, 4, 1 << 40]);
+        drop(handover);
+        thread.join().unwrap();
+        assert_eq!(parse_tally(b"pgrelay-tally/1"), None);
+        assert_eq!(parse_tally(b"pgrelay-client/2"), None);
     }
 
     #[test]

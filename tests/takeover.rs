@@ -414,3 +414,220 @@ async fn a_tls_client_finishes_on_the_old_process_and_a_plain_one_moves() {
     let (status, log) = new.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
 }
+
+/// The value of `family{labels}` in a /metrics body.
+fn metric(body: &str, family: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{family}{{{labels}}} ");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_found_through_auth_query_moves_and_its_new_server_logins_pass_through() {
+    const ROLE: (&str, &str) = ("tk_aq_user", "tk aq secret");
+    let cluster = shared_cluster();
+    let direct = common::direct(&cluster.primary().addr(), "postgres").await;
+    direct
+        .batch_execute(&format!(
+            "CREATE ROLE {} LOGIN PASSWORD '{}'; GRANT CONNECT ON DATABASE app TO {0}",
+            ROLE.0, ROLE.1
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("takeover.sock");
+    // Not in [[users]]: its password is looked up as the superuser (the default query).
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4")
+        .replacen(
+            "listen = \"LISTEN\"",
+            &format!(
+                "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+                socket.display()
+            ),
+            1,
+        )
+        .replacen("[databases.app]\n", "[databases.app]\nauth_user = \"postgres\"\n", 1)
+        + "\n[[users]]\nname = \"postgres\"\npassword = \"postgres\"\n";
+    let config_path = dir.path().join("pgrelay.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let old = Process::start(&config_path, None, dir.path().join("old.log"));
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+
+    let client = common::connect(&format!(
+        "host=127.0.0.1 port={port} user={} password='{}' dbname=app connect_timeout=5",
+        ROLE.0, ROLE.1
+    ))
+    .await
+    .unwrap();
+    client.batch_execute("SET application_name = 'tk_aq'").await.unwrap();
+    let rows = client.simple_query("SELECT current_user").await.unwrap();
+    assert_eq!(first_value(&rows), ROLE.0);
+
+    let new = Process::start(&config_path, Some(&socket), dir.path().join("new.log"));
+    let (status, log) = old.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert!(log.contains("client handed over to the new process"), "{log}");
+
+    // The new process has no server connection for the user yet: this query needs one,
+    // logged in with the SCRAM keys the old process learned from the client's login.
+    let rows = client
+        .simple_query("SELECT current_user || ' ' || current_setting('application_name')")
+        .await
+        .unwrap_or_else(|error| panic!("{error}; the new process's log:\n{}", new.log()));
+    assert_eq!(first_value(&rows), format!("{} tk_aq", ROLE.0));
+    let (count,): (i64,) = {
+        let row = direct
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&ROLE.0])
+            .await
+            .unwrap();
+        (row.get(0),)
+    };
+    assert!(count >= 1, "a server connection of the user is open");
+    assert!(
+        new.log().contains("client taken over from the old process"),
+        "{}",
+        new.log()
+    );
+
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "{log}");
+}
+
+/// A process this test did not start (the successor the old pgrelay started): killed by
+/// its process id when the test ends, whatever happened.
+struct Successor(i32);
+
+impl Successor {
+    /// The process whose command line names `socket` after `--takeover`, other than `not`
+    /// (the guard, which kills on drop, is made for that one process only).
+    fn find(socket: &Path, not: u32) -> Option<Successor> {
+        let socket = socket.as_os_str().as_encoded_bytes();
+        let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            if pid <= 1 || pid == not as i32 || pid == std::process::id() as i32 {
+                return None;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+            let named = args.first() == Some(&env!("CARGO_BIN_EXE_pgrelay").as_bytes())
+                && args
+                    .windows(2)
+                    .any(|pair| pair[0] == b"--takeover" && pair[1] == socket);
+            named.then_some(pid)
+        })?;
+        Some(Successor(pid))
+    }
+
+    /// Whether it has exited (gone, or a zombie waiting for whoever adopted it).
+    fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
+            // "pid (comm) S ...": the state follows the last ')'.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if self.0 > 1 && !self.exited() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let socket = dir.path().join("takeover.sock");
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4")
+        .replacen(
+            "listen = \"LISTEN\"",
+            &format!(
+                "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+                socket.display()
+            ),
+            1,
+        )
+        .replacen(
+            "metrics_listen = \"\"",
+            &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+            1,
+        );
+    let config_path = dir.path().join("pgrelay.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let old = Process::start(&config_path, None, dir.path().join("old.log"));
+    let old_pid = old.child.as_ref().unwrap().id();
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+
+    // Two idle clients that move, and one pinned by a temporary table that finishes here.
+    let idle = common::connect(&url(port)).await.unwrap();
+    idle.batch_execute("SET statement_timeout = '321s'").await.unwrap();
+    let other = common::connect(&url(port)).await.unwrap();
+    let pinned = common::connect(&url(port)).await.unwrap();
+    pinned.batch_execute("CREATE TEMP TABLE t_usr2 (x int)").await.unwrap();
+
+    old.signal(nix::sys::signal::Signal::SIGUSR2);
+    let (status, log) = old.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert!(log.contains("started a successor"), "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 2, "{log}");
+    let successor = Successor::find(&socket, old_pid)
+        .unwrap_or_else(|| panic!("no process runs with --takeover {}:\n{log}", socket.display()));
+    assert!(!successor.exited());
+
+    // The successor serves on the same port, and the idle client goes on there with its
+    // setting.
+    let rows = idle.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(first_value(&rows), "1");
+    let rows = idle.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "321s");
+    let rows = other.simple_query("SELECT 2").await.unwrap();
+    assert_eq!(first_value(&rows), "2");
+    let fresh = common::connect(&url(port)).await.unwrap();
+    let rows = fresh.simple_query("SELECT 3").await.unwrap();
+    assert_eq!(first_value(&rows), "3");
+    assert!(pinned.simple_query("SELECT 1").await.is_err());
+
+    // The successor's endpoint counts what it received, and what the old process passed
+    // on when it exited.
+    let counted = |body: &str| {
+        ["handed_over", "received", "kept", "failed"].map(|result| {
+            metric(body, "pgrelay_takeover_clients_total", &format!("result=\"{result}\"")).unwrap_or(-1.0)
+        })
+    };
+    wait_until(
+        "the old process's counts are passed on",
+        Duration::from_secs(10),
+        || async { counted(&http_get(metrics_port, "/metrics").await)[0] >= 2.0 },
+    )
+    .await;
+    let body = http_get(metrics_port, "/metrics").await;
+    assert_eq!(counted(&body), [2.0, 2.0, 1.0, 0.0], "{body}");
+    let log = std::fs::read_to_string(dir.path().join("old.log")).unwrap();
+    assert!(log.contains("handed_over=2 kept=1"), "{log}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(successor.0),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_until("the successor exits", Duration::from_secs(25), || async {
+        successor.exited()
+    })
+    .await;
+    assert!(!socket.exists(), "the takeover socket is removed at exit");
+}

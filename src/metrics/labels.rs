@@ -348,3 +348,47 @@ pub(crate) fn sqlstate_label(sqlstate: &str) -> &str {
 /// pgrelay serves (bad startup packet, unknown database, too many clients). A fixed value,
 /// not the name the client sent: clients must not be able to create series.
 pub const NO_DATABASE: &str = "";
+
+/// `result` label of `pgrelay_takeover_clients_total`: what became of a client at a socket
+/// takeover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TakeoverResult {
+    /// Old process: the client's socket and session were sent to the new process.
+    HandedOver,
+    /// New process: a client sent by the old process goes on here.
+    Received,
+    /// Old process: the client could not move (in a transaction until the end, pinned,
+    /// TLS, session mode, a fan-out listener...) and finished here.
+    Kept,
+    /// New process: a client sent by the old process could not be adopted here (its
+    /// database or user is not in this configuration, a client limit, a damaged message):
+    /// it was closed with 57P01.
+    Failed,
+}
+
+impl TakeoverResult {
+    pub const ALL: [TakeoverResult; 4] = [
+        TakeoverResult::HandedOver,
+        TakeoverResult::Received,
+        TakeoverResult::Kept,
+        TakeoverResult::Failed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TakeoverResult::HandedOver => "handed_over",
+            TakeoverResult::Received => "received",
+            TakeoverResult::Kept => "kept",
+            TakeoverResult::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            TakeoverResult::HandedOver => 0,
+            TakeoverResult::Received => 1,
+            TakeoverResult::Kept => 2,
+            TakeoverResult::Failed => 3,
+        }
+    }
+}

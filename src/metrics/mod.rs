@@ -26,6 +26,8 @@ mod tests;
 pub use guards::{ClientStateGauge, PinnedGauge};
 pub use handles::SessionMetrics;
 pub use http::{Health, serve};
-pub use labels::{CancelResult, ClientState, LoginRefusal, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason};
+pub use labels::{
+    CancelResult, ClientState, LoginRefusal, NO_DATABASE, PinReason, ReloadOutcome, Role, RouteReason, TakeoverResult,
+};
 pub use registry::{LATENCY_BUCKETS, Metrics, MetricsError, NotifyMetrics};
 pub use scrape::{PoolState, StateSink};

@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use super::handles::{DatabaseHandles, SessionMetrics};
-use super::labels::{CancelResult, LoginRefusal, NO_DATABASE, ReloadOutcome, sqlstate_label};
+use super::labels::{CancelResult, LoginRefusal, NO_DATABASE, ReloadOutcome, TakeoverResult, sqlstate_label};
 use super::scrape::{StateCollector, StateSink};
 
 /// Upper bounds (seconds) shared by both histograms: 50 µs (a checkout from a warm pool, a
@@ -52,6 +52,7 @@ pub(crate) struct Families {
     pub(crate) listen_clients: IntGaugeVec,
     pub(crate) listen_channels: IntGaugeVec,
     pub(crate) notifications: IntCounterVec,
+    pub(crate) takeover_clients: IntCounterVec,
 }
 
 impl Families {
@@ -187,8 +188,15 @@ impl Families {
                 ),
                 &["database", "result"],
             )?,
+            takeover_clients: IntCounterVec::new(
+                Opts::new(
+                    "pgrelay_takeover_clients_total",
+                    "Clients at a socket takeover by what became of them: handed_over (sent to the new process), received (adopted from the old process), kept (could not move, finished on the old process), failed (sent but not adopted by the new process). The old process's counts are passed on to the new one when it exits.",
+                ),
+                &["result"],
+            )?,
         };
-        let collectors: [Box<dyn Collector>; 20] = [
+        let collectors: [Box<dyn Collector>; 21] = [
             Box::new(families.clients.clone()),
             Box::new(families.pool_wait.clone()),
             Box::new(families.queries.clone()),
@@ -209,6 +217,7 @@ impl Families {
             Box::new(families.listen_clients.clone()),
             Box::new(families.listen_channels.clone()),
             Box::new(families.notifications.clone()),
+            Box::new(families.takeover_clients.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -233,6 +242,7 @@ pub struct Metrics {
     reloads: [IntCounter; 2],
     login_refusals: [IntCounter; 5],
     cancels: [IntCounter; 7],
+    takeover_clients: [IntCounter; 4],
     state: StateCollector,
 }
 
@@ -256,6 +266,8 @@ impl Metrics {
         let login_refusals =
             LoginRefusal::ALL.map(|reason| families.login_refusals.with_label_values(&[reason.label()]));
         let cancels = CancelResult::ALL.map(|result| families.cancels.with_label_values(&[result.label()]));
+        let takeover_clients =
+            TakeoverResult::ALL.map(|result| families.takeover_clients.with_label_values(&[result.label()]));
 
         Ok(Metrics {
             registry,
@@ -264,6 +276,7 @@ impl Metrics {
             reloads,
             login_refusals,
             cancels,
+            takeover_clients,
             state,
         })
     }
@@ -321,6 +334,16 @@ impl Metrics {
     /// Counts one CancelRequest by what became of it.
     pub fn cancel_request(&self, result: CancelResult) {
         self.cancels[result.index()].inc();
+    }
+
+    /// Counts `count` clients of a socket takeover by what became of them.
+    pub fn takeover_clients(&self, result: TakeoverResult, count: u64) {
+        self.takeover_clients[result.index()].inc_by(count);
+    }
+
+    /// The count of one result so far (passed on to the new process at exit).
+    pub fn takeover_clients_so_far(&self, result: TakeoverResult) -> u64 {
+        self.takeover_clients[result.index()].get()
     }
 
     /// Counts one peer a forwarded cancel could not be sent to.

@@ -84,6 +84,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pgrelay_login_refusals_total", "counter", &["reason"]),
     ("pgrelay_cancel_requests_total", "counter", &["result"]),
     ("pgrelay_cancel_forward_failures_total", "counter", &[]),
+    ("pgrelay_takeover_clients_total", "counter", &["result"]),
     ("pgrelay_user_servers", "gauge", &["user"]),
     ("pgrelay_max_user_connections", "gauge", &["user"]),
     ("pgrelay_database_servers", "gauge", &["database"]),

@@ -252,22 +252,37 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     let Ok(peer) = resumed.stream.peer_addr() else {
         return;
     };
+    let failed = || {
+        shared
+            .metrics
+            .takeover_clients(crate::metrics::TakeoverResult::Failed, 1)
+    };
     let stream = match TcpStream::from_std(resumed.stream) {
         Ok(stream) => stream,
-        Err(error) => return tracing::warn!(client = %peer, %error, "cannot take over a handed-over client"),
+        Err(error) => {
+            failed();
+            return tracing::warn!(client = %peer, %error, "cannot take over a handed-over client");
+        }
     };
     let snapshot = shared.snapshot();
     let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, snapshot.client_limits.max_message_size);
     let description = run::handover::Description::decode(&resumed.description);
     let entries = description.as_ref().and_then(|description| {
-        Some((
-            snapshot.database(&description.database)?,
-            snapshot.user(&description.user)?,
-        ))
+        let user = snapshot.user(&description.user).or_else(|| {
+            // Not in [[users]] here: a user the old process found through auth_query is
+            // placed with this process's lookup for the database, without a login.
+            description
+                .found_by_query
+                .then(|| snapshot.auth_lookup(&description.database))
+                .flatten()
+                .map(|(lookup, _)| lookup.handed_over(&description.user))
+        })?;
+        Some((snapshot.database(&description.database)?, user))
     });
     let (Some(description), Some((database, user))) = (description, entries) else {
         // Its session cannot be rebuilt here (another layout, or its database or user is
         // not in this configuration): it ends as at a shutdown, and reconnects.
+        failed();
         tracing::warn!(client = %peer, "a handed-over client's session cannot be rebuilt here: disconnecting it");
         compose::error(
             &mut client.outbuf,
@@ -281,11 +296,15 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     let mut slot = match ClientSlot::take(&shared, &snapshot, peer) {
         Ok(slot) => slot,
         Err(error) => {
+            failed();
             compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
             return;
         }
     };
+    // Pass-through: the pools log in with what the old process learned from this user's
+    // logins (a fresh entry here has learned nothing yet).
+    description.secrets.teach(&user.server_credentials);
     // Counted, never refused: the client was let in already.
     slot.user = shared.access.counts.take_user(&user.name, None).ok();
     let cancel = match shared.cancel.register_key(description.process_id, description.secret) {
@@ -310,6 +329,9 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     };
     let mut session = Box::new(Session::new(shared.clone(), &snapshot, logged_in, peer, cancel, slot));
     session.restore(&description);
+    shared
+        .metrics
+        .takeover_clients(crate::metrics::TakeoverResult::Received, 1);
     tracing::info!(client = %peer, database = %description.database, user = %description.user,
         "client taken over from the old process");
     session.run(&mut client).await;

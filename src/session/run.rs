@@ -3,6 +3,7 @@
 //! forward until the server is idle again, and give the server back.
 
 pub(crate) mod handover;
+mod handover_secrets;
 mod listen;
 mod wait;
 
@@ -111,6 +112,9 @@ pub(crate) struct Session {
     /// A held-back BEGIN (transactions = "first_statement") went out with this batch:
     /// the client is in a transaction even before the server has said so.
     deferred_begin_sent: bool,
+    /// Counts this client in pgrelay_takeover_clients_total{result="kept"} should it end
+    /// here after a takeover.
+    kept: handover::KeptCount,
 }
 
 impl Session {
@@ -131,6 +135,7 @@ impl Session {
             logged_in.wanted.get("application_name").unwrap_or_default(),
         );
         Session {
+            kept: handover::KeptCount::new(shared.clone()),
             idle_timer: None,
             reloads_seen: shared.reloads(),
             shared,
@@ -176,6 +181,10 @@ impl Session {
                 .send(std::os::fd::AsFd::as_fd(stream), &description.encode())
                 .await
         {
+            self.kept.moved = true;
+            self.shared
+                .metrics
+                .takeover_clients(crate::metrics::TakeoverResult::HandedOver, 1);
             tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                 "client handed over to the new process");
             return;

@@ -4,13 +4,15 @@
 //! goes with its socket, and the session rebuilt from it on the other side.
 
 use super::Session;
+use super::handover_secrets::ServerSecrets;
 use crate::config::PoolMode;
+use crate::metrics::TakeoverResult;
 use crate::net::{ClientConn, ClientStream};
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
-const MAGIC: &[u8] = b"pgrelay-client/1";
+const MAGIC: &[u8] = b"pgrelay-client/2";
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -28,6 +30,12 @@ pub(crate) struct Description {
     pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     pub write_fence: Option<u64>,
     pub fence_lost: bool,
+    /// Its user was found through auth_query (not in `[[users]]`): the new process places it
+    /// with its own lookup's entry for that name, without asking the query again.
+    pub found_by_query: bool,
+    /// What the new process needs to open server connections for the user when no password
+    /// is configured for it (pass-through).
+    pub secrets: ServerSecrets,
 }
 
 impl Description {
@@ -59,6 +67,8 @@ impl Description {
         out.push(u8::from(self.write_fence.is_some()));
         out.extend_from_slice(&self.write_fence.unwrap_or(0).to_be_bytes());
         out.push(u8::from(self.fence_lost));
+        out.push(u8::from(self.found_by_query));
+        self.secrets.encode(&mut out);
         out
     }
 
@@ -92,6 +102,8 @@ impl Description {
         let has_fence = reader.byte()? != 0;
         let fence = reader.u64()?;
         let fence_lost = reader.byte()? != 0;
+        let found_by_query = reader.byte()? != 0;
+        let secrets = ServerSecrets::decode(&mut reader)?;
         reader.0.is_empty().then_some(Description {
             database,
             user,
@@ -103,24 +115,48 @@ impl Description {
             statements,
             write_fence: has_fence.then_some(fence),
             fence_lost,
+            found_by_query,
+            secrets,
         })
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Counts the client of a process that was taken over as kept once its session ends here,
+/// however it ends (served to the end, the client leaving during the drain, cut at
+/// shutdown_timeout), unless it was handed over: each client once.
+pub(super) struct KeptCount {
+    shared: std::sync::Arc<crate::runtime::Shared>,
+    pub moved: bool,
+}
+
+impl KeptCount {
+    pub fn new(shared: std::sync::Arc<crate::runtime::Shared>) -> KeptCount {
+        KeptCount { shared, moved: false }
+    }
+}
+
+impl Drop for KeptCount {
+    fn drop(&mut self) {
+        if !self.moved && self.shared.client_handover.started() {
+            self.shared.metrics.takeover_clients(TakeoverResult::Kept, 1);
+        }
+    }
+}
+
+pub(super) struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, length: usize) -> Option<&'a [u8]> {
+    pub(super) fn take(&mut self, length: usize) -> Option<&'a [u8]> {
         let (head, rest) = self.0.split_at_checked(length)?;
         self.0 = rest;
         Some(head)
     }
 
-    fn byte(&mut self) -> Option<u8> {
+    pub(super) fn byte(&mut self) -> Option<u8> {
         self.take(1).map(|bytes| bytes[0])
     }
 
-    fn u32(&mut self) -> Option<u32> {
+    pub(super) fn u32(&mut self) -> Option<u32> {
         Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
     }
 
@@ -133,7 +169,7 @@ impl<'a> Reader<'a> {
         self.take(length)
     }
 
-    fn string(&mut self) -> Option<String> {
+    pub(super) fn string(&mut self) -> Option<String> {
         String::from_utf8(self.bytes()?.to_vec()).ok()
     }
 }
@@ -155,10 +191,7 @@ impl Session {
             && self.subscription.is_none()
             && self.carried.fanout_channels.is_empty()
             && !self.carried.listen_tx.holds_anything()
-            && !self.deferred_begin_sent
-            // A user found through auth_query is not in the file: the new process could
-            // not place it without a login.
-            && self.shared.snapshot().user(&self.user.name).is_some();
+            && !self.deferred_begin_sent;
         if !movable {
             return None;
         }
@@ -184,6 +217,8 @@ impl Session {
                 .collect(),
             write_fence: self.carried.write_fence.map(|lsn| lsn.0),
             fence_lost: self.carried.fence_lost,
+            found_by_query: matches!(self.user.auth, crate::runtime::ClientAuth::Query),
+            secrets: ServerSecrets::of(&self.user.server_credentials),
         })
     }
 
@@ -244,13 +279,26 @@ mod tests {
             statements: vec![(b"s1".to_vec(), b"SELECT $1".to_vec(), vec![0, 1, 0, 0, 0, 23])],
             write_fence: Some(42),
             fence_lost: false,
+            found_by_query: true,
+            secrets: ServerSecrets(vec![
+                crate::upstream::PassThrough::Scram {
+                    verifier: crate::auth::ScramVerifier::from_password("pw", b"salt", 4096),
+                    client_key: [7; crate::auth::SCRAM_KEY_LEN],
+                },
+                crate::upstream::PassThrough::Md5([9; 16]),
+            ]),
         };
         let encoded = description.encode();
+        assert!(!format!("{description:?}").contains("[7"), "keys are not shown");
         assert_eq!(Description::decode(&encoded), Some(description));
         assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
         let mut longer = encoded.clone();
         longer.push(0);
         assert_eq!(Description::decode(&longer), None);
         assert_eq!(Description::decode(b"pgrelay-client/2"), None);
+        // The layout before the user's secrets travelled is refused whole.
+        let mut older = b"pgrelay-client/1".to_vec();
+        older.extend_from_slice(&encoded[MAGIC.len()..]);
+        assert_eq!(Description::decode(&older), None);
     }
 }

@@ -1,0 +1,134 @@
+//! Starting this process's successor for a takeover on SIGUSR2 (a binary upgrade in place,
+//! as nginx and PgBouncer do it): the executable at the path this process was started from,
+//! read from disk again so that a replaced binary is the one that runs, with the same
+//! arguments and `--takeover PATH`. The successor connects to the takeover socket and does
+//! the ordinary exchange; nothing else changes here.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// How this process was started, captured at startup: the path of its executable then
+/// (once the file is replaced, `/proc/self/exe` names the deleted one) and its arguments.
+#[derive(Debug, Clone)]
+pub struct Successor {
+    exe: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Successor {
+    /// This process's executable and arguments; `None` if the executable's path is unknown.
+    pub fn of_this_process() -> Option<Successor> {
+        let exe = std::env::current_exe().ok()?;
+        Some(Successor {
+            exe: without_deleted_suffix(exe),
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+
+    /// Starts the successor, to take over through `takeover`; returns its process id. It is
+    /// not waited for here beyond reaping it: in a process group of its own (a Ctrl-C meant
+    /// for this process does not reach it), stdin closed, stdout and stderr shared.
+    pub fn spawn(&self, takeover: &Path) -> std::io::Result<u32> {
+        let mut child = Command::new(&self.exe)
+            .args(arguments(&self.args, takeover.as_os_str()))
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        let pid = child.id();
+        // Reaped should it exit while this process still runs (it failed to take over);
+        // a detached thread never holds up this process's exit.
+        let spawned = std::thread::Builder::new()
+            .name("pgrelay-successor".to_owned())
+            .spawn(move || match child.wait() {
+                Ok(status) if !status.success() => {
+                    tracing::warn!(pid, %status, "the successor exited before taking over: still serving")
+                }
+                Ok(_) | Err(_) => {}
+            });
+        if let Err(error) = spawned {
+            tracing::debug!(%error, "cannot watch the successor; it is reaped at exit");
+        }
+        Ok(pid)
+    }
+}
+
+/// `args` with `--takeover PATH` (any `--takeover` given before replaced by `path`).
+fn arguments(args: &[OsString], path: &OsStr) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len() + 2);
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if arg == "--takeover" {
+            skip_value = true;
+            continue;
+        }
+        if arg.as_encoded_bytes().starts_with(b"--takeover=") {
+            continue;
+        }
+        out.push(arg.clone());
+    }
+    out.push("--takeover".into());
+    out.push(path.to_owned());
+    out
+}
+
+/// Linux names an executable replaced since it started "PATH (deleted)".
+fn without_deleted_suffix(exe: PathBuf) -> PathBuf {
+    match exe.to_str().and_then(|text| text.strip_suffix(" (deleted)")) {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn the_takeover_path_is_added_once() {
+        let path = OsStr::new("/run/pgrelay.sock");
+        assert_eq!(
+            arguments(&strings(&["run", "-c", "x.toml"]), path),
+            strings(&["run", "-c", "x.toml", "--takeover", "/run/pgrelay.sock"])
+        );
+        assert_eq!(
+            arguments(
+                &strings(&["--log-format", "json", "run", "--takeover", "/old", "-c", "x.toml"]),
+                path
+            ),
+            strings(&[
+                "--log-format",
+                "json",
+                "run",
+                "-c",
+                "x.toml",
+                "--takeover",
+                "/run/pgrelay.sock"
+            ])
+        );
+        assert_eq!(
+            arguments(&strings(&["run", "--takeover=/old", "-c", "x.toml"]), path),
+            strings(&["run", "-c", "x.toml", "--takeover", "/run/pgrelay.sock"])
+        );
+    }
+
+    #[test]
+    fn a_replaced_executable_is_started_from_its_path() {
+        assert_eq!(
+            without_deleted_suffix(PathBuf::from("/usr/bin/pgrelay (deleted)")),
+            PathBuf::from("/usr/bin/pgrelay")
+        );
+        assert_eq!(
+            without_deleted_suffix(PathBuf::from("/usr/bin/pgrelay")),
+            PathBuf::from("/usr/bin/pgrelay")
+        );
+    }
+}
