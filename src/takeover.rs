@@ -6,7 +6,7 @@
 //! The exchange, one text line each way (the old process is "old", the new one "new"):
 //!
 //! ```text
-//! new → old  HELLO pgrelay-takeover/1 <version>
+//! new → old  HELLO pgrelay-takeover/1 <version> [listeners]
 //! old → new  SOCKETS listen=<addr> [peer_listen=<addr>] [metrics_listen=<addr>]   + the fds
 //!            (or REFUSED <reason>, and the connection is closed)
 //! new → old  ACCEPTING            the new process accepts on the sockets
@@ -14,6 +14,9 @@
 //! new → old  CANCEL <pid> <hex>   any number, afterwards: a cancel key the new process
 //! old → new  DONE 1|0             does not know, for a client the old one still serves
 //! ```
+//!
+//! `listeners` says that the new process takes fan-out listening clients (their
+//! announcement, then their socket, on the client channel; see `ClientHandover`).
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
@@ -45,6 +48,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(6);
 const MAX_LINE: usize = 4096;
 /// Sockets handed over at most: listen, peer_listen, metrics_listen.
 const MAX_SOCKETS: usize = 3;
+/// The word of the HELLO line by which a new process says it takes fan-out listeners.
+const LISTENERS: &str = "listeners";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -150,7 +155,7 @@ pub fn receive(path: &Path) -> Result<Inherited, TakeoverError> {
     let mut stream = UnixStream::connect(path).map_err(io_error)?;
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     stream.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
-    let hello = format!("HELLO {PROTOCOL} {}\n", env!("CARGO_PKG_VERSION"));
+    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS}\n", env!("CARGO_PKG_VERSION"));
     stream.write_all(hello.as_bytes()).map_err(io_error)?;
     let (line, fds) = receive_with_fds(&stream).map_err(io_error)?;
     if let Some(reason) = line.strip_prefix("REFUSED ") {
@@ -354,10 +359,15 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
 
 /// The old process's end of the channel idle clients are handed over on: a
 /// `SOCK_SEQPACKET` socket pair, one message per client (its description, with its socket
-/// attached), so that each arrives whole or not at all.
+/// attached), so that each arrives whole or not at all. A fan-out listener's description
+/// comes twice: first alone (its announcement: the new process LISTENs to its channels and
+/// sends the marker), then with its socket once the old process has delivered up to the
+/// marker.
 #[derive(Debug, Default)]
 pub struct ClientHandover {
     channel: std::sync::Mutex<Option<OwnedFd>>,
+    /// The new process takes fan-out listeners.
+    listeners: std::sync::atomic::AtomicBool,
 }
 
 /// The largest client description handed over (a seqpacket message must fit the socket's
@@ -370,7 +380,13 @@ impl ClientHandover {
         self.channel.lock().is_ok_and(|channel| channel.is_some())
     }
 
-    fn set(&self, fd: OwnedFd) {
+    /// Whether the new process takes fan-out listening clients.
+    pub fn moves_listeners(&self) -> bool {
+        self.listeners.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self, fd: OwnedFd, listeners: bool) {
+        self.listeners.store(listeners, std::sync::atomic::Ordering::Release);
         if let Ok(mut channel) = self.channel.lock() {
             *channel = Some(fd);
         }
@@ -379,10 +395,21 @@ impl ClientHandover {
     /// Sends a client's socket with its `description`; false if it could not be sent (the
     /// new process is gone, or it does not keep up for a second): the client then stays.
     pub async fn send(&self, client: std::os::fd::BorrowedFd<'_>, description: &[u8]) -> bool {
+        self.send_message(&[client.as_raw_fd()], description).await
+    }
+
+    /// Announces a fan-out listener (its description without its socket); false if it
+    /// could not be sent.
+    pub async fn announce(&self, description: &[u8]) -> bool {
+        self.send_message(&[], description).await
+    }
+
+    async fn send_message(&self, fds: &[RawFd], description: &[u8]) -> bool {
         if description.len() > MAX_DESCRIPTION {
             return false;
         }
-        let fds = [client.as_raw_fd()];
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
         for _ in 0..100 {
             let sent = {
                 let Ok(mut channel) = self.channel.lock() else {
@@ -394,7 +421,7 @@ impl ClientHandover {
                 let sent = sendmsg::<()>(
                     fd.as_raw_fd(),
                     &[IoSlice::new(description)],
-                    &[ControlMessage::ScmRights(&fds)],
+                    cmsgs,
                     MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
                     None,
                 );
@@ -417,10 +444,11 @@ impl ClientHandover {
 }
 
 /// The new process's end: receives the old process's idle clients, on a thread of its own,
-/// until the old process exits; each is passed to `deliver`.
+/// until the old process exits; each is passed to `deliver`, and so is each announcement
+/// of a fan-out listener (without a socket).
 pub fn receive_clients(
     channel: OwnedFd,
-    deliver: impl Fn(std::net::TcpStream, Vec<u8>) + Send + 'static,
+    deliver: impl Fn(Option<std::net::TcpStream>, Vec<u8>) + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("pgrelay-takeover".to_owned())
@@ -456,13 +484,12 @@ pub fn receive_clients(
                     // The old process has exited: every client it could hand over came.
                     return;
                 }
-                if truncated || fds.len() != 1 {
+                if truncated || fds.len() > 1 {
                     tracing::warn!("takeover: a malformed client message; its connection is closed");
                     continue;
                 }
-                if let Some(fd) = fds.pop() {
-                    deliver(std::net::TcpStream::from(fd), buffer[..length].to_vec());
-                }
+                let stream = fds.pop().map(std::net::TcpStream::from);
+                deliver(stream, buffer[..length].to_vec());
             }
         })
 }
@@ -478,7 +505,7 @@ pub async fn serve(
     handed_over: Arc<watch::Sender<bool>>,
 ) {
     let offered = Arc::new(offered);
-    let stream = loop {
+    let (stream, listeners) = loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -492,7 +519,7 @@ pub async fn serve(
         let shutting_down = shared.is_shutting_down();
         let exchange = tokio::task::spawn_blocking(move || hand_over(stream, &offered, shutting_down)).await;
         match exchange {
-            Ok(Ok(stream)) => break stream,
+            Ok(Ok(taken)) => break taken,
             Ok(Err(error)) => tracing::warn!(%error, "takeover did not complete; still serving"),
             Err(error) => tracing::warn!(%error, "takeover did not complete; still serving"),
         }
@@ -506,7 +533,7 @@ pub async fn serve(
     );
     let theirs = match pair {
         Ok((ours, theirs)) => {
-            shared.client_handover.set(ours);
+            shared.client_handover.set(ours, listeners);
             Some(theirs)
         }
         Err(error) => {
@@ -570,8 +597,13 @@ fn parse_cancel(line: &str) -> Option<CancelKey> {
     parts.next().is_none().then_some(CancelKey { process_id, secret })
 }
 
-/// The blocking part of the exchange, up to and with ACCEPTING; returns the connection.
-fn hand_over(mut stream: UnixStream, offered: &[Offered], shutting_down: bool) -> Result<UnixStream, TakeoverError> {
+/// The blocking part of the exchange, up to and with ACCEPTING; returns the connection and
+/// whether the new process takes fan-out listeners.
+fn hand_over(
+    mut stream: UnixStream,
+    offered: &[Offered],
+    shutting_down: bool,
+) -> Result<(UnixStream, bool), TakeoverError> {
     let io_error = |source| TakeoverError::Io {
         path: PathBuf::from("(connection)"),
         source,
@@ -582,6 +614,7 @@ fn hand_over(mut stream: UnixStream, offered: &[Offered], shutting_down: bool) -
     let hello = read_line(&mut stream).map_err(io_error)?;
     let mut words = hello.split(' ');
     let (greeting, protocol, version) = (words.next(), words.next(), words.next().unwrap_or("?"));
+    let listeners = words.any(|word| word == LISTENERS);
     let refusal = if greeting != Some("HELLO") || protocol != Some(PROTOCOL) {
         Some(format!(
             "this pgrelay ({}) speaks {PROTOCOL}, the new process sent {hello:?}",
@@ -618,7 +651,7 @@ fn hand_over(mut stream: UnixStream, offered: &[Offered], shutting_down: bool) -
     if answer != "ACCEPTING" {
         return Err(TakeoverError::Protocol(format!("expected ACCEPTING, got {answer:?}")));
     }
-    Ok(stream)
+    Ok((stream, listeners))
 }
 
 #[cfg(test)]

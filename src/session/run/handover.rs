@@ -1,7 +1,8 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
 //! clients can go (transaction or statement mode, plain TCP, between transactions with no
 //! server and no pending input, nothing pinning it), the description of its session that
-//! goes with its socket, and the session rebuilt from it on the other side.
+//! goes with its socket, and the session rebuilt from it on the other side. A fan-out
+//! listener's channels go with it, cut between the processes at a marker (`listener`).
 
 use super::Session;
 use crate::config::PoolMode;
@@ -9,8 +10,16 @@ use crate::net::{ClientConn, ClientStream};
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
 
+mod listener;
+
+pub(in crate::session) use listener::arrive;
+
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/1";
+/// The layout of a fan-out listener's description: the first one, then its channels and
+/// its marker token. Only a process that said it knows it (`ClientHandover::moves_listeners`)
+/// is sent one; every other description stays in the first layout.
+const MAGIC_LISTENING: &[u8] = b"pgrelay-client/2";
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -28,11 +37,16 @@ pub(crate) struct Description {
     pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     pub write_fence: Option<u64>,
     pub fence_lost: bool,
+    /// listen_notify = "fanout": the channels it listens to, and the token of the marker
+    /// that cuts its notifications between the processes.
+    pub channels: Vec<String>,
+    pub marker: String,
 }
 
 impl Description {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
+        let listening = !self.channels.is_empty();
+        let mut out = if listening { MAGIC_LISTENING } else { MAGIC }.to_vec();
         let bytes = |out: &mut Vec<u8>, value: &[u8]| {
             out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
             out.extend_from_slice(value);
@@ -59,12 +73,22 @@ impl Description {
         out.push(u8::from(self.write_fence.is_some()));
         out.extend_from_slice(&self.write_fence.unwrap_or(0).to_be_bytes());
         out.push(u8::from(self.fence_lost));
+        if listening {
+            out.extend_from_slice(&u32::try_from(self.channels.len()).unwrap_or(u32::MAX).to_be_bytes());
+            for channel in &self.channels {
+                bytes(&mut out, channel.as_bytes());
+            }
+            bytes(&mut out, self.marker.as_bytes());
+        }
         out
     }
 
     /// `None` for anything but a whole description of this layout.
     pub fn decode(input: &[u8]) -> Option<Description> {
-        let mut reader = Reader(input.strip_prefix(MAGIC)?);
+        let (mut reader, listening) = match input.strip_prefix(MAGIC) {
+            Some(rest) => (Reader(rest), false),
+            None => (Reader(input.strip_prefix(MAGIC_LISTENING)?), true),
+        };
         let database = reader.string()?;
         let user = reader.string()?;
         let process_id = reader.u32()?;
@@ -92,6 +116,16 @@ impl Description {
         let has_fence = reader.byte()? != 0;
         let fence = reader.u64()?;
         let fence_lost = reader.byte()? != 0;
+        let (mut channels, mut marker) = (Vec::new(), String::new());
+        if listening {
+            for _ in 0..reader.u32()? {
+                channels.push(reader.string()?);
+            }
+            marker = reader.string()?;
+            if channels.is_empty() {
+                return None;
+            }
+        }
         reader.0.is_empty().then_some(Description {
             database,
             user,
@@ -103,6 +137,8 @@ impl Description {
             statements,
             write_fence: has_fence.then_some(fence),
             fence_lost,
+            channels,
+            marker,
         })
     }
 }
@@ -150,10 +186,13 @@ impl Session {
             && self.local.tx == super::LocalTx::Idle
             && !self.local.skipping_to_sync
             && !self.carried.pins.is_pinned()
-            // A fan-out listener keeps its subscriptions on this process: its channels
-            // are not carried over (documented).
-            && self.subscription.is_none()
-            && self.carried.fanout_channels.is_empty()
+            // A fan-out listener moves with its channels to a process that can take
+            // them, once its LISTEN changes are all settled.
+            && (self.carried.fanout_channels.is_empty() || self.shared.client_handover.moves_listeners())
+            // Listening exactly while it has channels: its hub knows them all.
+            && self.subscription.is_some() != self.carried.fanout_channels.is_empty()
+            && !self.carried.fanout_dirty
+            && self.subscription.as_ref().is_none_or(|subscription| !subscription.inbox().overflowed())
             && !self.carried.listen_tx.holds_anything()
             && !self.deferred_begin_sent
             // A user found through auth_query is not in the file: the new process could
@@ -184,6 +223,8 @@ impl Session {
                 .collect(),
             write_fence: self.carried.write_fence.map(|lsn| lsn.0),
             fence_lost: self.carried.fence_lost,
+            channels: self.carried.fanout_channels.iter().cloned().collect(),
+            marker: String::new(),
         })
     }
 
@@ -244,8 +285,19 @@ mod tests {
             statements: vec![(b"s1".to_vec(), b"SELECT $1".to_vec(), vec![0, 1, 0, 0, 0, 23])],
             write_fence: Some(42),
             fence_lost: false,
+            channels: Vec::new(),
+            marker: String::new(),
         };
         let encoded = description.encode();
+        assert!(encoded.starts_with(MAGIC), "the first layout while it does not listen");
+        let listening = Description {
+            channels: vec!["orders".to_owned(), "Mixed Case".to_owned()],
+            marker: "0123abcd".to_owned(),
+            ..Description::default()
+        };
+        let listening_encoded = listening.encode();
+        assert!(listening_encoded.starts_with(MAGIC_LISTENING));
+        assert_eq!(Description::decode(&listening_encoded), Some(listening));
         assert_eq!(Description::decode(&encoded), Some(description));
         assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
         let mut longer = encoded.clone();
