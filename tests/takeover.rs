@@ -634,3 +634,59 @@ async fn fan_out_listeners_move_and_hear_every_notification_once_and_in_order() 
     let (status, log) = new.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_the_new_process_cannot_take_stays_and_is_ended_on_the_old_one() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("takeover.sock");
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
+        "listen = \"LISTEN\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+            socket.display()
+        ),
+        1,
+    );
+    let old_config = dir.path().join("old.toml");
+    std::fs::write(&old_config, &config).unwrap();
+    // The new configuration does not fan out: it cannot subscribe the listener, so the
+    // marker never comes.
+    let new_config = dir.path().join("new.toml");
+    let pinning = config.replacen("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n", 1);
+    assert_ne!(pinning, config);
+    std::fs::write(&new_config, pinning).unwrap();
+    let old = Process::start(&old_config, None, dir.path().join("old.log"));
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+    let mut listener = Listening::connect(&url(port)).await;
+    listener.client.batch_execute("LISTEN tk_stays").await.unwrap();
+    let idle = common::connect(&url(port)).await.unwrap();
+    idle.batch_execute("SET statement_timeout = '66s'").await.unwrap();
+    let admin = common::direct(&cluster.primary().addr(), "app").await;
+    admin.batch_execute("NOTIFY tk_stays, 'before'").await.unwrap();
+    assert_eq!(
+        listener.notifications_until("tk_stays", "before").await,
+        vec![("tk_stays".to_owned(), "before".to_owned())]
+    );
+
+    let new = Process::start(&new_config, Some(&socket), dir.path().join("new.log"));
+    let (status, log) = old.wait(Duration::from_secs(20)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert!(log.contains("the listening client stays on this process"), "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 1, "{log}");
+    assert!(new.log().contains("cannot be taken over here"), "{}", new.log());
+
+    // Ended as before the takeover moved listeners; the other client moved.
+    let error = listener.client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(listener.client.is_closed(), "{error}");
+    let rows = idle.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "66s");
+
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "{log}");
+}
