@@ -89,11 +89,13 @@ impl Inbox {
     }
 
     /// Drops what is queued: it came before the takeover marker, and the old process
-    /// delivers it. A gap stays: a lost listener connection may have lost later ones too.
+    /// delivers it. So did what an overflow dropped: the inbox takes notifications again.
+    /// A gap stays: a lost listener connection may have lost later ones too.
     pub fn cut(&self) {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.items.clear();
         queue.bytes = 0;
+        queue.overflowed = false;
         queue.cut = true;
         drop(queue);
         self.marked.notify_one();
@@ -198,8 +200,12 @@ mod tests {
         assert_eq!(&out[..], b"1");
 
         let cut = Inbox::default();
-        cut.push(&Bytes::from_static(b"1"));
+        for _ in 0..=MAX_QUEUED {
+            cut.push(&Bytes::from_static(b"1"));
+        }
+        assert!(cut.overflowed());
         cut.cut();
+        assert!(!cut.overflowed(), "what overflowed came before the marker");
         cut.push(&Bytes::from_static(b"2"));
         let mut out = BytesMut::new();
         cut.drain_into(&mut out, |_| {});
