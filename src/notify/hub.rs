@@ -231,12 +231,11 @@ impl Hub {
         (wanted, state.generation)
     }
 
-    /// Expects the marker `token` for subscriber `id`; returns the generation after which
-    /// the listener connection LISTENs to the marker channel.
-    fn expect_marker(&self, id: u64, token: &str, marked: Marked) -> u64 {
+    /// Expects the marker `token`; returns the generation after which the listener
+    /// connection LISTENs to the marker channel.
+    fn expect_marker(&self, token: &str, marked: Marked) -> u64 {
         let mut state = self.state();
         state.markers.insert(token.to_owned(), marked);
-        debug_assert!(state.subscribers.contains_key(&id));
         state.generation += 1;
         self.changed.notify_one();
         state.generation
@@ -391,7 +390,7 @@ impl Subscription {
         } else {
             Marked::Arriving(self.id)
         };
-        let generation = self.hub.expect_marker(self.id, token, marked);
+        let generation = self.hub.expect_marker(token, marked);
         if self.hub.wait_applied(generation, limit).await {
             return true;
         }
