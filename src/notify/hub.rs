@@ -44,6 +44,9 @@ struct Subscriber {
     /// a notification the listener connection reads before that was committed before the
     /// client's LISTEN took effect, and PostgreSQL would not deliver it either.
     since: HashMap<String, u64>,
+    /// Made for a client still on the old process, not cut at its marker yet: what it
+    /// takes now is dropped at the cut, and not counted as delivered or dropped.
+    held: bool,
 }
 
 #[derive(Default)]
@@ -104,6 +107,16 @@ impl Hub {
 
     /// A new subscriber with no channel yet.
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        self.add_subscriber(false)
+    }
+
+    /// A new subscriber for a client the old process is handing over: nothing it takes is
+    /// counted until it is cut at its marker.
+    pub fn subscribe_held(self: &Arc<Self>) -> Subscription {
+        self.add_subscriber(true)
+    }
+
+    fn add_subscriber(self: &Arc<Self>, held: bool) -> Subscription {
         let inbox = Arc::new(Inbox::default());
         let mut state = self.state();
         state.next_id += 1;
@@ -114,6 +127,7 @@ impl Hub {
                 inbox: inbox.clone(),
                 channels: BTreeSet::new(),
                 since: HashMap::new(),
+                held,
             },
         );
         Subscription {
@@ -213,9 +227,11 @@ impl Hub {
         self.metrics
             .channels
             .set(i64::try_from(state.channels.len()).unwrap_or(i64::MAX));
-        self.metrics
-            .dropped
-            .inc_by(u64::try_from(subscriber.inbox.queued()).unwrap_or(u64::MAX));
+        if !subscriber.held {
+            self.metrics
+                .dropped
+                .inc_by(u64::try_from(subscriber.inbox.queued()).unwrap_or(u64::MAX));
+        }
         if union_changed {
             self.changed.notify_one();
         }
@@ -278,8 +294,9 @@ impl Hub {
                 }
             }
             Marked::Arriving(id) => {
-                if let Some(subscriber) = state.subscribers.get(&id) {
+                if let Some(subscriber) = state.subscribers.get_mut(&id) {
                     subscriber.inbox.cut();
+                    subscriber.held = false;
                 }
             }
         }
@@ -330,6 +347,8 @@ impl Hub {
                 continue;
             }
             match subscriber.inbox.push(message) {
+                // Before the cut: the old process delivers it.
+                Pushed::Queued | Pushed::Overflowed if subscriber.held => {}
                 Pushed::Queued => self.metrics.delivered.inc(),
                 Pushed::Overflowed => self.metrics.dropped.inc(),
                 // The new process delivers it.

@@ -166,7 +166,7 @@ pub(in crate::session) async fn arrive(shared: Arc<Shared>, announcement: &[u8])
             "a listening client cannot be taken over here (its database or user is not in this configuration, or does not fan out): it stays with the old process");
     };
     let hub = shared.notify.hub(&database.name);
-    let subscription = hub.subscribe();
+    let subscription = hub.subscribe_held();
     let channels: BTreeSet<String> = description.channels.iter().cloned().collect();
     let target = listen::listener_target(&shared, &database.name, &user);
     let limit = listen::confirm_limit(&database);
