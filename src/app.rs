@@ -528,8 +528,9 @@ async fn serve(
             Some(resumed) = resumed.recv() => {
                 let peer = resumed
                     .stream
-                    .peer_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    .as_ref()
+                    .and_then(|stream| stream.peer_addr().ok())
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
                 let session = session::resume(resumed, shared.clone());
                 sessions.spawn_on(watchdog.watch(peer, session), &workers);
             }

@@ -6,7 +6,7 @@
 //! The exchange, one text line each way (the old process is "old", the new one "new"):
 //!
 //! ```text
-//! new → old  HELLO pgrelay-takeover/1 <version>
+//! new → old  HELLO pgrelay-takeover/2 <version> [listeners]
 //! old → new  SOCKETS listen=<addr> [peer_listen=<addr>] [metrics_listen=<addr>]   + the fds
 //!            (or REFUSED <reason>, and the connection is closed)
 //! new → old  ACCEPTING            the new process accepts on the sockets
@@ -14,6 +14,9 @@
 //! new → old  CANCEL <pid> <hex>   any number, afterwards: a cancel key the new process
 //! old → new  DONE 1|0             does not know, for a client the old one still serves
 //! ```
+//!
+//! `listeners` says that the new process takes fan-out listening clients (their
+//! announcement, then their socket, on the client channel; see `ClientHandover`).
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
@@ -41,7 +44,7 @@ use crate::runtime::Shared;
 
 /// The version of the exchange above. A process speaking another one is refused, whatever
 /// the pgrelay versions: any two binaries with the same exchange can hand over.
-pub const PROTOCOL: &str = "pgrelay-takeover/1";
+pub const PROTOCOL: &str = "pgrelay-takeover/2";
 /// Each step of the exchange, and each cancel carried to the old process (whose own
 /// delivery gives up after 5 s).
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +53,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(6);
 const MAX_LINE: usize = 4096;
 /// Sockets handed over at most: listen, peer_listen, metrics_listen.
 const MAX_SOCKETS: usize = 3;
+/// The word of the HELLO line by which a new process says it takes fan-out listeners.
+const LISTENERS: &str = "listeners";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -155,7 +160,7 @@ pub fn receive(path: &Path) -> Result<Inherited, TakeoverError> {
     let mut stream = UnixStream::connect(path).map_err(io_error)?;
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     stream.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
-    let hello = format!("HELLO {PROTOCOL} {}\n", env!("CARGO_PKG_VERSION"));
+    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS}\n", env!("CARGO_PKG_VERSION"));
     stream.write_all(hello.as_bytes()).map_err(io_error)?;
     let (line, fds) = receive_with_fds(&stream).map_err(io_error)?;
     if let Some(reason) = line.strip_prefix("REFUSED ") {
@@ -359,13 +364,18 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
 
 /// The old process's end of the channel idle clients are handed over on: a
 /// `SOCK_SEQPACKET` socket pair, one message per client (its description, with its socket
-/// attached), so that each arrives whole or not at all.
+/// attached), so that each arrives whole or not at all. A fan-out listener's description
+/// comes twice: first alone (its announcement: the new process LISTENs to its channels and
+/// sends the marker), then with its socket once the old process has delivered up to the
+/// marker.
 #[derive(Debug, Default)]
 pub struct ClientHandover {
     channel: std::sync::Mutex<Option<OwnedFd>>,
     /// A new process took the sockets over: every client still here either moves or is
     /// counted as kept (`pgrelay_takeover_clients_total`).
     started: std::sync::atomic::AtomicBool,
+    /// The new process takes fan-out listeners.
+    listeners: std::sync::atomic::AtomicBool,
 }
 
 /// What the old process counted at the takeover (and had been passed on by its own
@@ -391,7 +401,13 @@ impl ClientHandover {
         self.started.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn start(&self, fd: Option<OwnedFd>) {
+    /// Whether the new process takes fan-out listening clients.
+    pub fn moves_listeners(&self) -> bool {
+        self.listeners.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start(&self, fd: Option<OwnedFd>, listeners: bool) {
+        self.listeners.store(listeners, std::sync::atomic::Ordering::Release);
         if let (Some(fd), Ok(mut channel)) = (fd, self.channel.lock()) {
             *channel = Some(fd);
         }
@@ -424,10 +440,21 @@ impl ClientHandover {
     /// Sends a client's socket with its `description`; false if it could not be sent (the
     /// new process is gone, or it does not keep up for a second): the client then stays.
     pub async fn send(&self, client: std::os::fd::BorrowedFd<'_>, description: &[u8]) -> bool {
+        self.send_message(&[client.as_raw_fd()], description).await
+    }
+
+    /// Announces a fan-out listener (its description without its socket); false if it
+    /// could not be sent.
+    pub async fn announce(&self, description: &[u8]) -> bool {
+        self.send_message(&[], description).await
+    }
+
+    async fn send_message(&self, fds: &[RawFd], description: &[u8]) -> bool {
         if description.len() > MAX_DESCRIPTION {
             return false;
         }
-        let fds = [client.as_raw_fd()];
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
         for _ in 0..100 {
             let sent = {
                 let Ok(mut channel) = self.channel.lock() else {
@@ -439,7 +466,7 @@ impl ClientHandover {
                 let sent = sendmsg::<()>(
                     fd.as_raw_fd(),
                     &[IoSlice::new(description)],
-                    &[ControlMessage::ScmRights(&fds)],
+                    cmsgs,
                     MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
                     None,
                 );
@@ -475,11 +502,11 @@ fn parse_tally(message: &[u8]) -> Option<Tally> {
 }
 
 /// The new process's end: receives the old process's idle clients, on a thread of its own,
-/// until the old process exits; each is passed to `deliver`, and the old process's
-/// [`Tally`] to `tally`.
+/// until the old process exits; each is passed to `deliver`, and so is each announcement
+/// of a fan-out listener (without a socket); the old process's [`Tally`] goes to `tally`.
 pub fn receive_clients(
     channel: OwnedFd,
-    deliver: impl Fn(std::net::TcpStream, Vec<u8>) + Send + 'static,
+    deliver: impl Fn(Option<std::net::TcpStream>, Vec<u8>) + Send + 'static,
     tally: impl Fn(Tally) + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -523,13 +550,12 @@ pub fn receive_clients(
                     tally(counts);
                     continue;
                 }
-                if truncated || fds.len() != 1 {
+                if truncated || fds.len() > 1 {
                     tracing::warn!("takeover: a malformed client message; its connection is closed");
                     continue;
                 }
-                if let Some(fd) = fds.pop() {
-                    deliver(std::net::TcpStream::from(fd), buffer[..length].to_vec());
-                }
+                let stream = fds.pop().map(std::net::TcpStream::from);
+                deliver(stream, buffer[..length].to_vec());
             }
         })
 }
@@ -545,7 +571,7 @@ pub async fn serve(
     handed_over: Arc<watch::Sender<bool>>,
 ) {
     let offered = Arc::new(offered);
-    let stream = loop {
+    let (stream, listeners) = loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -559,7 +585,7 @@ pub async fn serve(
         let shutting_down = shared.is_shutting_down();
         let exchange = tokio::task::spawn_blocking(move || hand_over(stream, &offered, shutting_down)).await;
         match exchange {
-            Ok(Ok(stream)) => break stream,
+            Ok(Ok(taken)) => break taken,
             Ok(Err(error)) => tracing::warn!(%error, "takeover did not complete; still serving"),
             Err(error) => tracing::warn!(%error, "takeover did not complete; still serving"),
         }
@@ -573,12 +599,12 @@ pub async fn serve(
     );
     let theirs = match pair {
         Ok((ours, theirs)) => {
-            shared.client_handover.start(Some(ours));
+            shared.client_handover.start(Some(ours), listeners);
             Some(theirs)
         }
         Err(error) => {
             tracing::warn!(%error, "cannot hand clients over: they finish here");
-            shared.client_handover.start(None);
+            shared.client_handover.start(None, false);
             None
         }
     };
@@ -638,8 +664,13 @@ fn parse_cancel(line: &str) -> Option<CancelKey> {
     parts.next().is_none().then_some(CancelKey { process_id, secret })
 }
 
-/// The blocking part of the exchange, up to and with ACCEPTING; returns the connection.
-fn hand_over(mut stream: UnixStream, offered: &[Offered], shutting_down: bool) -> Result<UnixStream, TakeoverError> {
+/// The blocking part of the exchange, up to and with ACCEPTING; returns the connection and
+/// whether the new process takes fan-out listeners.
+fn hand_over(
+    mut stream: UnixStream,
+    offered: &[Offered],
+    shutting_down: bool,
+) -> Result<(UnixStream, bool), TakeoverError> {
     let io_error = |source| TakeoverError::Io {
         path: PathBuf::from("(connection)"),
         source,
@@ -650,6 +681,7 @@ fn hand_over(mut stream: UnixStream, offered: &[Offered], shutting_down: bool) -
     let hello = read_line(&mut stream).map_err(io_error)?;
     let mut words = hello.split(' ');
     let (greeting, protocol, version) = (words.next(), words.next(), words.next().unwrap_or("?"));
+    let listeners = words.any(|word| word == LISTENERS);
     let refusal = if greeting != Some("HELLO") || protocol != Some(PROTOCOL) {
         Some(format!(
             "this pgrelay ({}) speaks {PROTOCOL}, the new process sent {hello:?}",
@@ -686,7 +718,7 @@ fn hand_over(mut stream: UnixStream, offered: &[Offered], shutting_down: bool) -
     if answer != "ACCEPTING" {
         return Err(TakeoverError::Protocol(format!("expected ACCEPTING, got {answer:?}")));
     }
-    Ok(stream)
+    Ok((stream, listeners))
 }
 
 #[cfg(test)]
@@ -716,7 +748,7 @@ mod tests {
         )
         .unwrap();
         assert!(!handover.started());
-        handover.start(Some(ours));
+        handover.start(Some(ours), false);
         assert!(handover.started());
         assert!(handover.send_tally([3, 1, 4, 1 << 40]));
         let (sender, received) = std::sync::mpsc::channel();

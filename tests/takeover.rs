@@ -1,7 +1,8 @@
 //! Socket takeover end to end, with real processes: a new pgrelay takes the listening
 //! sockets over from a running one (`run --takeover`), the old one finishes its
 //! transactions and exits 0, and no connection attempt is refused on the way; idle clients
-//! move with their session, TLS, pinned and fan-out listening clients finish on the old one.
+//! move with their session, fan-out listeners with every notification exactly once and in
+//! order, and TLS and pinned clients finish on the old one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -136,8 +137,8 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
         .batch_execute("CREATE TEMP TABLE t_pinned (x int)")
         .await
         .unwrap();
-    // A fan-out listener: its subscription stays with the old process's listener
-    // connection, so it finishes there too (docs/operations.md).
+    // A fan-out listener: it moves with its channels (see the test below for its
+    // notifications).
     let listener = common::connect(&url(port)).await.unwrap();
     listener.batch_execute("LISTEN takeover_channel").await.unwrap();
     let txid = first_value(&busy.simple_query("SELECT txid_current()").await.unwrap());
@@ -247,8 +248,8 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     // 42P01 on an open connection).
     let error = pinned.simple_query("SELECT * FROM t_pinned").await.unwrap_err();
     assert!(pinned.is_closed(), "{error}");
-    let error = listener.simple_query("SELECT 1").await.unwrap_err();
-    assert!(listener.is_closed(), "{error}");
+    let rows = listener.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(first_value(&rows), "1");
 
     stop.store(true, Ordering::Release);
     let (refused, closed) = storm.await.unwrap();
@@ -630,4 +631,279 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     })
     .await;
     assert!(!socket.exists(), "the takeover socket is removed at exit");
+}
+
+/// A client whose notifications and notices come out of `messages`.
+struct Listening {
+    client: tokio_postgres::Client,
+    messages: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+}
+
+impl Listening {
+    async fn connect(url: &str) -> Listening {
+        use futures_util::{StreamExt, stream};
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut incoming = stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = incoming.next().await {
+                if sender.send(message).is_err() {
+                    break;
+                }
+            }
+        });
+        Listening { client, messages }
+    }
+
+    /// Every notification up to the one on `channel` with payload `last`, as (channel,
+    /// payload); panics on a notice (a warning of missed notifications) or after 30 s.
+    async fn notifications_until(&mut self, channel: &str, last: &str) -> Vec<(String, String)> {
+        let mut received = Vec::new();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), self.messages.recv())
+                .await
+                .unwrap_or_else(|_| panic!("({channel}, {last}) did not come; came: {received:?}"))
+                .expect("the connection ended");
+            match message {
+                tokio_postgres::AsyncMessage::Notification(n) => {
+                    received.push((n.channel().to_owned(), n.payload().to_owned()));
+                    if n.channel() == channel && n.payload() == last {
+                        return received;
+                    }
+                }
+                tokio_postgres::AsyncMessage::Notice(notice) => panic!("a notice: {notice:?}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_out_listeners_move_and_hear_every_notification_once_and_in_order() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("takeover.sock");
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
+        "listen = \"LISTEN\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+            socket.display()
+        ),
+        1,
+    );
+    let config_path = dir.path().join("pgrelay.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let old = Process::start(&config_path, None, dir.path().join("old.log"));
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+
+    // Four fan-out listeners on one channel; the first also on a second one, LISTENed to
+    // inside a transaction block (it takes effect at COMMIT).
+    let mut listeners = Vec::new();
+    for _ in 0..4 {
+        let listener = Listening::connect(&url(port)).await;
+        listener.client.batch_execute("LISTEN tk_seq").await.unwrap();
+        listeners.push(listener);
+    }
+    for statement in ["BEGIN", "LISTEN tk_other", "COMMIT"] {
+        listeners[0].client.batch_execute(statement).await.unwrap();
+    }
+
+    // A numbered sequence from a direct connection, one transaction each, all along; every
+    // tenth also goes to the second channel in the same transaction.
+    let admin = common::direct(&cluster.primary().addr(), "app").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let writer = common::direct(&cluster.primary().addr(), "app").await;
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let mut sql = format!("NOTIFY tk_seq, '{n}'");
+                if n % 10 == 0 {
+                    sql.push_str(&format!("; NOTIFY tk_other, '{n}'"));
+                }
+                writer.batch_execute(&sql).await.unwrap();
+                sent.store(n, Ordering::Release);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            n
+        })
+    };
+    wait_until("notifications before the takeover", Duration::from_secs(10), || async {
+        sent.load(Ordering::Acquire) >= 100
+    })
+    .await;
+
+    // The old process's listener connection: the one whose last statement UNLISTENed
+    // from a channel named for this test only.
+    let probe = format!("tk_probe_{port}");
+    let prober = common::connect(&url(port)).await.unwrap();
+    prober.batch_execute(&format!("LISTEN {probe}")).await.unwrap();
+    prober.batch_execute(&format!("UNLISTEN {probe}")).await.unwrap();
+    let probed = format!("UNLISTEN \"{probe}\";");
+    let old_listener = || async {
+        admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgrelay listener' AND query = $1",
+                &[&probed],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, i32>(0))
+            .collect::<Vec<i32>>()
+    };
+    wait_until(
+        "the old listener connection is seen",
+        Duration::from_secs(10),
+        || async { old_listener().await.len() == 1 },
+    )
+    .await;
+    let old_listener = old_listener().await;
+
+    let new = Process::start(&config_path, Some(&socket), dir.path().join("new.log"));
+    let (status, log) = old.wait(Duration::from_secs(20)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert_eq!(
+        log.matches("client handed over to the new process").count(),
+        5,
+        "every listener moved, and the prober:\n{log}"
+    );
+    assert!(!log.contains("stays on this process"), "{log}");
+    let at_exit = sent.load(Ordering::Acquire);
+    wait_until("notifications after the takeover", Duration::from_secs(10), || async {
+        sent.load(Ordering::Acquire) >= at_exit + 200
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    let last = writer.await.unwrap();
+    let log = new.log();
+    assert_eq!(
+        log.matches("client taken over from the old process").count(),
+        5,
+        "{log}"
+    );
+
+    // Each hears 1..=last exactly once and in order, with no warning, and goes on.
+    let expected: Vec<String> = (1..=last).map(|n| n.to_string()).collect();
+    for (index, listener) in listeners.iter_mut().enumerate() {
+        let received = listener.notifications_until("tk_seq", &last.to_string()).await;
+        let seq: Vec<String> = received
+            .iter()
+            .filter(|(channel, _)| channel == "tk_seq")
+            .map(|(_, payload)| payload.clone())
+            .collect();
+        assert!(
+            seq == expected,
+            "listener {index} heard {} of {last}: {seq:?}",
+            seq.len()
+        );
+        let other: Vec<String> = received
+            .iter()
+            .filter(|(channel, _)| channel != "tk_seq")
+            .map(|(channel, payload)| format!("{channel}:{payload}"))
+            .collect();
+        let expected_other: Vec<String> = if index == 0 {
+            (10..=last).step_by(10).map(|n| format!("tk_other:{n}")).collect()
+        } else {
+            Vec::new()
+        };
+        assert_eq!(
+            other, expected_other,
+            "listener {index}: the other channel, and nothing else"
+        );
+        let rows = listener.client.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(first_value(&rows), "1");
+    }
+
+    // The new process's listener connection serves them; the old one's is gone with it.
+    let listener_pids = |query: &'static str| {
+        let admin = &admin;
+        async move {
+            let rows = admin.query(query, &[]).await.unwrap();
+            rows.iter().map(|row| row.get::<_, i32>(0)).collect::<Vec<i32>>()
+        }
+    };
+    wait_until(
+        "the old listener connection is gone",
+        Duration::from_secs(10),
+        || async {
+            let now =
+                listener_pids("SELECT pid FROM pg_stat_activity WHERE application_name = 'pgrelay listener'").await;
+            !now.iter().any(|pid| old_listener.contains(pid))
+        },
+    )
+    .await;
+    // And they still listen there: one more notification reaches every one.
+    admin.batch_execute("NOTIFY tk_seq, 'after'").await.unwrap();
+    for listener in &mut listeners {
+        let received = listener.notifications_until("tk_seq", "after").await;
+        assert_eq!(received, vec![("tk_seq".to_owned(), "after".to_owned())]);
+    }
+
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_the_new_process_cannot_take_stays_and_is_ended_on_the_old_one() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("takeover.sock");
+    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
+        "listen = \"LISTEN\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+            socket.display()
+        ),
+        1,
+    );
+    let old_config = dir.path().join("old.toml");
+    std::fs::write(&old_config, &config).unwrap();
+    // The new configuration does not fan out: it cannot subscribe the listener, so the
+    // marker never comes.
+    let new_config = dir.path().join("new.toml");
+    let pinning = config.replacen("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n", 1);
+    assert_ne!(pinning, config);
+    std::fs::write(&new_config, pinning).unwrap();
+    let old = Process::start(&old_config, None, dir.path().join("old.log"));
+    wait_until("the old process accepts", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+    let mut listener = Listening::connect(&url(port)).await;
+    listener.client.batch_execute("LISTEN tk_stays").await.unwrap();
+    let idle = common::connect(&url(port)).await.unwrap();
+    idle.batch_execute("SET statement_timeout = '66s'").await.unwrap();
+    let admin = common::direct(&cluster.primary().addr(), "app").await;
+    admin.batch_execute("NOTIFY tk_stays, 'before'").await.unwrap();
+    assert_eq!(
+        listener.notifications_until("tk_stays", "before").await,
+        vec![("tk_stays".to_owned(), "before".to_owned())]
+    );
+
+    let new = Process::start(&new_config, Some(&socket), dir.path().join("new.log"));
+    let (status, log) = old.wait(Duration::from_secs(20)).await;
+    assert!(status.success(), "the old process exited with {status}:\n{log}");
+    assert!(log.contains("the listening client stays on this process"), "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 1, "{log}");
+    assert!(new.log().contains("cannot be taken over here"), "{}", new.log());
+
+    // Ended as before the takeover moved listeners; the other client moved.
+    let error = listener.client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(listener.client.is_closed(), "{error}");
+    let rows = idle.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "66s");
+
+    new.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    assert!(status.success(), "{log}");
 }

@@ -2,6 +2,11 @@
 //! those channels that the listener connection must LISTEN to, and the fan-out of each
 //! notification to the inboxes of the clients listening to its channel.
 //!
+//! It also keeps the takeover markers (see docs/notifications.md): a marker is a
+//! notification on a private channel, with a random token as its payload, that both the old
+//! and the new process's listener connections read at the same place of PostgreSQL's one
+//! notification queue; it cuts a handed-over client's stream between the two processes.
+//!
 //! Locking: one std mutex per hub, held only for map updates and for pushing one
 //! notification to its inboxes (never across an await).
 
@@ -19,6 +24,19 @@ use crate::upstream::ConnectSpec;
 /// new primary and a reload are followed. `None`: the database is gone.
 pub type Target = Arc<dyn Fn() -> Option<Arc<ConnectSpec>> + Send + Sync>;
 
+/// The private channel of takeover markers: LISTENed to while a marker is expected, and
+/// never delivered to a client nor counted as a channel.
+pub const MARKER_CHANNEL: &str = "pgrelay_takeover_marker";
+
+/// What a marker does to the subscriber waiting for it.
+#[derive(Debug, Clone, Copy)]
+enum Marked {
+    /// Its client goes to the new process: its inbox is sealed at the marker.
+    Leaving(u64),
+    /// Its client comes from the old process: its inbox is cut at the marker.
+    Arriving(u64),
+}
+
 struct Subscriber {
     inbox: Arc<Inbox>,
     channels: BTreeSet<String>,
@@ -26,6 +44,9 @@ struct Subscriber {
     /// a notification the listener connection reads before that was committed before the
     /// client's LISTEN took effect, and PostgreSQL would not deliver it either.
     since: HashMap<String, u64>,
+    /// Made for a client still on the old process, not cut at its marker yet: what it
+    /// takes now is dropped at the cut, and not counted as delivered or dropped.
+    held: bool,
 }
 
 #[derive(Default)]
@@ -40,6 +61,10 @@ struct State {
     listening: bool,
     /// The most recent subscriber's target (see `Hub::subscribe`).
     target: Option<Target>,
+    /// Takeover markers expected, by token.
+    markers: HashMap<String, Marked>,
+    /// Markers the listener connection is to NOTIFY (the new process sends them).
+    unsent_markers: Vec<String>,
 }
 
 /// See the module documentation.
@@ -82,6 +107,16 @@ impl Hub {
 
     /// A new subscriber with no channel yet.
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        self.add_subscriber(false)
+    }
+
+    /// A new subscriber for a client the old process is handing over: nothing it takes is
+    /// counted until it is cut at its marker.
+    pub fn subscribe_held(self: &Arc<Self>) -> Subscription {
+        self.add_subscriber(true)
+    }
+
+    fn add_subscriber(self: &Arc<Self>, held: bool) -> Subscription {
         let inbox = Arc::new(Inbox::default());
         let mut state = self.state();
         state.next_id += 1;
@@ -92,6 +127,7 @@ impl Hub {
                 inbox: inbox.clone(),
                 channels: BTreeSet::new(),
                 since: HashMap::new(),
+                held,
             },
         );
         Subscription {
@@ -172,6 +208,9 @@ impl Hub {
         let Some(subscriber) = state.subscribers.remove(&id) else {
             return;
         };
+        state
+            .markers
+            .retain(|_, marked| !matches!(marked, Marked::Leaving(of) | Marked::Arriving(of) if *of == id));
         let mut union_changed = false;
         for channel in &subscriber.channels {
             if let Some(ids) = state.channels.get_mut(channel) {
@@ -188,9 +227,11 @@ impl Hub {
         self.metrics
             .channels
             .set(i64::try_from(state.channels.len()).unwrap_or(i64::MAX));
-        self.metrics
-            .dropped
-            .inc_by(u64::try_from(subscriber.inbox.queued()).unwrap_or(u64::MAX));
+        if !subscriber.held {
+            self.metrics
+                .dropped
+                .inc_by(u64::try_from(subscriber.inbox.queued()).unwrap_or(u64::MAX));
+        }
         if union_changed {
             self.changed.notify_one();
         }
@@ -199,7 +240,70 @@ impl Hub {
     /// The channels the listener connection must LISTEN to, and their generation.
     pub(super) fn wanted(&self) -> (BTreeSet<String>, u64) {
         let state = self.state();
-        (state.channels.keys().cloned().collect(), state.generation)
+        let mut wanted: BTreeSet<String> = state.channels.keys().cloned().collect();
+        if !state.markers.is_empty() {
+            wanted.insert(MARKER_CHANNEL.to_owned());
+        }
+        (wanted, state.generation)
+    }
+
+    /// Expects the marker `token`; returns the generation after which the listener
+    /// connection LISTENs to the marker channel.
+    fn expect_marker(&self, token: &str, marked: Marked) -> u64 {
+        let mut state = self.state();
+        state.markers.insert(token.to_owned(), marked);
+        state.generation += 1;
+        self.changed.notify_one();
+        state.generation
+    }
+
+    /// Stops expecting the marker `token`; `false` if it had come already.
+    fn forget_marker(&self, token: &str) -> bool {
+        let mut state = self.state();
+        let expected = state.markers.remove(token).is_some();
+        if state.markers.is_empty() {
+            self.changed.notify_one();
+        }
+        expected
+    }
+
+    /// Has the listener connection NOTIFY the marker `token` (after
+    /// `Subscription::expect_marker` confirmed, so that it reads its own marker).
+    pub fn send_marker(&self, token: &str) {
+        self.state().unsent_markers.push(token.to_owned());
+        self.changed.notify_one();
+    }
+
+    /// The markers the listener connection is to send now, taken.
+    pub(super) fn take_unsent_markers(&self) -> Vec<String> {
+        std::mem::take(&mut self.state().unsent_markers)
+    }
+
+    /// The listener connection read the marker `token` (its place in the notification
+    /// order): the subscriber expecting it is sealed or cut there. Unknown tokens are
+    /// another process's, or came too late.
+    pub(super) fn marker(&self, token: &str) {
+        let mut state = self.state();
+        let Some(marked) = state.markers.remove(token) else {
+            return;
+        };
+        match marked {
+            Marked::Leaving(id) => {
+                if let Some(subscriber) = state.subscribers.get(&id) {
+                    subscriber.inbox.seal();
+                }
+            }
+            Marked::Arriving(id) => {
+                if let Some(subscriber) = state.subscribers.get_mut(&id) {
+                    subscriber.inbox.cut();
+                    subscriber.held = false;
+                }
+            }
+        }
+        if state.markers.is_empty() {
+            // The marker channel is not wanted any more.
+            self.changed.notify_one();
+        }
     }
 
     /// The listener's target, or `None` after marking the listener stopped when no
@@ -243,8 +347,12 @@ impl Hub {
                 continue;
             }
             match subscriber.inbox.push(message) {
+                // Before the cut: the old process delivers it.
+                Pushed::Queued | Pushed::Overflowed if subscriber.held => {}
                 Pushed::Queued => self.metrics.delivered.inc(),
                 Pushed::Overflowed => self.metrics.dropped.inc(),
+                // The new process delivers it.
+                Pushed::Sealed => {}
             }
         }
     }
@@ -290,6 +398,32 @@ impl Subscription {
     }
 }
 
+impl Subscription {
+    /// Expects the takeover marker `token`: its client leaves for a new process (`leaving`,
+    /// the inbox is sealed at the marker) or arrives from the old one (the inbox is cut
+    /// there). Waits (at most `limit`) until the listener connection LISTENs to the
+    /// marker channel; `false` if it did not in time (the marker is no longer expected).
+    pub async fn expect_marker(&self, token: &str, leaving: bool, limit: Duration) -> bool {
+        let marked = if leaving {
+            Marked::Leaving(self.id)
+        } else {
+            Marked::Arriving(self.id)
+        };
+        let generation = self.hub.expect_marker(token, marked);
+        if self.hub.wait_applied(generation, limit).await {
+            return true;
+        }
+        self.hub.forget_marker(token);
+        false
+    }
+
+    /// Stops expecting the marker `token`; `false` if it had come already (the inbox is
+    /// sealed or cut).
+    pub fn forget_marker(&self, token: &str) -> bool {
+        self.hub.forget_marker(token)
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.remove(self.id);
@@ -300,6 +434,9 @@ impl Drop for Subscription {
 /// process (a hub with no subscriber holds no connection).
 pub struct Hubs {
     hubs: Mutex<HashMap<String, Arc<Hub>>>,
+    /// Subscriptions made for clients the old process is handing over, by marker token,
+    /// until their socket comes.
+    held: Mutex<HashMap<String, Subscription>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -313,6 +450,7 @@ impl Hubs {
     pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Hubs {
         Hubs {
             hubs: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -322,5 +460,17 @@ impl Hubs {
         hubs.entry(database.to_owned())
             .or_insert_with(|| Arc::new(Hub::new(database, self.metrics.notify(database))))
             .clone()
+    }
+
+    /// Keeps `subscription` for the client whose socket comes with the marker `token`.
+    pub fn hold(&self, token: &str, subscription: Subscription) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.insert(token.to_owned(), subscription);
+    }
+
+    /// The subscription kept for the marker `token`, taken.
+    pub fn take_held(&self, token: &str) -> Option<Subscription> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.remove(token)
     }
 }

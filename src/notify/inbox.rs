@@ -2,6 +2,10 @@
 //! the client's session when the client is between transactions. Bounded in count and in
 //! bytes, so a client that stops reading costs a bounded amount of memory: past either
 //! bound the inbox overflows, takes nothing more, and the session ends the client.
+//!
+//! In a takeover the marker notification cuts the stream between two processes: the old
+//! process's inbox is sealed at it (what follows is the new process's), the new process's
+//! is cut at it (what came before was the old process's).
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
@@ -19,6 +23,8 @@ pub enum Pushed {
     Queued,
     /// The inbox is full (now or already): the notification is dropped.
     Overflowed,
+    /// The inbox was sealed at a takeover marker: the notification is the new process's.
+    Sealed,
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +35,10 @@ struct Queue {
     /// The listener connection was lost since the client last read: notifications may have
     /// been missed.
     gap: bool,
+    /// Sealed at a takeover marker: takes nothing more.
+    sealed: bool,
+    /// Cut at a takeover marker: holds only what came after it.
+    cut: bool,
 }
 
 /// The queue and the wake-up of its session.
@@ -39,12 +49,17 @@ pub struct Inbox {
     ready: tokio::sync::Notify,
     /// Woken when the inbox overflows; holds a permit if nobody waits.
     overflow: tokio::sync::Notify,
+    /// Woken when the inbox is sealed or cut; holds a permit if nobody waits.
+    marked: tokio::sync::Notify,
 }
 
 impl Inbox {
     /// Queues one NotificationResponse (the whole message, as the server sent it).
     pub fn push(&self, message: &Bytes) -> Pushed {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.sealed {
+            return Pushed::Sealed;
+        }
         if queue.overflowed {
             return Pushed::Overflowed;
         }
@@ -65,6 +80,39 @@ impl Inbox {
     pub fn mark_gap(&self) {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).gap = true;
         self.ready.notify_one();
+    }
+
+    /// Takes nothing more: what follows the takeover marker is for the new process.
+    pub fn seal(&self) {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).sealed = true;
+        self.marked.notify_one();
+    }
+
+    /// Drops what is queued: it came before the takeover marker, and the old process
+    /// delivers it. So did what an overflow dropped: the inbox takes notifications again.
+    /// A gap stays: a lost listener connection may have lost later ones too.
+    pub fn cut(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.items.clear();
+        queue.bytes = 0;
+        queue.overflowed = false;
+        queue.cut = true;
+        drop(queue);
+        self.marked.notify_one();
+    }
+
+    /// Waits until the inbox is sealed. Cancel-safe.
+    pub async fn wait_sealed(&self) {
+        while !self.queue.lock().unwrap_or_else(PoisonError::into_inner).sealed {
+            self.marked.notified().await;
+        }
+    }
+
+    /// Waits until the inbox is cut. Cancel-safe.
+    pub async fn wait_cut(&self) {
+        while !self.queue.lock().unwrap_or_else(PoisonError::into_inner).cut {
+            self.marked.notified().await;
+        }
     }
 
     /// Waits until something may be there to take (a permit left by an earlier push
@@ -139,6 +187,29 @@ mod tests {
         assert_eq!(inbox.push(&big), Pushed::Queued);
         assert_eq!(inbox.push(&big), Pushed::Queued);
         assert_eq!(inbox.push(&Bytes::from_static(b"y")), Pushed::Overflowed);
+    }
+
+    #[test]
+    fn a_sealed_inbox_takes_nothing_more_and_a_cut_one_keeps_what_follows() {
+        let sealed = Inbox::default();
+        sealed.push(&Bytes::from_static(b"1"));
+        sealed.seal();
+        assert_eq!(sealed.push(&Bytes::from_static(b"2")), Pushed::Sealed);
+        let mut out = BytesMut::new();
+        sealed.drain_into(&mut out, |_| {});
+        assert_eq!(&out[..], b"1");
+
+        let cut = Inbox::default();
+        for _ in 0..=MAX_QUEUED {
+            cut.push(&Bytes::from_static(b"1"));
+        }
+        assert!(cut.overflowed());
+        cut.cut();
+        assert!(!cut.overflowed(), "what overflowed came before the marker");
+        cut.push(&Bytes::from_static(b"2"));
+        let mut out = BytesMut::new();
+        cut.drain_into(&mut out, |_| {});
+        assert_eq!(&out[..], b"2");
     }
 
     #[test]

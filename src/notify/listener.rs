@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::hub::Hub;
+use super::hub::{Hub, MARKER_CHANNEL};
 use crate::protocol::frame::split_frame;
 use crate::protocol::views::{ErrorFields, read_cstr};
 use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
@@ -106,6 +106,19 @@ async fn serve(hub: &Hub, mut conn: ServerConn) -> Ended {
         }
         hub.confirm(generation);
         confirmed = generation;
+        // Takeover markers, sent once the marker channel is LISTENed to (confirmed above,
+        // or again on a new connection), so that this connection reads them too. Not sent
+        // again should this fail: a marker committed twice would cut twice.
+        let markers = hub.take_unsent_markers();
+        if !markers.is_empty() {
+            let sql: String = markers
+                .iter()
+                .map(|token| format!("NOTIFY {MARKER_CHANNEL}, '{}';", token.replace('\'', "''")))
+                .collect();
+            if let Err(reason) = run_query(hub, &mut conn, &sql).await {
+                return Ended::Failed(reason);
+            }
+        }
         // Waits for a change of the channels or for the server. Cancel-safe: a change
         // noted while reading is kept as the Notify's permit.
         tokio::select! {
@@ -170,7 +183,12 @@ fn take_messages(hub: &Hub, inbuf: &mut BytesMut) -> Result<bool, String> {
     while let Some(frame) = split_frame(inbuf, MESSAGE_LIMIT).map_err(|error| error.to_string())? {
         match frame.tag() {
             b'A' => {
-                let channel = notification_channel(frame.body()).ok_or("malformed NotificationResponse")?;
+                let (channel, payload) = notification(frame.body()).ok_or("malformed NotificationResponse")?;
+                if channel == MARKER_CHANNEL {
+                    // Never a client's: where the stream of a handed-over client is cut.
+                    hub.marker(&String::from_utf8_lossy(payload));
+                    continue;
+                }
                 let channel = channel.to_owned();
                 let message: Bytes = frame.into_bytes();
                 hub.deliver(&channel, &message);
@@ -190,12 +208,13 @@ fn take_messages(hub: &Hub, inbuf: &mut BytesMut) -> Result<bool, String> {
     Ok(ready)
 }
 
-/// The channel of a NotificationResponse body: Int32 sender PID, channel, payload.
-fn notification_channel(body: &[u8]) -> Option<&str> {
+/// The channel and payload of a NotificationResponse body: Int32 sender PID, channel,
+/// payload.
+fn notification(body: &[u8]) -> Option<(&str, &[u8])> {
     let rest = body.get(4..)?;
     let (channel, rest) = read_cstr(rest, "channel").ok()?;
-    read_cstr(rest, "payload").ok()?;
-    std::str::from_utf8(channel).ok()
+    let (payload, _) = read_cstr(rest, "payload").ok()?;
+    Some((std::str::from_utf8(channel).ok()?, payload))
 }
 
 #[cfg(test)]
@@ -211,8 +230,11 @@ mod tests {
 
     #[test]
     fn reads_the_channel_of_a_notification() {
-        assert_eq!(notification_channel(b"\0\0\0\x07orders\0{\"id\":1}\0"), Some("orders"));
-        assert_eq!(notification_channel(b"\0\0\0\x07orders"), None);
-        assert_eq!(notification_channel(b"\0\0"), None);
+        assert_eq!(
+            notification(b"\0\0\0\x07orders\0{\"id\":1}\0"),
+            Some(("orders", &b"{\"id\":1}"[..]))
+        );
+        assert_eq!(notification(b"\0\0\0\x07orders"), None);
+        assert_eq!(notification(b"\0\0"), None);
     }
 }

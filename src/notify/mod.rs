@@ -11,7 +11,7 @@ mod hub;
 mod inbox;
 mod listener;
 
-pub use hub::{Hub, Hubs, Subscription, Target};
+pub use hub::{Hub, Hubs, MARKER_CHANNEL, Subscription, Target};
 pub use inbox::{Inbox, MAX_QUEUED, MAX_QUEUED_BYTES};
 pub use listener::LISTENER_APPLICATION_NAME;
 

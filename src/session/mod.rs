@@ -239,17 +239,21 @@ async fn start(
 }
 
 /// A client handed over by the process this one took over from (`crate::takeover`): its
-/// socket and the description of its session.
+/// socket and the description of its session; without a socket, the announcement of a
+/// fan-out listener whose socket follows.
 #[derive(Debug)]
 pub struct Resumed {
-    pub stream: std::net::TcpStream,
+    pub stream: Option<std::net::TcpStream>,
     pub description: Vec<u8>,
 }
 
 /// Serves a handed-over client: its session is rebuilt from its description, with no
 /// login (the old process logged it in), and its cancel key stays the same.
 pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
-    let Ok(peer) = resumed.stream.peer_addr() else {
+    let Some(stream) = resumed.stream else {
+        return run::handover::arrive(shared, &resumed.description).await;
+    };
+    let Ok(peer) = stream.peer_addr() else {
         return;
     };
     let failed = || {
@@ -257,7 +261,7 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
             .metrics
             .takeover_clients(crate::metrics::TakeoverResult::Failed, 1)
     };
-    let stream = match TcpStream::from_std(resumed.stream) {
+    let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(error) => {
             failed();
@@ -332,6 +336,9 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     shared
         .metrics
         .takeover_clients(crate::metrics::TakeoverResult::Received, 1);
+    if !description.channels.is_empty() {
+        session.adopt_listener(&description).await;
+    }
     tracing::info!(client = %peer, database = %description.database, user = %description.user,
         "client taken over from the old process");
     session.run(&mut client).await;

@@ -173,7 +173,8 @@ impl Session {
         // Taken over: an idle client goes on in the new process, with its session.
         if matches!(end, End::Shutdown)
             && self.shared.client_handover.is_active()
-            && let Some(description) = self.handover_description(client)
+            && let Some(mut description) = self.handover_description(client)
+            && self.settle_listener(client, &mut description).await
             && let crate::net::ClientStream::Tcp(stream) = &client.stream
             && self
                 .shared

@@ -1,7 +1,8 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
 //! clients can go (transaction or statement mode, plain TCP, between transactions with no
 //! server and no pending input, nothing pinning it), the description of its session that
-//! goes with its socket, and the session rebuilt from it on the other side.
+//! goes with its socket, and the session rebuilt from it on the other side. A fan-out
+//! listener's channels go with it, cut between the processes at a marker (`listener`).
 
 use super::Session;
 use super::handover_secrets::ServerSecrets;
@@ -10,6 +11,10 @@ use crate::metrics::TakeoverResult;
 use crate::net::{ClientConn, ClientStream};
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
+
+mod listener;
+
+pub(in crate::session) use listener::arrive;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/2";
@@ -36,6 +41,10 @@ pub(crate) struct Description {
     /// What the new process needs to open server connections for the user when no password
     /// is configured for it (pass-through).
     pub secrets: ServerSecrets,
+    /// listen_notify = "fanout": the channels it listens to, and the token of the marker
+    /// that cuts its notifications between the processes.
+    pub channels: Vec<String>,
+    pub marker: String,
 }
 
 impl Description {
@@ -69,6 +78,11 @@ impl Description {
         out.push(u8::from(self.fence_lost));
         out.push(u8::from(self.found_by_query));
         self.secrets.encode(&mut out);
+        out.extend_from_slice(&u32::try_from(self.channels.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for channel in &self.channels {
+            bytes(&mut out, channel.as_bytes());
+        }
+        bytes(&mut out, self.marker.as_bytes());
         out
     }
 
@@ -104,6 +118,15 @@ impl Description {
         let fence_lost = reader.byte()? != 0;
         let found_by_query = reader.byte()? != 0;
         let secrets = ServerSecrets::decode(&mut reader)?;
+        let mut channels = Vec::new();
+        for _ in 0..reader.u32()? {
+            channels.push(reader.string()?);
+        }
+        let marker = reader.string()?;
+        // A marker cuts a listener's notifications: none without channels.
+        if channels.is_empty() && !marker.is_empty() {
+            return None;
+        }
         reader.0.is_empty().then_some(Description {
             database,
             user,
@@ -117,6 +140,8 @@ impl Description {
             fence_lost,
             found_by_query,
             secrets,
+            channels,
+            marker,
         })
     }
 }
@@ -186,10 +211,13 @@ impl Session {
             && self.local.tx == super::LocalTx::Idle
             && !self.local.skipping_to_sync
             && !self.carried.pins.is_pinned()
-            // A fan-out listener keeps its subscriptions on this process: its channels
-            // are not carried over (documented).
-            && self.subscription.is_none()
-            && self.carried.fanout_channels.is_empty()
+            // A fan-out listener moves with its channels to a process that can take
+            // them, once its LISTEN changes are all settled.
+            && (self.carried.fanout_channels.is_empty() || self.shared.client_handover.moves_listeners())
+            // Listening exactly while it has channels: its hub knows them all.
+            && self.subscription.is_some() != self.carried.fanout_channels.is_empty()
+            && !self.carried.fanout_dirty
+            && self.subscription.as_ref().is_none_or(|subscription| !subscription.inbox().overflowed())
             && !self.carried.listen_tx.holds_anything()
             && !self.deferred_begin_sent;
         if !movable {
@@ -219,6 +247,8 @@ impl Session {
             fence_lost: self.carried.fence_lost,
             found_by_query: matches!(self.user.auth, crate::runtime::ClientAuth::Query),
             secrets: ServerSecrets::of(&self.user.server_credentials),
+            channels: self.carried.fanout_channels.iter().cloned().collect(),
+            marker: String::new(),
         })
     }
 
@@ -287,9 +317,17 @@ mod tests {
                 },
                 crate::upstream::PassThrough::Md5([9; 16]),
             ]),
+            channels: Vec::new(),
+            marker: String::new(),
         };
         let encoded = description.encode();
         assert!(!format!("{description:?}").contains("[7"), "keys are not shown");
+        let listening = Description {
+            channels: vec!["orders".to_owned(), "Mixed Case".to_owned()],
+            marker: "0123abcd".to_owned(),
+            ..Description::default()
+        };
+        assert_eq!(Description::decode(&listening.encode()), Some(listening));
         assert_eq!(Description::decode(&encoded), Some(description));
         assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
         let mut longer = encoded.clone();

@@ -20,6 +20,7 @@ use crate::protocol::compose::{self, Severity};
 use crate::protocol::views::query_text;
 use crate::protocol::{FrontendTag, Header, TxStatus};
 use crate::route::PinReason;
+use crate::runtime::{DatabaseEntry, Shared, UserEntry};
 use crate::session::listen_tx;
 use crate::session::local::LocalTx;
 
@@ -123,26 +124,15 @@ impl Session {
                 .subscription
                 .insert(Box::new(self.shared.notify.hub(&self.database.name).subscribe())),
         };
-        let limit = self.database.pool.server_connect_timeout.unwrap_or(CONFIRM_FALLBACK) + Duration::from_secs(1);
+        let limit = confirm_limit(&self.database);
         subscription
             .set_channels(&self.carried.fanout_channels, target, limit)
             .await
     }
 
-    /// Where the listener connection goes: the database's current primary, as this
-    /// client's user, looked up afresh at every connect.
+    /// Where the listener connection goes (see [`listener_target`]).
     fn listener_target(&self) -> Target {
-        let shared = Arc::downgrade(&self.shared);
-        let database = self.database.name.clone();
-        let user = self.user.clone();
-        Arc::new(move || {
-            let shared = shared.upgrade()?;
-            let snapshot = shared.snapshot();
-            let entry = snapshot.database(&database)?;
-            let user = super::user_in(&snapshot, &database, &user);
-            let pools = entry.pools(&user);
-            pools.hosts.get(entry.primary_index()).map(|pool| pool.spec())
-        })
+        listener_target(&self.shared, &self.database.name, &self.user)
     }
 
     /// Moves the queued notifications to the client's output (the warning of a gap
@@ -175,6 +165,27 @@ impl Session {
             () = subscription.inbox().wait_overflow() => Err(End::NotificationsOverflowed),
         }
     }
+}
+
+/// Where the listener connection goes: the database's current primary, as `user`, looked
+/// up afresh at every connect.
+pub(super) fn listener_target(shared: &Arc<Shared>, database: &str, user: &Arc<UserEntry>) -> Target {
+    let shared = Arc::downgrade(shared);
+    let database = database.to_owned();
+    let user = user.clone();
+    Arc::new(move || {
+        let shared = shared.upgrade()?;
+        let snapshot = shared.snapshot();
+        let entry = snapshot.database(&database)?;
+        let user = super::user_in(&snapshot, &database, &user);
+        let pools = entry.pools(&user);
+        pools.hosts.get(entry.primary_index()).map(|pool| pool.spec())
+    })
+}
+
+/// How long a LISTEN waits for the listener connection to LISTEN too.
+pub(super) fn confirm_limit(database: &DatabaseEntry) -> Duration {
+    database.pool.server_connect_timeout.unwrap_or(CONFIRM_FALLBACK) + Duration::from_secs(1)
 }
 
 /// The farewell of a client whose inbox overflowed.
