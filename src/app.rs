@@ -604,9 +604,13 @@ pub async fn run_taking_over(
                 }
                 if let Some(channel) = clients {
                     let resume = running.resume.clone();
-                    let receiving = crate::takeover::receive_clients(channel, move |stream, description| {
+                    let receiving = crate::takeover::receive_clients(channel, move |stream, server, description| {
                         // Refused only once this process shuts down: the client is closed.
-                        let _ = resume.send(session::Resumed { stream, description });
+                        let _ = resume.send(session::Resumed {
+                            stream,
+                            server,
+                            description,
+                        });
                     });
                     if let Err(error) = receiving {
                         tracing::warn!(%error, "cannot take the old process's idle clients over");

@@ -354,7 +354,8 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
 
 /// The old process's end of the channel idle clients are handed over on: a
 /// `SOCK_SEQPACKET` socket pair, one message per client (its description, with its socket
-/// attached), so that each arrives whole or not at all.
+/// attached, and its server connection's after it when one goes along), so that each
+/// arrives whole or not at all.
 #[derive(Debug, Default)]
 pub struct ClientHandover {
     channel: std::sync::Mutex<Option<OwnedFd>>,
@@ -376,13 +377,19 @@ impl ClientHandover {
         }
     }
 
-    /// Sends a client's socket with its `description`; false if it could not be sent (the
-    /// new process is gone, or it does not keep up for a second): the client then stays.
-    pub async fn send(&self, client: std::os::fd::BorrowedFd<'_>, description: &[u8]) -> bool {
+    /// Sends a client's socket, and the socket of the server connection that goes with it
+    /// if any, with its `description`; false if it could not be sent (the new process is
+    /// gone, or it does not keep up for a second): the client then stays.
+    pub async fn send(
+        &self,
+        client: std::os::fd::BorrowedFd<'_>,
+        server: Option<std::os::fd::BorrowedFd<'_>>,
+        description: &[u8],
+    ) -> bool {
         if description.len() > MAX_DESCRIPTION {
             return false;
         }
-        let fds = [client.as_raw_fd()];
+        let fds: Vec<RawFd> = std::iter::once(client).chain(server).map(|fd| fd.as_raw_fd()).collect();
         for _ in 0..100 {
             let sent = {
                 let Ok(mut channel) = self.channel.lock() else {
@@ -417,10 +424,11 @@ impl ClientHandover {
 }
 
 /// The new process's end: receives the old process's idle clients, on a thread of its own,
-/// until the old process exits; each is passed to `deliver`.
+/// until the old process exits; each is passed to `deliver`, with the server connection
+/// that came with it (session mode, a pinned client).
 pub fn receive_clients(
     channel: OwnedFd,
-    deliver: impl Fn(std::net::TcpStream, Vec<u8>) + Send + 'static,
+    deliver: impl Fn(std::net::TcpStream, Option<std::net::TcpStream>, Vec<u8>) + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("pgrelay-takeover".to_owned())
@@ -456,12 +464,17 @@ pub fn receive_clients(
                     // The old process has exited: every client it could hand over came.
                     return;
                 }
-                if truncated || fds.len() != 1 {
+                if truncated || fds.is_empty() || fds.len() > 2 {
                     tracing::warn!("takeover: a malformed client message; its connection is closed");
                     continue;
                 }
+                let server = (fds.len() == 2).then(|| fds.pop()).flatten();
                 if let Some(fd) = fds.pop() {
-                    deliver(std::net::TcpStream::from(fd), buffer[..length].to_vec());
+                    deliver(
+                        std::net::TcpStream::from(fd),
+                        server.map(std::net::TcpStream::from),
+                        buffer[..length].to_vec(),
+                    );
                 }
             }
         })

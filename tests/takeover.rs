@@ -1,7 +1,8 @@
 //! Socket takeover end to end, with real processes: a new pgrelay takes the listening
 //! sockets over from a running one (`run --takeover`), the old one finishes its
 //! transactions and exits 0, and no connection attempt is refused on the way; idle clients
-//! move with their session, TLS, pinned and fan-out listening clients finish on the old one.
+//! move with their session (a pinned one with its server connection: tests/takeover_session.rs),
+//! TLS and fan-out listening clients finish on the old one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -10,74 +11,13 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::process::{Process, free_port};
 use common::{first_value, shared_cluster, sqlstate, wait_until};
 use tokio_postgres::NoTls;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A pgrelay process whose stderr goes to a file (a pipe nobody reads would fill up).
-struct Process {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    fn start(config: &Path, takeover: Option<&Path>, log: PathBuf) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pgrelay"));
-        command.args(["run", "-c"]).arg(config);
-        if let Some(path) = takeover {
-            command.arg("--takeover").arg(path);
-        }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Process {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().unwrap().id();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
-    }
-
-    /// Waits for the process to exit; returns its status and its log.
-    async fn wait(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let status = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || child.wait().unwrap()))
-            .await
-            .unwrap_or_else(|_| panic!("pgrelay did not exit in time; its log:\n{}", self.log()))
-            .unwrap();
-        (status, self.log())
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn url(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5")
@@ -129,11 +69,10 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     let statement = idle.prepare("SELECT $1::int + 1").await.unwrap();
     let busy = common::connect(&url(port)).await.unwrap();
     busy.batch_execute("BEGIN").await.unwrap();
-    // Pinned to its server by a temporary table: it cannot move, and finishes on the old
-    // process (its table would silently be gone on the new one).
+    // Pinned to its server by a temporary table: it moves with that server connection.
     let pinned = common::connect(&url(port)).await.unwrap();
     pinned
-        .batch_execute("CREATE TEMP TABLE t_pinned (x int)")
+        .batch_execute("CREATE TEMP TABLE t_pinned (x int); INSERT INTO t_pinned VALUES (7)")
         .await
         .unwrap();
     // A fan-out listener: its subscription stays with the old process's listener
@@ -243,10 +182,9 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
         "{}",
         new.log()
     );
-    // Closed with the old process, not moved without its table (which would fail with
-    // 42P01 on an open connection).
-    let error = pinned.simple_query("SELECT * FROM t_pinned").await.unwrap_err();
-    assert!(pinned.is_closed(), "{error}");
+    // Moved with its server connection, table and all.
+    let rows = pinned.simple_query("SELECT x FROM t_pinned").await.unwrap();
+    assert_eq!(first_value(&rows), "7");
     let error = listener.simple_query("SELECT 1").await.unwrap_err();
     assert!(listener.is_closed(), "{error}");
 

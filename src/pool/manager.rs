@@ -34,6 +34,12 @@ pub struct Pooled {
     _permit: BudgetPermit,
 }
 
+impl Pooled {
+    pub(super) fn new(conn: Box<ServerConn>, permit: BudgetPermit) -> Pooled {
+        Pooled { conn, _permit: permit }
+    }
+}
+
 impl Deref for Pooled {
     type Target = ServerConn;
 

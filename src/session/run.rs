@@ -165,7 +165,8 @@ impl Session {
     /// Runs the session; boxed so that the task of an idle client stays small.
     pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
         let end = self.serve(client).await;
-        // Taken over: an idle client goes on in the new process, with its session.
+        // Taken over: an idle client goes on in the new process, with its session (and
+        // its server connection, which then is no longer this process's).
         if matches!(end, End::Shutdown)
             && self.shared.client_handover.is_active()
             && let Some(description) = self.handover_description(client)
@@ -173,11 +174,19 @@ impl Session {
             && self
                 .shared
                 .client_handover
-                .send(std::os::fd::AsFd::as_fd(stream), &description.encode())
+                .send(
+                    std::os::fd::AsFd::as_fd(stream),
+                    self.server.as_deref().and_then(|server| server.stream.tcp_fd()),
+                    &description.encode(),
+                )
                 .await
         {
+            if let Some(server) = self.server.take() {
+                self.cancel.detach().await;
+                server.hand_off();
+            }
             tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
-                "client handed over to the new process");
+                with_server = description.server.is_some(), "client handed over to the new process");
             return;
         }
         let farewell = match &end {
@@ -918,7 +927,9 @@ impl Session {
     /// Makes a server safe for the next client after this one left, or closes it.
     async fn clean_up(&mut self, mut server: Checkout) {
         self.cancel.detach().await;
-        if server.is_broken() || server.mid_statement() {
+        // One handed over with its client is closed rather than reset: it never goes back
+        // to the pool (see `pool::adopt`).
+        if server.is_broken() || server.mid_statement() || server.is_adopted() {
             // Closing is the only sure way to stop what a departed client started.
             server.discard();
             return;

@@ -1,16 +1,22 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
-//! clients can go (transaction or statement mode, plain TCP, between transactions with no
-//! server and no pending input, nothing pinning it), the description of its session that
-//! goes with its socket, and the session rebuilt from it on the other side.
+//! clients can go (plain TCP, between transactions, no pending input; in transaction or
+//! statement mode with no server, or, in session mode or pinned, with its server connection
+//! when that is plain TCP and quiet too), the description of its session that goes with its
+//! socket, and the session rebuilt from it on the other side.
 
 use super::Session;
-use crate::config::PoolMode;
 use crate::net::{ClientConn, ClientStream};
 use crate::protocol::views::ParseView;
-use crate::route::ClientEncoding;
+use crate::route::{ClientEncoding, PinReason};
+use crate::session::carried::{PinList, Pins};
+use crate::upstream::HandedServer;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
-const MAGIC: &[u8] = b"pgrelay-client/1";
+const MAGIC: &[u8] = b"pgrelay-client/2";
+/// The layout before server connections travelled too: the same, without their section.
+const MAGIC_WITHOUT_SERVERS: &[u8] = b"pgrelay-client/1";
+/// Opens the section of the server connection that travels with the client.
+const SERVER_SECTION: u8 = 1;
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -28,6 +34,16 @@ pub(crate) struct Description {
     pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     pub write_fence: Option<u64>,
     pub fence_lost: bool,
+    /// The server connection whose socket travels with the client's, and what pins the
+    /// client to it (an optional section at the end).
+    pub server: Option<KeptServer>,
+}
+
+/// A client's server connection as it travels with it (session mode, a pinned client).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeptServer {
+    pub conn: HandedServer,
+    pub pins: PinList,
 }
 
 impl Description {
@@ -59,12 +75,19 @@ impl Description {
         out.push(u8::from(self.write_fence.is_some()));
         out.extend_from_slice(&self.write_fence.unwrap_or(0).to_be_bytes());
         out.push(u8::from(self.fence_lost));
+        if let Some(server) = &self.server {
+            out.push(SERVER_SECTION);
+            server.encode(&mut out);
+        }
         out
     }
 
     /// `None` for anything but a whole description of this layout.
     pub fn decode(input: &[u8]) -> Option<Description> {
-        let mut reader = Reader(input.strip_prefix(MAGIC)?);
+        let (mut reader, servers) = match input.strip_prefix(MAGIC) {
+            Some(rest) => (Reader(rest), true),
+            None => (Reader(input.strip_prefix(MAGIC_WITHOUT_SERVERS)?), false),
+        };
         let database = reader.string()?;
         let user = reader.string()?;
         let process_id = reader.u32()?;
@@ -92,6 +115,14 @@ impl Description {
         let has_fence = reader.byte()? != 0;
         let fence = reader.u64()?;
         let fence_lost = reader.byte()? != 0;
+        let server = match reader.0.first() {
+            None => None,
+            Some(&SERVER_SECTION) if servers => {
+                reader.byte()?;
+                Some(KeptServer::decode(&mut reader)?)
+            }
+            Some(_) => return None,
+        };
         reader.0.is_empty().then_some(Description {
             database,
             user,
@@ -103,6 +134,111 @@ impl Description {
             statements,
             write_fence: has_fence.then_some(fence),
             fence_lost,
+            server,
+        })
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, value: &[u8]) {
+    put_count(out, value.len());
+    out.extend_from_slice(value);
+}
+
+fn put_count(out: &mut Vec<u8>, count: usize) {
+    out.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+fn put_strings(out: &mut Vec<u8>, list: &[String]) {
+    put_count(out, list.len());
+    for item in list {
+        put_bytes(out, item.as_bytes());
+    }
+}
+
+/// Pin reasons by number in a description; a number this process does not know refuses it.
+const PIN_REASONS: [PinReason; 9] = [
+    PinReason::TempTable,
+    PinReason::AdvisoryLock,
+    PinReason::Listen,
+    PinReason::HoldCursor,
+    PinReason::SqlPrepare,
+    PinReason::Load,
+    PinReason::SetRole,
+    PinReason::SessionAuthorization,
+    PinReason::UntrackableSet,
+];
+
+impl KeptServer {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let conn = &self.conn;
+        put_bytes(out, conn.addr.as_bytes());
+        out.push(u8::from(conn.replica));
+        out.extend_from_slice(&conn.process_id.to_be_bytes());
+        put_bytes(out, &conn.secret);
+        put_count(out, conn.reported.len());
+        for (name, value) in &conn.reported {
+            put_bytes(out, name.as_bytes());
+            put_bytes(out, value.as_bytes());
+        }
+        put_count(out, conn.params.len());
+        for (name, value, sql) in &conn.params {
+            put_bytes(out, name.as_bytes());
+            put_bytes(out, value.as_bytes());
+            out.push(u8::from(*sql));
+        }
+        put_strings(out, &conn.statements);
+        out.push(u8::from(conn.holds_client_state));
+        let reasons: Vec<u8> = self
+            .pins
+            .reasons
+            .iter()
+            .filter_map(|reason| PIN_REASONS.iter().position(|known| known == reason))
+            .filter_map(|index| u8::try_from(index).ok())
+            .collect();
+        put_bytes(out, &reasons);
+        put_strings(out, &self.pins.listening);
+        put_strings(out, &self.pins.hold_cursors);
+        put_strings(out, &self.pins.sql_prepared);
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Option<KeptServer> {
+        let addr = reader.string()?;
+        let replica = reader.byte()? != 0;
+        let process_id = reader.u32()?;
+        let secret = reader.bytes()?.to_vec();
+        let mut reported = Vec::new();
+        for _ in 0..reader.u32()? {
+            reported.push((reader.string()?, reader.string()?));
+        }
+        let mut params = Vec::new();
+        for _ in 0..reader.u32()? {
+            params.push((reader.string()?, reader.string()?, reader.byte()? != 0));
+        }
+        let statements = reader.strings()?;
+        let holds_client_state = reader.byte()? != 0;
+        let reasons = reader
+            .bytes()?
+            .iter()
+            .map(|code| PIN_REASONS.get(usize::from(*code)).copied())
+            .collect::<Option<Vec<PinReason>>>()?;
+        let pins = PinList {
+            reasons,
+            listening: reader.strings()?,
+            hold_cursors: reader.strings()?,
+            sql_prepared: reader.strings()?,
+        };
+        Some(KeptServer {
+            conn: HandedServer {
+                addr,
+                replica,
+                process_id,
+                secret,
+                reported,
+                params,
+                statements,
+                holds_client_state,
+            },
+            pins,
         })
     }
 }
@@ -136,20 +272,34 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Option<String> {
         String::from_utf8(self.bytes()?.to_vec()).ok()
     }
+
+    fn strings(&mut self) -> Option<Vec<String>> {
+        let count = self.u32()?;
+        let mut list = Vec::new();
+        for _ in 0..count {
+            list.push(self.string()?);
+        }
+        Some(list)
+    }
 }
 
 impl Session {
     /// The description of this session if its client can be handed over now, `None` if it
     /// must finish here.
     pub(super) fn handover_description(&self, client: &ClientConn) -> Option<Description> {
-        let movable = self.database.mode() != PoolMode::Session
-            && matches!(client.stream, ClientStream::Tcp(_))
-            && self.server.is_none()
+        // A client with no server carries no server state (a pinned one always has its
+        // server); one with a server (session mode, pinned) takes it along, plain TCP and
+        // quiet, or stays.
+        let server = match self.server.as_deref() {
+            None => None,
+            Some(server) => Some(server.handed_over(self.on_replica)?),
+        };
+        let movable = matches!(client.stream, ClientStream::Tcp(_))
+            && (server.is_some() || !self.carried.pins.is_pinned())
             && client.inbuf.is_empty()
             && client.outbuf.is_empty()
             && self.local.tx == super::LocalTx::Idle
             && !self.local.skipping_to_sync
-            && !self.carried.pins.is_pinned()
             // A fan-out listener keeps its subscriptions on this process: its channels
             // are not carried over (documented).
             && self.subscription.is_none()
@@ -184,7 +334,25 @@ impl Session {
                 .collect(),
             write_fence: self.carried.write_fence.map(|lsn| lsn.0),
             fence_lost: self.carried.fence_lost,
+            server: server.map(|conn| KeptServer {
+                conn,
+                pins: self.carried.pins.export(),
+            }),
         })
+    }
+
+    /// Gives a handed-over client the server connection that came with it, as it had it:
+    /// pinned for the same reasons, its cancels going to that server.
+    pub(crate) fn restore_server(&mut self, server: crate::pool::Checkout, kept: &KeptServer) {
+        self.carried.pins = Pins::import(&kept.pins);
+        self.sync_pins();
+        self.on_replica = kept.conn.replica;
+        self.cancel.attach(crate::cancel::CancelTarget {
+            addr: server.addr.clone(),
+            key: server.key().clone(),
+        });
+        self.set_state(crate::metrics::ClientState::Active);
+        self.server = Some(server);
     }
 
     /// Puts a handed-over client's settings and prepared statements into this session.
@@ -244,6 +412,7 @@ mod tests {
             statements: vec![(b"s1".to_vec(), b"SELECT $1".to_vec(), vec![0, 1, 0, 0, 0, 23])],
             write_fence: Some(42),
             fence_lost: false,
+            server: None,
         };
         let encoded = description.encode();
         assert_eq!(Description::decode(&encoded), Some(description));
@@ -252,5 +421,42 @@ mod tests {
         longer.push(0);
         assert_eq!(Description::decode(&longer), None);
         assert_eq!(Description::decode(b"pgrelay-client/2"), None);
+        // The layout of a process that hands no server over is still read.
+        let mut older = b"pgrelay-client/1".to_vec();
+        older.extend_from_slice(&encoded[MAGIC.len()..]);
+        assert!(Description::decode(&older).is_some_and(|older| older.server.is_none()));
+    }
+
+    #[test]
+    fn a_server_section_round_trips_and_only_in_the_new_layout() {
+        let description = Description {
+            database: "app".to_owned(),
+            user: "app".to_owned(),
+            server: Some(KeptServer {
+                conn: HandedServer {
+                    addr: "127.0.0.1:5432".to_owned(),
+                    replica: true,
+                    process_id: 4242,
+                    secret: vec![1, 2, 3, 4],
+                    reported: vec![("server_version".to_owned(), "15.4".to_owned())],
+                    params: vec![("application_name".to_owned(), "'x'".to_owned(), true)],
+                    statements: vec!["pgrelay_1".to_owned()],
+                    holds_client_state: true,
+                },
+                pins: PinList {
+                    reasons: vec![PinReason::AdvisoryLock, PinReason::UntrackableSet],
+                    listening: vec!["jobs".to_owned()],
+                    hold_cursors: vec!["c".to_owned()],
+                    sql_prepared: vec!["p".to_owned()],
+                },
+            }),
+            ..Description::default()
+        };
+        let encoded = description.encode();
+        assert_eq!(Description::decode(&encoded), Some(description));
+        assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
+        let mut older = b"pgrelay-client/1".to_vec();
+        older.extend_from_slice(&encoded[MAGIC.len()..]);
+        assert_eq!(Description::decode(&older), None);
     }
 }
