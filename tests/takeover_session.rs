@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::process::{Process, free_port};
 use common::{first_value, shared_cluster, sqlstate, wait_until};
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 
 fn url(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5")
@@ -212,12 +212,36 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
     assert!(status.success(), "{log}");
 }
 
+/// A client whose notifications come out of a channel.
+async fn listening_client(url: &str) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if sender.send(message).is_err() {
+                break;
+            }
+        }
+    });
+    (client, messages)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_pinned_client_keeps_its_advisory_lock_across_a_takeover() {
+async fn pinned_clients_keep_their_advisory_lock_and_their_listen_across_a_takeover() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (config, socket) = write_config(dir.path(), port, "mode = \"transaction\"\nsize = 4");
+    // LISTEN pins the client to its server connection (instead of the fan-out).
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n", 1),
+    )
+    .unwrap();
     let old = start_old(&config, dir.path(), port).await;
+    let (listener, mut notifications) = listening_client(&url(port)).await;
+    listener.batch_execute("LISTEN takeover_pin").await.unwrap();
+    let listener_pid = backend_pid(&listener).await;
 
     let holder = common::connect(&url(port)).await.unwrap();
     holder.batch_execute("SELECT pg_advisory_lock(880011)").await.unwrap();
@@ -228,7 +252,21 @@ async fn a_pinned_client_keeps_its_advisory_lock_across_a_takeover() {
     let new = Process::start(&config, Some(&socket), dir.path().join("new.log"));
     let (status, log) = old.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "the old process exited with {status}:\n{log}");
-    assert_eq!(handed_over_with_server(&log), 1, "{log}");
+    assert_eq!(handed_over_with_server(&log), 2, "{log}");
+
+    // The listening client still listens, on the same server session.
+    other.batch_execute("NOTIFY takeover_pin, 'after'").await.unwrap();
+    let payload = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+            .await
+            .expect("a notification within 10 s")
+            .expect("the listening client's connection ended");
+        if let AsyncMessage::Notification(notification) = message {
+            break (notification.channel().to_owned(), notification.payload().to_owned());
+        }
+    };
+    assert_eq!(payload, ("takeover_pin".to_owned(), "after".to_owned()));
+    assert_eq!(backend_pid(&listener).await, listener_pid);
 
     // Still pinned to the same server session, which still holds the lock.
     assert_eq!(backend_pid(&holder).await, pid, "the same server session");

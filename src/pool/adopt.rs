@@ -33,6 +33,17 @@ impl ServerPool {
         }
         let permit = self.budgets.take_regardless();
         self.counters.adopted.fetch_add(1, Ordering::AcqRel);
+        let limits = self.limits.load();
+        let over = |open: usize, limit: Option<usize>| limit.is_some_and(|limit| open > limit);
+        if self.status().size > limits.size
+            || over(self.budgets.user.open(), limits.max_user_connections)
+            || over(self.budgets.database.open(), limits.max_db_connections)
+        {
+            // Said, not refused: see the module's comment.
+            tracing::warn!(server = %self.spec.addr, database = %self.spec.database, user = %self.spec.credentials.user,
+                "a server connection handed over with its client takes the pool over its size or a connection \
+                 limit until that client is done with it");
+        }
         Checkout {
             object: Some(Lent::Adopted(Pooled::new(Box::new(conn), permit))),
             counters: self.counters.clone(),
