@@ -4,12 +4,14 @@
 //! when that is plain TCP and quiet too), the description of its session that goes with its
 //! socket, and the session rebuilt from it on the other side.
 
+mod kept;
+
 use super::Session;
 use crate::net::{ClientConn, ClientStream};
 use crate::protocol::views::ParseView;
-use crate::route::{ClientEncoding, PinReason};
-use crate::session::carried::{PinList, Pins};
-use crate::upstream::HandedServer;
+use crate::route::ClientEncoding;
+use crate::session::carried::Pins;
+pub(crate) use kept::KeptServer;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/2";
@@ -37,13 +39,6 @@ pub(crate) struct Description {
     /// The server connection whose socket travels with the client's, and what pins the
     /// client to it (an optional section at the end).
     pub server: Option<KeptServer>,
-}
-
-/// A client's server connection as it travels with it (session mode, a pinned client).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct KeptServer {
-    pub conn: HandedServer,
-    pub pins: PinList,
 }
 
 impl Description {
@@ -82,7 +77,7 @@ impl Description {
         out
     }
 
-    /// `None` for anything but a whole description of this layout.
+    /// `None` for anything but a whole description of this layout (or of the one before).
     pub fn decode(input: &[u8]) -> Option<Description> {
         let (mut reader, servers) = match input.strip_prefix(MAGIC) {
             Some(rest) => (Reader(rest), true),
@@ -139,110 +134,6 @@ impl Description {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, value: &[u8]) {
-    put_count(out, value.len());
-    out.extend_from_slice(value);
-}
-
-fn put_count(out: &mut Vec<u8>, count: usize) {
-    out.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes());
-}
-
-fn put_strings(out: &mut Vec<u8>, list: &[String]) {
-    put_count(out, list.len());
-    for item in list {
-        put_bytes(out, item.as_bytes());
-    }
-}
-
-/// Pin reasons by number in a description; a number this process does not know refuses it.
-const PIN_REASONS: [PinReason; 9] = [
-    PinReason::TempTable,
-    PinReason::AdvisoryLock,
-    PinReason::Listen,
-    PinReason::HoldCursor,
-    PinReason::SqlPrepare,
-    PinReason::Load,
-    PinReason::SetRole,
-    PinReason::SessionAuthorization,
-    PinReason::UntrackableSet,
-];
-
-impl KeptServer {
-    fn encode(&self, out: &mut Vec<u8>) {
-        let conn = &self.conn;
-        put_bytes(out, conn.addr.as_bytes());
-        out.push(u8::from(conn.replica));
-        out.extend_from_slice(&conn.process_id.to_be_bytes());
-        put_bytes(out, &conn.secret);
-        put_count(out, conn.reported.len());
-        for (name, value) in &conn.reported {
-            put_bytes(out, name.as_bytes());
-            put_bytes(out, value.as_bytes());
-        }
-        put_count(out, conn.params.len());
-        for (name, value, sql) in &conn.params {
-            put_bytes(out, name.as_bytes());
-            put_bytes(out, value.as_bytes());
-            out.push(u8::from(*sql));
-        }
-        put_strings(out, &conn.statements);
-        out.push(u8::from(conn.holds_client_state));
-        let reasons: Vec<u8> = self
-            .pins
-            .reasons
-            .iter()
-            .filter_map(|reason| PIN_REASONS.iter().position(|known| known == reason))
-            .filter_map(|index| u8::try_from(index).ok())
-            .collect();
-        put_bytes(out, &reasons);
-        put_strings(out, &self.pins.listening);
-        put_strings(out, &self.pins.hold_cursors);
-        put_strings(out, &self.pins.sql_prepared);
-    }
-
-    fn decode(reader: &mut Reader<'_>) -> Option<KeptServer> {
-        let addr = reader.string()?;
-        let replica = reader.byte()? != 0;
-        let process_id = reader.u32()?;
-        let secret = reader.bytes()?.to_vec();
-        let mut reported = Vec::new();
-        for _ in 0..reader.u32()? {
-            reported.push((reader.string()?, reader.string()?));
-        }
-        let mut params = Vec::new();
-        for _ in 0..reader.u32()? {
-            params.push((reader.string()?, reader.string()?, reader.byte()? != 0));
-        }
-        let statements = reader.strings()?;
-        let holds_client_state = reader.byte()? != 0;
-        let reasons = reader
-            .bytes()?
-            .iter()
-            .map(|code| PIN_REASONS.get(usize::from(*code)).copied())
-            .collect::<Option<Vec<PinReason>>>()?;
-        let pins = PinList {
-            reasons,
-            listening: reader.strings()?,
-            hold_cursors: reader.strings()?,
-            sql_prepared: reader.strings()?,
-        };
-        Some(KeptServer {
-            conn: HandedServer {
-                addr,
-                replica,
-                process_id,
-                secret,
-                reported,
-                params,
-                statements,
-                holds_client_state,
-            },
-            pins,
-        })
-    }
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -271,15 +162,6 @@ impl<'a> Reader<'a> {
 
     fn string(&mut self) -> Option<String> {
         String::from_utf8(self.bytes()?.to_vec()).ok()
-    }
-
-    fn strings(&mut self) -> Option<Vec<String>> {
-        let count = self.u32()?;
-        let mut list = Vec::new();
-        for _ in 0..count {
-            list.push(self.string()?);
-        }
-        Some(list)
     }
 }
 
@@ -398,6 +280,9 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::PinReason;
+    use crate::session::carried::PinList;
+    use crate::upstream::HandedServer;
 
     #[test]
     fn a_description_round_trips_and_a_damaged_one_is_refused() {
