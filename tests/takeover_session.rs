@@ -98,7 +98,7 @@ async fn backend_alive(pid: &str) -> bool {
 async fn a_session_mode_client_moves_with_its_server_connection() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (config, socket) = write_config(dir.path(), port, "mode = \"session\"\nsize = 4");
+    let (config, socket) = write_config(dir.path(), port, "mode = \"session\"\nsize = 2");
     let old = start_old(&config, dir.path(), port).await;
 
     // Idle at the takeover, with a setting, a temporary table and an SQL prepared statement.
@@ -126,7 +126,11 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
         new.log().contains("client taken over from the old process")
     })
     .await;
-    // The transaction goes on where it began, and ends there.
+    // A new client of the new process takes a connection of its own (the pool's second).
+    let fresh = common::connect(&url(port)).await.unwrap();
+    let fresh_pid = backend_pid(&fresh).await;
+    // The transaction goes on where it began, and ends there; its connection then comes
+    // over too, and takes the pool over its size (2) for as long as the client keeps it.
     busy.batch_execute("INSERT INTO t_busy VALUES (1); COMMIT")
         .await
         .unwrap();
@@ -151,7 +155,7 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
 
     // The new process counts both connections in its pool and lists them.
     let servers = admin_rows(port, "SHOW SERVERS").await;
-    for pid in [&idle_pid, &busy_pid] {
+    for pid in [&idle_pid, &busy_pid, &fresh_pid] {
         assert!(
             servers
                 .iter()
@@ -164,7 +168,8 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
         .iter()
         .find(|row| row["database"] == "app" && row["user"] == "app")
         .unwrap_or_else(|| panic!("no pool of app/app: {pools:?}"));
-    assert_eq!(pool["sv_active"], "2", "{pool:?}");
+    assert_eq!(pool["sv_active"], "3", "counted over the size: {pool:?}");
+    assert!(new.log().contains("takes the pool over its size"), "{}", new.log());
 
     // A cancel reaches the server the client came with.
     let idle = Arc::new(idle);
