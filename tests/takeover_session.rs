@@ -2,8 +2,8 @@
 //! in transaction mode), with real processes: such a client moves to the new process with
 //! its server connection, so its server session (temporary tables, settings, prepared
 //! statements, advisory locks, backend pid) goes on; it is counted in the new process's
-//! pool and SHOW SERVERS, its cancels reach that server, and it is closed when the client
-//! leaves.
+//! pool and SHOW SERVERS, its cancels reach that server, and it goes back to the pool when
+//! the client is done with it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -82,16 +82,6 @@ async fn admin_rows(port: u16, command: &str) -> Vec<std::collections::HashMap<S
             _ => None,
         })
         .collect()
-}
-
-/// Whether the server process `pid` is still connected, asked of PostgreSQL directly.
-async fn backend_alive(pid: &str) -> bool {
-    let direct = common::direct(&shared_cluster().primary().addr(), "app").await;
-    let rows = direct
-        .simple_query(&format!("SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"))
-        .await
-        .unwrap();
-    rows.iter().any(|row| matches!(row, SimpleQueryMessage::Row(_)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -198,19 +188,26 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
     let rows = idle.simple_query("SELECT x FROM t_moved").await.unwrap();
     assert_eq!(first_value(&rows), "5", "the session goes on after the cancel");
 
-    // When the client leaves, its server connection closes and leaves the pool.
+    // When the client leaves, its server connection is reset (server_reset_query) and
+    // goes back to the pool, idle; the next connection the pool needs is that one.
     drop(idle);
-    wait_until("the server connection is closed", Duration::from_secs(10), || async {
-        !backend_alive(&idle_pid).await
-    })
+    wait_until(
+        "the server connection is idle in the pool",
+        Duration::from_secs(10),
+        || async {
+            admin_rows(port, "SHOW SERVERS")
+                .await
+                .iter()
+                .any(|row| row["remote_pid"] == idle_pid && row["state"] == "idle")
+        },
+    )
     .await;
-    wait_until("SHOW SERVERS forgets it", Duration::from_secs(10), || async {
-        !admin_rows(port, "SHOW SERVERS")
-            .await
-            .iter()
-            .any(|row| row["remote_pid"] == idle_pid)
-    })
-    .await;
+    let next = common::connect(&url(port)).await.unwrap();
+    assert_eq!(backend_pid(&next).await, idle_pid, "the pool's connection, reused");
+    let error = next.simple_query("SELECT x FROM t_moved").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "42P01", "reset before the next client");
+    let rows = next.simple_query("SHOW application_name").await.unwrap();
+    assert_eq!(first_value(&rows), "");
 
     new.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, log) = new.wait(Duration::from_secs(25)).await;
@@ -279,15 +276,25 @@ async fn pinned_clients_keep_their_advisory_lock_and_their_listen_across_a_takeo
     assert_eq!(backend_pid(&holder).await, pid, "pinned: every transaction on it");
 
     // Unlocked (pg_advisory_unlock_all unpins), the client is no longer pinned: the
-    // handed-over connection closes, and the lock is free.
+    // handed-over connection goes back to the pool, idle, and the lock is free.
     holder.batch_execute("SELECT pg_advisory_unlock_all()").await.unwrap();
-    wait_until("the handed-over connection closes", Duration::from_secs(10), || async {
-        !backend_alive(&pid).await
-    })
+    wait_until(
+        "the handed-over connection is idle in the pool",
+        Duration::from_secs(10),
+        || async {
+            admin_rows(port, "SHOW SERVERS")
+                .await
+                .iter()
+                .any(|row| row["remote_pid"] == pid && row["state"] == "idle")
+        },
+    )
     .await;
     assert_eq!(first_value(&other.simple_query(try_lock).await.unwrap()), "t");
-    let rows = holder.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(first_value(&rows), "1", "served from the pool now");
+    assert_eq!(
+        backend_pid(&holder).await,
+        pid,
+        "the next connection the pool needs is the parked one"
+    );
 
     new.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, log) = new.wait(Duration::from_secs(25)).await;

@@ -76,6 +76,11 @@ pub struct PoolCounters {
     /// Connections handed over with their clients by the process this one took over
     /// from, in use outside deadpool (`adopt.rs`).
     pub adopted: AtomicUsize,
+    /// Such connections back from their clients, idle: the next connection the pool would
+    /// open is one of them (`adopt.rs`).
+    parked: Mutex<Vec<Pooled>>,
+    /// The pool was closed: a connection back from its client is closed, not parked.
+    closed: std::sync::atomic::AtomicBool,
     pub connect_errors: AtomicU64,
     /// Bumped to retire every connection opened before (the server changed its part).
     pub generation: AtomicU64,
@@ -446,6 +451,9 @@ impl ServerPool {
     /// Closes one idle connection, for a pool under the same limit that needs a new one.
     /// Connections kept for min_size are not spared: a waiting client comes first.
     fn close_one_idle(&self) -> bool {
+        if self.counters.close_parked(1) {
+            return true;
+        }
         for (deadpool, _) in self.deadpools() {
             let mut left = 1usize;
             deadpool.retain(|_, _| {
@@ -472,8 +480,10 @@ impl ServerPool {
             status.size += inner.size;
             status.idle += inner.available;
         }
-        // In use by their clients, over `size` if need be (see `adopt.rs`).
-        status.size += self.counters.adopted.load(Ordering::Acquire);
+        // In use by their clients, over `size` if need be, or idle (see `adopt.rs`).
+        let parked = self.counters.parked_count();
+        status.size += self.counters.adopted.load(Ordering::Acquire) + parked;
+        status.idle += parked;
         status.active = status.size - status.idle.min(status.size);
         status
     }
@@ -497,6 +507,7 @@ impl ServerPool {
 
     /// Closes the idle connections now; the pool goes on serving (new connections).
     pub fn close_idle(&self) {
+        self.counters.close_parked(usize::MAX);
         for (deadpool, _) in self.deadpools() {
             deadpool.retain(|_, _| false);
         }
@@ -504,6 +515,8 @@ impl ServerPool {
 
     /// Stops handing out connections: idle ones close now, busy ones when released.
     pub fn close(&self) {
+        self.counters.closed.store(true, Ordering::Release);
+        self.counters.close_parked(usize::MAX);
         for (deadpool, _) in self.deadpools() {
             deadpool.close();
         }
@@ -553,7 +566,7 @@ pub struct Checkout {
 enum Lent {
     Pooled(Object<ServerManager>),
     /// Handed over by the process this one took over from, with its client (`adopt.rs`):
-    /// outside deadpool, closed when its client is done with it.
+    /// outside deadpool, parked for the pool when its client is done with it.
     Adopted(Pooled),
 }
 
@@ -565,12 +578,6 @@ impl Checkout {
             Some(Lent::Adopted(pooled)) => self.close_adopted(pooled),
             None => {}
         }
-    }
-
-    /// Whether the connection came from the process this one took over from: it does not
-    /// go back to the pool.
-    pub fn is_adopted(&self) -> bool {
-        matches!(self.object, Some(Lent::Adopted(_)))
     }
 
     /// The connection went to another process with its client: it leaves this pool and is
@@ -585,6 +592,25 @@ impl Checkout {
     fn close_adopted(&self, pooled: Pooled) {
         self.counters.adopted.fetch_sub(1, Ordering::AcqRel);
         drop(pooled);
+    }
+
+    /// An adopted connection back from its client: parked for the pool if it could serve
+    /// another client, as a pooled one would go back, else closed.
+    fn release_adopted(&self, mut pooled: Pooled) {
+        let current = pooled.pool_generation == self.counters.generation.load(Ordering::Acquire);
+        if !(pooled.is_reusable() && current) || self.counters.closed.load(Ordering::Acquire) {
+            return self.close_adopted(pooled);
+        }
+        pooled.released_at = Instant::now();
+        if let Some(registration) = &pooled.registration {
+            registration.entry().set_state(LinkState::Idle);
+        }
+        self.counters.park(pooled);
+        self.counters.adopted.fetch_sub(1, Ordering::AcqRel);
+        if self.counters.limit_waiting.load(Ordering::Acquire) > 0 {
+            self.counters.returned.notify_one();
+        }
+        self.budgets.wake_waiters();
     }
 }
 
@@ -633,7 +659,7 @@ impl Drop for Checkout {
     fn drop(&mut self) {
         let mut object = match self.object.take() {
             Some(Lent::Pooled(object)) => object,
-            Some(Lent::Adopted(pooled)) => return self.close_adopted(pooled),
+            Some(Lent::Adopted(pooled)) => return self.release_adopted(pooled),
             None => return,
         };
         let current = object.pool_generation == self.counters.generation.load(Ordering::Acquire);

@@ -927,9 +927,7 @@ impl Session {
     /// Makes a server safe for the next client after this one left, or closes it.
     async fn clean_up(&mut self, mut server: Checkout) {
         self.cancel.detach().await;
-        // One handed over with its client is closed rather than reset: it never goes back
-        // to the pool (see `pool::adopt`).
-        if server.is_broken() || server.mid_statement() || server.is_adopted() {
+        if server.is_broken() || server.mid_statement() {
             // Closing is the only sure way to stop what a departed client started.
             server.discard();
             return;
