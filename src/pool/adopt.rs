@@ -8,8 +8,8 @@
 //! session. Clients waiting for a connection meanwhile wait as for a full pool. Deadpool
 //! takes no connection it did not open, so one whose client is done is *parked* here
 //! instead (idle, counted as idle): the next time the pool would open a connection it takes
-//! a parked one (`ServerManager::create`); server_idle_timeout, RECONNECT, a reload that
-//! retires the pool's connections and a spent budget close parked ones as idle ones.
+//! a parked one (`ServerManager::create`); server_idle_timeout, KILL, a server that fails or
+//! changes its part, a closed pool and a spent budget close parked ones as idle ones.
 
 use std::sync::atomic::Ordering;
 
