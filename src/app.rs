@@ -631,9 +631,13 @@ pub async fn run_taking_over(
                     let metrics = shared.metrics.clone();
                     let receiving = crate::takeover::receive_clients(
                         channel,
-                        move |stream, description| {
+                        move |stream, server, description| {
                             // Refused only once this process shuts down: the client is closed.
-                            let _ = resume.send(session::Resumed { stream, description });
+                            let _ = resume.send(session::Resumed {
+                                stream,
+                                server,
+                                description,
+                            });
                         },
                         move |tally| add_tally(&metrics, tally),
                     );

@@ -364,10 +364,10 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
 
 /// The old process's end of the channel idle clients are handed over on: a
 /// `SOCK_SEQPACKET` socket pair, one message per client (its description, with its socket
-/// attached), so that each arrives whole or not at all. A fan-out listener's description
-/// comes twice: first alone (its announcement: the new process LISTENs to its channels and
-/// sends the marker), then with its socket once the old process has delivered up to the
-/// marker.
+/// attached, and its server connection's after it when one goes along), so that each
+/// arrives whole or not at all. A fan-out listener's description comes twice: first alone
+/// (its announcement: the new process LISTENs to its channels and sends the marker), then
+/// with its socket once the old process has delivered up to the marker.
 #[derive(Debug, Default)]
 pub struct ClientHandover {
     channel: std::sync::Mutex<Option<OwnedFd>>,
@@ -437,10 +437,17 @@ impl ClientHandover {
         .is_ok_and(|sent| sent == message.len())
     }
 
-    /// Sends a client's socket with its `description`; false if it could not be sent (the
-    /// new process is gone, or it does not keep up for a second): the client then stays.
-    pub async fn send(&self, client: std::os::fd::BorrowedFd<'_>, description: &[u8]) -> bool {
-        self.send_message(&[client.as_raw_fd()], description).await
+    /// Sends a client's socket, and the socket of the server connection that goes with it
+    /// if any, with its `description`; false if it could not be sent (the new process is
+    /// gone, or it does not keep up for a second): the client then stays.
+    pub async fn send(
+        &self,
+        client: std::os::fd::BorrowedFd<'_>,
+        server: Option<std::os::fd::BorrowedFd<'_>>,
+        description: &[u8],
+    ) -> bool {
+        let fds: Vec<RawFd> = std::iter::once(client).chain(server).map(|fd| fd.as_raw_fd()).collect();
+        self.send_message(&fds, description).await
     }
 
     /// Announces a fan-out listener (its description without its socket); false if it
@@ -502,11 +509,12 @@ fn parse_tally(message: &[u8]) -> Option<Tally> {
 }
 
 /// The new process's end: receives the old process's idle clients, on a thread of its own,
-/// until the old process exits; each is passed to `deliver`, and so is each announcement
-/// of a fan-out listener (without a socket); the old process's [`Tally`] goes to `tally`.
+/// until the old process exits; each is passed to `deliver` with the server connection
+/// that came with it (session mode, a pinned client), and so is each announcement of a
+/// fan-out listener (without a socket); the old process's [`Tally`] goes to `tally`.
 pub fn receive_clients(
     channel: OwnedFd,
-    deliver: impl Fn(Option<std::net::TcpStream>, Vec<u8>) + Send + 'static,
+    deliver: impl Fn(Option<std::net::TcpStream>, Option<std::net::TcpStream>, Vec<u8>) + Send + 'static,
     tally: impl Fn(Tally) + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -550,12 +558,17 @@ pub fn receive_clients(
                     tally(counts);
                     continue;
                 }
-                if truncated || fds.len() > 1 {
+                if truncated || fds.len() > 2 {
                     tracing::warn!("takeover: a malformed client message; its connection is closed");
                     continue;
                 }
-                let stream = fds.pop().map(std::net::TcpStream::from);
-                deliver(stream, buffer[..length].to_vec());
+                let server = (fds.len() == 2).then(|| fds.pop()).flatten();
+                let client = fds.pop();
+                deliver(
+                    client.map(std::net::TcpStream::from),
+                    server.map(std::net::TcpStream::from),
+                    buffer[..length].to_vec(),
+                );
             }
         })
 }
@@ -754,7 +767,7 @@ mod tests {
         let (sender, received) = std::sync::mpsc::channel();
         let thread = receive_clients(
             theirs,
-            |_, _| panic!("no client was sent"),
+            |_, _, _| panic!("no client was sent"),
             move |tally| {
                 sender.send(tally).unwrap();
             },

@@ -1,8 +1,9 @@
 //! Socket takeover end to end, with real processes: a new pgrelay takes the listening
 //! sockets over from a running one (`run --takeover`), the old one finishes its
 //! transactions and exits 0, and no connection attempt is refused on the way; idle clients
-//! move with their session, fan-out listeners with every notification exactly once and in
-//! order, and TLS and pinned clients finish on the old one.
+//! move with their session (a pinned one with its server connection: tests/takeover_session.rs),
+//! fan-out listeners with every notification exactly once and in order, and TLS clients
+//! finish on the old one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -11,74 +12,13 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::process::{Process, free_port};
 use common::{first_value, shared_cluster, sqlstate, wait_until};
 use tokio_postgres::NoTls;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A pgrelay process whose stderr goes to a file (a pipe nobody reads would fill up).
-struct Process {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    fn start(config: &Path, takeover: Option<&Path>, log: PathBuf) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pgrelay"));
-        command.args(["run", "-c"]).arg(config);
-        if let Some(path) = takeover {
-            command.arg("--takeover").arg(path);
-        }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Process {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().unwrap().id();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
-    }
-
-    /// Waits for the process to exit; returns its status and its log.
-    async fn wait(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let status = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || child.wait().unwrap()))
-            .await
-            .unwrap_or_else(|_| panic!("pgrelay did not exit in time; its log:\n{}", self.log()))
-            .unwrap();
-        (status, self.log())
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn url(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5")
@@ -130,11 +70,10 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
     let statement = idle.prepare("SELECT $1::int + 1").await.unwrap();
     let busy = common::connect(&url(port)).await.unwrap();
     busy.batch_execute("BEGIN").await.unwrap();
-    // Pinned to its server by a temporary table: it cannot move, and finishes on the old
-    // process (its table would silently be gone on the new one).
+    // Pinned to its server by a temporary table: it moves with that server connection.
     let pinned = common::connect(&url(port)).await.unwrap();
     pinned
-        .batch_execute("CREATE TEMP TABLE t_pinned (x int)")
+        .batch_execute("CREATE TEMP TABLE t_pinned (x int); INSERT INTO t_pinned VALUES (7)")
         .await
         .unwrap();
     // A fan-out listener: it moves with its channels (see the test below for its
@@ -244,10 +183,9 @@ async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0
         "{}",
         new.log()
     );
-    // Closed with the old process, not moved without its table (which would fail with
-    // 42P01 on an open connection).
-    let error = pinned.simple_query("SELECT * FROM t_pinned").await.unwrap_err();
-    assert!(pinned.is_closed(), "{error}");
+    // Moved with its server connection, table and all.
+    let rows = pinned.simple_query("SELECT x FROM t_pinned").await.unwrap();
+    assert_eq!(first_value(&rows), "7");
     let rows = listener.simple_query("SELECT 1").await.unwrap();
     assert_eq!(first_value(&rows), "1");
 
@@ -568,24 +506,30 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     let config_path = dir.path().join("pgrelay.toml");
     std::fs::write(&config_path, &config).unwrap();
     let old = Process::start(&config_path, None, dir.path().join("old.log"));
-    let old_pid = old.child.as_ref().unwrap().id();
+    let old_pid = old.pid();
     wait_until("the old process accepts", Duration::from_secs(20), || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
     })
     .await;
 
-    // Two idle clients that move, and one pinned by a temporary table that finishes here.
+    // Two idle clients that move, one pinned by a temporary table that moves with its
+    // server connection, and one whose prepared statements are too large to travel
+    // (over 128 kB) that finishes here.
     let idle = common::connect(&url(port)).await.unwrap();
     idle.batch_execute("SET statement_timeout = '321s'").await.unwrap();
     let other = common::connect(&url(port)).await.unwrap();
     let pinned = common::connect(&url(port)).await.unwrap();
     pinned.batch_execute("CREATE TEMP TABLE t_usr2 (x int)").await.unwrap();
+    let large = common::connect(&url(port)).await.unwrap();
+    let statement = format!("SELECT 1 /* {} */", "x".repeat(140 * 1024));
+    // Kept: a dropped Statement is closed.
+    let _prepared = large.prepare(&statement).await.unwrap();
 
     old.signal(nix::sys::signal::Signal::SIGUSR2);
     let (status, log) = old.wait(Duration::from_secs(30)).await;
     assert!(status.success(), "the old process exited with {status}:\n{log}");
     assert!(log.contains("started a successor"), "{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 2, "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
     let successor = Successor::find(&socket, old_pid)
         .unwrap_or_else(|| panic!("no process runs with --takeover {}:\n{log}", socket.display()));
     assert!(!successor.exited());
@@ -601,7 +545,9 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     let fresh = common::connect(&url(port)).await.unwrap();
     let rows = fresh.simple_query("SELECT 3").await.unwrap();
     assert_eq!(first_value(&rows), "3");
-    assert!(pinned.simple_query("SELECT 1").await.is_err());
+    let rows = pinned.simple_query("SELECT count(*) FROM t_usr2").await.unwrap();
+    assert_eq!(first_value(&rows), "0");
+    assert!(large.simple_query("SELECT 1").await.is_err());
 
     // The successor's endpoint counts what it received, and what the old process passed
     // on when it exited.
@@ -613,13 +559,13 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     wait_until(
         "the old process's counts are passed on",
         Duration::from_secs(10),
-        || async { counted(&http_get(metrics_port, "/metrics").await)[0] >= 2.0 },
+        || async { counted(&http_get(metrics_port, "/metrics").await)[0] >= 3.0 },
     )
     .await;
     let body = http_get(metrics_port, "/metrics").await;
-    assert_eq!(counted(&body), [2.0, 2.0, 1.0, 0.0], "{body}");
+    assert_eq!(counted(&body), [3.0, 3.0, 1.0, 0.0], "{body}");
     let log = std::fs::read_to_string(dir.path().join("old.log")).unwrap();
-    assert!(log.contains("handed_over=2 kept=1"), "{log}");
+    assert!(log.contains("handed_over=3 kept=1"), "{log}");
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(successor.0),

@@ -173,6 +173,14 @@ impl PoolBudgets {
         Err(Spent(BudgetKind::User))
     }
 
+    /// Takes a place in both budgets even if that goes over their limits: for a connection
+    /// that is open already (handed over by the process this one took over from).
+    pub(super) fn take_regardless(self: &Arc<Self>) -> BudgetPermit {
+        self.user.open.fetch_add(1, Ordering::AcqRel);
+        self.database.open.fetch_add(1, Ordering::AcqRel);
+        BudgetPermit { budgets: self.clone() }
+    }
+
     pub(super) fn join(&self, pool: &Arc<ServerPool>) {
         self.user.join(pool);
         self.database.join(pool);
@@ -283,6 +291,22 @@ mod tests {
         budget.give_back();
         budget.give_back();
         assert!(budget.try_take(Some(2)));
+    }
+
+    #[test]
+    fn a_connection_taken_regardless_counts_over_the_limit() {
+        let budgets = Budgets::default().for_pool("app", "db1");
+        let counters = PoolCounters::default();
+        let first = budgets.take(&counters, Some(1), Some(1)).unwrap();
+        let over = budgets.take_regardless();
+        assert_eq!((budgets.user.open(), budgets.database.open()), (2, 2));
+        drop(first);
+        assert!(
+            budgets.take(&counters, Some(1), Some(1)).is_err(),
+            "still over the limit"
+        );
+        drop(over);
+        assert!(budgets.take(&counters, Some(1), Some(1)).is_ok());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub(super) fn spawn(pool: &Arc<ServerPool>) {
 
 fn expire_idle(pool: &ServerPool) {
     let limits = pool.limits();
+    if let Some(timeout) = limits.idle_timeout {
+        pool.counters.expire_parked(timeout);
+    }
     for (deadpool, is_reserve) in pool.deadpools() {
         let mut size = deadpool.status().size;
         // Reserve connections are for bursts: they go as soon as they are idle at all.

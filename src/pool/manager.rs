@@ -34,6 +34,12 @@ pub struct Pooled {
     _permit: BudgetPermit,
 }
 
+impl Pooled {
+    pub(super) fn new(conn: Box<ServerConn>, permit: BudgetPermit) -> Pooled {
+        Pooled { conn, _permit: permit }
+    }
+}
+
 impl Deref for Pooled {
     type Target = ServerConn;
 
@@ -63,6 +69,11 @@ impl Manager for ServerManager {
     type Error = CreateError;
 
     async fn create(&self) -> Result<Pooled, CreateError> {
+        // A connection handed over by the process this one took over from, back from its
+        // client: open already, and counted in the budgets (`adopt.rs`).
+        if let Some(parked) = self.counters.take_parked() {
+            return Ok(parked);
+        }
         let limits = self.limits.load();
         let permit = self
             .budgets

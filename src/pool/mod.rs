@@ -5,6 +5,7 @@
 //! guard that can only hand an idle connection back, the janitor, and the limits that span
 //! pools (`budget.rs`).
 
+mod adopt;
 mod budget;
 mod janitor;
 mod manager;
@@ -20,7 +21,7 @@ use deadpool::managed::{self, Object, TimeoutType, Timeouts};
 use crate::registry::{LinkState, Registry};
 use crate::upstream::{ConnectSpec, ServerConn, UpstreamError};
 pub use budget::{Budget, BudgetKind, Budgets, PoolBudgets};
-use manager::{CreateError, ServerManager, scopeguard};
+use manager::{CreateError, Pooled, ServerManager, scopeguard};
 
 /// The pool settings of docs/configuration.md that the pool itself enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +73,14 @@ pub struct PoolCounters {
     pub logins: AtomicUsize,
     /// Clients waiting for a connection right now.
     pub waiting: AtomicUsize,
+    /// Connections handed over with their clients by the process this one took over
+    /// from, in use outside deadpool (`adopt.rs`).
+    pub adopted: AtomicUsize,
+    /// Such connections back from their clients, idle: the next connection the pool would
+    /// open is one of them (`adopt.rs`).
+    parked: Mutex<Vec<Pooled>>,
+    /// The pool was closed: a connection back from its client is closed, not parked.
+    closed: std::sync::atomic::AtomicBool,
     pub connect_errors: AtomicU64,
     /// Bumped to retire every connection opened before (the server changed its part).
     pub generation: AtomicU64,
@@ -289,7 +298,7 @@ impl ServerPool {
             registration.entry().set_state(LinkState::Active);
         }
         Checkout {
-            object: Some(object),
+            object: Some(Lent::Pooled(object)),
             counters: self.counters.clone(),
             budgets: self.budgets.clone(),
         }
@@ -442,6 +451,9 @@ impl ServerPool {
     /// Closes one idle connection, for a pool under the same limit that needs a new one.
     /// Connections kept for min_size are not spared: a waiting client comes first.
     fn close_one_idle(&self) -> bool {
+        if self.counters.close_parked(1) {
+            return true;
+        }
         for (deadpool, _) in self.deadpools() {
             let mut left = 1usize;
             deadpool.retain(|_, _| {
@@ -468,6 +480,10 @@ impl ServerPool {
             status.size += inner.size;
             status.idle += inner.available;
         }
+        // In use by their clients, over `size` if need be, or idle (see `adopt.rs`).
+        let parked = self.counters.parked_count();
+        status.size += self.counters.adopted.load(Ordering::Acquire) + parked;
+        status.idle += parked;
         status.active = status.size - status.idle.min(status.size);
         status
     }
@@ -491,6 +507,7 @@ impl ServerPool {
 
     /// Closes the idle connections now; the pool goes on serving (new connections).
     pub fn close_idle(&self) {
+        self.counters.close_parked(usize::MAX);
         for (deadpool, _) in self.deadpools() {
             deadpool.retain(|_, _| false);
         }
@@ -498,6 +515,8 @@ impl ServerPool {
 
     /// Stops handing out connections: idle ones close now, busy ones when released.
     pub fn close(&self) {
+        self.counters.closed.store(true, Ordering::Release);
+        self.counters.close_parked(usize::MAX);
         for (deadpool, _) in self.deadpools() {
             deadpool.close();
         }
@@ -537,16 +556,80 @@ fn map_error(error: managed::PoolError<CreateError>) -> PoolError {
 /// connection in an unknown state can never reach another client.
 #[derive(Debug)]
 pub struct Checkout {
-    object: Option<Object<ServerManager>>,
+    object: Option<Lent>,
     counters: Arc<PoolCounters>,
     budgets: Arc<PoolBudgets>,
+}
+
+/// Where a lent connection came from.
+#[derive(Debug)]
+enum Lent {
+    Pooled(Object<ServerManager>),
+    /// Handed over by the process this one took over from, with its client (`adopt.rs`):
+    /// outside deadpool, parked for the pool when its client is done with it.
+    Adopted(Pooled),
 }
 
 impl Checkout {
     /// Closes the connection instead of returning it.
     pub fn discard(mut self) {
-        if let Some(object) = self.object.take() {
-            drop(Object::take(object));
+        match self.object.take() {
+            Some(Lent::Pooled(object)) => drop(Object::take(object)),
+            Some(Lent::Adopted(pooled)) => self.close_adopted(pooled),
+            None => {}
+        }
+    }
+
+    /// The connection went to another process with its client: it leaves this pool and is
+    /// closed here without a word, its server session untouched.
+    pub fn hand_off(mut self) {
+        if let Some(conn) = self.object.as_deref_mut() {
+            conn.give_up_handed_over();
+        }
+        self.discard();
+    }
+
+    fn close_adopted(&self, pooled: Pooled) {
+        self.counters.adopted.fetch_sub(1, Ordering::AcqRel);
+        drop(pooled);
+    }
+
+    /// An adopted connection back from its client: parked for the pool if it could serve
+    /// another client, as a pooled one would go back, else closed.
+    fn release_adopted(&self, mut pooled: Pooled) {
+        let current = pooled.pool_generation == self.counters.generation.load(Ordering::Acquire);
+        if !(pooled.is_reusable() && current) || self.counters.closed.load(Ordering::Acquire) {
+            return self.close_adopted(pooled);
+        }
+        pooled.released_at = Instant::now();
+        if let Some(registration) = &pooled.registration {
+            registration.entry().set_state(LinkState::Idle);
+        }
+        self.counters.park(pooled);
+        self.counters.adopted.fetch_sub(1, Ordering::AcqRel);
+        if self.counters.limit_waiting.load(Ordering::Acquire) > 0 {
+            self.counters.returned.notify_one();
+        }
+        self.budgets.wake_waiters();
+    }
+}
+
+impl Deref for Lent {
+    type Target = ServerConn;
+
+    fn deref(&self) -> &ServerConn {
+        match self {
+            Lent::Pooled(object) => object,
+            Lent::Adopted(pooled) => pooled,
+        }
+    }
+}
+
+impl DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        match self {
+            Lent::Pooled(object) => object,
+            Lent::Adopted(pooled) => pooled,
         }
     }
 }
@@ -574,7 +657,11 @@ impl DerefMut for Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        let Some(mut object) = self.object.take() else { return };
+        let mut object = match self.object.take() {
+            Some(Lent::Pooled(object)) => object,
+            Some(Lent::Adopted(pooled)) => return self.release_adopted(pooled),
+            None => return,
+        };
         let current = object.pool_generation == self.counters.generation.load(Ordering::Acquire);
         if object.is_reusable() && current {
             object.released_at = Instant::now();

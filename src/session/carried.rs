@@ -136,6 +136,47 @@ impl Pins {
     }
 }
 
+/// Pins as they travel to another process with the server that holds them: the reasons,
+/// and the names behind LISTEN, WITH HOLD cursors and SQL PREPARE.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct PinList {
+    pub reasons: Vec<PinReason>,
+    pub listening: Vec<String>,
+    pub hold_cursors: Vec<String>,
+    pub sql_prepared: Vec<String>,
+}
+
+impl Pins {
+    pub fn export(&self) -> PinList {
+        let sorted = |set: &HashSet<String>| {
+            let mut list: Vec<String> = set.iter().cloned().collect();
+            list.sort();
+            list
+        };
+        match &self.held {
+            None => PinList::default(),
+            Some(held) => PinList {
+                reasons: held.reasons.iter().copied().collect(),
+                listening: sorted(&held.listening),
+                hold_cursors: sorted(&held.hold_cursors),
+                sql_prepared: sorted(&held.sql_prepared),
+            },
+        }
+    }
+
+    pub fn import(list: &PinList) -> Pins {
+        let held = PinSet {
+            reasons: list.reasons.iter().copied().collect(),
+            listening: list.listening.iter().cloned().collect(),
+            hold_cursors: list.hold_cursors.iter().cloned().collect(),
+            sql_prepared: list.sql_prepared.iter().cloned().collect(),
+        };
+        Pins {
+            held: (!held.is_empty()).then(|| Box::new(held)),
+        }
+    }
+}
+
 impl PinSet {
     fn is_empty(&self) -> bool {
         self.reasons.is_empty()

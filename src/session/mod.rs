@@ -244,6 +244,8 @@ async fn start(
 #[derive(Debug)]
 pub struct Resumed {
     pub stream: Option<std::net::TcpStream>,
+    /// The client's server connection, in session mode or when it is pinned to it.
+    pub server: Option<std::net::TcpStream>,
     pub description: Vec<u8>,
 }
 
@@ -283,9 +285,20 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
         })?;
         Some((snapshot.database(&description.database)?, user))
     });
-    let (Some(description), Some((database, user))) = (description, entries) else {
-        // Its session cannot be rebuilt here (another layout, or its database or user is
-        // not in this configuration): it ends as at a shutdown, and reconnects.
+    // The server connection that came with it, lent to it from the pool it belongs to.
+    let server = match (&description, &entries, resumed.server) {
+        (Some(description), Some((database, user)), server) => match (&description.server, server) {
+            (None, None) => Some(None),
+            (Some(kept), Some(stream)) => adopt_server(database, user, kept, stream, peer).map(Some),
+            // A socket without its description, or a description without its socket.
+            _ => None,
+        },
+        _ => None,
+    };
+    let (Some(description), Some((database, user)), Some(server)) = (description, entries, server) else {
+        // Its session cannot be rebuilt here (another layout, its database or user is not
+        // in this configuration, or its server connection has no pool here): it ends as at
+        // a shutdown, and reconnects. A server connection that came with it closes.
         failed();
         tracing::warn!(client = %peer, "a handed-over client's session cannot be rebuilt here: disconnecting it");
         compose::error(
@@ -336,12 +349,44 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     shared
         .metrics
         .takeover_clients(crate::metrics::TakeoverResult::Received, 1);
+    if let (Some(server), Some(kept)) = (server, &description.server) {
+        session.restore_server(server, kept);
+    }
     if !description.channels.is_empty() {
         session.adopt_listener(&description).await;
     }
     tracing::info!(client = %peer, database = %description.database, user = %description.user,
-        "client taken over from the old process");
+        with_server = description.server.is_some(), "client taken over from the old process");
     session.run(&mut client).await;
+}
+
+/// Takes a handed-over client's server connection into the pool of `database` and `user`
+/// with the same address and role; `None` (and the connection closed) if there is none.
+fn adopt_server(
+    database: &Arc<crate::runtime::DatabaseEntry>,
+    user: &Arc<crate::runtime::UserEntry>,
+    kept: &run::handover::KeptServer,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<crate::pool::Checkout> {
+    let pools = database.pools(user);
+    let index = pools.hosts.iter().position(|pool| pool.addr() == kept.conn.addr);
+    let Some(index) = index.filter(|index| (*index != database.primary_index()) == kept.conn.replica) else {
+        tracing::warn!(client = %peer, database = %database.name, server = kept.conn.addr,
+            "a handed-over client's server is not in this configuration (or changed its role)");
+        return None;
+    };
+    let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(client = %peer, %error, "cannot take over a handed-over client's server connection");
+            return None;
+        }
+    };
+    let pool = &pools.hosts[index];
+    let conn = crate::upstream::ServerConn::adopt(stream, pool.spec().addr.clone(), &kept.conn);
+    Some(pool.adopt(conn))
 }
 
 /// Serves a connection accepted on `peer_listen`, which takes a CancelRequest and nothing

@@ -170,7 +170,8 @@ impl Session {
     /// Runs the session; boxed so that the task of an idle client stays small.
     pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
         let end = self.serve(client).await;
-        // Taken over: an idle client goes on in the new process, with its session.
+        // Taken over: an idle client goes on in the new process, with its session (and
+        // its server connection, which then is no longer this process's).
         if matches!(end, End::Shutdown)
             && self.shared.client_handover.is_active()
             && let Some(mut description) = self.handover_description(client)
@@ -179,15 +180,23 @@ impl Session {
             && self
                 .shared
                 .client_handover
-                .send(std::os::fd::AsFd::as_fd(stream), &description.encode())
+                .send(
+                    std::os::fd::AsFd::as_fd(stream),
+                    self.server.as_deref().and_then(|server| server.stream.tcp_fd()),
+                    &description.encode(),
+                )
                 .await
         {
             self.kept.moved = true;
             self.shared
                 .metrics
                 .takeover_clients(crate::metrics::TakeoverResult::HandedOver, 1);
+            if let Some(server) = self.server.take() {
+                self.cancel.detach().await;
+                server.hand_off();
+            }
             tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
-                "client handed over to the new process");
+                with_server = description.server.is_some(), "client handed over to the new process");
             return;
         }
         let farewell = match &end {

@@ -5,6 +5,7 @@
 mod connect;
 mod credentials;
 pub mod expect;
+mod handed;
 mod login;
 mod lookup;
 mod own_query;
@@ -21,6 +22,7 @@ use bytes::BytesMut;
 pub use connect::{ConnectSpec, connect};
 pub use credentials::{PassThrough, ServerCredentials};
 pub use expect::{CopyStart, Expect, FailedAt, Recipient, ResponseQueue, Routing, Synthetic};
+pub use handed::HandedServer;
 pub use lookup::LookupRows;
 pub use own_query::OwnQueryOutcome;
 pub use params::{ParamDiff, SessionParams};

@@ -74,6 +74,12 @@ impl ServerStatements {
         Some(self.stale.swap_remove(position))
     }
 
+    /// The server-side names of every statement the server holds or may hold, stale ones
+    /// included.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.used.keys().chain(self.stale.iter()).map(|name| &**name)
+    }
+
     /// The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.used.clear();

@@ -69,6 +69,15 @@ impl ServerStream {
         }
     }
 
+    /// The socket, if it is plain TCP: only such a connection can be handed to another
+    /// process (a TLS session's state is in this one).
+    pub fn tcp_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            ServerStream::Tcp(tcp) => Some(std::os::fd::AsFd::as_fd(tcp)),
+            ServerStream::Tls(_) => None,
+        }
+    }
+
     /// Writes what the socket takes without waiting; used for courtesy messages only.
     pub fn try_write_now(&mut self, bytes: &[u8]) {
         match self {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 #![allow(dead_code)]
 
+pub mod process;
 pub mod raw;
 pub mod relay;
 

@@ -1,16 +1,20 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
-//! clients can go (transaction or statement mode, plain TCP, between transactions with no
-//! server and no pending input, nothing pinning it), the description of its session that
-//! goes with its socket, and the session rebuilt from it on the other side. A fan-out
-//! listener's channels go with it, cut between the processes at a marker (`listener`).
+//! clients can go (plain TCP, between transactions, no pending input; in transaction or
+//! statement mode with no server, or, in session mode or pinned, with its server connection
+//! when that is plain TCP and quiet too), the description of its session that goes with its
+//! socket, and the session rebuilt from it on the other side. A fan-out listener's channels
+//! go with it, cut between the processes at a marker (`listener`).
+
+mod kept;
 
 use super::Session;
 use super::handover_secrets::ServerSecrets;
-use crate::config::PoolMode;
 use crate::metrics::TakeoverResult;
 use crate::net::{ClientConn, ClientStream};
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
+use crate::session::carried::Pins;
+pub(crate) use kept::KeptServer;
 
 mod listener;
 
@@ -18,6 +22,8 @@ pub(in crate::session) use listener::arrive;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/2";
+/// Opens the section of the server connection that travels with the client.
+const SERVER_SECTION: u8 = 1;
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -45,6 +51,9 @@ pub(crate) struct Description {
     /// that cuts its notifications between the processes.
     pub channels: Vec<String>,
     pub marker: String,
+    /// The server connection whose socket travels with the client's, and what pins the
+    /// client to it (an optional section at the end).
+    pub server: Option<KeptServer>,
 }
 
 impl Description {
@@ -83,6 +92,10 @@ impl Description {
             bytes(&mut out, channel.as_bytes());
         }
         bytes(&mut out, self.marker.as_bytes());
+        if let Some(server) = &self.server {
+            out.push(SERVER_SECTION);
+            server.encode(&mut out);
+        }
         out
     }
 
@@ -127,6 +140,14 @@ impl Description {
         if channels.is_empty() && !marker.is_empty() {
             return None;
         }
+        let server = match reader.0.first() {
+            None => None,
+            Some(&SERVER_SECTION) => {
+                reader.byte()?;
+                Some(KeptServer::decode(&mut reader)?)
+            }
+            Some(_) => return None,
+        };
         reader.0.is_empty().then_some(Description {
             database,
             user,
@@ -142,6 +163,7 @@ impl Description {
             secrets,
             channels,
             marker,
+            server,
         })
     }
 }
@@ -203,17 +225,24 @@ impl Session {
     /// The description of this session if its client can be handed over now, `None` if it
     /// must finish here.
     pub(super) fn handover_description(&self, client: &ClientConn) -> Option<Description> {
-        let movable = self.database.mode() != PoolMode::Session
-            && matches!(client.stream, ClientStream::Tcp(_))
-            && self.server.is_none()
+        // A client with no server carries no server state (a pinned one always has its
+        // server); one with a server (session mode, pinned) takes it along, plain TCP and
+        // quiet, or stays.
+        let server = match self.server.as_deref() {
+            None => None,
+            Some(server) => Some(server.handed_over(self.on_replica)?),
+        };
+        let movable = matches!(client.stream, ClientStream::Tcp(_))
+            && (server.is_some() || !self.carried.pins.is_pinned())
             && client.inbuf.is_empty()
             && client.outbuf.is_empty()
             && self.local.tx == super::LocalTx::Idle
             && !self.local.skipping_to_sync
-            && !self.carried.pins.is_pinned()
             // A fan-out listener moves with its channels to a process that can take
-            // them, once its LISTEN changes are all settled.
-            && (self.carried.fanout_channels.is_empty() || self.shared.client_handover.moves_listeners())
+            // them, once its LISTEN changes are all settled (and without a server
+            // connection: the two moves are not combined).
+            && (self.carried.fanout_channels.is_empty()
+                || (server.is_none() && self.shared.client_handover.moves_listeners()))
             // Listening exactly while it has channels: its hub knows them all.
             && self.subscription.is_some() != self.carried.fanout_channels.is_empty()
             && !self.carried.fanout_dirty
@@ -249,7 +278,25 @@ impl Session {
             secrets: ServerSecrets::of(&self.user.server_credentials),
             channels: self.carried.fanout_channels.iter().cloned().collect(),
             marker: String::new(),
+            server: server.map(|conn| KeptServer {
+                conn,
+                pins: self.carried.pins.export(),
+            }),
         })
+    }
+
+    /// Gives a handed-over client the server connection that came with it, as it had it:
+    /// pinned for the same reasons, its cancels going to that server.
+    pub(crate) fn restore_server(&mut self, server: crate::pool::Checkout, kept: &KeptServer) {
+        self.carried.pins = Pins::import(&kept.pins);
+        self.sync_pins();
+        self.on_replica = kept.conn.replica;
+        self.cancel.attach(crate::cancel::CancelTarget {
+            addr: server.addr.clone(),
+            key: server.key().clone(),
+        });
+        self.set_state(crate::metrics::ClientState::Active);
+        self.server = Some(server);
     }
 
     /// Puts a handed-over client's settings and prepared statements into this session.
@@ -295,6 +342,9 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::PinReason;
+    use crate::session::carried::PinList;
+    use crate::upstream::HandedServer;
 
     #[test]
     fn a_description_round_trips_and_a_damaged_one_is_refused() {
@@ -319,6 +369,7 @@ mod tests {
             ]),
             channels: Vec::new(),
             marker: String::new(),
+            server: None,
         };
         let encoded = description.encode();
         assert!(!format!("{description:?}").contains("[7"), "keys are not shown");
@@ -335,8 +386,35 @@ mod tests {
         assert_eq!(Description::decode(&longer), None);
         assert_eq!(Description::decode(b"pgrelay-client/2"), None);
         // The layout before the user's secrets travelled is refused whole.
-        let mut older = b"pgrelay-client/1".to_vec();
-        older.extend_from_slice(&encoded[MAGIC.len()..]);
-        assert_eq!(Description::decode(&older), None);
+    }
+
+    #[test]
+    fn a_server_section_round_trips() {
+        let description = Description {
+            database: "app".to_owned(),
+            user: "app".to_owned(),
+            server: Some(KeptServer {
+                conn: HandedServer {
+                    addr: "127.0.0.1:5432".to_owned(),
+                    replica: true,
+                    process_id: 4242,
+                    secret: vec![1, 2, 3, 4],
+                    reported: vec![("server_version".to_owned(), "15.4".to_owned())],
+                    params: vec![("application_name".to_owned(), "'x'".to_owned(), true)],
+                    statements: vec!["pgrelay_1".to_owned()],
+                    holds_client_state: true,
+                },
+                pins: PinList {
+                    reasons: vec![PinReason::AdvisoryLock, PinReason::UntrackableSet],
+                    listening: vec!["jobs".to_owned()],
+                    hold_cursors: vec!["c".to_owned()],
+                    sql_prepared: vec!["p".to_owned()],
+                },
+            }),
+            ..Description::default()
+        };
+        let encoded = description.encode();
+        assert_eq!(Description::decode(&encoded), Some(description));
+        assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
     }
 }
