@@ -168,17 +168,25 @@ impl Session {
         // Taken over: an idle client goes on in the new process, with its session.
         if matches!(end, End::Shutdown)
             && self.shared.client_handover.is_active()
-            && let Some(description) = self.handover_description(client)
-            && let crate::net::ClientStream::Tcp(stream) = &client.stream
-            && self
-                .shared
-                .client_handover
-                .send(std::os::fd::AsFd::as_fd(stream), &description.encode())
-                .await
+            && let Some(mut description) = self.handover_description(client)
         {
-            tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
-                "client handed over to the new process");
-            return;
+            // A TLS client goes with its traffic keys: rustls is taken apart here, and
+            // should the handover fail the connection goes on (to its farewell) through
+            // the same record layer the new process would have used.
+            if let Err(error) = client.stream.leave_rustls() {
+                tracing::warn!(client = %client.peer, %error, "cannot take a TLS connection apart for the new process");
+            }
+            if let Some((socket, tls)) = client.stream.handover() {
+                description.tls = tls;
+                if self.shared.client_handover.send(socket, &description.encode()).await {
+                    // From here only the new process writes to this connection: the record
+                    // stream is dropped without a close_notify, whose sequence number the
+                    // new process will use.
+                    tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
+                        "client handed over to the new process");
+                    return;
+                }
+            }
         }
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,

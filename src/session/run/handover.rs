@@ -1,16 +1,20 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
-//! clients can go (transaction or statement mode, plain TCP, between transactions with no
-//! server and no pending input, nothing pinning it), the description of its session that
-//! goes with its socket, and the session rebuilt from it on the other side.
+//! clients can go (transaction or statement mode, plain TCP or TLS 1.3, between
+//! transactions with no server and no pending input, nothing pinning it), the description
+//! of its session that goes with its socket, and the session rebuilt from it on the other
+//! side.
 
 use super::Session;
 use crate::config::PoolMode;
-use crate::net::{ClientConn, ClientStream};
+use crate::net::ClientConn;
+use crate::net::record::RecordState;
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/1";
+/// Tags the optional sections after the fixed fields, each present at most once.
+const SECTION_TLS: u8 = b'T';
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -28,6 +32,10 @@ pub(crate) struct Description {
     pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     pub write_fence: Option<u64>,
     pub fence_lost: bool,
+    /// A TLS client's record layer (its traffic keys and sequence numbers); `None` for
+    /// plain TCP. An optional section at the end: a process that does not know it refuses
+    /// the description, and the client is disconnected there.
+    pub tls: Option<RecordState>,
 }
 
 impl Description {
@@ -59,6 +67,10 @@ impl Description {
         out.push(u8::from(self.write_fence.is_some()));
         out.extend_from_slice(&self.write_fence.unwrap_or(0).to_be_bytes());
         out.push(u8::from(self.fence_lost));
+        if let Some(tls) = &self.tls {
+            out.push(SECTION_TLS);
+            tls.encode(&mut out);
+        }
         out
     }
 
@@ -92,7 +104,18 @@ impl Description {
         let has_fence = reader.byte()? != 0;
         let fence = reader.u64()?;
         let fence_lost = reader.byte()? != 0;
-        reader.0.is_empty().then_some(Description {
+        let mut tls = None;
+        while let Some(tag) = reader.byte() {
+            match tag {
+                SECTION_TLS if tls.is_none() => {
+                    let (state, rest) = RecordState::decode(reader.0)?;
+                    tls = Some(state);
+                    reader.0 = rest;
+                }
+                _ => return None,
+            }
+        }
+        Some(Description {
             database,
             user,
             process_id,
@@ -103,6 +126,7 @@ impl Description {
             statements,
             write_fence: has_fence.then_some(fence),
             fence_lost,
+            tls,
         })
     }
 }
@@ -143,7 +167,8 @@ impl Session {
     /// must finish here.
     pub(super) fn handover_description(&self, client: &ClientConn) -> Option<Description> {
         let movable = self.database.mode() != PoolMode::Session
-            && matches!(client.stream, ClientStream::Tcp(_))
+            // Plain TCP, or TLS 1.3 with nothing buffered inside the TLS layer.
+            && client.stream.can_move()
             && self.server.is_none()
             && client.inbuf.is_empty()
             && client.outbuf.is_empty()
@@ -184,6 +209,8 @@ impl Session {
                 .collect(),
             write_fence: self.carried.write_fence.map(|lsn| lsn.0),
             fence_lost: self.carried.fence_lost,
+            // Filled in once the stream is taken apart for the handover.
+            tls: None,
         })
     }
 
@@ -244,6 +271,7 @@ mod tests {
             statements: vec![(b"s1".to_vec(), b"SELECT $1".to_vec(), vec![0, 1, 0, 0, 0, 23])],
             write_fence: Some(42),
             fence_lost: false,
+            tls: None,
         };
         let encoded = description.encode();
         assert_eq!(Description::decode(&encoded), Some(description));
@@ -252,5 +280,46 @@ mod tests {
         longer.push(0);
         assert_eq!(Description::decode(&longer), None);
         assert_eq!(Description::decode(b"pgrelay-client/2"), None);
+    }
+
+    #[test]
+    fn a_tls_client_description_carries_its_record_state() {
+        use crate::net::record::{Secrets, Suite};
+        let description = Description {
+            database: "app".to_owned(),
+            user: "app".to_owned(),
+            tls: Some(RecordState {
+                suite: Suite::Aes256Gcm,
+                tx: Secrets {
+                    key: vec![1; 32],
+                    iv: [2; 12],
+                    seq: 7,
+                },
+                rx: Secrets {
+                    key: vec![3; 32],
+                    iv: [4; 12],
+                    seq: 1 << 40,
+                },
+            }),
+            ..Description::default()
+        };
+        let encoded = description.encode();
+        assert_eq!(Description::decode(&encoded), Some(description));
+        for cut in 1..60 {
+            assert_eq!(Description::decode(&encoded[..encoded.len() - cut]), None, "{cut}");
+        }
+        // Twice the same section, or one of another kind, is refused.
+        let plain = Description {
+            tls: None,
+            ..Description::decode(&encoded).unwrap()
+        }
+        .encode();
+        let section = &encoded[plain.len()..];
+        assert_eq!(Description::decode(&[encoded.as_slice(), section].concat()), None);
+        assert_eq!(Description::decode(&[plain.as_slice(), b"X"].concat()), None);
+        // A key of the wrong length for the suite is refused.
+        let mut damaged = encoded.clone();
+        damaged[plain.len() + 1] = 1;
+        assert_eq!(Description::decode(&damaged), None);
     }
 }
