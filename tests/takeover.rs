@@ -398,6 +398,92 @@ async fn check_moved_tls_client(client: &tokio_postgres::Client) {
     assert_eq!(row.get::<_, i32>(1), 1_000_000);
 }
 
+/// An interactive psql (libpq over OpenSSL) kept open across takeovers: commands go to
+/// its standard input, and each answer is read up to a marker echoed after it.
+struct Psql {
+    child: Child,
+    input: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    asked: usize,
+}
+
+impl Psql {
+    fn start(conninfo: &str, home: &Path) -> Psql {
+        let program = shared_cluster().bin_path("psql").unwrap();
+        let mut command = Command::new(program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                command.env_remove(key);
+            }
+        }
+        // libpq looks for ~/.postgresql/root.crt: none there.
+        let mut child = command
+            .args([conninfo, "-X", "-w", "-A", "-t", "-q"])
+            .env("HOME", home)
+            .env("PGPASSWORD", "app")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = child.stdout.take().unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines() {
+                let Ok(line) = line else { return };
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Psql {
+            child,
+            input,
+            lines,
+            asked: 0,
+        }
+    }
+
+    /// Runs `command` and returns the lines it printed.
+    async fn ask(&mut self, command: &str) -> Vec<String> {
+        self.asked += 1;
+        let marker = format!("done {}", self.asked);
+        write!(self.input, "{command}\n\\echo {marker}\n").unwrap();
+        self.input.flush().unwrap();
+        let mut answer = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = tokio::task::block_in_place(|| self.lines.recv_timeout(left))
+                .unwrap_or_else(|_| panic!("psql did not answer {command:.60}: {answer:?}"));
+            if line == marker {
+                return answer;
+            }
+            answer.push(line);
+        }
+    }
+}
+
+impl Drop for Psql {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a psql handed over must still do: its setting, a 1 MB statement and a 1 MB result.
+async fn check_moved_psql(psql: &mut Psql) {
+    assert_eq!(psql.ask("SHOW application_name;").await, ["psql moved over TLS"]);
+    let literal = "q".repeat(1_000_000);
+    assert_eq!(psql.ask(&format!("SELECT length('{literal}');")).await, ["1000000"]);
+    let answer = psql.ask("SELECT repeat('r', 1000000);").await;
+    assert!(
+        answer.len() == 1 && answer[0] == "r".repeat(1_000_000),
+        "the large value came back changed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_old_process() {
     use tokio_rustls::rustls::version::{TLS12, TLS13};
@@ -437,11 +523,18 @@ async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_ol
     assert_eq!(first_value(&rows), "1");
     let plain = common::connect(&url(port)).await.unwrap();
     plain.batch_execute("SET statement_timeout = '77s'").await.unwrap();
+    let mut psql = Psql::start(
+        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=app sslmode=require"),
+        dir.path(),
+    );
+    let conninfo = psql.ask("\\conninfo").await.join(" ");
+    assert!(conninfo.contains("TLSv1.3"), "{conninfo}");
+    psql.ask("SET application_name = 'psql moved over TLS';").await;
 
     let second = Process::start(&config_path, Some(&socket), dir.path().join("second.log"));
     let (status, log) = first.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "the first process exited with {status}:\n{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 2, "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
 
     // TLS 1.2 could not move: its connection ended with the first process.
     let error = tls12.simple_query("SELECT 1").await.unwrap_err();
@@ -450,9 +543,10 @@ async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_ol
     assert_eq!(first_value(&rows), "77s");
     // The TLS 1.3 one goes on, on the same connection, with its setting.
     check_moved_tls_client(&tls13).await;
+    check_moved_psql(&mut psql).await;
     assert_eq!(
         second.log().matches("client taken over from the old process").count(),
-        2,
+        3,
         "{}",
         second.log()
     );
@@ -461,8 +555,9 @@ async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_ol
     let third = Process::start(&config_path, Some(&socket), dir.path().join("third.log"));
     let (status, log) = second.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "the second process exited with {status}:\n{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 2, "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
     check_moved_tls_client(&tls13).await;
+    check_moved_psql(&mut psql).await;
     let rows = plain.simple_query("SHOW statement_timeout").await.unwrap();
     assert_eq!(first_value(&rows), "77s");
     assert!(!tls13.is_closed());
