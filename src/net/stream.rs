@@ -126,11 +126,17 @@ impl ClientStream {
 
     /// Takes a rustls connection apart into its record layer (for a handover: see
     /// [`ClientStream::can_move`] first). rustls writes nothing on the way, and from here
-    /// only the record stream writes, with the sequence numbers rustls had reached. An
-    /// error leaves the connection unusable. Other streams are left as they are.
+    /// only the record stream writes, with the sequence numbers rustls had reached. A
+    /// TLS 1.2 connection is refused and left as it is; any later error leaves the
+    /// connection unusable. Other streams are left as they are.
     pub fn leave_rustls(&mut self) -> io::Result<()> {
-        if !matches!(self, ClientStream::Tls(_)) {
-            return Ok(());
+        match self {
+            // rustls extracts TLS 1.2 secrets too, but their record layer differs.
+            ClientStream::Tls(tls) if tls.get_ref().1.protocol_version() != Some(ProtocolVersion::TLSv1_3) => {
+                return Err(io::Error::other("only a TLS 1.3 connection can be taken apart"));
+            }
+            ClientStream::Tls(_) => {}
+            _ => return Ok(()),
         }
         let ClientStream::Tls(tls) = std::mem::replace(self, ClientStream::Detached) else {
             return Ok(());

@@ -16,6 +16,13 @@ use crate::net::ClientStream;
 
 /// A connected pair: the rustls client, and the server side as pgrelay holds it.
 async fn pair(suite: SupportedCipherSuite) -> (ClientTlsStream<TcpStream>, ClientStream) {
+    pair_with(suite, &version::TLS13).await
+}
+
+async fn pair_with(
+    suite: SupportedCipherSuite,
+    version: &'static tokio_rustls::rustls::SupportedProtocolVersion,
+) -> (ClientTlsStream<TcpStream>, ClientStream) {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .unwrap()
@@ -25,7 +32,7 @@ async fn pair(suite: SupportedCipherSuite) -> (ClientTlsStream<TcpStream>, Clien
     provider.cipher_suites = vec![suite];
     let provider = Arc::new(provider);
     let mut server = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
@@ -37,7 +44,7 @@ async fn pair(suite: SupportedCipherSuite) -> (ClientTlsStream<TcpStream>, Clien
     let mut roots = RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
     let client = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -127,6 +134,17 @@ async fn a_rustls_client_goes_on_talking_to_the_record_layer() {
         assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
         assert!(!server.can_move(), "a closed stream does not move");
     }
+}
+
+#[tokio::test]
+async fn a_tls_1_2_connection_is_left_to_rustls() {
+    let (mut client, mut server) =
+        pair_with(cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, &version::TLS12).await;
+    send(&mut client, &mut server, b"startup", 100).await;
+    assert!(!server.can_move());
+    assert!(server.leave_rustls().is_err());
+    assert!(matches!(server, ClientStream::Tls(_)), "left as it was");
+    send(&mut server, &mut client, b"still rustls", 100).await;
 }
 
 #[tokio::test]
