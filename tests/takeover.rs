@@ -1,9 +1,9 @@
 //! Socket takeover end to end, with real processes: a new pgrelay takes the listening
 //! sockets over from a running one (`run --takeover`), the old one finishes its
 //! transactions and exits 0, and no connection attempt is refused on the way; idle clients
-//! move with their session (a pinned one with its server connection: tests/takeover_session.rs),
-//! fan-out listeners with every notification exactly once and in order, and TLS clients
-//! finish on the old one.
+//! move with their session (TLS 1.3 ones with their traffic keys; a pinned one with its
+//! server connection: tests/takeover_session.rs), fan-out listeners with every notification
+//! exactly once and in order, and TLS 1.2 clients finish on the old one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -12,6 +12,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -284,11 +285,147 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tls_client_finishes_on_the_old_process_and_a_plain_one_moves() {
+/// A tokio-postgres client over rustls with only `versions` offered, and its connection
+/// task.
+async fn tls_client(
+    port: u16,
+    ca: &Path,
+    versions: &[&'static tokio_rustls::rustls::SupportedProtocolVersion],
+) -> tokio_postgres::Client {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::ring};
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls_config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (client, connection) = tokio_postgres::connect(
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=app password=app dbname=app sslmode=require connect_timeout=5"
+        ),
+        tokio_postgres_rustls::MakeRustlsConnect::new(tls_config),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// What a TLS client handed over must still do: its setting, a large result (many records
+/// towards it), a large parameter echoed (many records each way).
+async fn check_moved_tls_client(client: &tokio_postgres::Client) {
+    let rows = client.simple_query("SHOW application_name").await.unwrap();
+    assert_eq!(first_value(&rows), "moved over TLS");
+    let rows = client
+        .query("SELECT g, repeat('x', 20) FROM generate_series(1, 100000) g", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 100_000);
+    assert_eq!(rows[99_999].get::<_, i32>(0), 100_000);
+    let large: String = (0..1_000_000).map(|at| char::from(b'a' + (at % 26) as u8)).collect();
+    let row = client
+        .query_one("SELECT $1::text, length($1::text)", &[&large])
+        .await
+        .unwrap();
+    assert!(row.get::<_, String>(0) == large, "the large value came back changed");
+    assert_eq!(row.get::<_, i32>(1), 1_000_000);
+}
+
+/// An interactive psql (libpq over OpenSSL) kept open across takeovers: commands go to
+/// its standard input, and each answer is read up to a marker echoed after it.
+struct Psql {
+    child: Child,
+    input: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    asked: usize,
+}
+
+impl Psql {
+    fn start(conninfo: &str, home: &Path) -> Psql {
+        let program = shared_cluster().bin_path("psql").unwrap();
+        let mut command = Command::new(program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                command.env_remove(key);
+            }
+        }
+        // libpq looks for ~/.postgresql/root.crt: none there.
+        let mut child = command
+            .args([conninfo, "-X", "-w", "-A", "-t", "-q"])
+            .env("HOME", home)
+            .env("PGPASSWORD", "app")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = child.stdout.take().unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines() {
+                let Ok(line) = line else { return };
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Psql {
+            child,
+            input,
+            lines,
+            asked: 0,
+        }
+    }
+
+    /// Runs `command` and returns the lines it printed.
+    async fn ask(&mut self, command: &str) -> Vec<String> {
+        self.asked += 1;
+        let marker = format!("done {}", self.asked);
+        write!(self.input, "{command}\n\\echo {marker}\n").unwrap();
+        self.input.flush().unwrap();
+        let mut answer = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = tokio::task::block_in_place(|| self.lines.recv_timeout(left))
+                .unwrap_or_else(|_| panic!("psql did not answer {command:.60}: {answer:?}"));
+            if line == marker {
+                return answer;
+            }
+            answer.push(line);
+        }
+    }
+}
+
+impl Drop for Psql {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a psql handed over must still do: its setting, a 1 MB statement and a 1 MB result.
+async fn check_moved_psql(psql: &mut Psql) {
+    assert_eq!(psql.ask("SHOW application_name;").await, ["psql moved over TLS"]);
+    let literal = "q".repeat(1_000_000);
+    assert_eq!(psql.ask(&format!("SELECT length('{literal}');")).await, ["1000000"]);
+    let answer = psql.ask("SELECT repeat('r', 1000000);").await;
+    assert!(
+        answer.len() == 1 && answer[0] == "r".repeat(1_000_000),
+        "the large value came back changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_old_process() {
+    use tokio_rustls::rustls::version::{TLS12, TLS13};
 
     let cluster = shared_cluster();
     let dir = tempfile::tempdir().unwrap();
@@ -309,49 +446,65 @@ async fn a_tls_client_finishes_on_the_old_process_and_a_plain_one_moves() {
     );
     let config_path = dir.path().join("pgrelay.toml");
     std::fs::write(&config_path, &config).unwrap();
-    let old = Process::start(&config_path, None, dir.path().join("old.log"));
-    wait_until("the old process accepts", Duration::from_secs(20), || async {
+    let first = Process::start(&config_path, None, dir.path().join("first.log"));
+    wait_until("the first process accepts", Duration::from_secs(20), || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
     })
     .await;
 
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls_config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let (tls_client, connection) = tokio_postgres::connect(
-        &format!(
-            "host=localhost hostaddr=127.0.0.1 port={port} user=app password=app dbname=app sslmode=require connect_timeout=5"
-        ),
-        tokio_postgres_rustls::MakeRustlsConnect::new(tls_config),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let rows = tls_client.simple_query("SELECT 1").await.unwrap();
+    let tls13 = tls_client(port, &ca, &[&TLS13]).await;
+    tls13
+        .batch_execute("SET application_name = 'moved over TLS'")
+        .await
+        .unwrap();
+    let tls12 = tls_client(port, &ca, &[&TLS12]).await;
+    let rows = tls12.simple_query("SELECT 1").await.unwrap();
     assert_eq!(first_value(&rows), "1");
     let plain = common::connect(&url(port)).await.unwrap();
     plain.batch_execute("SET statement_timeout = '77s'").await.unwrap();
+    let mut psql = Psql::start(
+        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=app sslmode=require"),
+        dir.path(),
+    );
+    let conninfo = psql.ask("\\conninfo").await.join(" ");
+    assert!(conninfo.contains("TLSv1.3"), "{conninfo}");
+    psql.ask("SET application_name = 'psql moved over TLS';").await;
 
-    let new = Process::start(&config_path, Some(&socket), dir.path().join("new.log"));
-    let (status, log) = old.wait(Duration::from_secs(15)).await;
-    assert!(status.success(), "the old process exited with {status}:\n{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 1, "{log}");
+    let second = Process::start(&config_path, Some(&socket), dir.path().join("second.log"));
+    let (status, log) = first.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "the first process exited with {status}:\n{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
 
-    // The TLS session could not move: its connection ended with the old process.
-    let error = tls_client.simple_query("SELECT 1").await.unwrap_err();
-    assert!(tls_client.is_closed(), "{error}");
+    // TLS 1.2 could not move: its connection ended with the first process.
+    let error = tls12.simple_query("SELECT 1").await.unwrap_err();
+    assert!(tls12.is_closed(), "{error}");
     let rows = plain.simple_query("SHOW statement_timeout").await.unwrap();
     assert_eq!(first_value(&rows), "77s");
+    // The TLS 1.3 one goes on, on the same connection, with its setting.
+    check_moved_tls_client(&tls13).await;
+    check_moved_psql(&mut psql).await;
+    assert_eq!(
+        second.log().matches("client taken over from the old process").count(),
+        3,
+        "{}",
+        second.log()
+    );
 
-    new.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, log) = new.wait(Duration::from_secs(25)).await;
+    // And once more, from the process that continued it.
+    let third = Process::start(&config_path, Some(&socket), dir.path().join("third.log"));
+    let (status, log) = second.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "the second process exited with {status}:\n{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
+    check_moved_tls_client(&tls13).await;
+    check_moved_psql(&mut psql).await;
+    let rows = plain.simple_query("SHOW statement_timeout").await.unwrap();
+    assert_eq!(first_value(&rows), "77s");
+    assert!(!tls13.is_closed());
+
+    third.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = third.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
+    assert!(tls13.simple_query("SELECT 1").await.is_err(), "closed at the shutdown");
 }
 
 /// The value of `family{labels}` in a /metrics body.

@@ -74,7 +74,7 @@ impl AdminSession {
         } = client;
         let tcp = match stream {
             ClientStream::Tcp(tcp) => tcp,
-            stream @ (ClientStream::Tls(_) | ClientStream::Detached) => {
+            stream @ (ClientStream::Tls(_) | ClientStream::Resumed(_) | ClientStream::Detached) => {
                 let client = ClientConn {
                     stream,
                     inbuf,

@@ -1,11 +1,13 @@
 //! The network side: the listener, the client byte stream, and TLS towards clients and
-//! servers.
+//! servers (with the TLS 1.3 record layer for connections continued after a takeover).
 
 pub mod buffers;
 mod client;
 mod listener;
+pub mod record;
 mod stream;
 mod tls;
+mod transport;
 
 pub use client::{ClientConn, ClientReadError, poll_write_buffer, reserve_for_read};
 pub use listener::{Listener, apply_tcp_options, bind};

@@ -1,4 +1,5 @@
-//! The byte stream to a client: plain TCP or TLS, behind one type.
+//! The byte stream to a client: plain TCP, TLS, or TLS continued from the process this
+//! one took over from, behind one type.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -8,12 +9,19 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ProtocolVersion;
 use tokio_rustls::server::TlsStream;
+
+use super::record::{RecordState, RecordStream};
+use super::transport::TlsTransport;
 
 #[derive(Debug)]
 pub enum ClientStream {
     Tcp(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<TlsTransport>>),
+    /// A TLS 1.3 connection whose handshake ran in the process this one took over from, or
+    /// one taken apart here to be handed over: its record layer with the extracted keys.
+    Resumed(Box<RecordStream>),
     /// Only while the TCP stream is in a TLS handshake, and for good if that handshake
     /// failed or was abandoned: every operation fails.
     Detached,
@@ -45,8 +53,9 @@ impl ClientStream {
                 if !connection.wants_read() {
                     return Poll::Ready(Ok(()));
                 }
-                tcp.poll_read_ready(cx)
+                tcp.tcp().poll_read_ready(cx)
             }
+            ClientStream::Resumed(records) => records.poll_read_ready(cx),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -55,22 +64,24 @@ impl ClientStream {
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         match self {
             ClientStream::Tcp(tcp) => tcp.local_addr(),
-            ClientStream::Tls(tls) => tls.get_ref().0.local_addr(),
+            ClientStream::Tls(tls) => tls.get_ref().0.tcp().local_addr(),
+            ClientStream::Resumed(records) => records.tcp().local_addr(),
             ClientStream::Detached => Err(detached()),
         }
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self, ClientStream::Tls(_))
+        matches!(self, ClientStream::Tls(_) | ClientStream::Resumed(_))
     }
 
     /// The certificate the client presented (the first of its chain), already verified
     /// against `[server.tls] ca` by the handshake; `None` on plain TCP, without `ca`, or
-    /// when the client sent none.
+    /// when the client sent none. Only logins ask, so a connection continued from another
+    /// process (logged in there) carries none.
     pub fn peer_certificate(&self) -> Option<&rustls_pki_types::CertificateDer<'static>> {
         match self {
             ClientStream::Tls(tls) => tls.get_ref().1.peer_certificates().and_then(<[_]>::first),
-            ClientStream::Tcp(_) | ClientStream::Detached => None,
+            ClientStream::Tcp(_) | ClientStream::Resumed(_) | ClientStream::Detached => None,
         }
     }
 
@@ -87,7 +98,66 @@ impl ClientStream {
                 }
             }
             ClientStream::Tls(tls) => Ok(!tls.get_ref().1.wants_read()),
+            ClientStream::Resumed(records) => records.has_unread_input(),
             ClientStream::Detached => Err(detached()),
+        }
+    }
+
+    /// Whether the connection can be handed to another process as it stands: plain TCP;
+    /// TLS 1.3 with nothing buffered in rustls either way (no plaintext or record read
+    /// ahead, nothing unsent, no close_notify); a continued TLS connection with nothing
+    /// buffered. TLS 1.2 cannot: rustls extracts its secrets, but its record layer is
+    /// not implemented here.
+    pub fn can_move(&self) -> bool {
+        match self {
+            ClientStream::Tcp(_) => true,
+            ClientStream::Tls(tls) => {
+                let (transport, connection) = tls.get_ref();
+                connection.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+                    && !connection.is_handshaking()
+                    && !connection.wants_write()
+                    && connection.wants_read()
+                    && transport.at_record_boundary()
+            }
+            ClientStream::Resumed(records) => records.quiet_state().is_some(),
+            ClientStream::Detached => false,
+        }
+    }
+
+    /// Takes a rustls connection apart into its record layer (for a handover: see
+    /// [`ClientStream::can_move`] first). rustls writes nothing on the way, and from here
+    /// only the record stream writes, with the sequence numbers rustls had reached. A
+    /// TLS 1.2 connection is refused and left as it is; any later error leaves the
+    /// connection unusable. Other streams are left as they are.
+    pub fn leave_rustls(&mut self) -> io::Result<()> {
+        match self {
+            // rustls extracts TLS 1.2 secrets too, but their record layer differs.
+            ClientStream::Tls(tls) if tls.get_ref().1.protocol_version() != Some(ProtocolVersion::TLSv1_3) => {
+                return Err(io::Error::other("only a TLS 1.3 connection can be taken apart"));
+            }
+            ClientStream::Tls(_) => {}
+            _ => return Ok(()),
+        }
+        let ClientStream::Tls(tls) = std::mem::replace(self, ClientStream::Detached) else {
+            return Ok(());
+        };
+        let (transport, connection) = tls.into_inner();
+        let secrets = connection.dangerous_extract_secrets().map_err(io::Error::other)?;
+        let state = RecordState::from_rustls(secrets)
+            .ok_or_else(|| io::Error::other("the TLS cipher suite has no record layer here"))?;
+        *self = ClientStream::Resumed(Box::new(RecordStream::new(transport.into_tcp(), state)?));
+        Ok(())
+    }
+
+    /// The socket to hand over and, for TLS, the record state that goes with it; `None`
+    /// for a stream that cannot move as it is (see [`ClientStream::can_move`]; a rustls
+    /// connection is taken apart first, with [`ClientStream::leave_rustls`]).
+    pub fn handover(&self) -> Option<(std::os::fd::BorrowedFd<'_>, Option<RecordState>)> {
+        use std::os::fd::AsFd;
+        match self {
+            ClientStream::Tcp(tcp) => Some((tcp.as_fd(), None)),
+            ClientStream::Resumed(records) => Some((records.tcp().as_fd(), Some(records.quiet_state()?))),
+            ClientStream::Tls(_) | ClientStream::Detached => None,
         }
     }
 
@@ -102,7 +172,7 @@ impl ClientStream {
                 return Err(io::Error::other("TLS is already in use"));
             }
         };
-        let tls = acceptor.accept(tcp).await?;
+        let tls = acceptor.accept(TlsTransport::new(tcp)).await?;
         *self = ClientStream::Tls(Box::new(tls));
         Ok(())
     }
@@ -113,6 +183,7 @@ impl AsyncRead for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
             ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            ClientStream::Resumed(records) => Pin::new(records.as_mut()).poll_read(cx, buf),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -123,6 +194,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
             ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            ClientStream::Resumed(records) => Pin::new(records.as_mut()).poll_write(cx, buf),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -133,6 +205,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
             ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            ClientStream::Resumed(records) => Pin::new(records.as_mut()).poll_flush(cx),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -141,6 +214,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             ClientStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            ClientStream::Resumed(records) => Pin::new(records.as_mut()).poll_shutdown(cx),
             ClientStream::Detached => Poll::Ready(Err(detached())),
         }
     }

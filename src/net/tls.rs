@@ -114,6 +114,9 @@ impl ClientTls {
             )
         })?;
         server_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+        // An idle TLS 1.3 client is handed over at a takeover with its traffic keys
+        // (`crate::net::record`); rustls gives them out only when this is set.
+        server_config.enable_secret_extraction = true;
         Ok(Some(ClientTls {
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             required: config.mode == ClientTlsMode::Require,

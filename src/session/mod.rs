@@ -271,8 +271,17 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
         }
     };
     let snapshot = shared.snapshot();
-    let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, snapshot.client_limits.max_message_size);
     let description = run::handover::Description::decode(&resumed.description);
+    // A TLS client goes on with the old process's traffic keys, from where it stopped.
+    let stream = match description.as_ref().and_then(|description| description.tls.clone()) {
+        None => ClientStream::Tcp(stream),
+        Some(state) => match crate::net::record::RecordStream::new(stream, state) {
+            Ok(records) => ClientStream::Resumed(Box::new(records)),
+            // Nothing can be said to it: anything but its own records breaks its TLS.
+            Err(error) => return tracing::warn!(client = %peer, %error, "cannot continue a handed-over TLS client"),
+        },
+    };
+    let mut client = ClientConn::new(stream, peer, snapshot.client_limits.max_message_size);
     let entries = description.as_ref().and_then(|description| {
         let user = snapshot.user(&description.user).or_else(|| {
             // Not in [[users]] here: a user the old process found through auth_query is

@@ -176,28 +176,41 @@ impl Session {
             && self.shared.client_handover.is_active()
             && let Some(mut description) = self.handover_description(client)
             && self.settle_listener(client, &mut description).await
-            && let crate::net::ClientStream::Tcp(stream) = &client.stream
-            && self
-                .shared
-                .client_handover
-                .send(
-                    std::os::fd::AsFd::as_fd(stream),
-                    self.server.as_deref().and_then(|server| server.stream.tcp_fd()),
-                    &description.encode(),
-                )
-                .await
+            // Settling a listener wrote to the client: its TLS layer must still be quiet.
+            && client.stream.can_move()
         {
-            self.kept.moved = true;
-            self.shared
-                .metrics
-                .takeover_clients(crate::metrics::TakeoverResult::HandedOver, 1);
-            if let Some(server) = self.server.take() {
-                self.cancel.detach().await;
-                server.hand_off();
+            // A TLS client goes with its traffic keys: rustls is taken apart here, and
+            // should the handover fail the connection goes on (to its farewell) through
+            // the same record layer the new process would have used.
+            if let Err(error) = client.stream.leave_rustls() {
+                tracing::warn!(client = %client.peer, %error, "cannot take a TLS connection apart for the new process");
             }
-            tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
-                with_server = description.server.is_some(), "client handed over to the new process");
-            return;
+            if let Some((socket, tls)) = client.stream.handover() {
+                description.tls = tls;
+                let server = self.server.as_deref().and_then(|server| server.stream.tcp_fd());
+                if self
+                    .shared
+                    .client_handover
+                    .send(socket, server, &description.encode())
+                    .await
+                {
+                    // From here only the new process writes to this connection: a record
+                    // stream is dropped without a close_notify, whose sequence number the
+                    // new process will use.
+                    self.kept.moved = true;
+                    self.shared
+                        .metrics
+                        .takeover_clients(crate::metrics::TakeoverResult::HandedOver, 1);
+                    if let Some(server) = self.server.take() {
+                        self.cancel.detach().await;
+                        server.hand_off();
+                    }
+                    tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
+                        with_server = description.server.is_some(), tls = description.tls.is_some(),
+                        "client handed over to the new process");
+                    return;
+                }
+            }
         }
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,

@@ -1,16 +1,17 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
-//! clients can go (plain TCP, between transactions, no pending input; in transaction or
-//! statement mode with no server, or, in session mode or pinned, with its server connection
-//! when that is plain TCP and quiet too), the description of its session that goes with its
-//! socket, and the session rebuilt from it on the other side. A fan-out listener's channels
-//! go with it, cut between the processes at a marker (`listener`).
+//! clients can go (plain TCP or TLS 1.3, between transactions, no pending input; in
+//! transaction or statement mode with no server, or, in session mode or pinned, with its
+//! server connection when that is plain TCP and quiet too), the description of its session
+//! that goes with its socket, and the session rebuilt from it on the other side. A fan-out
+//! listener's channels go with it, cut between the processes at a marker (`listener`).
 
 mod kept;
 
 use super::Session;
 use super::handover_secrets::ServerSecrets;
 use crate::metrics::TakeoverResult;
-use crate::net::{ClientConn, ClientStream};
+use crate::net::ClientConn;
+use crate::net::record::RecordState;
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
 use crate::session::carried::Pins;
@@ -22,8 +23,10 @@ pub(in crate::session) use listener::arrive;
 
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/2";
-/// Opens the section of the server connection that travels with the client.
-const SERVER_SECTION: u8 = 1;
+/// Tag the optional sections after the fixed fields, each present at most once: the server
+/// connection that travels with the client, and a TLS client's record layer.
+const SECTION_SERVER: u8 = 1;
+const SECTION_TLS: u8 = b'T';
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -54,6 +57,10 @@ pub(crate) struct Description {
     /// The server connection whose socket travels with the client's, and what pins the
     /// client to it (an optional section at the end).
     pub server: Option<KeptServer>,
+    /// A TLS client's record layer (its traffic keys and sequence numbers); `None` for
+    /// plain TCP. An optional section at the end: a process that does not know it refuses
+    /// the description, and the client is disconnected there.
+    pub tls: Option<RecordState>,
 }
 
 impl Description {
@@ -93,8 +100,12 @@ impl Description {
         }
         bytes(&mut out, self.marker.as_bytes());
         if let Some(server) = &self.server {
-            out.push(SERVER_SECTION);
+            out.push(SECTION_SERVER);
             server.encode(&mut out);
+        }
+        if let Some(tls) = &self.tls {
+            out.push(SECTION_TLS);
+            tls.encode(&mut out);
         }
         out
     }
@@ -140,15 +151,19 @@ impl Description {
         if channels.is_empty() && !marker.is_empty() {
             return None;
         }
-        let server = match reader.0.first() {
-            None => None,
-            Some(&SERVER_SECTION) => {
-                reader.byte()?;
-                Some(KeptServer::decode(&mut reader)?)
+        let (mut server, mut tls) = (None, None);
+        while let Some(tag) = reader.byte() {
+            match tag {
+                SECTION_SERVER if server.is_none() => server = Some(KeptServer::decode(&mut reader)?),
+                SECTION_TLS if tls.is_none() => {
+                    let (state, rest) = RecordState::decode(reader.0)?;
+                    tls = Some(state);
+                    reader.0 = rest;
+                }
+                _ => return None,
             }
-            Some(_) => return None,
-        };
-        reader.0.is_empty().then_some(Description {
+        }
+        Some(Description {
             database,
             user,
             process_id,
@@ -164,6 +179,7 @@ impl Description {
             channels,
             marker,
             server,
+            tls,
         })
     }
 }
@@ -232,7 +248,8 @@ impl Session {
             None => None,
             Some(server) => Some(server.handed_over(self.on_replica)?),
         };
-        let movable = matches!(client.stream, ClientStream::Tcp(_))
+        // Plain TCP, or TLS 1.3 with nothing buffered inside the TLS layer.
+        let movable = client.stream.can_move()
             && (server.is_some() || !self.carried.pins.is_pinned())
             && client.inbuf.is_empty()
             && client.outbuf.is_empty()
@@ -282,6 +299,8 @@ impl Session {
                 conn,
                 pins: self.carried.pins.export(),
             }),
+            // Filled in once the stream is taken apart for the handover.
+            tls: None,
         })
     }
 
@@ -370,6 +389,7 @@ mod tests {
             channels: Vec::new(),
             marker: String::new(),
             server: None,
+            tls: None,
         };
         let encoded = description.encode();
         assert!(!format!("{description:?}").contains("[7"), "keys are not shown");
@@ -416,5 +436,46 @@ mod tests {
         let encoded = description.encode();
         assert_eq!(Description::decode(&encoded), Some(description));
         assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
+    }
+
+    #[test]
+    fn a_tls_client_description_carries_its_record_state() {
+        use crate::net::record::{Secrets, Suite};
+        let description = Description {
+            database: "app".to_owned(),
+            user: "app".to_owned(),
+            tls: Some(RecordState {
+                suite: Suite::Aes256Gcm,
+                tx: Secrets {
+                    key: vec![1; 32],
+                    iv: [2; 12],
+                    seq: 7,
+                },
+                rx: Secrets {
+                    key: vec![3; 32],
+                    iv: [4; 12],
+                    seq: 1 << 40,
+                },
+            }),
+            ..Description::default()
+        };
+        let encoded = description.encode();
+        assert_eq!(Description::decode(&encoded), Some(description));
+        for cut in 1..60 {
+            assert_eq!(Description::decode(&encoded[..encoded.len() - cut]), None, "{cut}");
+        }
+        // Twice the same section, or one of another kind, is refused.
+        let plain = Description {
+            tls: None,
+            ..Description::decode(&encoded).unwrap()
+        }
+        .encode();
+        let section = &encoded[plain.len()..];
+        assert_eq!(Description::decode(&[encoded.as_slice(), section].concat()), None);
+        assert_eq!(Description::decode(&[plain.as_slice(), b"X"].concat()), None);
+        // A key of the wrong length for the suite is refused.
+        let mut damaged = encoded.clone();
+        damaged[plain.len() + 1] = 1;
+        assert_eq!(Description::decode(&damaged), None);
     }
 }
