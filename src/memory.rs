@@ -52,11 +52,27 @@ fn crowd_left(peak: usize, now: usize) -> bool {
     peak - now >= LEFT_AT_LEAST && now <= peak / 2
 }
 
+/// How the process's allocator gives its free pages back, when it is not glibc's malloc
+/// (the binary sets it at start; the library cannot name its allocator).
+static RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets how the global allocator returns free pages to the operating system.
+pub fn set_release(release: fn()) {
+    let _ = RELEASE.set(release);
+}
+
+fn release_free_pages() {
+    match RELEASE.get() {
+        Some(release) => release(),
+        None => release_free_glibc_pages(),
+    }
+}
+
 /// Returns the allocator's free memory to the operating system. glibc keeps freed chunks
 /// in its arenas (one per thread that allocated) and gives back only the top of each heap
 /// on its own; `malloc_trim` also releases the free pages in the middle.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_pages() {
+fn release_free_glibc_pages() {
     // SAFETY: malloc_trim takes no pointers and may be called at any time from any thread;
     // it only hands free pages of the allocator's own heaps back to the kernel.
     #[allow(unsafe_code)]
@@ -67,7 +83,7 @@ fn release_free_pages() {
 
 /// Other allocators give memory back on their own terms.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_pages() {}
+fn release_free_glibc_pages() {}
 
 #[cfg(test)]
 mod tests {
