@@ -3,7 +3,8 @@
 # transaction fail while one pgrelay process hands its listening socket to another?
 #
 # Starts `pgrelay demo` only for its PostgreSQL primary, then a pgrelay of its own in
-# front of it (transaction mode, takeover_socket set), and runs, one after the other:
+# front of it (transaction mode unless POOL_MODE says otherwise, takeover_socket set), and
+# runs, one after the other:
 #
 #   1. pgbench -C -c 20 -T 30   (a new login for every transaction)
 #   2. pgbench    -c 50 -T 30   (50 connections held for the whole run)
@@ -14,7 +15,8 @@
 # Usage: scripts/takeover_pgbench.sh
 # Environment: PGBIN (/usr/lib/postgresql/15/bin), PGRELAY (target/release/pgrelay; the
 # new process may be another binary: PGRELAY_NEW, default the same), SECONDS_PER_RUN (30),
-# TAKEOVER_AT (10).
+# TAKEOVER_AT (10), POOL_MODE (transaction; with session, each of the 50 clients holds a
+# server connection, which moves with it) and POOL_SIZE (20; 60 in session mode).
 #
 # Everything it starts is ended on exit, and every wait is bounded.
 
@@ -25,6 +27,8 @@ PGRELAY=${PGRELAY:-target/release/pgrelay}
 PGRELAY_NEW=${PGRELAY_NEW:-$PGRELAY}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-30}
 TAKEOVER_AT=${TAKEOVER_AT:-10}
+POOL_MODE=${POOL_MODE:-transaction}
+if [[ $POOL_MODE == session ]]; then POOL_SIZE=${POOL_SIZE:-60}; else POOL_SIZE=${POOL_SIZE:-20}; fi
 
 for program in "$PGRELAY" "$PGRELAY_NEW" "$PGBIN/pgbench" "$PGBIN/pg_isready"; do
     [[ -x $program ]] || { echo "not found or not executable: $program" >&2; exit 2; }
@@ -89,8 +93,8 @@ shutdown_timeout = "20s"
 takeover_socket = "$SOCKET"
 
 [pool]
-mode = "transaction"
-size = 20
+mode = "$POOL_MODE"
+size = $POOL_SIZE
 
 [[users]]
 name = "app"

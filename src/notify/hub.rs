@@ -267,6 +267,20 @@ impl Hub {
         expected
     }
 
+    /// Stops waiting for the marker `token` that was to cut subscriber `id`: from now on its
+    /// notifications count as any subscriber's (the cut is given up, see
+    /// `Subscription::abandon_cut`).
+    fn abandon_cut(&self, id: u64, token: &str) {
+        let mut state = self.state();
+        state.markers.remove(token);
+        if let Some(subscriber) = state.subscribers.get_mut(&id) {
+            subscriber.held = false;
+        }
+        if state.markers.is_empty() {
+            self.changed.notify_one();
+        }
+    }
+
     /// Has the listener connection NOTIFY the marker `token` (after
     /// `Subscription::expect_marker` confirmed, so that it reads its own marker).
     pub fn send_marker(&self, token: &str) {
@@ -421,6 +435,12 @@ impl Subscription {
     /// sealed or cut).
     pub fn forget_marker(&self, token: &str) -> bool {
         self.hub.forget_marker(token)
+    }
+
+    /// A held subscription whose cut at the marker `token` did not come: it stops being
+    /// held and stops expecting the marker, so that the hub no longer listens for it.
+    pub fn abandon_cut(&self, token: &str) {
+        self.hub.abandon_cut(self.id, token);
     }
 }
 

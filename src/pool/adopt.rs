@@ -5,7 +5,8 @@
 //!
 //! They are counted even when that takes the pool over `size` or a budget over its limit for
 //! a while: the server session exists already, and refusing it would end its client's
-//! session. Clients waiting for a connection meanwhile wait as for a full pool. Deadpool
+//! session. Deadpool is sized meanwhile to what `size` leaves beside them (at least one), so
+//! clients that need a connection wait as for a full pool. Deadpool
 //! takes no connection it did not open, so one whose client is done is *parked* here
 //! instead (idle, counted as idle): the next time the pool would open a connection it takes
 //! a parked one (`ServerManager::create`); server_idle_timeout, KILL, a server that fails or
@@ -36,6 +37,7 @@ impl ServerPool {
         }
         let permit = self.budgets.take_regardless();
         self.counters.adopted.fetch_add(1, Ordering::AcqRel);
+        self.fit_to_adopted();
         let limits = self.limits.load();
         let over = |open: usize, limit: Option<usize>| limit.is_some_and(|limit| open > limit);
         if self.status().size > limits.size

@@ -1,6 +1,7 @@
 //! Background upkeep of one pool: closes connections idle longer than
 //! server_idle_timeout or older than server_lifetime (never below min_size), and opens
-//! connections up to min_size while nobody is waiting.
+//! connections up to min_size while nobody is waiting; gives back the room that connections
+//! handed over at a takeover held once their clients are done with them.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub(super) fn spawn(pool: &Arc<ServerPool>) {
                 return;
             }
             expire_idle(&pool);
+            pool.fit_to_adopted();
             fill_to_min_size(&pool).await;
         }
     });

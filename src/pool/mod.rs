@@ -491,11 +491,23 @@ impl ServerPool {
     /// Changes the limits in place: connections above a smaller size close when they are
     /// handed back, never while in use.
     pub fn set_limits(&self, limits: PoolLimits) {
-        self.main.resize(limits.size.max(1));
         if let Some(reserve) = &self.reserve {
             reserve.resize(limits.reserve_size);
         }
         self.limits.store(Arc::new(limits));
+        self.fit_to_adopted();
+    }
+
+    /// Sizes deadpool to what `size` leaves beside the connections handed over with their
+    /// clients and still in use (`adopt.rs`), so that the pool opens no more than `size`
+    /// in all; at least one, so that a client can always be served in the end. Called
+    /// when one is adopted and by the janitor, which gives the room back once they are.
+    pub(super) fn fit_to_adopted(&self) {
+        let adopted = self.counters.adopted.load(Ordering::Acquire);
+        let size = self.limits.load().size.saturating_sub(adopted).max(1);
+        if self.main.status().max_size != size {
+            self.main.resize(size);
+        }
     }
 
     /// Retires every connection opened so far: idle ones close now, busy ones when they
@@ -592,6 +604,10 @@ impl Checkout {
     fn close_adopted(&self, pooled: Pooled) {
         self.counters.adopted.fetch_sub(1, Ordering::AcqRel);
         drop(pooled);
+        if self.counters.limit_waiting.load(Ordering::Acquire) > 0 {
+            self.counters.returned.notify_one();
+        }
+        self.budgets.wake_waiters();
     }
 
     /// An adopted connection back from its client: parked for the pool if it could serve
@@ -607,6 +623,10 @@ impl Checkout {
         }
         self.counters.park(pooled);
         self.counters.adopted.fetch_sub(1, Ordering::AcqRel);
+        if self.counters.closed.load(Ordering::Acquire) {
+            // Closed while it was being parked: nothing will take it any more.
+            self.counters.close_parked(usize::MAX);
+        }
         if self.counters.limit_waiting.load(Ordering::Acquire) > 0 {
             self.counters.returned.notify_one();
         }

@@ -255,13 +255,13 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     let Some(stream) = resumed.stream else {
         return run::handover::arrive(shared, &resumed.description).await;
     };
-    let Ok(peer) = stream.peer_addr() else {
-        return;
-    };
     let failed = || {
         shared
             .metrics
             .takeover_clients(crate::metrics::TakeoverResult::Failed, 1)
+    };
+    let Ok(peer) = stream.peer_addr() else {
+        return failed();
     };
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
@@ -278,21 +278,18 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
         Some(state) => match crate::net::record::RecordStream::new(stream, state) {
             Ok(records) => ClientStream::Resumed(Box::new(records)),
             // Nothing can be said to it: anything but its own records breaks its TLS.
-            Err(error) => return tracing::warn!(client = %peer, %error, "cannot continue a handed-over TLS client"),
+            Err(error) => {
+                failed();
+                return tracing::warn!(client = %peer, %error, "cannot continue a handed-over TLS client");
+            }
         },
     };
     let mut client = ClientConn::new(stream, peer, snapshot.client_limits.max_message_size);
     let entries = description.as_ref().and_then(|description| {
-        let user = snapshot.user(&description.user).or_else(|| {
-            // Not in [[users]] here: a user the old process found through auth_query is
-            // placed with this process's lookup for the database, without a login.
-            description
-                .found_by_query
-                .then(|| snapshot.auth_lookup(&description.database))
-                .flatten()
-                .map(|(lookup, _)| lookup.handed_over(&description.user))
-        })?;
-        Some((snapshot.database(&description.database)?, user))
+        Some((
+            snapshot.database(&description.database)?,
+            description.user_entry(&snapshot)?,
+        ))
     });
     // The server connection that came with it, lent to it from the pool it belongs to.
     let server = match (&description, &entries, resumed.server) {

@@ -201,9 +201,12 @@ impl Session {
                     self.shared
                         .metrics
                         .takeover_clients(crate::metrics::TakeoverResult::HandedOver, 1);
+                    // Given up before anything is awaited: should this task be dropped in
+                    // an await, the connection must not send its Terminate on a socket the
+                    // new process now serves.
                     if let Some(server) = self.server.take() {
-                        self.cancel.detach().await;
                         server.hand_off();
+                        self.cancel.detach().await;
                     }
                     tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
                         with_server = description.server.is_some(), tls = description.tls.is_some(),

@@ -237,6 +237,19 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Description {
+    /// Its user in this process's configuration: from `[[users]]`, or, for a user the old
+    /// process found through auth_query, this process's lookup for the database (no login).
+    pub fn user_entry(&self, snapshot: &crate::runtime::Snapshot) -> Option<std::sync::Arc<crate::runtime::UserEntry>> {
+        snapshot.user(&self.user).or_else(|| {
+            self.found_by_query
+                .then(|| snapshot.auth_lookup(&self.database))
+                .flatten()
+                .map(|(lookup, _)| lookup.handed_over(&self.user))
+        })
+    }
+}
+
 impl Session {
     /// The description of this session if its client can be handed over now, `None` if it
     /// must finish here.

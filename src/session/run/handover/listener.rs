@@ -128,6 +128,7 @@ impl Session {
             {
                 tracing::warn!(database = %self.database.name,
                     "the takeover marker did not come: a handed-over listener is warned that notifications may have been missed or repeated");
+                subscription.abandon_cut(&description.marker);
                 subscription.inbox().mark_gap();
             }
             self.subscription = Some(Box::new(subscription));
@@ -157,7 +158,7 @@ pub(in crate::session) async fn arrive(shared: Arc<Shared>, announcement: &[u8])
     let snapshot = shared.snapshot();
     let entries = snapshot
         .database(&description.database)
-        .zip(snapshot.user(&description.user));
+        .zip(description.user_entry(&snapshot));
     let Some((database, user)) = entries.filter(|(database, _)| {
         database.listen_notify == crate::config::ListenNotify::Fanout
             && database.mode() != crate::config::PoolMode::Session
