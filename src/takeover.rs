@@ -6,7 +6,7 @@
 //! The exchange, one text line each way (the old process is "old", the new one "new"):
 //!
 //! ```text
-//! new → old  HELLO pgrelay-takeover/2 <version> [listeners]
+//! new → old  HELLO pgrelay-takeover/2 <version> [listeners] [memfd]
 //! old → new  SOCKETS listen=<addr> [peer_listen=<addr>] [metrics_listen=<addr>]   + the fds
 //!            (or REFUSED <reason>, and the connection is closed)
 //! new → old  ACCEPTING            the new process accepts on the sockets
@@ -16,7 +16,9 @@
 //! ```
 //!
 //! `listeners` says that the new process takes fan-out listening clients (their
-//! announcement, then their socket, on the client channel; see `ClientHandover`).
+//! announcement, then their socket, on the client channel; see `ClientHandover`), and
+//! `memfd` that it reads client descriptions too large for one message from a memfd
+//! (`large`).
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
@@ -42,6 +44,10 @@ use tokio::sync::watch;
 use crate::protocol::startup::CancelKey;
 use crate::runtime::Shared;
 
+mod large;
+
+use large::MAX_DESCRIPTION;
+
 /// The version of the exchange above. A process speaking another one is refused, whatever
 /// the pgrelay versions: any two binaries with the same exchange can hand over.
 pub const PROTOCOL: &str = "pgrelay-takeover/2";
@@ -55,6 +61,15 @@ const MAX_LINE: usize = 4096;
 const MAX_SOCKETS: usize = 3;
 /// The word of the HELLO line by which a new process says it takes fan-out listeners.
 const LISTENERS: &str = "listeners";
+/// The word by which it says it reads large client descriptions from a memfd.
+const MEMFD: &str = "memfd";
+
+/// What a new process said, in its HELLO line, that it takes besides plain clients.
+#[derive(Debug, Clone, Copy, Default)]
+struct Takes {
+    listeners: bool,
+    memfd: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -160,7 +175,7 @@ pub fn receive(path: &Path) -> Result<Inherited, TakeoverError> {
     let mut stream = UnixStream::connect(path).map_err(io_error)?;
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     stream.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
-    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS}\n", env!("CARGO_PKG_VERSION"));
+    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS} {MEMFD}\n", env!("CARGO_PKG_VERSION"));
     stream.write_all(hello.as_bytes()).map_err(io_error)?;
     let (line, fds) = receive_with_fds(&stream).map_err(io_error)?;
     if let Some(reason) = line.strip_prefix("REFUSED ") {
@@ -367,7 +382,10 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, TakeoverError> {
 /// attached, and its server connection's after it when one goes along), so that each
 /// arrives whole or not at all. A fan-out listener's description comes twice: first alone
 /// (its announcement: the new process LISTENs to its channels and sends the marker), then
-/// with its socket once the old process has delivered up to the marker.
+/// with its socket once the old process has delivered up to the marker. A description
+/// larger than `large::INLINE_DESCRIPTION` travels in a memfd sent after the sockets, the
+/// message saying so (`large`); one larger than [`MAX_DESCRIPTION`] is not sent, and its
+/// client finishes here.
 #[derive(Debug, Default)]
 pub struct ClientHandover {
     channel: std::sync::Mutex<Option<OwnedFd>>,
@@ -376,6 +394,8 @@ pub struct ClientHandover {
     started: std::sync::atomic::AtomicBool,
     /// The new process takes fan-out listeners.
     listeners: std::sync::atomic::AtomicBool,
+    /// The new process reads descriptions from a memfd (`large`).
+    memfd: std::sync::atomic::AtomicBool,
 }
 
 /// What the old process counted at the takeover (and had been passed on by its own
@@ -386,9 +406,13 @@ pub type Tally = [u64; 4];
 /// Marks the one message on the client channel that carries no client but the [`Tally`].
 const TALLY: &[u8] = b"pgrelay-tally/1";
 
-/// The largest client description handed over (a seqpacket message must fit the socket's
-/// send buffer); a client with more prepared statements than fit finishes here.
-pub const MAX_DESCRIPTION: usize = 128 * 1024;
+/// The longest message of the client channel: a description sent in the message itself.
+/// This version sends up to `large::INLINE_DESCRIPTION` so, and earlier ones sent up to
+/// this length.
+const MAX_MESSAGE: usize = 128 * 1024;
+/// Descriptors in a message of the client channel at most: the client's socket, its
+/// server connection's, and a memfd holding the description.
+const MAX_MESSAGE_FDS: usize = 3;
 
 impl ClientHandover {
     /// Whether a new process takes clients now.
@@ -406,8 +430,10 @@ impl ClientHandover {
         self.listeners.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn start(&self, fd: Option<OwnedFd>, listeners: bool) {
-        self.listeners.store(listeners, std::sync::atomic::Ordering::Release);
+    fn start(&self, fd: Option<OwnedFd>, takes: Takes) {
+        self.listeners
+            .store(takes.listeners, std::sync::atomic::Ordering::Release);
+        self.memfd.store(takes.memfd, std::sync::atomic::Ordering::Release);
         if let (Some(fd), Ok(mut channel)) = (fd, self.channel.lock()) {
             *channel = Some(fd);
         }
@@ -456,11 +482,35 @@ impl ClientHandover {
         self.send_message(&[], description).await
     }
 
-    async fn send_message(&self, fds: &[RawFd], description: &[u8]) -> bool {
-        if description.len() > MAX_DESCRIPTION {
+    async fn send_message(&self, sockets: &[RawFd], description: &[u8]) -> bool {
+        let memfd = self.memfd.load(std::sync::atomic::Ordering::Acquire);
+        // A new process that reads no memfd takes what this process's predecessors sent.
+        let inline = if memfd { large::INLINE_DESCRIPTION } else { MAX_MESSAGE };
+        let stored;
+        let (message, fds): (&[u8], Vec<RawFd>) = if description.len() <= inline {
+            (description, sockets.to_vec())
+        } else if !memfd || description.len() > MAX_DESCRIPTION {
+            tracing::warn!(
+                bytes = description.len(),
+                "a client description too large to hand over: the client finishes here"
+            );
             return false;
-        }
-        let rights = [ControlMessage::ScmRights(fds)];
+        } else {
+            let Ok(count) = u8::try_from(sockets.len()) else {
+                return false;
+            };
+            stored = match large::store(description, count) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot put a client description in a memfd: the client finishes here");
+                    return false;
+                }
+            };
+            // The memfd comes last; the message says how many sockets come before it.
+            let fds = sockets.iter().copied().chain([stored.memfd.as_raw_fd()]).collect();
+            (&stored.message, fds)
+        };
+        let rights = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
         for _ in 0..100 {
             let sent = {
@@ -472,7 +522,7 @@ impl ClientHandover {
                 };
                 let sent = sendmsg::<()>(
                     fd.as_raw_fd(),
-                    &[IoSlice::new(description)],
+                    &[IoSlice::new(message)],
                     cmsgs,
                     MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
                     None,
@@ -486,7 +536,7 @@ impl ClientHandover {
                 sent
             };
             match sent {
-                Ok(length) => return length == description.len(),
+                Ok(length) => return length == message.len(),
                 Err(nix::errno::Errno::EAGAIN) => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(_) => return false,
             }
@@ -520,9 +570,9 @@ pub fn receive_clients(
     std::thread::Builder::new()
         .name("pgrelay-takeover".to_owned())
         .spawn(move || {
-            let mut buffer = vec![0u8; MAX_DESCRIPTION];
+            let mut buffer = vec![0u8; MAX_MESSAGE];
             loop {
-                let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+                let mut space = nix::cmsg_space!([RawFd; MAX_MESSAGE_FDS]);
                 let (length, truncated, raw_fds) = {
                     let mut iov = [IoSliceMut::new(&mut buffer)];
                     let message = match recvmsg::<()>(
@@ -546,31 +596,77 @@ pub fn receive_clients(
                     let truncated = message.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
                     (message.bytes, truncated, raw_fds)
                 };
-                let mut fds: Vec<OwnedFd> = raw_fds.into_iter().map(owned).collect();
+                // Owned at once: every descriptor is closed unless it goes on below.
+                let fds: Vec<OwnedFd> = raw_fds.into_iter().map(owned).collect();
                 if length == 0 && fds.is_empty() {
                     // The old process has exited: every client it could hand over came.
                     return;
                 }
-                if fds.is_empty()
-                    && !truncated
-                    && let Some(counts) = parse_tally(&buffer[..length])
-                {
-                    tally(counts);
-                    continue;
+                match classify(&buffer[..length], truncated, fds) {
+                    Ok(Received::Tally(counts)) => tally(counts),
+                    Ok(Received::Client {
+                        client,
+                        server,
+                        description,
+                    }) => deliver(
+                        client.map(std::net::TcpStream::from),
+                        server.map(std::net::TcpStream::from),
+                        description,
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "takeover: a malformed client message; its connection is closed")
+                    }
                 }
-                if truncated || fds.len() > 2 {
-                    tracing::warn!("takeover: a malformed client message; its connection is closed");
-                    continue;
-                }
-                let server = (fds.len() == 2).then(|| fds.pop()).flatten();
-                let client = fds.pop();
-                deliver(
-                    client.map(std::net::TcpStream::from),
-                    server.map(std::net::TcpStream::from),
-                    buffer[..length].to_vec(),
-                );
             }
         })
+}
+
+/// A message of the client channel, as the new process takes it.
+#[derive(Debug)]
+enum Received {
+    Tally(Tally),
+    /// A client's socket and its server connection's if one came (neither for a
+    /// listener's announcement), and its description.
+    Client {
+        client: Option<OwnedFd>,
+        server: Option<OwnedFd>,
+        description: Vec<u8>,
+    },
+}
+
+/// Tells what `message` and the descriptors that came with it are. On an error every
+/// descriptor is closed (dropped here).
+fn classify(message: &[u8], truncated: bool, mut fds: Vec<OwnedFd>) -> io::Result<Received> {
+    let malformed = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    if truncated {
+        return Err(malformed("truncated"));
+    }
+    if fds.is_empty()
+        && let Some(counts) = parse_tally(message)
+    {
+        return Ok(Received::Tally(counts));
+    }
+    let description = if large::is_large(message) {
+        // The memfd comes last, after as many sockets as the message says: a socket is
+        // never taken for the memfd, nor the other way round.
+        let (sockets, length) = large::parse(message).ok_or_else(|| malformed("a bad memfd message"))?;
+        if sockets > 2 || fds.len() != sockets + 1 {
+            return Err(malformed("a memfd message with other descriptors than it names"));
+        }
+        let memfd = fds.pop().ok_or_else(|| malformed("no memfd"))?;
+        large::load(memfd, length)?
+    } else {
+        if fds.len() > 2 {
+            return Err(malformed("more than two sockets"));
+        }
+        message.to_vec()
+    };
+    let server = if fds.len() == 2 { fds.pop() } else { None };
+    Ok(Received::Client {
+        client: fds.pop(),
+        server,
+        description,
+    })
 }
 
 /// The old process's side: waits on the takeover socket for a new process, hands it the
@@ -584,7 +680,7 @@ pub async fn serve(
     handed_over: Arc<watch::Sender<bool>>,
 ) {
     let offered = Arc::new(offered);
-    let (stream, listeners) = loop {
+    let (stream, takes) = loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -612,12 +708,12 @@ pub async fn serve(
     );
     let theirs = match pair {
         Ok((ours, theirs)) => {
-            shared.client_handover.start(Some(ours), listeners);
+            shared.client_handover.start(Some(ours), takes);
             Some(theirs)
         }
         Err(error) => {
             tracing::warn!(%error, "cannot hand clients over: they finish here");
-            shared.client_handover.start(None, false);
+            shared.client_handover.start(None, Takes::default());
             None
         }
     };
@@ -678,12 +774,12 @@ fn parse_cancel(line: &str) -> Option<CancelKey> {
 }
 
 /// The blocking part of the exchange, up to and with ACCEPTING; returns the connection and
-/// whether the new process takes fan-out listeners.
+/// what the new process takes besides plain clients.
 fn hand_over(
     mut stream: UnixStream,
     offered: &[Offered],
     shutting_down: bool,
-) -> Result<(UnixStream, bool), TakeoverError> {
+) -> Result<(UnixStream, Takes), TakeoverError> {
     let io_error = |source| TakeoverError::Io {
         path: PathBuf::from("(connection)"),
         source,
@@ -694,7 +790,11 @@ fn hand_over(
     let hello = read_line(&mut stream).map_err(io_error)?;
     let mut words = hello.split(' ');
     let (greeting, protocol, version) = (words.next(), words.next(), words.next().unwrap_or("?"));
-    let listeners = words.any(|word| word == LISTENERS);
+    let words: Vec<&str> = words.collect();
+    let takes = Takes {
+        listeners: words.contains(&LISTENERS),
+        memfd: words.contains(&MEMFD),
+    };
     let refusal = if greeting != Some("HELLO") || protocol != Some(PROTOCOL) {
         Some(format!(
             "this pgrelay ({}) speaks {PROTOCOL}, the new process sent {hello:?}",
@@ -731,12 +831,13 @@ fn hand_over(
     if answer != "ACCEPTING" {
         return Err(TakeoverError::Protocol(format!("expected ACCEPTING, got {answer:?}")));
     }
-    Ok((stream, listeners))
+    Ok((stream, takes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn cancel_lines_round_trip() {
@@ -761,7 +862,7 @@ mod tests {
         )
         .unwrap();
         assert!(!handover.started());
-        handover.start(Some(ours), false);
+        handover.start(Some(ours), Takes::default());
         assert!(handover.started());
         assert!(handover.send_tally([3, 1, 4, 1 << 40]));
         let (sender, received) = std::sync::mpsc::channel();
@@ -778,6 +879,171 @@ mod tests {
         thread.join().unwrap();
         assert_eq!(parse_tally(b"pgrelay-tally/1"), None);
         assert_eq!(parse_tally(b"pgrelay-client/2"), None);
+    }
+
+    /// A client channel's two ends, the old process's started with what `takes` says.
+    fn channel(takes: Takes) -> (ClientHandover, OwnedFd) {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let handover = ClientHandover::default();
+        handover.start(Some(ours), takes);
+        (handover, theirs)
+    }
+
+    /// A connected pair of TCP sockets: (this end, its peer).
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (far, _) = listener.accept().unwrap();
+        (near, far)
+    }
+
+    /// Whether the socket that `peer` is connected to is writable through `stream` (the same
+    /// socket, passed along).
+    fn same_socket(mut stream: &std::net::TcpStream, mut peer: &std::net::TcpStream) -> bool {
+        stream.write_all(b"ping").unwrap();
+        let mut read = [0u8; 4];
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        peer.read_exact(&mut read).is_ok() && &read == b"ping"
+    }
+
+    type Delivered = (Option<std::net::TcpStream>, Option<std::net::TcpStream>, Vec<u8>);
+
+    fn receive_into(theirs: OwnedFd) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<Delivered>) {
+        let (sender, received) = std::sync::mpsc::channel();
+        let thread = receive_clients(
+            theirs,
+            move |client, server, description| sender.send((client, server, description)).unwrap(),
+            |_| {},
+        )
+        .unwrap();
+        (thread, received)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_large_description_travels_in_a_memfd_with_its_sockets_intact() {
+        let (handover, theirs) = channel(Takes {
+            listeners: true,
+            memfd: true,
+        });
+        let (thread, received) = receive_into(theirs);
+        let large: Vec<u8> = (0..3 * 1024 * 1024u32).map(|at| (at % 251) as u8).collect();
+        let small = b"pgrelay-client/2 small".to_vec();
+        let (client, client_peer) = tcp_pair();
+        let (server, server_peer) = tcp_pair();
+        let (alone, alone_peer) = tcp_pair();
+        let runtime = runtime();
+        runtime.block_on(async {
+            assert!(handover.send(client.as_fd(), Some(server.as_fd()), &large).await);
+            assert!(handover.announce(&large[..200_000]).await);
+            assert!(handover.send(alone.as_fd(), None, &small).await);
+        });
+        // Only the new process holds the sockets now.
+        drop((client, server, alone));
+
+        let (client, server, description) = received.recv().unwrap();
+        assert!(description == large, "the description comes back whole");
+        assert!(same_socket(&client.unwrap(), &client_peer));
+        assert!(same_socket(&server.unwrap(), &server_peer));
+        let (client, server, description) = received.recv().unwrap();
+        assert!((client.is_none(), server.is_none()) == (true, true));
+        assert!(description == large[..200_000]);
+        let (client, server, description) = received.recv().unwrap();
+        assert!(server.is_none());
+        assert_eq!(description, small);
+        assert!(same_socket(&client.unwrap(), &alone_peer));
+        drop(handover);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_description_over_the_bound_or_for_a_process_without_memfd_stays() {
+        let runtime = runtime();
+        let (client, _peer) = tcp_pair();
+        let (handover, theirs) = channel(Takes {
+            listeners: false,
+            memfd: true,
+        });
+        let (thread, received) = receive_into(theirs);
+        // Mapped lazily: zeroes cost no memory until read.
+        let over = vec![0u8; MAX_DESCRIPTION + 1];
+        assert!(!runtime.block_on(handover.send(client.as_fd(), None, &over)));
+        assert!(runtime.block_on(handover.send(client.as_fd(), None, &over[..MAX_DESCRIPTION])));
+        assert_eq!(received.recv().unwrap().2.len(), MAX_DESCRIPTION);
+        drop(handover);
+        thread.join().unwrap();
+
+        // A new process of a version that reads no memfd gets what it always got.
+        let (handover, theirs) = channel(Takes::default());
+        let (thread, received) = receive_into(theirs);
+        assert!(!runtime.block_on(handover.send(client.as_fd(), None, &over[..MAX_MESSAGE + 1])));
+        assert!(runtime.block_on(handover.send(client.as_fd(), None, &over[..MAX_MESSAGE])));
+        assert_eq!(received.recv().unwrap().2.len(), MAX_MESSAGE);
+        drop(handover);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_malformed_memfd_message_closes_every_descriptor() {
+        let (handover, theirs) = channel(Takes::default());
+        let (thread, received) = receive_into(theirs);
+        let description = vec![7u8; 100_000];
+        let send_raw = |message: &[u8], fds: &[RawFd]| {
+            let channel = handover.channel.lock().unwrap();
+            let rights = [ControlMessage::ScmRights(fds)];
+            let sent = sendmsg::<()>(
+                channel.as_ref().unwrap().as_raw_fd(),
+                &[IoSlice::new(message)],
+                &rights,
+                MsgFlags::empty(),
+                None,
+            );
+            assert_eq!(sent.unwrap(), message.len());
+        };
+        let eof = |mut peer: &std::net::TcpStream| {
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut byte = [0u8; 1];
+            matches!(peer.read(&mut byte), Ok(0))
+        };
+        // Said: one socket, but two came before the memfd.
+        let (client, client_peer) = tcp_pair();
+        let (server, server_peer) = tcp_pair();
+        let stored = large::store(&description, 1).unwrap();
+        send_raw(
+            &stored.message,
+            &[client.as_raw_fd(), server.as_raw_fd(), stored.memfd.as_raw_fd()],
+        );
+        drop((client, server));
+        assert!(eof(&client_peer) && eof(&server_peer), "both sockets are closed");
+        // The length named is not the memfd's.
+        let (client, client_peer) = tcp_pair();
+        let mut message = large::store(&description, 1).unwrap();
+        let at = message.message.len() - 2;
+        message.message[at] ^= 1;
+        send_raw(&message.message, &[client.as_raw_fd(), message.memfd.as_raw_fd()]);
+        drop(client);
+        assert!(eof(&client_peer));
+        // A memfd message whose memfd is a socket.
+        let (client, client_peer) = tcp_pair();
+        let (other, other_peer) = tcp_pair();
+        send_raw(&message.message, &[client.as_raw_fd(), other.as_raw_fd()]);
+        drop((client, other));
+        assert!(eof(&client_peer) && eof(&other_peer));
+        drop(handover);
+        thread.join().unwrap();
+        assert!(received.try_recv().is_err(), "nothing was delivered");
     }
 
     #[test]

@@ -646,7 +646,8 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
         .replacen(
             "listen = \"LISTEN\"",
             &format!(
-                "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+                // Short: the client kept in its transaction is cut when it runs out.
+                "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"2s\"\ntakeover_socket = \"{}\"",
                 socket.display()
             ),
             1,
@@ -666,8 +667,9 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     .await;
 
     // Two idle clients that move, one pinned by a temporary table that moves with its
-    // server connection, and one whose prepared statements are too large to travel
-    // (over 128 kB) that finishes here.
+    // server connection, one whose prepared statement is too large for one message of the
+    // client channel (it travels in a memfd), and one that stays in its transaction, so
+    // that it finishes here, cut at shutdown_timeout.
     let idle = common::connect(&url(port)).await.unwrap();
     idle.batch_execute("SET statement_timeout = '321s'").await.unwrap();
     let other = common::connect(&url(port)).await.unwrap();
@@ -676,13 +678,15 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     let large = common::connect(&url(port)).await.unwrap();
     let statement = format!("SELECT 1 /* {} */", "x".repeat(140 * 1024));
     // Kept: a dropped Statement is closed.
-    let _prepared = large.prepare(&statement).await.unwrap();
+    let prepared = large.prepare(&statement).await.unwrap();
+    let in_transaction = common::connect(&url(port)).await.unwrap();
+    in_transaction.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     old.signal(nix::sys::signal::Signal::SIGUSR2);
     let (status, log) = old.wait(Duration::from_secs(30)).await;
     assert!(status.success(), "the old process exited with {status}:\n{log}");
     assert!(log.contains("started a successor"), "{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 4, "{log}");
     let successor = Successor::find(&socket, old_pid)
         .unwrap_or_else(|| panic!("no process runs with --takeover {}:\n{log}", socket.display()));
     assert!(!successor.exited());
@@ -700,7 +704,12 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     assert_eq!(first_value(&rows), "3");
     let rows = pinned.simple_query("SELECT count(*) FROM t_usr2").await.unwrap();
     assert_eq!(first_value(&rows), "0");
-    assert!(large.simple_query("SELECT 1").await.is_err());
+    // The client with the large statement goes on with it, prepared anew on the
+    // successor's server from its description.
+    let rows = large.query(&prepared, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 1);
+    let cut = in_transaction.simple_query("SELECT 1").await.unwrap_err();
+    assert!(in_transaction.is_closed(), "{cut}");
 
     // The successor's endpoint counts what it received, and what the old process passed
     // on when it exited.
@@ -712,13 +721,13 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     wait_until(
         "the old process's counts are passed on",
         Duration::from_secs(10),
-        || async { counted(&http_get(metrics_port, "/metrics").await)[0] >= 3.0 },
+        || async { counted(&http_get(metrics_port, "/metrics").await)[0] >= 4.0 },
     )
     .await;
     let body = http_get(metrics_port, "/metrics").await;
-    assert_eq!(counted(&body), [3.0, 3.0, 1.0, 0.0], "{body}");
+    assert_eq!(counted(&body), [4.0, 4.0, 1.0, 0.0], "{body}");
     let log = std::fs::read_to_string(dir.path().join("old.log")).unwrap();
-    assert!(log.contains("handed_over=3 kept=1"), "{log}");
+    assert!(log.contains("handed_over=4 kept=1"), "{log}");
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(successor.0),
