@@ -6,7 +6,7 @@
 //! The exchange, one text line each way (the old process is "old", the new one "new"):
 //!
 //! ```text
-//! new → old  HELLO pgrelay-takeover/2 <version> [listeners]
+//! new → old  HELLO pgrelay-takeover/2 <version> [listeners] [tls12]
 //! old → new  SOCKETS listen=<addr> [peer_listen=<addr>] [metrics_listen=<addr>]   + the fds
 //!            (or REFUSED <reason>, and the connection is closed)
 //! new → old  ACCEPTING            the new process accepts on the sockets
@@ -16,7 +16,9 @@
 //! ```
 //!
 //! `listeners` says that the new process takes fan-out listening clients (their
-//! announcement, then their socket, on the client channel; see `ClientHandover`).
+//! announcement, then their socket, on the client channel; see `ClientHandover`); `tls12`,
+//! that it continues TLS 1.2 connections (an earlier one continues only TLS 1.3: a TLS 1.2
+//! client then finishes on the old process rather than be disconnected on the new one).
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
@@ -53,8 +55,17 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(6);
 const MAX_LINE: usize = 4096;
 /// Sockets handed over at most: listen, peer_listen, metrics_listen.
 const MAX_SOCKETS: usize = 3;
-/// The word of the HELLO line by which a new process says it takes fan-out listeners.
+/// The words of the HELLO line by which a new process says it takes fan-out listeners, and
+/// TLS 1.2 clients.
 const LISTENERS: &str = "listeners";
+const TLS12: &str = "tls12";
+
+/// What the new process said it takes besides plain and TLS 1.3 clients.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Accepts {
+    pub listeners: bool,
+    pub tls12: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -160,7 +171,7 @@ pub fn receive(path: &Path) -> Result<Inherited, TakeoverError> {
     let mut stream = UnixStream::connect(path).map_err(io_error)?;
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     stream.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
-    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS}\n", env!("CARGO_PKG_VERSION"));
+    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS} {TLS12}\n", env!("CARGO_PKG_VERSION"));
     stream.write_all(hello.as_bytes()).map_err(io_error)?;
     let (line, fds) = receive_with_fds(&stream).map_err(io_error)?;
     if let Some(reason) = line.strip_prefix("REFUSED ") {
@@ -376,6 +387,8 @@ pub struct ClientHandover {
     started: std::sync::atomic::AtomicBool,
     /// The new process takes fan-out listeners.
     listeners: std::sync::atomic::AtomicBool,
+    /// The new process continues TLS 1.2 connections.
+    tls12: std::sync::atomic::AtomicBool,
 }
 
 /// What the old process counted at the takeover (and had been passed on by its own
@@ -406,8 +419,15 @@ impl ClientHandover {
         self.listeners.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn start(&self, fd: Option<OwnedFd>, listeners: bool) {
-        self.listeners.store(listeners, std::sync::atomic::Ordering::Release);
+    /// Whether the new process continues TLS 1.2 connections.
+    pub fn continues_tls12(&self) -> bool {
+        self.tls12.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start(&self, fd: Option<OwnedFd>, accepts: Accepts) {
+        self.listeners
+            .store(accepts.listeners, std::sync::atomic::Ordering::Release);
+        self.tls12.store(accepts.tls12, std::sync::atomic::Ordering::Release);
         if let (Some(fd), Ok(mut channel)) = (fd, self.channel.lock()) {
             *channel = Some(fd);
         }
@@ -584,7 +604,7 @@ pub async fn serve(
     handed_over: Arc<watch::Sender<bool>>,
 ) {
     let offered = Arc::new(offered);
-    let (stream, listeners) = loop {
+    let (stream, accepts) = loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -612,12 +632,12 @@ pub async fn serve(
     );
     let theirs = match pair {
         Ok((ours, theirs)) => {
-            shared.client_handover.start(Some(ours), listeners);
+            shared.client_handover.start(Some(ours), accepts);
             Some(theirs)
         }
         Err(error) => {
             tracing::warn!(%error, "cannot hand clients over: they finish here");
-            shared.client_handover.start(None, false);
+            shared.client_handover.start(None, Accepts::default());
             None
         }
     };
@@ -678,12 +698,12 @@ fn parse_cancel(line: &str) -> Option<CancelKey> {
 }
 
 /// The blocking part of the exchange, up to and with ACCEPTING; returns the connection and
-/// whether the new process takes fan-out listeners.
+/// what the new process takes besides plain and TLS 1.3 clients.
 fn hand_over(
     mut stream: UnixStream,
     offered: &[Offered],
     shutting_down: bool,
-) -> Result<(UnixStream, bool), TakeoverError> {
+) -> Result<(UnixStream, Accepts), TakeoverError> {
     let io_error = |source| TakeoverError::Io {
         path: PathBuf::from("(connection)"),
         source,
@@ -694,7 +714,11 @@ fn hand_over(
     let hello = read_line(&mut stream).map_err(io_error)?;
     let mut words = hello.split(' ');
     let (greeting, protocol, version) = (words.next(), words.next(), words.next().unwrap_or("?"));
-    let listeners = words.any(|word| word == LISTENERS);
+    let words: Vec<&str> = words.collect();
+    let accepts = Accepts {
+        listeners: words.contains(&LISTENERS),
+        tls12: words.contains(&TLS12),
+    };
     let refusal = if greeting != Some("HELLO") || protocol != Some(PROTOCOL) {
         Some(format!(
             "this pgrelay ({}) speaks {PROTOCOL}, the new process sent {hello:?}",
@@ -731,12 +755,44 @@ fn hand_over(
     if answer != "ACCEPTING" {
         return Err(TakeoverError::Protocol(format!("expected ACCEPTING, got {answer:?}")));
     }
-    Ok((stream, listeners))
+    Ok((stream, accepts))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The old side of the exchange up to ACCEPTING, with `hello` from the new side.
+    fn accepts_after(hello: &str) -> Accepts {
+        let (old, mut new) = UnixStream::pair().unwrap();
+        let exchange = std::thread::spawn(move || hand_over(old, &[], false));
+        new.write_all(hello.as_bytes()).unwrap();
+        let mut line = [0u8; 8];
+        new.read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"SOCKETS\n");
+        new.write_all(b"ACCEPTING\n").unwrap();
+        exchange.join().unwrap().unwrap().1
+    }
+
+    #[test]
+    fn the_new_process_says_what_it_takes() {
+        let all = Accepts {
+            listeners: true,
+            tls12: true,
+        };
+        let ours = format!("HELLO {PROTOCOL} {} {LISTENERS} {TLS12}\n", env!("CARGO_PKG_VERSION"));
+        assert_eq!(accepts_after(&ours), all);
+        // An earlier version of the same exchange: listeners, and no TLS 1.2.
+        let earlier = accepts_after(&format!("HELLO {PROTOCOL} 0.1.0 listeners\n"));
+        assert_eq!(
+            earlier,
+            Accepts {
+                listeners: true,
+                tls12: false
+            }
+        );
+        assert_eq!(accepts_after(&format!("HELLO {PROTOCOL} 0.1.0\n")), Accepts::default());
+    }
 
     #[test]
     fn cancel_lines_round_trip() {
@@ -761,7 +817,7 @@ mod tests {
         )
         .unwrap();
         assert!(!handover.started());
-        handover.start(Some(ours), false);
+        handover.start(Some(ours), Accepts::default());
         assert!(handover.started());
         assert!(handover.send_tally([3, 1, 4, 1 << 40]));
         let (sender, received) = std::sync::mpsc::channel();
