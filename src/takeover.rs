@@ -6,7 +6,7 @@
 //! The exchange, one text line each way (the old process is "old", the new one "new"):
 //!
 //! ```text
-//! new → old  HELLO pgrelay-takeover/2 <version> [listeners] [memfd]
+//! new → old  HELLO pgrelay-takeover/2 <version> [listeners] [memfd] [tls12]
 //! old → new  SOCKETS listen=<addr> [peer_listen=<addr>] [metrics_listen=<addr>]   + the fds
 //!            (or REFUSED <reason>, and the connection is closed)
 //! new → old  ACCEPTING            the new process accepts on the sockets
@@ -16,9 +16,11 @@
 //! ```
 //!
 //! `listeners` says that the new process takes fan-out listening clients (their
-//! announcement, then their socket, on the client channel; see `ClientHandover`), and
-//! `memfd` that it reads client descriptions too large for one message from a memfd
-//! (`large`).
+//! announcement, then their socket, on the client channel; see `ClientHandover`), `memfd`
+//! that it reads client descriptions too large for one message from a memfd (`large`), and
+//! `tls12` that it continues TLS 1.2 connections (an earlier one continues only TLS 1.3: a
+//! TLS 1.2 client then finishes on the old process rather than be disconnected on the new
+//! one).
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
@@ -59,16 +61,18 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(6);
 const MAX_LINE: usize = 4096;
 /// Sockets handed over at most: listen, peer_listen, metrics_listen.
 const MAX_SOCKETS: usize = 3;
-/// The word of the HELLO line by which a new process says it takes fan-out listeners.
+/// The words of the HELLO line by which a new process says it takes fan-out listeners,
+/// large descriptions in a memfd, and TLS 1.2 clients.
 const LISTENERS: &str = "listeners";
-/// The word by which it says it reads large client descriptions from a memfd.
 const MEMFD: &str = "memfd";
+const TLS12: &str = "tls12";
 
-/// What a new process said, in its HELLO line, that it takes besides plain clients.
-#[derive(Debug, Clone, Copy, Default)]
-struct Takes {
-    listeners: bool,
-    memfd: bool,
+/// What the new process said it takes besides plain and TLS 1.3 clients.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Accepts {
+    pub listeners: bool,
+    pub memfd: bool,
+    pub tls12: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +179,10 @@ pub fn receive(path: &Path) -> Result<Inherited, TakeoverError> {
     let mut stream = UnixStream::connect(path).map_err(io_error)?;
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     stream.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
-    let hello = format!("HELLO {PROTOCOL} {} {LISTENERS} {MEMFD}\n", env!("CARGO_PKG_VERSION"));
+    let hello = format!(
+        "HELLO {PROTOCOL} {} {LISTENERS} {MEMFD} {TLS12}\n",
+        env!("CARGO_PKG_VERSION")
+    );
     stream.write_all(hello.as_bytes()).map_err(io_error)?;
     let (line, fds) = receive_with_fds(&stream).map_err(io_error)?;
     if let Some(reason) = line.strip_prefix("REFUSED ") {
@@ -396,6 +403,8 @@ pub struct ClientHandover {
     listeners: std::sync::atomic::AtomicBool,
     /// The new process reads descriptions from a memfd (`large`).
     memfd: std::sync::atomic::AtomicBool,
+    /// The new process continues TLS 1.2 connections.
+    tls12: std::sync::atomic::AtomicBool,
 }
 
 /// What the old process counted at the takeover (and had been passed on by its own
@@ -430,10 +439,16 @@ impl ClientHandover {
         self.listeners.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn start(&self, fd: Option<OwnedFd>, takes: Takes) {
+    /// Whether the new process continues TLS 1.2 connections.
+    pub fn continues_tls12(&self) -> bool {
+        self.tls12.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start(&self, fd: Option<OwnedFd>, accepts: Accepts) {
         self.listeners
-            .store(takes.listeners, std::sync::atomic::Ordering::Release);
-        self.memfd.store(takes.memfd, std::sync::atomic::Ordering::Release);
+            .store(accepts.listeners, std::sync::atomic::Ordering::Release);
+        self.memfd.store(accepts.memfd, std::sync::atomic::Ordering::Release);
+        self.tls12.store(accepts.tls12, std::sync::atomic::Ordering::Release);
         if let (Some(fd), Ok(mut channel)) = (fd, self.channel.lock()) {
             *channel = Some(fd);
         }
@@ -680,7 +695,7 @@ pub async fn serve(
     handed_over: Arc<watch::Sender<bool>>,
 ) {
     let offered = Arc::new(offered);
-    let (stream, takes) = loop {
+    let (stream, accepts) = loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -708,12 +723,12 @@ pub async fn serve(
     );
     let theirs = match pair {
         Ok((ours, theirs)) => {
-            shared.client_handover.start(Some(ours), takes);
+            shared.client_handover.start(Some(ours), accepts);
             Some(theirs)
         }
         Err(error) => {
             tracing::warn!(%error, "cannot hand clients over: they finish here");
-            shared.client_handover.start(None, Takes::default());
+            shared.client_handover.start(None, Accepts::default());
             None
         }
     };
@@ -774,12 +789,12 @@ fn parse_cancel(line: &str) -> Option<CancelKey> {
 }
 
 /// The blocking part of the exchange, up to and with ACCEPTING; returns the connection and
-/// what the new process takes besides plain clients.
+/// what the new process takes besides plain and TLS 1.3 clients.
 fn hand_over(
     mut stream: UnixStream,
     offered: &[Offered],
     shutting_down: bool,
-) -> Result<(UnixStream, Takes), TakeoverError> {
+) -> Result<(UnixStream, Accepts), TakeoverError> {
     let io_error = |source| TakeoverError::Io {
         path: PathBuf::from("(connection)"),
         source,
@@ -791,9 +806,10 @@ fn hand_over(
     let mut words = hello.split(' ');
     let (greeting, protocol, version) = (words.next(), words.next(), words.next().unwrap_or("?"));
     let words: Vec<&str> = words.collect();
-    let takes = Takes {
+    let accepts = Accepts {
         listeners: words.contains(&LISTENERS),
         memfd: words.contains(&MEMFD),
+        tls12: words.contains(&TLS12),
     };
     let refusal = if greeting != Some("HELLO") || protocol != Some(PROTOCOL) {
         Some(format!(
@@ -831,13 +847,49 @@ fn hand_over(
     if answer != "ACCEPTING" {
         return Err(TakeoverError::Protocol(format!("expected ACCEPTING, got {answer:?}")));
     }
-    Ok((stream, takes))
+    Ok((stream, accepts))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// The old side of the exchange up to ACCEPTING, with `hello` from the new side.
+    fn accepts_after(hello: &str) -> Accepts {
+        let (old, mut new) = UnixStream::pair().unwrap();
+        let exchange = std::thread::spawn(move || hand_over(old, &[], false));
+        new.write_all(hello.as_bytes()).unwrap();
+        let mut line = [0u8; 8];
+        new.read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"SOCKETS\n");
+        new.write_all(b"ACCEPTING\n").unwrap();
+        exchange.join().unwrap().unwrap().1
+    }
+
+    #[test]
+    fn the_new_process_says_what_it_takes() {
+        let all = Accepts {
+            listeners: true,
+            memfd: true,
+            tls12: true,
+        };
+        let ours = format!(
+            "HELLO {PROTOCOL} {} {LISTENERS} {MEMFD} {TLS12}\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(accepts_after(&ours), all);
+        // An earlier version of the same exchange: listeners, and no TLS 1.2.
+        let earlier = accepts_after(&format!("HELLO {PROTOCOL} 0.1.0 listeners\n"));
+        assert_eq!(
+            earlier,
+            Accepts {
+                listeners: true,
+                ..Accepts::default()
+            }
+        );
+        assert_eq!(accepts_after(&format!("HELLO {PROTOCOL} 0.1.0\n")), Accepts::default());
+    }
 
     #[test]
     fn cancel_lines_round_trip() {
@@ -862,7 +914,7 @@ mod tests {
         )
         .unwrap();
         assert!(!handover.started());
-        handover.start(Some(ours), Takes::default());
+        handover.start(Some(ours), Accepts::default());
         assert!(handover.started());
         assert!(handover.send_tally([3, 1, 4, 1 << 40]));
         let (sender, received) = std::sync::mpsc::channel();
@@ -882,7 +934,7 @@ mod tests {
     }
 
     /// A client channel's two ends, the old process's started with what `takes` says.
-    fn channel(takes: Takes) -> (ClientHandover, OwnedFd) {
+    fn channel(takes: Accepts) -> (ClientHandover, OwnedFd) {
         let (ours, theirs) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
@@ -934,9 +986,10 @@ mod tests {
 
     #[test]
     fn a_large_description_travels_in_a_memfd_with_its_sockets_intact() {
-        let (handover, theirs) = channel(Takes {
+        let (handover, theirs) = channel(Accepts {
             listeners: true,
             memfd: true,
+            tls12: false,
         });
         let (thread, received) = receive_into(theirs);
         let large: Vec<u8> = (0..3 * 1024 * 1024u32).map(|at| (at % 251) as u8).collect();
@@ -972,9 +1025,10 @@ mod tests {
     fn a_description_over_the_bound_or_for_a_process_without_memfd_stays() {
         let runtime = runtime();
         let (client, _peer) = tcp_pair();
-        let (handover, theirs) = channel(Takes {
+        let (handover, theirs) = channel(Accepts {
             listeners: false,
             memfd: true,
+            tls12: false,
         });
         let (thread, received) = receive_into(theirs);
         // Mapped lazily: zeroes cost no memory until read.
@@ -986,7 +1040,7 @@ mod tests {
         thread.join().unwrap();
 
         // A new process of a version that reads no memfd gets what it always got.
-        let (handover, theirs) = channel(Takes::default());
+        let (handover, theirs) = channel(Accepts::default());
         let (thread, received) = receive_into(theirs);
         assert!(!runtime.block_on(handover.send(client.as_fd(), None, &over[..MAX_MESSAGE + 1])));
         assert!(runtime.block_on(handover.send(client.as_fd(), None, &over[..MAX_MESSAGE])));
@@ -997,7 +1051,7 @@ mod tests {
 
     #[test]
     fn a_malformed_memfd_message_closes_every_descriptor() {
-        let (handover, theirs) = channel(Takes::default());
+        let (handover, theirs) = channel(Accepts::default());
         let (thread, received) = receive_into(theirs);
         let description = vec![7u8; 100_000];
         let send_raw = |message: &[u8], fds: &[RawFd]| {

@@ -1,9 +1,9 @@
 //! Socket takeover end to end, with real processes: a new pgrelay takes the listening
 //! sockets over from a running one (`run --takeover`), the old one finishes its
 //! transactions and exits 0, and no connection attempt is refused on the way; idle clients
-//! move with their session (TLS 1.3 ones with their traffic keys; a pinned one with its
-//! server connection: tests/takeover_session.rs), fan-out listeners with every notification
-//! exactly once and in order, and TLS 1.2 clients finish on the old one.
+//! move with their session (TLS 1.3 and TLS 1.2 ones with their traffic keys; a pinned one
+//! with its server connection: tests/takeover_session.rs), and fan-out listeners with every
+//! notification exactly once and in order.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is a failed test
 
@@ -319,9 +319,9 @@ async fn tls_client(
 
 /// What a TLS client handed over must still do: its setting, a large result (many records
 /// towards it), a large parameter echoed (many records each way).
-async fn check_moved_tls_client(client: &tokio_postgres::Client) {
+async fn check_moved_tls_client(client: &tokio_postgres::Client, name: &str) {
     let rows = client.simple_query("SHOW application_name").await.unwrap();
-    assert_eq!(first_value(&rows), "moved over TLS");
+    assert_eq!(first_value(&rows), name);
     let rows = client
         .query("SELECT g, repeat('x', 20) FROM generate_series(1, 100000) g", &[])
         .await
@@ -412,8 +412,8 @@ impl Drop for Psql {
 }
 
 /// What a psql handed over must still do: its setting, a 1 MB statement and a 1 MB result.
-async fn check_moved_psql(psql: &mut Psql) {
-    assert_eq!(psql.ask("SHOW application_name;").await, ["psql moved over TLS"]);
+async fn check_moved_psql(psql: &mut Psql, name: &str) {
+    assert_eq!(psql.ask("SHOW application_name;").await, [name]);
     let literal = "q".repeat(1_000_000);
     assert_eq!(psql.ask(&format!("SELECT length('{literal}');")).await, ["1000000"]);
     let answer = psql.ask("SELECT repeat('r', 1000000);").await;
@@ -424,7 +424,7 @@ async fn check_moved_psql(psql: &mut Psql) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_old_process() {
+async fn idle_tls_1_3_and_tls_1_2_clients_move_twice() {
     use tokio_rustls::rustls::version::{TLS12, TLS13};
 
     let cluster = shared_cluster();
@@ -458,8 +458,10 @@ async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_ol
         .await
         .unwrap();
     let tls12 = tls_client(port, &ca, &[&TLS12]).await;
-    let rows = tls12.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(first_value(&rows), "1");
+    tls12
+        .batch_execute("SET application_name = 'moved over TLS 1.2'")
+        .await
+        .unwrap();
     let plain = common::connect(&url(port)).await.unwrap();
     plain.batch_execute("SET statement_timeout = '77s'").await.unwrap();
     let mut psql = Psql::start(
@@ -469,23 +471,32 @@ async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_ol
     let conninfo = psql.ask("\\conninfo").await.join(" ");
     assert!(conninfo.contains("TLSv1.3"), "{conninfo}");
     psql.ask("SET application_name = 'psql moved over TLS';").await;
+    // libpq (OpenSSL) held to TLS 1.2.
+    let mut psql12 = Psql::start(
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=app sslmode=require ssl_max_protocol_version=TLSv1.2"
+        ),
+        dir.path(),
+    );
+    let conninfo = psql12.ask("\\conninfo").await.join(" ");
+    assert!(conninfo.contains("TLSv1.2"), "{conninfo}");
+    psql12.ask("SET application_name = 'psql moved over TLS 1.2';").await;
 
     let second = Process::start(&config_path, Some(&socket), dir.path().join("second.log"));
     let (status, log) = first.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "the first process exited with {status}:\n{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
+    assert_eq!(log.matches("client handed over to the new process").count(), 5, "{log}");
 
-    // TLS 1.2 could not move: its connection ended with the first process.
-    let error = tls12.simple_query("SELECT 1").await.unwrap_err();
-    assert!(tls12.is_closed(), "{error}");
     let rows = plain.simple_query("SHOW statement_timeout").await.unwrap();
     assert_eq!(first_value(&rows), "77s");
-    // The TLS 1.3 one goes on, on the same connection, with its setting.
-    check_moved_tls_client(&tls13).await;
-    check_moved_psql(&mut psql).await;
+    // The TLS ones go on, on the same connections, with their settings.
+    check_moved_tls_client(&tls13, "moved over TLS").await;
+    check_moved_tls_client(&tls12, "moved over TLS 1.2").await;
+    check_moved_psql(&mut psql, "psql moved over TLS").await;
+    check_moved_psql(&mut psql12, "psql moved over TLS 1.2").await;
     assert_eq!(
         second.log().matches("client taken over from the old process").count(),
-        3,
+        5,
         "{}",
         second.log()
     );
@@ -494,17 +505,26 @@ async fn an_idle_tls_1_3_client_moves_twice_and_a_tls_1_2_one_finishes_on_the_ol
     let third = Process::start(&config_path, Some(&socket), dir.path().join("third.log"));
     let (status, log) = second.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "the second process exited with {status}:\n{log}");
-    assert_eq!(log.matches("client handed over to the new process").count(), 3, "{log}");
-    check_moved_tls_client(&tls13).await;
-    check_moved_psql(&mut psql).await;
+    assert_eq!(log.matches("client handed over to the new process").count(), 5, "{log}");
+    check_moved_tls_client(&tls13, "moved over TLS").await;
+    check_moved_tls_client(&tls12, "moved over TLS 1.2").await;
+    check_moved_psql(&mut psql, "psql moved over TLS").await;
+    check_moved_psql(&mut psql12, "psql moved over TLS 1.2").await;
     let rows = plain.simple_query("SHOW statement_timeout").await.unwrap();
     assert_eq!(first_value(&rows), "77s");
-    assert!(!tls13.is_closed());
+    assert!(!tls13.is_closed() && !tls12.is_closed());
+    assert_eq!(
+        third.log().matches("client taken over from the old process").count(),
+        5,
+        "{}",
+        third.log()
+    );
 
     third.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, log) = third.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
     assert!(tls13.simple_query("SELECT 1").await.is_err(), "closed at the shutdown");
+    assert!(tls12.simple_query("SELECT 1").await.is_err(), "closed at the shutdown");
 }
 
 /// The value of `family{labels}` in a /metrics body.

@@ -1,5 +1,5 @@
 //! The network side: the listener, the client byte stream, and TLS towards clients and
-//! servers (with the TLS 1.3 record layer for connections continued after a takeover).
+//! servers (with the TLS 1.3 and 1.2 record layers for connections continued after a takeover).
 
 pub mod buffers;
 mod client;

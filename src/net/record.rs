@@ -1,15 +1,17 @@
-//! The TLS 1.3 record layer alone (RFC 8446 §5), for a client connection whose handshake
-//! ran in the process this one took over from: the keys, IVs and sequence numbers rustls
-//! extracted there come over with the socket, and the connection goes on here, record by
-//! record, with the same keys.
+//! The TLS 1.3 and TLS 1.2 AEAD record layers alone (RFC 8446 §5; RFC 5246 §6.2.3.3 with
+//! RFC 5288 for AES-GCM and RFC 7905 for ChaCha20-Poly1305), for a client connection whose
+//! handshake ran in the process this one took over from: the keys, IVs and sequence numbers
+//! rustls extracted there come over with the socket, and the connection goes on here,
+//! record by record, with the same keys.
 //!
 //! rustls cannot rebuild a connection from extracted secrets, and the kernel's TLS
 //! offload (kTLS) is not available everywhere, so the framing is written here; the
 //! cryptography is `ring::aead`'s. What a peer may send after the handshake besides
-//! application data is handled as TLS 1.3 allows a receiver to: `close_notify` ends the
-//! stream, any other alert is an error, and a KeyUpdate cannot be followed (rustls extracts
-//! the traffic keys, not the secrets the next keys derive from): the connection ends with
-//! an error. libpq (OpenSSL) and rustls send none on their own below their record limits.
+//! application data is handled as a receiver may: `close_notify` ends the stream, any other
+//! alert is an error, and a TLS 1.3 KeyUpdate or a TLS 1.2 renegotiation cannot be followed
+//! (rustls extracts the traffic keys, not the secrets new keys derive from): the connection
+//! ends with an error. libpq (OpenSSL) and rustls start neither on their own below their
+//! record limits.
 
 use std::fmt;
 use std::io;
@@ -23,22 +25,63 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 
-/// Outer content type of every protected record, and inner type of application data.
+/// Content types. TLS 1.3: the outer type of every protected record, and the inner type of
+/// application data; TLS 1.2: the record's type, in its header.
 const APPLICATION_DATA: u8 = 23;
+const CHANGE_CIPHER_SPEC: u8 = 20;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const CLOSE_NOTIFY: u8 = 0;
 const KEY_UPDATE: u8 = 24;
 const HEADER_LEN: usize = 5;
 const TAG_LEN: usize = 16;
-/// Largest plaintext of one record (2^14), and largest protected record (2^14 + 256).
+/// The explicit part of a TLS 1.2 AES-GCM nonce, sent before each record's ciphertext.
+const GCM_EXPLICIT_LEN: usize = 8;
+/// Largest plaintext of one record (2^14), and largest protected record: 2^14 + 256 in
+/// TLS 1.3, 2^14 + 2048 in TLS 1.2.
 const MAX_PLAINTEXT: usize = 16 * 1024;
-const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+const MAX_CIPHERTEXT_13: usize = MAX_PLAINTEXT + 256;
+const MAX_CIPHERTEXT_12: usize = MAX_PLAINTEXT + 2048;
+/// Record version field of every record after the handshake (both versions).
+const RECORD_VERSION: [u8; 2] = [3, 3];
 /// Records sealed by one `poll_write`: enough to keep a large reply moving, little enough
 /// to bound what waits for the socket.
 const RECORDS_PER_WRITE: usize = 4;
 
-/// The AEAD of the connection's TLS 1.3 cipher suite.
+/// The protocol version of the connection: it decides the record layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Tls12,
+    Tls13,
+}
+
+impl Version {
+    /// The high nibble of the first byte of an encoded state (the low one is the suite):
+    /// 0 for TLS 1.3, the layout from before TLS 1.2 states were carried, so that TLS 1.3
+    /// clients still move between a process of that version and this one; a process of
+    /// that version refuses a TLS 1.2 state (an unknown suite).
+    fn code(self) -> u8 {
+        match self {
+            Version::Tls13 => 0,
+            Version::Tls12 => 1,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Version> {
+        [Version::Tls13, Version::Tls12]
+            .into_iter()
+            .find(|version| version.code() == code)
+    }
+
+    fn max_ciphertext(self) -> usize {
+        match self {
+            Version::Tls13 => MAX_CIPHERTEXT_13,
+            Version::Tls12 => MAX_CIPHERTEXT_12,
+        }
+    }
+}
+
+/// The AEAD of the connection's cipher suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Suite {
     Aes128Gcm,
@@ -55,9 +98,10 @@ impl Suite {
         }
     }
 
-    /// Records one key may seal (RFC 8446 §5.5): 2^24 for AES-GCM, as rustls counts; the
-    /// sequence number is the only bound for ChaCha20-Poly1305. Reached, the connection
-    /// ends: a new key would take a KeyUpdate, which needs the secret this side lacks.
+    /// Records one key may seal (RFC 8446 §5.5): 2^24 for AES-GCM, as rustls counts (for
+    /// TLS 1.2 too, where rustls closes the connection there); the sequence number is the
+    /// only bound for ChaCha20-Poly1305. Reached, the connection ends: a new key would take
+    /// a KeyUpdate or a renegotiation, which need the secrets this side lacks.
     fn record_limit(self) -> u64 {
         match self {
             Suite::Aes128Gcm | Suite::Aes256Gcm => 1 << 24,
@@ -103,9 +147,11 @@ impl Drop for Secrets {
     }
 }
 
-/// All a record stream needs to go on in another process: the suite and both directions.
+/// All a record stream needs to go on in another process: the version, the suite and both
+/// directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordState {
+    pub version: Version,
     pub suite: Suite,
     /// Towards the client.
     pub tx: Secrets,
@@ -114,9 +160,11 @@ pub struct RecordState {
 }
 
 impl RecordState {
-    /// The state rustls extracted after a TLS 1.3 handshake; `None` for a suite this
-    /// record layer does not implement.
-    pub fn from_rustls(secrets: ExtractedSecrets) -> Option<RecordState> {
+    /// The state rustls extracted after a handshake of `version`; `None` for a suite this
+    /// record layer does not implement. For TLS 1.2 AES-GCM rustls gives as IV the 4-byte
+    /// salt followed by the 8-byte start of its explicit nonces: it seals with that IV XOR
+    /// the sequence number and sends the last 8 bytes, as [`Direction`] goes on doing.
+    pub fn from_rustls(secrets: ExtractedSecrets, version: Version) -> Option<RecordState> {
         let side = |(seq, secrets): (u64, ConnectionTrafficSecrets)| {
             let (suite, key, iv) = match &secrets {
                 ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
@@ -135,12 +183,13 @@ impl RecordState {
         };
         let (suite, tx) = side(secrets.tx)?;
         let (rx_suite, rx) = side(secrets.rx)?;
-        (suite == rx_suite).then_some(RecordState { suite, tx, rx })
+        (suite == rx_suite).then_some(RecordState { version, suite, tx, rx })
     }
 
-    /// Appends this state: suite, then for tx and rx the sequence number, key and IV.
+    /// Appends this state: version and suite in one byte (see [`Version::code`]), then for
+    /// tx and rx the sequence number, key and IV.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.suite.code());
+        out.push(self.version.code() << 4 | self.suite.code());
         for side in [&self.tx, &self.rx] {
             out.extend_from_slice(&side.seq.to_be_bytes());
             out.push(u8::try_from(side.key.len()).unwrap_or(0));
@@ -153,7 +202,8 @@ impl RecordState {
     /// the rest of the input.
     pub fn decode(input: &[u8]) -> Option<(RecordState, &[u8])> {
         let (&code, mut rest) = input.split_first()?;
-        let suite = Suite::from_code(code)?;
+        let version = Version::from_code(code >> 4)?;
+        let suite = Suite::from_code(code & 0x0f)?;
         let mut side = || -> Option<Secrets> {
             let (seq, after) = rest.split_first_chunk::<8>()?;
             let (&key_len, after) = after.split_first()?;
@@ -168,32 +218,49 @@ impl RecordState {
         };
         let tx = side()?;
         let rx = side()?;
-        Some((RecordState { suite, tx, rx }, rest))
+        Some((RecordState { version, suite, tx, rx }, rest))
     }
 }
 
 /// One direction, ready to seal or open.
 struct Direction {
     key: LessSafeKey,
+    version: Version,
+    suite: Suite,
     secrets: Secrets,
     limit: u64,
 }
 
 impl Direction {
-    fn new(suite: Suite, secrets: Secrets) -> io::Result<Direction> {
+    /// `sends`: the direction towards the client. Only what this side seals is bounded by
+    /// the suite's record limit (RFC 8446 §5.5 limits what is encrypted under one key);
+    /// what it opens, by the sequence number alone, as rustls does: a client that changes
+    /// no keys (OpenSSL's default, and every TLS 1.2 client) would otherwise be ended once
+    /// busy enough.
+    fn new(version: Version, suite: Suite, secrets: Secrets, sends: bool) -> io::Result<Direction> {
         let key = UnboundKey::new(suite.algorithm(), &secrets.key)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a TLS traffic key of the wrong length"))?;
+        let limit = if sends { suite.record_limit() } else { u64::MAX };
         Ok(Direction {
             key: LessSafeKey::new(key),
+            version,
+            suite,
             secrets,
-            limit: suite.record_limit(),
+            limit,
         })
     }
 
-    /// The nonce of the next record (RFC 8446 §5.3: the IV XOR the sequence number,
-    /// left-padded), and the sequence number moved on; an error once the limit is reached,
-    /// so that no nonce is ever used twice.
-    fn next_nonce(&mut self) -> io::Result<Nonce> {
+    /// Bytes between the header and the ciphertext: TLS 1.2 AES-GCM's explicit nonce.
+    fn explicit_len(&self) -> usize {
+        match (self.version, self.suite) {
+            (Version::Tls12, Suite::Aes128Gcm | Suite::Aes256Gcm) => GCM_EXPLICIT_LEN,
+            _ => 0,
+        }
+    }
+
+    /// The sequence number of the next record, moved on; an error once the limit is
+    /// reached, so that no nonce is ever used twice.
+    fn next_seq(&mut self) -> io::Result<u64> {
         let seq = self.secrets.seq;
         if seq >= self.limit || seq == u64::MAX {
             return Err(io::Error::other(
@@ -201,11 +268,104 @@ impl Direction {
             ));
         }
         self.secrets.seq += 1;
+        Ok(seq)
+    }
+
+    /// The nonce of record `seq`: the IV XOR the sequence number, left-padded (RFC 8446
+    /// §5.3, RFC 7905 §2; for TLS 1.2 AES-GCM, rustls' choice of explicit nonces, which
+    /// this side goes on with so that none repeats).
+    fn nonce(&self, seq: u64) -> [u8; NONCE_LEN] {
         let mut nonce = self.secrets.iv;
         for (byte, seq_byte) in nonce[NONCE_LEN - 8..].iter_mut().zip(seq.to_be_bytes()) {
             *byte ^= seq_byte;
         }
-        Ok(Nonce::assume_unique_for_key(nonce))
+        nonce
+    }
+
+    /// TLS 1.2's additional data (RFC 5246 §6.2.3.3).
+    fn aad_12(seq: u64, content_type: u8, length: usize) -> io::Result<[u8; 13]> {
+        let length = u16::try_from(length).map_err(|_| protocol_error("TLS record too long"))?;
+        let mut aad = [0; 13];
+        aad[..8].copy_from_slice(&seq.to_be_bytes());
+        aad[8] = content_type;
+        aad[9..11].copy_from_slice(&RECORD_VERSION);
+        aad[11..].copy_from_slice(&length.to_be_bytes());
+        Ok(aad)
+    }
+
+    /// Opens one record (`header`, and `body` in place); returns its content type and
+    /// content.
+    fn open<'a>(&mut self, header: [u8; HEADER_LEN], body: &'a mut [u8]) -> io::Result<(u8, &'a [u8])> {
+        let seq = self.next_seq()?;
+        let failed = |_| protocol_error("a TLS record failed authentication");
+        match self.version {
+            Version::Tls13 => {
+                let nonce = Nonce::assume_unique_for_key(self.nonce(seq));
+                let inner = self.key.open_in_place(nonce, Aad::from(header), body).map_err(failed)?;
+                // TLSInnerPlaintext: content, content type, zero padding.
+                let Some(end) = inner.iter().rposition(|&byte| byte != 0) else {
+                    return Err(protocol_error("a TLS record without a content type"));
+                };
+                Ok((inner[end], &inner[..end]))
+            }
+            Version::Tls12 => {
+                let explicit = self.explicit_len();
+                let nonce = if explicit == 0 {
+                    self.nonce(seq)
+                } else {
+                    // The salt, then the explicit part the sender chose (RFC 5288 §3).
+                    let mut nonce = self.secrets.iv;
+                    nonce[NONCE_LEN - GCM_EXPLICIT_LEN..].copy_from_slice(&body[..GCM_EXPLICIT_LEN]);
+                    nonce
+                };
+                let length = body.len() - explicit - TAG_LEN;
+                let aad = Self::aad_12(seq, header[0], length)?;
+                let content = self
+                    .key
+                    .open_within(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body, explicit..)
+                    .map_err(failed)?;
+                if content.len() > MAX_PLAINTEXT {
+                    return Err(protocol_error("an oversized TLS record"));
+                }
+                Ok((header[0], content))
+            }
+        }
+    }
+
+    /// Seals `content` as one record of type `content_type` at the end of `out`.
+    fn seal(&mut self, content_type: u8, content: &[u8], out: &mut BytesMut) -> io::Result<()> {
+        let seq = self.next_seq()?;
+        let nonce = self.nonce(seq);
+        let (outer_type, inner_type, explicit) = match self.version {
+            Version::Tls13 => (APPLICATION_DATA, Some(content_type), &nonce[..0]),
+            Version::Tls12 => (content_type, None, &nonce[NONCE_LEN - self.explicit_len()..]),
+        };
+        let length = explicit.len() + content.len() + usize::from(inner_type.is_some()) + TAG_LEN;
+        let [high, low] = u16::try_from(length)
+            .map_err(|_| io::Error::other("TLS record too long"))?
+            .to_be_bytes();
+        let header = [outer_type, RECORD_VERSION[0], RECORD_VERSION[1], high, low];
+        out.reserve(HEADER_LEN + length);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(explicit);
+        let start = out.len();
+        out.extend_from_slice(content);
+        out.extend_from_slice(inner_type.as_slice());
+        let sealed = match self.version {
+            Version::Tls13 => self.key.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(header),
+                &mut out[start..],
+            ),
+            Version::Tls12 => self.key.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad_12(seq, content_type, content.len())?),
+                &mut out[start..],
+            ),
+        };
+        let tag = sealed.map_err(|_| io::Error::other("sealing a TLS record failed"))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
     }
 }
 
@@ -219,9 +379,10 @@ enum Input {
     Failed(io::ErrorKind, String),
 }
 
-/// A client connection continued with its TLS 1.3 traffic keys (see the module comment).
+/// A client connection continued with its TLS traffic keys (see the module comment).
 pub struct RecordStream {
     tcp: TcpStream,
+    version: Version,
     suite: Suite,
     tx: Direction,
     rx: Direction,
@@ -239,6 +400,7 @@ pub struct RecordStream {
 impl fmt::Debug for RecordStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RecordStream")
+            .field("version", &self.version)
             .field("suite", &self.suite)
             .field("tx_seq", &self.tx.secrets.seq)
             .field("rx_seq", &self.rx.secrets.seq)
@@ -253,12 +415,13 @@ fn protocol_error(message: impl Into<String>) -> io::Error {
 
 impl RecordStream {
     pub fn new(tcp: TcpStream, state: RecordState) -> io::Result<RecordStream> {
-        let RecordState { suite, tx, rx } = state;
+        let RecordState { version, suite, tx, rx } = state;
         Ok(RecordStream {
             tcp,
+            version,
             suite,
-            tx: Direction::new(suite, tx)?,
-            rx: Direction::new(suite, rx)?,
+            tx: Direction::new(version, suite, tx, true)?,
+            rx: Direction::new(version, suite, rx, false)?,
             incoming: BytesMut::new(),
             plain: BytesMut::new(),
             outgoing: BytesMut::new(),
@@ -271,6 +434,10 @@ impl RecordStream {
         &self.tcp
     }
 
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
     /// The state to continue with elsewhere, if nothing is buffered in either direction
     /// and both are open: a record half read or not yet written would be lost.
     pub fn quiet_state(&self) -> Option<RecordState> {
@@ -280,6 +447,7 @@ impl RecordStream {
             && self.input == Input::Open
             && !self.output_closed;
         quiet.then(|| RecordState {
+            version: self.version,
             suite: self.suite,
             tx: self.tx.secrets.clone(),
             rx: self.rx.secrets.clone(),
@@ -329,32 +497,30 @@ impl RecordStream {
             return Ok(false);
         };
         let header: [u8; HEADER_LEN] = [header[0], header[1], header[2], header[3], header[4]];
-        if header[0] != APPLICATION_DATA || header[1..3] != [3, 3] {
+        // TLS 1.3 hides the content type inside; TLS 1.2 shows it, and what may follow the
+        // handshake there is checked once the record is opened.
+        let known_type = match self.version {
+            Version::Tls13 => header[0] == APPLICATION_DATA,
+            Version::Tls12 => matches!(header[0], APPLICATION_DATA | ALERT | HANDSHAKE | CHANGE_CIPHER_SPEC),
+        };
+        if !known_type || header[1..3] != RECORD_VERSION {
             return Err(protocol_error(format!(
                 "unexpected TLS record header {:02x}{:02x}{:02x}",
                 header[0], header[1], header[2]
             )));
         }
         let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if !(TAG_LEN + 1..=MAX_CIPHERTEXT).contains(&length) {
+        // TLS 1.3 protects at least the content type; TLS 1.2 may carry an empty fragment.
+        let shortest = self.rx.explicit_len() + TAG_LEN + usize::from(self.version == Version::Tls13);
+        if !(shortest..=self.version.max_ciphertext()).contains(&length) {
             return Err(protocol_error(format!("a TLS record of {length} bytes")));
         }
         if self.incoming.len() < HEADER_LEN + length {
             return Ok(false);
         }
         let mut record = self.incoming.split_to(HEADER_LEN + length);
-        let nonce = self.rx.next_nonce()?;
-        let inner = self
-            .rx
-            .key
-            .open_in_place(nonce, Aad::from(header), &mut record[HEADER_LEN..])
-            .map_err(|_| protocol_error("a TLS record failed authentication"))?;
-        // TLSInnerPlaintext: content, content type, zero padding.
-        let Some(end) = inner.iter().rposition(|&byte| byte != 0) else {
-            return Err(protocol_error("a TLS record without a content type"));
-        };
-        let content = &inner[..end];
-        match inner[end] {
+        let (content_type, content) = self.rx.open(header, &mut record[HEADER_LEN..])?;
+        match content_type {
             APPLICATION_DATA => self.plain.extend_from_slice(content),
             ALERT if content == [1, CLOSE_NOTIFY] || content == [2, CLOSE_NOTIFY] => self.input = Input::Closed,
             ALERT => {
@@ -364,7 +530,7 @@ impl RecordStream {
                     format!("the client sent TLS alert {description}"),
                 ));
             }
-            HANDSHAKE if content.first() == Some(&KEY_UPDATE) => {
+            HANDSHAKE if self.version == Version::Tls13 && content.first() == Some(&KEY_UPDATE) => {
                 tracing::warn!(
                     "a client continued from the previous process sent a TLS KeyUpdate, which cannot be followed here: closing its connection"
                 );
@@ -372,36 +538,29 @@ impl RecordStream {
                     "TLS KeyUpdate is not supported on a connection taken over",
                 ));
             }
+            // A ClientHello on an established TLS 1.2 connection: a renegotiation.
+            HANDSHAKE if self.version == Version::Tls12 => {
+                tracing::warn!(
+                    "a client continued from the previous process started a TLS renegotiation, which cannot be followed here: closing its connection"
+                );
+                return Err(protocol_error(
+                    "TLS renegotiation is not supported on a connection taken over",
+                ));
+            }
             other => return Err(protocol_error(format!("unexpected TLS message of type {other}"))),
         }
         Ok(true)
     }
 
-    /// Seals `content` as one record of inner type `content_type` into `outgoing`.
+    /// Seals `content` as one record of type `content_type` into `outgoing`; on any error
+    /// nothing more is sealed.
     fn seal(&mut self, content_type: u8, content: &[u8]) -> io::Result<()> {
-        let nonce = match self.tx.next_nonce() {
-            Ok(nonce) => nonce,
-            Err(error) => {
-                self.output_closed = true;
-                return Err(error);
-            }
-        };
-        let length = content.len() + 1 + TAG_LEN;
-        let [high, low] = u16::try_from(length)
-            .map_err(|_| io::Error::other("TLS record too long"))?
-            .to_be_bytes();
-        let header = [APPLICATION_DATA, 3, 3, high, low];
-        self.outgoing.reserve(HEADER_LEN + length);
-        self.outgoing.extend_from_slice(&header);
-        let start = self.outgoing.len();
-        self.outgoing.extend_from_slice(content);
-        self.outgoing.extend_from_slice(&[content_type]);
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.outgoing[start..])
-            .map_err(|_| io::Error::other("sealing a TLS record failed"))?;
-        self.outgoing.extend_from_slice(tag.as_ref());
+        let before = self.outgoing.len();
+        if let Err(error) = self.tx.seal(content_type, content, &mut self.outgoing) {
+            self.outgoing.truncate(before);
+            self.output_closed = true;
+            return Err(error);
+        }
         Ok(())
     }
 
@@ -443,7 +602,7 @@ impl AsyncRead for RecordStream {
                 Ok(false) => {}
                 Err(error) => return Poll::Ready(Err(this.fail(error))),
             }
-            this.incoming.reserve(HEADER_LEN + MAX_CIPHERTEXT);
+            this.incoming.reserve(HEADER_LEN + this.version.max_ciphertext());
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.incoming) {
                 Poll::Pending => {
                     if this.incoming.is_empty() {

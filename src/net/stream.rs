@@ -12,14 +12,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ProtocolVersion;
 use tokio_rustls::server::TlsStream;
 
-use super::record::{RecordState, RecordStream};
+use super::record::{RecordState, RecordStream, Version};
 use super::transport::TlsTransport;
 
 #[derive(Debug)]
 pub enum ClientStream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TlsTransport>>),
-    /// A TLS 1.3 connection whose handshake ran in the process this one took over from, or
+    /// A TLS connection whose handshake ran in the process this one took over from, or
     /// one taken apart here to be handed over: its record layer with the extracted keys.
     Resumed(Box<RecordStream>),
     /// Only while the TCP stream is in a TLS handshake, and for good if that handshake
@@ -70,6 +70,16 @@ impl ClientStream {
         }
     }
 
+    /// The TLS version of the connection, if it is one this process can continue
+    /// (`None` for plain TCP, and for a connection lost in its handshake).
+    pub fn tls_version(&self) -> Option<Version> {
+        match self {
+            ClientStream::Tls(tls) => record_version(tls.get_ref().1.protocol_version()),
+            ClientStream::Resumed(records) => Some(records.version()),
+            ClientStream::Tcp(_) | ClientStream::Detached => None,
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_) | ClientStream::Resumed(_))
     }
@@ -104,16 +114,15 @@ impl ClientStream {
     }
 
     /// Whether the connection can be handed to another process as it stands: plain TCP;
-    /// TLS 1.3 with nothing buffered in rustls either way (no plaintext or record read
-    /// ahead, nothing unsent, no close_notify); a continued TLS connection with nothing
-    /// buffered. TLS 1.2 cannot: rustls extracts its secrets, but its record layer is
-    /// not implemented here.
+    /// TLS 1.3 or 1.2 with nothing buffered in rustls either way (no plaintext or record
+    /// read ahead, nothing unsent, no close_notify); a continued TLS connection with
+    /// nothing buffered.
     pub fn can_move(&self) -> bool {
         match self {
             ClientStream::Tcp(_) => true,
             ClientStream::Tls(tls) => {
                 let (transport, connection) = tls.get_ref();
-                connection.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+                record_version(connection.protocol_version()).is_some()
                     && !connection.is_handshaking()
                     && !connection.wants_write()
                     && connection.wants_read()
@@ -127,23 +136,20 @@ impl ClientStream {
     /// Takes a rustls connection apart into its record layer (for a handover: see
     /// [`ClientStream::can_move`] first). rustls writes nothing on the way, and from here
     /// only the record stream writes, with the sequence numbers rustls had reached. A
-    /// TLS 1.2 connection is refused and left as it is; any later error leaves the
-    /// connection unusable. Other streams are left as they are.
+    /// connection of another TLS version is refused and left as it is; any later error
+    /// leaves the connection unusable. Other streams are left as they are.
     pub fn leave_rustls(&mut self) -> io::Result<()> {
-        match self {
-            // rustls extracts TLS 1.2 secrets too, but their record layer differs.
-            ClientStream::Tls(tls) if tls.get_ref().1.protocol_version() != Some(ProtocolVersion::TLSv1_3) => {
-                return Err(io::Error::other("only a TLS 1.3 connection can be taken apart"));
-            }
-            ClientStream::Tls(_) => {}
+        let version = match self {
+            ClientStream::Tls(tls) => record_version(tls.get_ref().1.protocol_version())
+                .ok_or_else(|| io::Error::other("only a TLS 1.3 or 1.2 connection can be taken apart"))?,
             _ => return Ok(()),
-        }
+        };
         let ClientStream::Tls(tls) = std::mem::replace(self, ClientStream::Detached) else {
             return Ok(());
         };
         let (transport, connection) = tls.into_inner();
         let secrets = connection.dangerous_extract_secrets().map_err(io::Error::other)?;
-        let state = RecordState::from_rustls(secrets)
+        let state = RecordState::from_rustls(secrets, version)
             .ok_or_else(|| io::Error::other("the TLS cipher suite has no record layer here"))?;
         *self = ClientStream::Resumed(Box::new(RecordStream::new(transport.into_tcp(), state)?));
         Ok(())
@@ -175,6 +181,15 @@ impl ClientStream {
         let tls = acceptor.accept(TlsTransport::new(tcp)).await?;
         *self = ClientStream::Tls(Box::new(tls));
         Ok(())
+    }
+}
+
+/// The record layer for a negotiated protocol version, if `crate::net::record` has one.
+fn record_version(version: Option<ProtocolVersion>) -> Option<Version> {
+    match version? {
+        ProtocolVersion::TLSv1_3 => Some(Version::Tls13),
+        ProtocolVersion::TLSv1_2 => Some(Version::Tls12),
+        _ => None,
     }
 }
 

@@ -114,7 +114,7 @@ impl ClientTls {
             )
         })?;
         server_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-        // An idle TLS 1.3 client is handed over at a takeover with its traffic keys
+        // An idle TLS client (1.3 or 1.2) is handed over at a takeover with its traffic keys
         // (`crate::net::record`); rustls gives them out only when this is set.
         server_config.enable_secret_extraction = true;
         Ok(Some(ClientTls {

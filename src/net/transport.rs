@@ -2,7 +2,8 @@
 //! framing of what it reads: whether the bytes handed to rustls so far end on a record
 //! boundary. rustls keeps a partial record in a buffer no API shows; a connection whose
 //! secrets are extracted (`crate::net::record`) must not have one, or those bytes would
-//! be lost with it.
+//! be lost with it. TLS 1.3 and TLS 1.2 frame records alike (a 5-byte header ending in the
+//! body's length), so this holds for both.
 
 use std::io;
 use std::pin::Pin;

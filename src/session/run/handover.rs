@@ -1,5 +1,6 @@
 //! Handing an idle client to the process that took this one over (`crate::takeover`): which
-//! clients can go (plain TCP or TLS 1.3, between transactions, no pending input; in
+//! clients can go (plain TCP or TLS 1.3, or TLS 1.2 to a process that continues it; between
+//! transactions, no pending input; in
 //! transaction or statement mode with no server, or, in session mode or pinned, with its
 //! server connection when that is plain TCP and quiet too), the description of its session
 //! that goes with its socket, and the session rebuilt from it on the other side. A fan-out
@@ -11,7 +12,7 @@ use super::Session;
 use super::handover_secrets::ServerSecrets;
 use crate::metrics::TakeoverResult;
 use crate::net::ClientConn;
-use crate::net::record::RecordState;
+use crate::net::record::{RecordState, Version};
 use crate::protocol::views::ParseView;
 use crate::route::ClientEncoding;
 use crate::session::carried::Pins;
@@ -261,8 +262,11 @@ impl Session {
             None => None,
             Some(server) => Some(server.handed_over(self.on_replica)?),
         };
-        // Plain TCP, or TLS 1.3 with nothing buffered inside the TLS layer.
+        // Plain TCP, or TLS with nothing buffered inside the TLS layer; TLS 1.2 only to a
+        // process that continues it.
         let movable = client.stream.can_move()
+            && (client.stream.tls_version() != Some(Version::Tls12)
+                || self.shared.client_handover.continues_tls12())
             && (server.is_some() || !self.carried.pins.is_pinned())
             && client.inbuf.is_empty()
             && client.outbuf.is_empty()
@@ -458,6 +462,7 @@ mod tests {
             database: "app".to_owned(),
             user: "app".to_owned(),
             tls: Some(RecordState {
+                version: Version::Tls12,
                 suite: Suite::Aes256Gcm,
                 tx: Secrets {
                     key: vec![1; 32],
