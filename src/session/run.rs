@@ -171,49 +171,13 @@ impl Session {
     pub(super) async fn run(mut self: Box<Self>, client: &mut ClientConn) {
         let end = self.serve(client).await;
         // Taken over: an idle client goes on in the new process, with its session (and
-        // its server connection, which then is no longer this process's).
+        // its server connection, which then is no longer this process's). Boxed: the
+        // handover's futures would otherwise enlarge every idle client's task.
         if matches!(end, End::Shutdown)
             && self.shared.client_handover.is_active()
-            && let Some(mut description) = self.handover_description(client)
-            && self.settle_listener(client, &mut description).await
-            // Settling a listener wrote to the client: its TLS layer must still be quiet.
-            && client.stream.can_move()
+            && Box::pin(self.hand_over(client)).await
         {
-            // A TLS client goes with its traffic keys: rustls is taken apart here, and
-            // should the handover fail the connection goes on (to its farewell) through
-            // the same record layer the new process would have used.
-            if let Err(error) = client.stream.leave_rustls() {
-                tracing::warn!(client = %client.peer, %error, "cannot take a TLS connection apart for the new process");
-            }
-            if let Some((socket, tls)) = client.stream.handover() {
-                description.tls = tls;
-                let server = self.server.as_deref().and_then(|server| server.stream.tcp_fd());
-                if self
-                    .shared
-                    .client_handover
-                    .send(socket, server, &description.encode())
-                    .await
-                {
-                    // From here only the new process writes to this connection: a record
-                    // stream is dropped without a close_notify, whose sequence number the
-                    // new process will use.
-                    self.kept.moved = true;
-                    self.shared
-                        .metrics
-                        .takeover_clients(crate::metrics::TakeoverResult::HandedOver, 1);
-                    // Given up before anything is awaited: should this task be dropped in
-                    // an await, the connection must not send its Terminate on a socket the
-                    // new process now serves.
-                    if let Some(server) = self.server.take() {
-                        server.hand_off();
-                        self.cancel.detach().await;
-                    }
-                    tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
-                        with_server = description.server.is_some(), tls = description.tls.is_some(),
-                        "client handed over to the new process");
-                    return;
-                }
-            }
+            return;
         }
         let farewell = match &end {
             End::ClientLeft | End::ServerLostMidMessage => None,

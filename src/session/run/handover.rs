@@ -252,6 +252,52 @@ impl Description {
 }
 
 impl Session {
+    /// Hands the client (and its server connection, TLS keys, listener channels) to the
+    /// new process if it can go now; `true` once it went, and this session must end without
+    /// a word to it.
+    pub(super) async fn hand_over(&mut self, client: &mut ClientConn) -> bool {
+        let Some(mut description) = self.handover_description(client) else {
+            return false;
+        };
+        // Settling a listener writes to the client: its TLS layer must still be quiet after.
+        if !self.settle_listener(client, &mut description).await || !client.stream.can_move() {
+            return false;
+        }
+        // A TLS client goes with its traffic keys: rustls is taken apart here, and should the
+        // handover fail the connection goes on (to its farewell) through the same record
+        // layer the new process would have used.
+        if let Err(error) = client.stream.leave_rustls() {
+            tracing::warn!(client = %client.peer, %error, "cannot take a TLS connection apart for the new process");
+        }
+        let Some((socket, tls)) = client.stream.handover() else {
+            return false;
+        };
+        description.tls = tls;
+        let server = self.server.as_deref().and_then(|server| server.stream.tcp_fd());
+        if !self
+            .shared
+            .client_handover
+            .send(socket, server, &description.encode())
+            .await
+        {
+            return false;
+        }
+        // From here only the new process writes to this connection: a record stream is
+        // dropped without a close_notify, whose sequence number the new process will use.
+        self.kept.moved = true;
+        self.shared.metrics.takeover_clients(TakeoverResult::HandedOver, 1);
+        // Given up before anything is awaited: should this task be dropped in an await, the
+        // connection must not send its Terminate on a socket the new process now serves.
+        if let Some(server) = self.server.take() {
+            server.hand_off();
+            self.cancel.detach().await;
+        }
+        tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
+            with_server = description.server.is_some(), tls = description.tls.is_some(),
+            "client handed over to the new process");
+        true
+    }
+
     /// The description of this session if its client can be handed over now, `None` if it
     /// must finish here.
     pub(super) fn handover_description(&self, client: &ClientConn) -> Option<Description> {
