@@ -703,12 +703,21 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_the_takeover_is_counted(
     in_transaction.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     old.signal(nix::sys::signal::Signal::SIGUSR2);
+    // The successor's guard is taken before anything can fail: it runs in a process group
+    // of its own, and nothing else would end it.
+    let mut successor = None;
+    let looked_since = std::time::Instant::now();
+    while successor.is_none() && looked_since.elapsed() < Duration::from_secs(20) {
+        successor = Successor::find(&socket, old_pid);
+        if successor.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let (status, log) = old.wait(Duration::from_secs(30)).await;
+    let successor = successor.unwrap_or_else(|| panic!("no process runs with --takeover {}:\n{log}", socket.display()));
     assert!(status.success(), "the old process exited with {status}:\n{log}");
     assert!(log.contains("started a successor"), "{log}");
     assert_eq!(log.matches("client handed over to the new process").count(), 4, "{log}");
-    let successor = Successor::find(&socket, old_pid)
-        .unwrap_or_else(|| panic!("no process runs with --takeover {}:\n{log}", socket.display()));
     assert!(!successor.exited());
 
     // The successor serves on the same port, and the idle client goes on there with its
