@@ -906,13 +906,7 @@ mod tests {
     #[test]
     fn a_tally_round_trips_and_nothing_else_is_one() {
         let handover = ClientHandover::default();
-        let (ours, theirs) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (ours, theirs) = seqpacket_pair();
         assert!(!handover.started());
         handover.start(Some(ours), Accepts::default());
         assert!(handover.started());
@@ -933,15 +927,20 @@ mod tests {
         assert_eq!(parse_tally(b"pgrelay-client/2"), None);
     }
 
-    /// A client channel's two ends, the old process's started with what `takes` says.
-    fn channel(takes: Accepts) -> (ClientHandover, OwnedFd) {
-        let (ours, theirs) = nix::sys::socket::socketpair(
+    /// Both ends of a client channel, unstarted.
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
             None,
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A client channel's two ends, the old process's started with what `takes` says.
+    fn channel(takes: Accepts) -> (ClientHandover, OwnedFd) {
+        let (ours, theirs) = seqpacket_pair();
         let handover = ClientHandover::default();
         handover.start(Some(ours), takes);
         (handover, theirs)

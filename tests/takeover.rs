@@ -25,6 +25,19 @@ fn url(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5")
 }
 
+/// The transaction-mode config of these tests: pool size 4, listening on `port`, taken
+/// over through `socket`, 20 s to drain.
+fn takeover_config(cluster: &pgrelay::localpg::LocalCluster, port: u16, socket: &Path) -> String {
+    common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
+        "listen = \"LISTEN\"",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
+            socket.display()
+        ),
+        1,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_process_takes_the_sockets_over_and_the_old_one_drains_and_exits_0() {
     let cluster = shared_cluster();
@@ -821,14 +834,7 @@ async fn fan_out_listeners_move_and_hear_every_notification_once_and_in_order() 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let socket = dir.path().join("takeover.sock");
-    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
-        "listen = \"LISTEN\"",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
-            socket.display()
-        ),
-        1,
-    );
+    let config = takeover_config(cluster, port, &socket);
     let config_path = dir.path().join("pgrelay.toml");
     std::fs::write(&config_path, &config).unwrap();
     let old = Process::start(&config_path, None, dir.path().join("old.log"));
@@ -995,14 +1001,7 @@ async fn a_listener_the_new_process_cannot_take_stays_and_is_ended_on_the_old_on
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let socket = dir.path().join("takeover.sock");
-    let config = common::config_for(cluster, "mode = \"transaction\"\nsize = 4").replacen(
-        "listen = \"LISTEN\"",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"",
-            socket.display()
-        ),
-        1,
-    );
+    let config = takeover_config(cluster, port, &socket);
     let old_config = dir.path().join("old.toml");
     std::fs::write(&old_config, &config).unwrap();
     // The new configuration does not fan out: it cannot subscribe the listener, so the
