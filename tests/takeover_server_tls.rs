@@ -184,7 +184,8 @@ async fn session_client_moves_twice(cluster: &LocalCluster, version: &str) {
     moves_data(&next).await;
     drop(next);
 
-    // Closed with the process: its server session ends (a Terminate through the records).
+    // Closed with the process: its server session ends (a Terminate and a close_notify
+    // through the records).
     third.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, log) = third.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");

@@ -531,6 +531,28 @@ impl RecordStream {
                 return;
             }
         }
+        self.write_now();
+    }
+
+    /// Seals a close_notify and writes what the socket takes without waiting; nothing more
+    /// is sealed after it.
+    pub fn close_nowait(&mut self) {
+        self.seal_close_notify();
+        self.write_now();
+    }
+
+    /// Seals the close_notify, once; nothing is sealed after it.
+    fn seal_close_notify(&mut self) {
+        if !self.output_closed {
+            // A warning-level alert; at the record limit none can be sealed, and the
+            // connection just closes.
+            let _ = self.seal(ALERT, &[1, CLOSE_NOTIFY]);
+            self.output_closed = true;
+        }
+    }
+
+    /// Writes what the socket takes of the sealed records, without waiting.
+    fn write_now(&mut self) {
         while !self.outgoing.is_empty() {
             match self.tcp.try_write(&self.outgoing) {
                 Ok(0) | Err(_) => return,
@@ -709,11 +731,7 @@ impl AsyncWrite for RecordStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.output_closed {
-            // close_notify is a warning-level alert; at the record limit none can be sent.
-            let _ = this.seal(ALERT, &[1, CLOSE_NOTIFY]);
-            this.output_closed = true;
-        }
+        this.seal_close_notify();
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }

@@ -201,11 +201,13 @@ impl ServerConn {
         self.stream.probe_alive()
     }
 
-    /// Sends Terminate if the socket can take it right away; used when a connection is
-    /// closed on purpose so the server does not log an unexpected EOF.
+    /// Sends Terminate (and under TLS a close_notify) if the socket can take it right
+    /// away; used when a connection is closed on purpose so the server does not log an
+    /// unexpected EOF.
     pub(crate) fn terminate_nowait(&mut self) {
         if !self.state.is_broken() {
             self.stream.try_write_now(&[b'X', 0, 0, 0, 4]);
+            self.stream.close_nowait();
         }
     }
 }

@@ -147,19 +147,39 @@ impl ServerStream {
             }
             ServerStream::Tls(tls) => {
                 let (tcp, connection) = tls.get_mut();
-                if connection.writer().write_all(bytes).is_err() {
-                    return;
-                }
-                let mut socket = NoWait(tcp.tcp());
-                while connection.wants_write() {
-                    match connection.write_tls(&mut socket) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
+                if connection.writer().write_all(bytes).is_ok() {
+                    write_tls_now(tcp.tcp(), connection);
                 }
             }
             ServerStream::Resumed(records) => records.try_write_now(bytes),
             ServerStream::Detached => {}
+        }
+    }
+}
+
+impl ServerStream {
+    /// Ends TLS with a close_notify if the socket takes it right away; nothing for plain
+    /// TCP. Last thing before the connection is dropped.
+    pub fn close_nowait(&mut self) {
+        match self {
+            ServerStream::Tls(tls) => {
+                let (tcp, connection) = tls.get_mut();
+                connection.send_close_notify();
+                write_tls_now(tcp.tcp(), connection);
+            }
+            ServerStream::Resumed(records) => records.close_nowait(),
+            ServerStream::Tcp(_) | ServerStream::Detached => {}
+        }
+    }
+}
+
+/// Writes what the socket takes of the records rustls holds, without waiting.
+fn write_tls_now(tcp: &TcpStream, connection: &mut tokio_rustls::rustls::ClientConnection) {
+    let mut socket = NoWait(tcp);
+    while connection.wants_write() {
+        match connection.write_tls(&mut socket) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }
