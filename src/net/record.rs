@@ -476,6 +476,13 @@ impl RecordStream {
         })
     }
 
+    /// Whether half of the records this side may seal under its key are spent (AES-GCM:
+    /// 2^23 of 2^24). A pooled server connection so far along is not reused: it would
+    /// end with an error at the limit, in the middle of some client's work.
+    pub fn half_spent(&self) -> bool {
+        self.tx.secrets.seq >= self.tx.limit / 2
+    }
+
     /// Whether a read would return without waiting for the socket: application data is
     /// buffered, the input has ended, or a whole record waits to be opened.
     fn read_would_progress(&self) -> bool {

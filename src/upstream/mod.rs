@@ -173,7 +173,9 @@ impl ServerConn {
     /// Idle, not retired, and holding no client's session state: it may go back to the
     /// pool.
     pub fn is_reusable(&self) -> bool {
-        self.is_idle() && self.state.is_reusable()
+        // A continued TLS connection half way to its record limit is closed rather than
+        // lent again: reaching the limit would end it in the middle of a client's work.
+        self.is_idle() && self.state.is_reusable() && !self.stream.half_spent()
     }
 
     pub fn is_broken(&self) -> bool {

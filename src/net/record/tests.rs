@@ -428,3 +428,31 @@ fn a_sequence_number_at_the_limit_seals_nothing() {
         assert_eq!(direction.secrets.seq, 1 << 24, "no number is used twice");
     }
 }
+
+#[tokio::test]
+async fn a_stream_past_half_its_records_says_so() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let state = |suite, key_len, seq| RecordState {
+        version: Version::Tls13,
+        suite,
+        tx: Secrets {
+            key: vec![1; key_len],
+            iv: [0; NONCE_LEN],
+            seq,
+        },
+        rx: Secrets {
+            key: vec![2; key_len],
+            iv: [0; NONCE_LEN],
+            seq: 0,
+        },
+    };
+    let fresh = RecordStream::new(tcp, state(Suite::Aes128Gcm, 16, (1 << 23) - 1)).unwrap();
+    assert!(!fresh.half_spent());
+    let tcp = fresh.tcp;
+    let spent = RecordStream::new(tcp, state(Suite::Aes256Gcm, 32, 1 << 23)).unwrap();
+    assert!(spent.half_spent());
+    let tcp = spent.tcp;
+    let chacha = RecordStream::new(tcp, state(Suite::Chacha20Poly1305, 32, 1 << 40)).unwrap();
+    assert!(!chacha.half_spent(), "bounded by the sequence number alone");
+}
