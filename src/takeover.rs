@@ -6,7 +6,7 @@
 //! The exchange, one text line each way (the old process is "old", the new one "new"):
 //!
 //! ```text
-//! new → old  HELLO pgrelay-takeover/2 <version> [listeners] [memfd] [tls12]
+//! new → old  HELLO pgrelay-takeover/2 <version> [listeners] [memfd] [tls12] [server_tls]
 //! old → new  SOCKETS listen=<addr> [peer_listen=<addr>] [metrics_listen=<addr>]   + the fds
 //!            (or REFUSED <reason>, and the connection is closed)
 //! new → old  ACCEPTING            the new process accepts on the sockets
@@ -20,7 +20,8 @@
 //! that it reads client descriptions too large for one message from a memfd (`large`), and
 //! `tls12` that it continues TLS 1.2 connections (an earlier one continues only TLS 1.3: a
 //! TLS 1.2 client then finishes on the old process rather than be disconnected on the new
-//! one).
+//! one), and `server_tls` that it continues a TLS server connection handed over with its
+//! client (an earlier one takes only plain TCP ones: such a client then finishes here).
 //!
 //! Both processes hold the same listening sockets, so connections waiting in the backlog
 //! are never lost: the old one only stops calling accept, and the new one takes them.
@@ -62,10 +63,11 @@ const MAX_LINE: usize = 4096;
 /// Sockets handed over at most: listen, peer_listen, metrics_listen.
 const MAX_SOCKETS: usize = 3;
 /// The words of the HELLO line by which a new process says it takes fan-out listeners,
-/// large descriptions in a memfd, and TLS 1.2 clients.
+/// large descriptions in a memfd, TLS 1.2 clients, and TLS server connections.
 const LISTENERS: &str = "listeners";
 const MEMFD: &str = "memfd";
 const TLS12: &str = "tls12";
+const SERVER_TLS: &str = "server_tls";
 
 /// What the new process said it takes besides plain and TLS 1.3 clients.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,7 @@ pub struct Accepts {
     pub listeners: bool,
     pub memfd: bool,
     pub tls12: bool,
+    pub server_tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +183,7 @@ pub fn receive(path: &Path) -> Result<Inherited, TakeoverError> {
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     stream.set_write_timeout(Some(STEP_TIMEOUT)).map_err(io_error)?;
     let hello = format!(
-        "HELLO {PROTOCOL} {} {LISTENERS} {MEMFD} {TLS12}\n",
+        "HELLO {PROTOCOL} {} {LISTENERS} {MEMFD} {TLS12} {SERVER_TLS}\n",
         env!("CARGO_PKG_VERSION")
     );
     stream.write_all(hello.as_bytes()).map_err(io_error)?;
@@ -405,6 +408,8 @@ pub struct ClientHandover {
     memfd: std::sync::atomic::AtomicBool,
     /// The new process continues TLS 1.2 connections.
     tls12: std::sync::atomic::AtomicBool,
+    /// The new process continues TLS server connections.
+    server_tls: std::sync::atomic::AtomicBool,
 }
 
 /// What the old process counted at the takeover (and had been passed on by its own
@@ -444,11 +449,18 @@ impl ClientHandover {
         self.tls12.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether the new process continues a TLS server connection that comes with its client.
+    pub fn continues_server_tls(&self) -> bool {
+        self.server_tls.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn start(&self, fd: Option<OwnedFd>, accepts: Accepts) {
         self.listeners
             .store(accepts.listeners, std::sync::atomic::Ordering::Release);
         self.memfd.store(accepts.memfd, std::sync::atomic::Ordering::Release);
         self.tls12.store(accepts.tls12, std::sync::atomic::Ordering::Release);
+        self.server_tls
+            .store(accepts.server_tls, std::sync::atomic::Ordering::Release);
         if let (Some(fd), Ok(mut channel)) = (fd, self.channel.lock()) {
             *channel = Some(fd);
         }
@@ -810,6 +822,7 @@ fn hand_over(
         listeners: words.contains(&LISTENERS),
         memfd: words.contains(&MEMFD),
         tls12: words.contains(&TLS12),
+        server_tls: words.contains(&SERVER_TLS),
     };
     let refusal = if greeting != Some("HELLO") || protocol != Some(PROTOCOL) {
         Some(format!(
@@ -873,9 +886,10 @@ mod tests {
             listeners: true,
             memfd: true,
             tls12: true,
+            server_tls: true,
         };
         let ours = format!(
-            "HELLO {PROTOCOL} {} {LISTENERS} {MEMFD} {TLS12}\n",
+            "HELLO {PROTOCOL} {} {LISTENERS} {MEMFD} {TLS12} {SERVER_TLS}\n",
             env!("CARGO_PKG_VERSION")
         );
         assert_eq!(accepts_after(&ours), all);
@@ -889,6 +903,9 @@ mod tests {
             }
         );
         assert_eq!(accepts_after(&format!("HELLO {PROTOCOL} 0.1.0\n")), Accepts::default());
+        // The version before TLS server connections moved.
+        let before = accepts_after(&format!("HELLO {PROTOCOL} 0.1.0 {LISTENERS} {MEMFD} {TLS12}\n"));
+        assert!(before.tls12 && !before.server_tls);
     }
 
     #[test]
@@ -988,7 +1005,7 @@ mod tests {
         let (handover, theirs) = channel(Accepts {
             listeners: true,
             memfd: true,
-            tls12: false,
+            ..Accepts::default()
         });
         let (thread, received) = receive_into(theirs);
         let large: Vec<u8> = (0..3 * 1024 * 1024u32).map(|at| (at % 251) as u8).collect();
@@ -1027,7 +1044,7 @@ mod tests {
         let (handover, theirs) = channel(Accepts {
             listeners: false,
             memfd: true,
-            tls12: false,
+            ..Accepts::default()
         });
         let (thread, received) = receive_into(theirs);
         // Mapped lazily: zeroes cost no memory until read.

@@ -9,79 +9,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::process::{Process, free_port};
+use common::takeover::{
+    admin_rows, backend_pid, handed_over_with_server, listening_client, next_notification, start_old, url,
+    wait_idle_in_pool,
+};
 use common::{first_value, shared_cluster, sqlstate, wait_until};
-use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{NoTls, SimpleQueryMessage};
 
-fn url(port: u16) -> String {
-    format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5")
-}
-
-/// A config in `dir` for `pool` on `port`, with a takeover socket and the admin console;
-/// returns its path and the socket's.
-fn write_config(dir: &Path, port: u16, pool: &str) -> (PathBuf, PathBuf) {
-    let socket = dir.join("takeover.sock");
-    let config = common::config_for(shared_cluster(), pool).replacen(
-        "listen = \"LISTEN\"",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\ntakeover_socket = \"{}\"\n\
-             admin_users = [\"app\"]",
-            socket.display()
-        ),
-        1,
-    );
-    let path = dir.join("pgrelay.toml");
-    std::fs::write(&path, config).unwrap();
-    (path, socket)
-}
-
-async fn start_old(config: &Path, dir: &Path, port: u16) -> Process {
-    let old = Process::start(config, None, dir.join("old.log"));
-    wait_until("the old process accepts", Duration::from_secs(20), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-    })
-    .await;
-    old
-}
-
-/// Clients the old process's log says it handed over with their server connection.
-fn handed_over_with_server(log: &str) -> usize {
-    log.lines()
-        .filter(|line| line.contains("client handed over to the new process") && line.contains("with_server=true"))
-        .count()
-}
-
-async fn backend_pid(client: &Client) -> String {
-    first_value(&client.simple_query("SELECT pg_backend_pid()").await.unwrap())
-}
-
-/// The rows of an admin console command, as name → value maps.
-async fn admin_rows(port: u16, command: &str) -> Vec<std::collections::HashMap<String, String>> {
-    let admin = common::connect(&format!(
-        "host=127.0.0.1 port={port} user=app password=app dbname=pgrelay connect_timeout=5"
-    ))
-    .await
-    .unwrap();
-    admin
-        .simple_query(command)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some(
-                row.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(index, column)| (column.name().to_owned(), row.get(index).unwrap_or("").to_owned()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+fn write_config(dir: &std::path::Path, port: u16, pool: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    common::takeover::write_config(shared_cluster(), dir, port, pool)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -191,17 +131,7 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
     // When the client leaves, its server connection is reset (server_reset_query) and
     // goes back to the pool, idle; the next connection the pool needs is that one.
     drop(idle);
-    wait_until(
-        "the server connection is idle in the pool",
-        Duration::from_secs(10),
-        || async {
-            admin_rows(port, "SHOW SERVERS")
-                .await
-                .iter()
-                .any(|row| row["remote_pid"] == idle_pid && row["state"] == "idle")
-        },
-    )
-    .await;
+    wait_idle_in_pool(port, &idle_pid, "the server connection is idle in the pool").await;
     let next = common::connect(&url(port)).await.unwrap();
     assert_eq!(backend_pid(&next).await, idle_pid, "the pool's connection, reused");
     let error = next.simple_query("SELECT x FROM t_moved").await.unwrap_err();
@@ -212,20 +142,6 @@ async fn a_session_mode_client_moves_with_its_server_connection() {
     new.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, log) = new.wait(Duration::from_secs(25)).await;
     assert!(status.success(), "{log}");
-}
-
-/// A client whose notifications come out of a channel.
-async fn listening_client(url: &str) -> (Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
-    let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if sender.send(message).is_err() {
-                break;
-            }
-        }
-    });
-    (client, messages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -258,15 +174,7 @@ async fn pinned_clients_keep_their_advisory_lock_and_their_listen_across_a_takeo
 
     // The listening client still listens, on the same server session.
     other.batch_execute("NOTIFY takeover_pin, 'after'").await.unwrap();
-    let payload = loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
-            .await
-            .expect("a notification within 10 s")
-            .expect("the listening client's connection ended");
-        if let AsyncMessage::Notification(notification) = message {
-            break (notification.channel().to_owned(), notification.payload().to_owned());
-        }
-    };
+    let payload = next_notification(&mut notifications).await;
     assert_eq!(payload, ("takeover_pin".to_owned(), "after".to_owned()));
     assert_eq!(backend_pid(&listener).await, listener_pid);
 
@@ -278,17 +186,7 @@ async fn pinned_clients_keep_their_advisory_lock_and_their_listen_across_a_takeo
     // Unlocked (pg_advisory_unlock_all unpins), the client is no longer pinned: the
     // handed-over connection goes back to the pool, idle, and the lock is free.
     holder.batch_execute("SELECT pg_advisory_unlock_all()").await.unwrap();
-    wait_until(
-        "the handed-over connection is idle in the pool",
-        Duration::from_secs(10),
-        || async {
-            admin_rows(port, "SHOW SERVERS")
-                .await
-                .iter()
-                .any(|row| row["remote_pid"] == pid && row["state"] == "idle")
-        },
-    )
-    .await;
+    wait_idle_in_pool(port, &pid, "the handed-over connection is idle in the pool").await;
     assert_eq!(first_value(&other.simple_query(try_lock).await.unwrap()), "t");
     assert_eq!(
         backend_pid(&holder).await,

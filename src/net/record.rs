@@ -1,17 +1,19 @@
 //! The TLS 1.3 and TLS 1.2 AEAD record layers alone (RFC 8446 §5; RFC 5246 §6.2.3.3 with
-//! RFC 5288 for AES-GCM and RFC 7905 for ChaCha20-Poly1305), for a client connection whose
-//! handshake ran in the process this one took over from: the keys, IVs and sequence numbers
-//! rustls extracted there come over with the socket, and the connection goes on here,
-//! record by record, with the same keys.
+//! RFC 5288 for AES-GCM and RFC 7905 for ChaCha20-Poly1305), for a connection whose
+//! handshake ran in the process this one took over from: a client's, or a server
+//! connection that travelled with its client. The keys, IVs and sequence numbers rustls
+//! extracted there come over with the socket, and the connection goes on here, record by
+//! record, with the same keys. Both roles frame records alike: the other end is the peer.
 //!
 //! rustls cannot rebuild a connection from extracted secrets, and the kernel's TLS
 //! offload (kTLS) is not available everywhere, so the framing is written here; the
 //! cryptography is `ring::aead`'s. What a peer may send after the handshake besides
 //! application data is handled as a receiver may: `close_notify` ends the stream, any other
-//! alert is an error, and a TLS 1.3 KeyUpdate or a TLS 1.2 renegotiation cannot be followed
+//! alert is an error, a TLS 1.3 NewSessionTicket (a server may send one at any time) is
+//! passed over, and a TLS 1.3 KeyUpdate or a TLS 1.2 renegotiation cannot be followed
 //! (rustls extracts the traffic keys, not the secrets new keys derive from): the connection
-//! ends with an error. libpq (OpenSSL) and rustls start neither on their own below their
-//! record limits.
+//! ends with an error. libpq and PostgreSQL (OpenSSL) and rustls start neither on their own
+//! below their record limits.
 
 use std::fmt;
 use std::io;
@@ -33,6 +35,9 @@ const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const CLOSE_NOTIFY: u8 = 0;
 const KEY_UPDATE: u8 = 24;
+const NEW_SESSION_TICKET: u8 = 4;
+/// A handshake message's header: its type and a 24-bit length.
+const HANDSHAKE_HEADER_LEN: usize = 4;
 const HEADER_LEN: usize = 5;
 const TAG_LEN: usize = 16;
 /// The explicit part of a TLS 1.2 AES-GCM nonce, sent before each record's ciphertext.
@@ -153,9 +158,9 @@ impl Drop for Secrets {
 pub struct RecordState {
     pub version: Version,
     pub suite: Suite,
-    /// Towards the client.
+    /// Towards the peer.
     pub tx: Secrets,
-    /// From the client.
+    /// From the peer.
     pub rx: Secrets,
 }
 
@@ -232,10 +237,10 @@ struct Direction {
 }
 
 impl Direction {
-    /// `sends`: the direction towards the client. Only what this side seals is bounded by
+    /// `sends`: the direction towards the peer. Only what this side seals is bounded by
     /// the suite's record limit (RFC 8446 §5.5 limits what is encrypted under one key);
-    /// what it opens, by the sequence number alone, as rustls does: a client that changes
-    /// no keys (OpenSSL's default, and every TLS 1.2 client) would otherwise be ended once
+    /// what it opens, by the sequence number alone, as rustls does: a peer that changes
+    /// no keys (OpenSSL's default, and every TLS 1.2 peer) would otherwise be ended once
     /// busy enough.
     fn new(version: Version, suite: Suite, secrets: Secrets, sends: bool) -> io::Result<Direction> {
         let key = UnboundKey::new(suite.algorithm(), &secrets.key)
@@ -369,17 +374,34 @@ impl Direction {
     }
 }
 
+/// Whether a TLS 1.3 handshake record holds whole NewSessionTicket messages and nothing
+/// else. A message split across records is not followed: it ends the connection as any
+/// other handshake message does.
+fn only_session_tickets(mut content: &[u8]) -> bool {
+    if content.is_empty() {
+        return false;
+    }
+    while let Some(header) = content.get(..HANDSHAKE_HEADER_LEN) {
+        let length = usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
+        if header[0] != NEW_SESSION_TICKET || content.len() < HANDSHAKE_HEADER_LEN + length {
+            return false;
+        }
+        content = &content[HANDSHAKE_HEADER_LEN + length..];
+    }
+    content.is_empty()
+}
+
 /// How the input side stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Input {
     Open,
-    /// The client sent close_notify: end of stream.
+    /// The peer sent close_notify: end of stream.
     Closed,
     /// Failed for good: each read repeats the error.
     Failed(io::ErrorKind, String),
 }
 
-/// A client connection continued with its TLS traffic keys (see the module comment).
+/// A connection continued with its TLS traffic keys (see the module comment).
 pub struct RecordStream {
     tcp: TcpStream,
     version: Version,
@@ -454,6 +476,13 @@ impl RecordStream {
         })
     }
 
+    /// Whether half of the records this side may seal under its key are spent (AES-GCM:
+    /// 2^23 of 2^24). A pooled server connection so far along is not reused: it would
+    /// end with an error at the limit, in the middle of some client's work.
+    pub fn half_spent(&self) -> bool {
+        self.tx.secrets.seq >= self.tx.limit / 2
+    }
+
     /// Whether a read would return without waiting for the socket: application data is
     /// buffered, the input has ended, or a whole record waits to be opened.
     fn read_would_progress(&self) -> bool {
@@ -473,7 +502,7 @@ impl RecordStream {
         self.tcp.poll_read_ready(cx)
     }
 
-    /// Whether the client sent anything not read yet (buffered here or in the socket).
+    /// Whether the peer sent anything not read yet (buffered here or in the socket).
     pub fn has_unread_input(&self) -> io::Result<bool> {
         if !self.plain.is_empty() || !self.incoming.is_empty() {
             return Ok(true);
@@ -483,6 +512,59 @@ impl RecordStream {
             Ok(read) => Ok(read > 0),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the connection is open and the peer silent: nothing buffered here, no
+    /// close_notify or error seen, and nothing (not even an end of stream) waiting in the
+    /// socket. Never waits and consumes nothing.
+    pub fn is_open_and_silent(&self) -> bool {
+        if self.input != Input::Open || !self.plain.is_empty() || !self.incoming.is_empty() {
+            return false;
+        }
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&self.tcp).peek(&mut byte),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Seals `bytes` and writes what the socket takes without waiting: for a last
+    /// courtesy message on a connection about to close, whose leftovers are dropped.
+    pub fn try_write_now(&mut self, bytes: &[u8]) {
+        if self.output_closed {
+            return;
+        }
+        for chunk in bytes.chunks(MAX_PLAINTEXT) {
+            if self.seal(APPLICATION_DATA, chunk).is_err() {
+                return;
+            }
+        }
+        self.write_now();
+    }
+
+    /// Seals a close_notify and writes what the socket takes without waiting; nothing more
+    /// is sealed after it.
+    pub fn close_nowait(&mut self) {
+        self.seal_close_notify();
+        self.write_now();
+    }
+
+    /// Seals the close_notify, once; nothing is sealed after it.
+    fn seal_close_notify(&mut self) {
+        if !self.output_closed {
+            // A warning-level alert; at the record limit none can be sealed, and the
+            // connection just closes.
+            let _ = self.seal(ALERT, &[1, CLOSE_NOTIFY]);
+            self.output_closed = true;
+        }
+    }
+
+    /// Writes what the socket takes of the sealed records, without waiting.
+    fn write_now(&mut self) {
+        while !self.outgoing.is_empty() {
+            match self.tcp.try_write(&self.outgoing) {
+                Ok(0) | Err(_) => return,
+                Ok(written) => self.outgoing.advance(written),
+            }
         }
     }
 
@@ -527,21 +609,24 @@ impl RecordStream {
                 let description = content.get(1).copied().unwrap_or(0);
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
-                    format!("the client sent TLS alert {description}"),
+                    format!("the TLS peer sent alert {description}"),
                 ));
             }
+            // Tickets for a later resumption, which pgrelay never attempts: nothing to do.
+            HANDSHAKE if self.version == Version::Tls13 && only_session_tickets(content) => {}
             HANDSHAKE if self.version == Version::Tls13 && content.first() == Some(&KEY_UPDATE) => {
                 tracing::warn!(
-                    "a client continued from the previous process sent a TLS KeyUpdate, which cannot be followed here: closing its connection"
+                    "a connection continued from the previous process received a TLS KeyUpdate, which cannot be followed here: closing it"
                 );
                 return Err(protocol_error(
                     "TLS KeyUpdate is not supported on a connection taken over",
                 ));
             }
-            // A ClientHello on an established TLS 1.2 connection: a renegotiation.
+            // A ClientHello or a HelloRequest on an established TLS 1.2 connection: a
+            // renegotiation.
             HANDSHAKE if self.version == Version::Tls12 => {
                 tracing::warn!(
-                    "a client continued from the previous process started a TLS renegotiation, which cannot be followed here: closing its connection"
+                    "a connection continued from the previous process received a TLS renegotiation, which cannot be followed here: closing it"
                 );
                 return Err(protocol_error(
                     "TLS renegotiation is not supported on a connection taken over",
@@ -613,7 +698,7 @@ impl AsyncRead for RecordStream {
                 Poll::Ready(Ok(0)) => {
                     let error = io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        "the client closed its connection without a TLS close_notify",
+                        "the TLS peer closed the connection without a close_notify",
                     );
                     return Poll::Ready(Err(this.fail(error)));
                 }
@@ -653,11 +738,7 @@ impl AsyncWrite for RecordStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.output_closed {
-            // close_notify is a warning-level alert; at the record limit none can be sent.
-            let _ = this.seal(ALERT, &[1, CLOSE_NOTIFY]);
-            this.output_closed = true;
-        }
+        this.seal_close_notify();
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }

@@ -9,9 +9,9 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ProtocolVersion;
 use tokio_rustls::server::TlsStream;
 
+use super::apart::{self, record_version};
 use super::record::{RecordState, RecordStream, Version};
 use super::transport::TlsTransport;
 
@@ -122,11 +122,7 @@ impl ClientStream {
             ClientStream::Tcp(_) => true,
             ClientStream::Tls(tls) => {
                 let (transport, connection) = tls.get_ref();
-                record_version(connection.protocol_version()).is_some()
-                    && !connection.is_handshaking()
-                    && !connection.wants_write()
-                    && connection.wants_read()
-                    && transport.at_record_boundary()
+                apart::can_move(transport, connection)
             }
             ClientStream::Resumed(records) => records.quiet_state().is_some(),
             ClientStream::Detached => false,
@@ -139,19 +135,18 @@ impl ClientStream {
     /// connection of another TLS version is refused and left as it is; any later error
     /// leaves the connection unusable. Other streams are left as they are.
     pub fn leave_rustls(&mut self) -> io::Result<()> {
-        let version = match self {
-            ClientStream::Tls(tls) => record_version(tls.get_ref().1.protocol_version())
-                .ok_or_else(|| io::Error::other("only a TLS 1.3 or 1.2 connection can be taken apart"))?,
-            _ => return Ok(()),
+        let ClientStream::Tls(tls) = self else {
+            return Ok(());
         };
+        if record_version(tls.get_ref().1.protocol_version()).is_none() {
+            return Err(io::Error::other("only a TLS 1.3 or 1.2 connection can be taken apart"));
+        }
         let ClientStream::Tls(tls) = std::mem::replace(self, ClientStream::Detached) else {
             return Ok(());
         };
         let (transport, connection) = tls.into_inner();
-        let secrets = connection.dangerous_extract_secrets().map_err(io::Error::other)?;
-        let state = RecordState::from_rustls(secrets, version)
-            .ok_or_else(|| io::Error::other("the TLS cipher suite has no record layer here"))?;
-        *self = ClientStream::Resumed(Box::new(RecordStream::new(transport.into_tcp(), state)?));
+        let records = apart::into_records(transport, connection.into())?;
+        *self = ClientStream::Resumed(Box::new(records));
         Ok(())
     }
 
@@ -181,15 +176,6 @@ impl ClientStream {
         let tls = acceptor.accept(TlsTransport::new(tcp)).await?;
         *self = ClientStream::Tls(Box::new(tls));
         Ok(())
-    }
-}
-
-/// The record layer for a negotiated protocol version, if `crate::net::record` has one.
-fn record_version(version: Option<ProtocolVersion>) -> Option<Version> {
-    match version? {
-        ProtocolVersion::TLSv1_3 => Some(Version::Tls13),
-        ProtocolVersion::TLSv1_2 => Some(Version::Tls12),
-        _ => None,
     }
 }
 

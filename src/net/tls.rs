@@ -247,6 +247,9 @@ impl ServerTls {
             config: config.clone(),
             connector: client_config.map(|mut client_config| {
                 client_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+                // A takeover hands a server connection over with its traffic keys
+                // (`crate::net::apart`).
+                client_config.enable_secret_extraction = true;
                 TlsConnector::from(Arc::new(client_config))
             }),
         })

@@ -295,7 +295,9 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     let server = match (&description, &entries, resumed.server) {
         (Some(description), Some((database, user)), server) => match (&description.server, server) {
             (None, None) => Some(None),
-            (Some(kept), Some(stream)) => adopt_server(database, user, kept, stream, peer).map(Some),
+            (Some(kept), Some(stream)) => {
+                adopt_server(database, user, kept, description.server_tls.clone(), stream, peer).map(Some)
+            }
             // A socket without its description, or a description without its socket.
             _ => None,
         },
@@ -367,11 +369,14 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
 }
 
 /// Takes a handed-over client's server connection into the pool of `database` and `user`
-/// with the same address and role; `None` (and the connection closed) if there is none.
+/// with the same address and role, a TLS one going on with the record state `tls`; `None`
+/// (and the connection closed) if there is none. A TLS connection that cannot go on is
+/// closed without a word: nothing but its own records may be written to it.
 fn adopt_server(
     database: &Arc<crate::runtime::DatabaseEntry>,
     user: &Arc<crate::runtime::UserEntry>,
     kept: &run::handover::KeptServer,
+    tls: Option<crate::net::record::RecordState>,
     stream: std::net::TcpStream,
     peer: SocketAddr,
 ) -> Option<crate::pool::Checkout> {
@@ -389,6 +394,16 @@ fn adopt_server(
             tracing::warn!(client = %peer, %error, "cannot take over a handed-over client's server connection");
             return None;
         }
+    };
+    let stream = match tls {
+        None => crate::upstream::ServerStream::Tcp(stream),
+        Some(state) => match crate::net::record::RecordStream::new(stream, state) {
+            Ok(records) => crate::upstream::ServerStream::Resumed(Box::new(records)),
+            Err(error) => {
+                tracing::warn!(client = %peer, %error, "cannot continue a handed-over client's TLS server connection");
+                return None;
+            }
+        },
     };
     let pool = &pools.hosts[index];
     let conn = crate::upstream::ServerConn::adopt(stream, pool.spec().addr.clone(), &kept.conn);

@@ -192,8 +192,10 @@ async fn negotiate_tls(mut tcp: TcpStream, spec: &ConnectSpec) -> Result<ServerS
         }
     }
     let name = ServerTls::server_name(&spec.addr).map_err(&refused)?;
+    // Over a transport that follows the record framing, so that the connection can be
+    // taken apart at a record boundary for a takeover (`ServerStream::can_move`).
     let tls = connector
-        .connect(name, tcp)
+        .connect(name, crate::net::TlsTransport::new(tcp))
         .await
         .map_err(|error| refused(format!("TLS handshake failed: {error}")))?;
     Ok(ServerStream::Tls(Box::new(tls)))

@@ -29,10 +29,13 @@ pub struct HandedServer {
 
 impl ServerConn {
     /// What goes with this connection's socket to another process; `None` unless it is
-    /// plain TCP and quiet: outside a transaction, nothing owed or under way either way,
-    /// nothing buffered.
+    /// quiet: outside a transaction, nothing owed or under way either way, nothing
+    /// buffered, and under TLS nothing buffered in the TLS layer either and every record
+    /// read whole (its traffic keys go along: see `ServerStream::leave_rustls`). Bytes the
+    /// server sent since (a notification) wait in the socket for the other process, whole
+    /// records that the keys it receives open.
     pub(crate) fn handed_over(&self, replica: bool) -> Option<HandedServer> {
-        let quiet = self.is_idle() && self.inbuf.is_empty() && matches!(self.stream, ServerStream::Tcp(_));
+        let quiet = self.is_idle() && self.inbuf.is_empty() && self.stream.can_move();
         quiet.then(|| HandedServer {
             addr: self.addr.to_string(),
             replica,
@@ -50,10 +53,10 @@ impl ServerConn {
     }
 
     /// The connection rebuilt around `stream` (already registered with this process's
-    /// runtime). Its prepared statements are known by name only, so each is closed before
+    /// runtime; for TLS, the record layer continued with the keys that came along). Its prepared statements are known by name only, so each is closed before
     /// a statement of that name is prepared again: the names this process gives may
     /// differ from the old one's.
-    pub(crate) fn adopt(stream: tokio::net::TcpStream, addr: Arc<str>, handed: &HandedServer) -> ServerConn {
+    pub(crate) fn adopt(stream: ServerStream, addr: Arc<str>, handed: &HandedServer) -> ServerConn {
         let mut params = SessionParams::default();
         for (name, value, sql) in &handed.params {
             if *sql {
@@ -71,7 +74,7 @@ impl ServerConn {
             state.client_state_added();
         }
         ServerConn {
-            stream: ServerStream::Tcp(stream),
+            stream,
             inbuf: BytesMut::with_capacity(8192),
             outbuf: BytesMut::with_capacity(8192),
             expect: ResponseQueue::default(),

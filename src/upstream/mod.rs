@@ -173,7 +173,9 @@ impl ServerConn {
     /// Idle, not retired, and holding no client's session state: it may go back to the
     /// pool.
     pub fn is_reusable(&self) -> bool {
-        self.is_idle() && self.state.is_reusable()
+        // A continued TLS connection half way to its record limit is closed rather than
+        // lent again: reaching the limit would end it in the middle of a client's work.
+        self.is_idle() && self.state.is_reusable() && !self.stream.half_spent()
     }
 
     pub fn is_broken(&self) -> bool {
@@ -201,11 +203,13 @@ impl ServerConn {
         self.stream.probe_alive()
     }
 
-    /// Sends Terminate if the socket can take it right away; used when a connection is
-    /// closed on purpose so the server does not log an unexpected EOF.
+    /// Sends Terminate (and under TLS a close_notify) if the socket can take it right
+    /// away; used when a connection is closed on purpose so the server does not log an
+    /// unexpected EOF.
     pub(crate) fn terminate_nowait(&mut self) {
         if !self.state.is_broken() {
             self.stream.try_write_now(&[b'X', 0, 0, 0, 4]);
+            self.stream.close_nowait();
         }
     }
 }

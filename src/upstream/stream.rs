@@ -1,4 +1,5 @@
-//! The byte stream to a server: plain TCP or TLS (negotiated in `connect`).
+//! The byte stream to a server: plain TCP, TLS (negotiated in `connect`), or TLS continued
+//! from the process this one took over from (`crate::net::record`).
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
@@ -9,10 +10,27 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::net::TlsTransport;
+use crate::net::apart;
+use crate::net::record::{RecordState, RecordStream};
+
 #[derive(Debug)]
 pub enum ServerStream {
     Tcp(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<TlsTransport>>),
+    /// A TLS connection whose handshake ran in the process this one took over from, or
+    /// one taken apart here to be handed over: its record layer with the extracted keys.
+    Resumed(Box<RecordStream>),
+    /// Only while a rustls connection is taken apart, and for good if that failed: every
+    /// operation fails.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the server connection was lost taking its TLS apart",
+    )
 }
 
 impl ServerStream {
@@ -32,8 +50,11 @@ impl ServerStream {
                 if !connection.wants_read() {
                     return Poll::Ready(Ok(()));
                 }
-                tcp.poll_read_ready(cx)
+                tcp.tcp().poll_read_ready(cx)
             }
+            // Opened records wait in the stream the same way.
+            ServerStream::Resumed(records) => records.poll_read_ready(cx),
+            ServerStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
@@ -61,20 +82,67 @@ impl ServerStream {
                 // Peeked, not read: bytes taken from under rustls would break the TLS
                 // stream. Any record (a FATAL, an alert) or EOF means the same as above.
                 let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-                match socket2::SockRef::from(tcp).peek(&mut byte) {
+                match socket2::SockRef::from(tcp.tcp()).peek(&mut byte) {
                     Err(error) => error.kind() == io::ErrorKind::WouldBlock,
                     Ok(_) => false,
                 }
             }
+            ServerStream::Resumed(records) => records.is_open_and_silent(),
+            ServerStream::Detached => false,
         }
     }
 
-    /// The socket, if it is plain TCP: only such a connection can be handed to another
-    /// process (a TLS session's state is in this one).
-    pub fn tcp_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    /// Whether the connection can be handed to another process as it stands: plain TCP;
+    /// TLS 1.3 or 1.2 with nothing buffered in rustls either way and every record read
+    /// whole (`apart::can_move`); a continued TLS connection with nothing buffered.
+    pub fn can_move(&self) -> bool {
         match self {
-            ServerStream::Tcp(tcp) => Some(std::os::fd::AsFd::as_fd(tcp)),
-            ServerStream::Tls(_) => None,
+            ServerStream::Tcp(_) => true,
+            ServerStream::Tls(tls) => {
+                let (transport, connection) = tls.get_ref();
+                apart::can_move(transport, connection)
+            }
+            ServerStream::Resumed(records) => records.quiet_state().is_some(),
+            ServerStream::Detached => false,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ServerStream::Tls(_) | ServerStream::Resumed(_))
+    }
+
+    /// Whether a continued TLS connection has used half the records its key may seal
+    /// (see `RecordStream::half_spent`); rustls changes keys on its own, and plain TCP
+    /// has no such bound.
+    pub fn half_spent(&self) -> bool {
+        matches!(self, ServerStream::Resumed(records) if records.half_spent())
+    }
+
+    /// Takes a rustls connection apart into its record layer (for a handover: see
+    /// [`ServerStream::can_move`] first). rustls writes nothing on the way, and from here
+    /// only the record stream writes. On an error the connection is lost (`Detached`).
+    /// Other streams are left as they are.
+    pub fn leave_rustls(&mut self) -> io::Result<()> {
+        if !matches!(self, ServerStream::Tls(_)) {
+            return Ok(());
+        }
+        let ServerStream::Tls(tls) = std::mem::replace(self, ServerStream::Detached) else {
+            return Ok(());
+        };
+        let (transport, connection) = tls.into_inner();
+        *self = ServerStream::Resumed(Box::new(apart::into_records(transport, connection.into())?));
+        Ok(())
+    }
+
+    /// The socket to hand over and, for TLS, the record state that goes with it; `None`
+    /// for a stream that cannot move as it is (a rustls connection is taken apart first,
+    /// with [`ServerStream::leave_rustls`]).
+    pub fn handover(&self) -> Option<(std::os::fd::BorrowedFd<'_>, Option<RecordState>)> {
+        use std::os::fd::AsFd;
+        match self {
+            ServerStream::Tcp(tcp) => Some((tcp.as_fd(), None)),
+            ServerStream::Resumed(records) => Some((records.tcp().as_fd(), Some(records.quiet_state()?))),
+            ServerStream::Tls(_) | ServerStream::Detached => None,
         }
     }
 
@@ -86,17 +154,39 @@ impl ServerStream {
             }
             ServerStream::Tls(tls) => {
                 let (tcp, connection) = tls.get_mut();
-                if connection.writer().write_all(bytes).is_err() {
-                    return;
-                }
-                let mut socket = NoWait(tcp);
-                while connection.wants_write() {
-                    match connection.write_tls(&mut socket) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
+                if connection.writer().write_all(bytes).is_ok() {
+                    write_tls_now(tcp.tcp(), connection);
                 }
             }
+            ServerStream::Resumed(records) => records.try_write_now(bytes),
+            ServerStream::Detached => {}
+        }
+    }
+}
+
+impl ServerStream {
+    /// Ends TLS with a close_notify if the socket takes it right away; nothing for plain
+    /// TCP. Last thing before the connection is dropped.
+    pub fn close_nowait(&mut self) {
+        match self {
+            ServerStream::Tls(tls) => {
+                let (tcp, connection) = tls.get_mut();
+                connection.send_close_notify();
+                write_tls_now(tcp.tcp(), connection);
+            }
+            ServerStream::Resumed(records) => records.close_nowait(),
+            ServerStream::Tcp(_) | ServerStream::Detached => {}
+        }
+    }
+}
+
+/// Writes what the socket takes of the records rustls holds, without waiting.
+fn write_tls_now(tcp: &TcpStream, connection: &mut tokio_rustls::rustls::ClientConnection) {
+    let mut socket = NoWait(tcp);
+    while connection.wants_write() {
+        match connection.write_tls(&mut socket) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }
@@ -119,6 +209,8 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
             ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            ServerStream::Resumed(records) => Pin::new(records.as_mut()).poll_read(cx, buf),
+            ServerStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }
@@ -128,6 +220,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
             ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            ServerStream::Resumed(records) => Pin::new(records.as_mut()).poll_write(cx, buf),
+            ServerStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
@@ -137,6 +231,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
             ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            ServerStream::Resumed(records) => Pin::new(records.as_mut()).poll_flush(cx),
+            ServerStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
@@ -144,6 +240,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             ServerStream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            ServerStream::Resumed(records) => Pin::new(records.as_mut()).poll_shutdown(cx),
+            ServerStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }

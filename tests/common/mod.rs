@@ -8,6 +8,7 @@
 pub mod process;
 pub mod raw;
 pub mod relay;
+pub mod takeover;
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};

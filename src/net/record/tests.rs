@@ -19,10 +19,12 @@ async fn pair(suite: SupportedCipherSuite) -> (ClientTlsStream<TcpStream>, Clien
     pair_with(suite, &version::TLS13).await
 }
 
-async fn pair_with(
+/// A server and a client configuration for `suite` and `version` that trust each other,
+/// both able to give out their secrets.
+fn configs(
     suite: SupportedCipherSuite,
     version: &'static tokio_rustls::rustls::SupportedProtocolVersion,
-) -> (ClientTlsStream<TcpStream>, ClientStream) {
+) -> (ServerConfig, ClientConfig) {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .unwrap()
@@ -43,12 +45,20 @@ async fn pair_with(
     server.enable_secret_extraction = true;
     let mut roots = RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
-    let client = ClientConfig::builder_with_provider(provider)
+    let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    client.enable_secret_extraction = true;
+    (server, client)
+}
 
+async fn pair_with(
+    suite: SupportedCipherSuite,
+    version: &'static tokio_rustls::rustls::SupportedProtocolVersion,
+) -> (ClientTlsStream<TcpStream>, ClientStream) {
+    let (server, client) = configs(suite, version);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connector = TlsConnector::from(Arc::new(client));
@@ -137,6 +147,95 @@ async fn goes_on_talking(
     let mut rest = Vec::new();
     assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
     assert!(!server.can_move(), "a closed stream does not move");
+}
+
+/// The client role, as pgrelay holds a server connection: a rustls client over a
+/// `TlsTransport` taken apart at once (in TLS 1.3 the server's session tickets then come
+/// to the record layer, which passes them over), talking to a rustls server both ways,
+/// handed over once more, and closed with a last message written without waiting.
+async fn goes_on_as_a_client(
+    suite: SupportedCipherSuite,
+    version: &'static tokio_rustls::rustls::SupportedProtocolVersion,
+) {
+    use crate::upstream::ServerStream;
+    let (server_config, client_config) = configs(suite, version);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connector = TlsConnector::from(Arc::new(client_config));
+    let (ours, mut peer) = tokio::join!(
+        async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = connector
+                .connect("localhost".try_into().unwrap(), crate::net::TlsTransport::new(tcp))
+                .await
+                .unwrap();
+            ServerStream::Tls(Box::new(tls))
+        },
+        async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            TlsAcceptor::from(Arc::new(server_config)).accept(tcp).await.unwrap()
+        }
+    );
+    let mut ours = ours;
+    assert!(ours.can_move(), "{suite:?}");
+    ours.leave_rustls().unwrap();
+    assert!(matches!(ours, ServerStream::Resumed(_)));
+    send(&mut ours, &mut peer, b"startup", 100).await;
+    send(&mut peer, &mut ours, &pattern(200_000, 1), 30_000).await;
+    send(&mut ours, &mut peer, &pattern(100_000, 2), 16_384).await;
+    assert!(ours.probe_alive(), "idle and open");
+
+    let (socket, state) = ours.handover().unwrap();
+    let mut encoded = Vec::new();
+    state.unwrap().encode(&mut encoded);
+    let (state, _) = RecordState::decode(&encoded).unwrap();
+    let copy = std::net::TcpStream::from(socket.try_clone_to_owned().unwrap());
+    copy.set_nonblocking(true).unwrap();
+    drop(ours);
+    let mut ours = ServerStream::Resumed(Box::new(
+        RecordStream::new(TcpStream::from_std(copy).unwrap(), state).unwrap(),
+    ));
+    send(&mut peer, &mut ours, &pattern(50_000, 3), 50_000).await;
+    send(&mut ours, &mut peer, &pattern(50_000, 4), 7_000).await;
+
+    // A last message without waiting (a Terminate) and a close_notify: the peer reads a
+    // clean end (rustls reports an EOF without close_notify as an error). Then the peer's
+    // close_notify: no longer alive.
+    ours.try_write_now(b"X\0\0\0\x04");
+    ours.close_nowait();
+    let mut last = Vec::new();
+    peer.read_to_end(&mut last).await.unwrap();
+    assert_eq!(last, b"X\0\0\0\x04");
+    peer.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(ours.read_to_end(&mut rest).await.unwrap(), 0);
+    assert!(!ours.probe_alive());
+}
+
+#[tokio::test]
+async fn a_server_connection_taken_from_rustls_goes_on_talking() {
+    for suite in [
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        goes_on_as_a_client(suite, &version::TLS13).await;
+    }
+    for suite in TLS12_SUITES {
+        goes_on_as_a_client(suite, &version::TLS12).await;
+    }
+}
+
+#[test]
+fn only_whole_session_tickets_are_passed_over() {
+    let ticket = |length: u8| [&[NEW_SESSION_TICKET, 0, 0, length][..], &vec![9; usize::from(length)]].concat();
+    assert!(only_session_tickets(&ticket(3)));
+    assert!(only_session_tickets(&[ticket(3), ticket(0), ticket(200)].concat()));
+    assert!(!only_session_tickets(&[]));
+    assert!(!only_session_tickets(&ticket(3)[..5]), "a ticket cut short");
+    assert!(!only_session_tickets(
+        &[ticket(3), vec![KEY_UPDATE, 0, 0, 1, 0]].concat()
+    ));
 }
 
 /// The TLS 1.2 AEAD suites rustls offers with ring, with an ECDSA certificate (the record
@@ -328,4 +427,32 @@ fn a_sequence_number_at_the_limit_seals_nothing() {
         assert_eq!(out.len(), sealed, "nothing more is sealed");
         assert_eq!(direction.secrets.seq, 1 << 24, "no number is used twice");
     }
+}
+
+#[tokio::test]
+async fn a_stream_past_half_its_records_says_so() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let state = |suite, key_len, seq| RecordState {
+        version: Version::Tls13,
+        suite,
+        tx: Secrets {
+            key: vec![1; key_len],
+            iv: [0; NONCE_LEN],
+            seq,
+        },
+        rx: Secrets {
+            key: vec![2; key_len],
+            iv: [0; NONCE_LEN],
+            seq: 0,
+        },
+    };
+    let fresh = RecordStream::new(tcp, state(Suite::Aes128Gcm, 16, (1 << 23) - 1)).unwrap();
+    assert!(!fresh.half_spent());
+    let tcp = fresh.tcp;
+    let spent = RecordStream::new(tcp, state(Suite::Aes256Gcm, 32, 1 << 23)).unwrap();
+    assert!(spent.half_spent());
+    let tcp = spent.tcp;
+    let chacha = RecordStream::new(tcp, state(Suite::Chacha20Poly1305, 32, 1 << 40)).unwrap();
+    assert!(!chacha.half_spent(), "bounded by the sequence number alone");
 }

@@ -2,7 +2,8 @@
 //! clients can go (plain TCP or TLS 1.3, or TLS 1.2 to a process that continues it; between
 //! transactions, no pending input; in
 //! transaction or statement mode with no server, or, in session mode or pinned, with its
-//! server connection when that is plain TCP and quiet too), the description of its session
+//! server connection when that is quiet too, plain TCP or TLS to a process that continues
+//! it, its traffic keys going along), the description of its session
 //! that goes with its socket, and the session rebuilt from it on the other side. A fan-out
 //! listener's channels go with it, cut between the processes at a marker (`listener`).
 
@@ -25,9 +26,12 @@ pub(in crate::session) use listener::arrive;
 /// Marks a description, and its layout: a process that writes another one is refused.
 const MAGIC: &[u8] = b"pgrelay-client/2";
 /// Tag the optional sections after the fixed fields, each present at most once: the server
-/// connection that travels with the client, and a TLS client's record layer.
+/// connection that travels with the client, a TLS client's record layer, and the record
+/// layer of that server connection when it is TLS (only with a server section, and only to
+/// a process that said `server_tls`: an earlier one refuses a section it does not know).
 const SECTION_SERVER: u8 = 1;
 const SECTION_TLS: u8 = b'T';
+const SECTION_SERVER_TLS: u8 = b'S';
 
 /// A client's session as it travels from one process to the other.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -62,6 +66,9 @@ pub(crate) struct Description {
     /// plain TCP. An optional section at the end: a process that does not know it refuses
     /// the description, and the client is disconnected there.
     pub tls: Option<RecordState>,
+    /// The record layer of the server connection that travels with the client, when that
+    /// is TLS; `None` for plain TCP or no server.
+    pub server_tls: Option<RecordState>,
 }
 
 impl Description {
@@ -108,6 +115,10 @@ impl Description {
             out.push(SECTION_TLS);
             tls.encode(&mut out);
         }
+        if let Some(tls) = &self.server_tls {
+            out.push(SECTION_SERVER_TLS);
+            tls.encode(&mut out);
+        }
         out
     }
 
@@ -152,17 +163,18 @@ impl Description {
         if channels.is_empty() && !marker.is_empty() {
             return None;
         }
-        let (mut server, mut tls) = (None, None);
+        let (mut server, mut tls, mut server_tls) = (None, None, None);
         while let Some(tag) = reader.byte() {
             match tag {
                 SECTION_SERVER if server.is_none() => server = Some(KeptServer::decode(&mut reader)?),
-                SECTION_TLS if tls.is_none() => {
-                    let (state, rest) = RecordState::decode(reader.0)?;
-                    tls = Some(state);
-                    reader.0 = rest;
-                }
+                SECTION_TLS if tls.is_none() => tls = Some(reader.record_state()?),
+                SECTION_SERVER_TLS if server_tls.is_none() => server_tls = Some(reader.record_state()?),
                 _ => return None,
             }
+        }
+        // A server connection's TLS state without the connection.
+        if server_tls.is_some() && server.is_none() {
+            return None;
         }
         Some(Description {
             database,
@@ -181,6 +193,7 @@ impl Description {
             marker,
             server,
             tls,
+            server_tls,
         })
     }
 }
@@ -236,6 +249,12 @@ impl<'a> Reader<'a> {
     pub(super) fn string(&mut self) -> Option<String> {
         String::from_utf8(self.bytes()?.to_vec()).ok()
     }
+
+    fn record_state(&mut self) -> Option<RecordState> {
+        let (state, rest) = RecordState::decode(self.0)?;
+        self.0 = rest;
+        Some(state)
+    }
 }
 
 impl Description {
@@ -260,7 +279,10 @@ impl Session {
             return false;
         };
         // Settling a listener writes to the client: its TLS layer must still be quiet after.
-        if !self.settle_listener(client, &mut description).await || !client.stream.can_move() {
+        if !self.settle_listener(client, &mut description).await
+            || !client.stream.can_move()
+            || self.server.as_deref().is_some_and(|server| !server.stream.can_move())
+        {
             return false;
         }
         // A TLS client goes with its traffic keys: rustls is taken apart here, and should the
@@ -269,11 +291,27 @@ impl Session {
         if let Err(error) = client.stream.leave_rustls() {
             tracing::warn!(client = %client.peer, %error, "cannot take a TLS connection apart for the new process");
         }
+        // Its TLS server connection likewise; should that fail, the connection is lost and
+        // the client stays, to be told at the end of the drain as any client that stays.
+        if let Some(server) = self.server.as_deref_mut()
+            && let Err(error) = server.stream.leave_rustls()
+        {
+            server.state.server_lost();
+            tracing::warn!(client = %client.peer, %error, "cannot take a TLS server connection apart for the new process");
+            return false;
+        }
         let Some((socket, tls)) = client.stream.handover() else {
             return false;
         };
         description.tls = tls;
-        let server = self.server.as_deref().and_then(|server| server.stream.tcp_fd());
+        let server = match self.server.as_deref().map(|server| server.stream.handover()) {
+            None => None,
+            Some(None) => return false,
+            Some(Some((socket, tls))) => {
+                description.server_tls = tls;
+                Some(socket)
+            }
+        };
         if !self
             .shared
             .client_handover
@@ -294,7 +332,7 @@ impl Session {
         }
         tracing::info!(client = %client.peer, database = %self.database.name, user = %self.user.name,
             with_server = description.server.is_some(), tls = description.tls.is_some(),
-            "client handed over to the new process");
+            server_tls = description.server_tls.is_some(), "client handed over to the new process");
         true
     }
 
@@ -302,10 +340,14 @@ impl Session {
     /// must finish here.
     pub(super) fn handover_description(&self, client: &ClientConn) -> Option<Description> {
         // A client with no server carries no server state (a pinned one always has its
-        // server); one with a server (session mode, pinned) takes it along, plain TCP and
-        // quiet, or stays.
+        // server); one with a server (session mode, pinned) takes it along, quiet (a TLS
+        // one with nothing buffered in its TLS layer), or stays.
         let server = match self.server.as_deref() {
             None => None,
+            // A TLS one goes only to a process that continues it.
+            Some(server) if server.stream.is_tls() && !self.shared.client_handover.continues_server_tls() => {
+                return None;
+            }
             Some(server) => Some(server.handed_over(self.on_replica)?),
         };
         // Plain TCP, or TLS with nothing buffered inside the TLS layer; TLS 1.2 only to a
@@ -362,8 +404,9 @@ impl Session {
                 conn,
                 pins: self.carried.pins.export(),
             }),
-            // Filled in once the stream is taken apart for the handover.
+            // Filled in once the streams are taken apart for the handover.
             tls: None,
+            server_tls: None,
         })
     }
 
@@ -453,6 +496,7 @@ mod tests {
             marker: String::new(),
             server: None,
             tls: None,
+            server_tls: None,
         };
         let encoded = description.encode();
         assert!(!format!("{description:?}").contains("[7"), "keys are not shown");
@@ -499,6 +543,40 @@ mod tests {
         let encoded = description.encode();
         assert_eq!(Description::decode(&encoded), Some(description));
         assert_eq!(Description::decode(&encoded[..encoded.len() - 1]), None);
+    }
+
+    #[test]
+    fn a_tls_server_connection_carries_its_record_state_and_needs_its_server() {
+        use crate::net::record::{Secrets, Suite};
+        let state = RecordState {
+            version: Version::Tls13,
+            suite: Suite::Chacha20Poly1305,
+            tx: Secrets {
+                key: vec![5; 32],
+                iv: [6; 12],
+                seq: 3,
+            },
+            rx: Secrets {
+                key: vec![7; 32],
+                iv: [8; 12],
+                seq: 9,
+            },
+        };
+        let description = Description {
+            database: "app".to_owned(),
+            user: "app".to_owned(),
+            server: Some(KeptServer::default()),
+            server_tls: Some(state.clone()),
+            ..Description::default()
+        };
+        let encoded = description.encode();
+        assert_eq!(Description::decode(&encoded), Some(description));
+        // Without its server section, the state alone is refused.
+        let alone = Description {
+            server_tls: Some(state),
+            ..Description::default()
+        };
+        assert_eq!(Description::decode(&alone.encode()), None);
     }
 
     #[test]
