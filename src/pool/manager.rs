@@ -84,7 +84,11 @@ impl Manager for ServerManager {
         let _login = scopeguard(|| {
             self.counters.logins.fetch_sub(1, Ordering::Relaxed);
         });
-        let result = upstream::connect(&self.spec).await.map(Box::new);
+        // Boxed: a login's state is some 6 KB, and deadpool's `get` holds this future in
+        // place. Inline, every client queued for a server carried (and copied into its
+        // boxed wait) the space of a login it almost never makes; boxed, only a login
+        // that happens allocates it.
+        let result = Box::pin(upstream::connect(&self.spec)).await.map(Box::new);
         match result {
             Ok(mut conn) => {
                 conn.pool_generation = self.counters.generation.load(Ordering::Acquire);

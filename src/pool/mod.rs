@@ -385,7 +385,22 @@ impl ServerPool {
         spent: &mut Option<BudgetKind>,
     ) -> Result<Object<ServerManager>, PoolError> {
         let started = Instant::now();
-        let mut counted = None;
+        let reserve_left = || reserve_after.map(|after| after.saturating_sub(started.elapsed()));
+        // The common case: no limit spanning pools holds this client up, and it needs
+        // none of the wake-ups below (each would lock a `Notify` shared by every
+        // queued client of the pool, to register and again to deregister).
+        match self.wait_for_connection(reserve_left()).await {
+            Err(PoolError::Spent(kind)) => *spent = Some(kind),
+            other => return other,
+        }
+        // From now on releases here and closes under the budgets wake this client; the
+        // first try of the loop covers what happened before.
+        self.counters.limit_waiting.fetch_add(1, Ordering::AcqRel);
+        self.budgets.start_waiting();
+        let _counted = scopeguard(|| {
+            self.budgets.stop_waiting();
+            self.counters.limit_waiting.fetch_sub(1, Ordering::AcqRel);
+        });
         loop {
             // Registered before trying, so that what happens between a failed try and
             // the wait below still wakes it.
@@ -396,21 +411,9 @@ impl ServerPool {
             returned.as_mut().enable();
             user_changed.as_mut().enable();
             database_changed.as_mut().enable();
-            let reserve_left = reserve_after.map(|after| after.saturating_sub(started.elapsed()));
-            match self.wait_for_connection(reserve_left).await {
+            match self.wait_for_connection(reserve_left()).await {
                 Err(PoolError::Spent(kind)) => *spent = Some(kind),
                 other => return other,
-            }
-            if counted.is_none() {
-                // From now on releases here and closes under the budgets wake this client;
-                // the try right after covers what happened before.
-                self.counters.limit_waiting.fetch_add(1, Ordering::AcqRel);
-                self.budgets.start_waiting();
-                counted = Some(scopeguard(|| {
-                    self.budgets.stop_waiting();
-                    self.counters.limit_waiting.fetch_sub(1, Ordering::AcqRel);
-                }));
-                continue;
             }
             tokio::select! {
                 () = &mut returned => {}

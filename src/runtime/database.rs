@@ -324,6 +324,10 @@ impl DatabaseEntry {
 
     /// Returns once the database is not paused.
     pub async fn wait_resumed(&self) {
+        // Not paused (nearly always): no subscription to make and drop again.
+        if !self.is_paused() {
+            return;
+        }
         let mut paused = self.paused.subscribe();
         let _ = paused.wait_for(|paused| !*paused).await;
     }
