@@ -867,10 +867,13 @@ async fn fan_out_listeners_move_and_hear_every_notification_once_and_in_order() 
             let mut n = 0;
             while !stop.load(Ordering::Acquire) {
                 n += 1;
-                let mut sql = format!("NOTIFY tk_seq, '{n}'");
+                // tk_other first: the listeners read up to tk_seq's last payload, so that
+                // must be the last notification of its transaction.
+                let mut sql = String::new();
                 if n % 10 == 0 {
-                    sql.push_str(&format!("; NOTIFY tk_other, '{n}'"));
+                    sql.push_str(&format!("NOTIFY tk_other, '{n}'; "));
                 }
+                sql.push_str(&format!("NOTIFY tk_seq, '{n}'"));
                 writer.batch_execute(&sql).await.unwrap();
                 sent.store(n, Ordering::Release);
                 tokio::time::sleep(Duration::from_millis(1)).await;
