@@ -129,6 +129,13 @@ impl ClientStream {
         }
     }
 
+    /// Whether a continued TLS connection has used half the records its key may seal
+    /// (see `RecordStream::half_spent`); rustls changes keys on its own, and plain TCP
+    /// has no such bound.
+    pub fn half_spent(&self) -> bool {
+        matches!(self, ClientStream::Resumed(records) if records.half_spent())
+    }
+
     /// Takes a rustls connection apart into its record layer (for a handover: see
     /// [`ClientStream::can_move`] first). rustls writes nothing on the way, and from here
     /// only the record stream writes, with the sequence numbers rustls had reached. A

@@ -406,7 +406,17 @@ fn adopt_server(
         },
     };
     let pool = &pools.hosts[index];
-    let conn = crate::upstream::ServerConn::adopt(stream, pool.spec().addr.clone(), &kept.conn);
+    let mut conn = crate::upstream::ServerConn::adopt(stream, pool.spec().addr.clone(), &kept.conn);
+    // Opened under the old process's `server_tls`: plain TCP where this configuration
+    // asks for TLS serves the client it came with, and is closed after it rather than
+    // lent to others.
+    let wants_tls = matches!(
+        pool.spec().tls.mode(),
+        crate::config::ServerTlsMode::Require | crate::config::ServerTlsMode::VerifyFull
+    );
+    if wants_tls && !conn.stream.is_tls() {
+        conn.state.retire();
+    }
     Some(pool.adopt(conn))
 }
 

@@ -290,6 +290,7 @@ impl Session {
         // layer the new process would have used.
         if let Err(error) = client.stream.leave_rustls() {
             tracing::warn!(client = %client.peer, %error, "cannot take a TLS connection apart for the new process");
+            return false;
         }
         // Its TLS server connection likewise; should that fail, the connection is lost and
         // the client stays, to be told at the end of the drain as any client that stays.
@@ -298,6 +299,14 @@ impl Session {
         {
             server.state.server_lost();
             tracing::warn!(client = %client.peer, %error, "cannot take a TLS server connection apart for the new process");
+            return false;
+        }
+        // rustls changes keys on its own before their record limit; the record layer that
+        // goes on cannot. Keys past half their limit stay here (on the record layer, as the
+        // keys of a connection the new process would have run) rather than move and fail
+        // in the middle of the client's work soon after.
+        if client.stream.half_spent() || self.server.as_deref().is_some_and(|server| server.stream.half_spent()) {
+            tracing::info!(client = %client.peer, "a TLS connection's keys are past half their record limit: the client stays");
             return false;
         }
         let Some((socket, tls)) = client.stream.handover() else {
