@@ -44,6 +44,10 @@ const MAX_READ_RUNS: u8 = 3;
 /// Client input pgrelay buffers while the client waits for a server.
 const WAITING_INPUT_LIMIT: usize = 1 << 20;
 
+/// Where a batch goes: the routing decision, the WAL position a replica must have
+/// replayed (if any), and whether the batch may run again elsewhere should its server fail.
+type Routed = (Decision, Option<Lsn>, bool);
+
 /// Why a session ended.
 #[derive(Debug)]
 pub(super) enum End {
@@ -310,10 +314,10 @@ impl Session {
             }
             self.follow_reload();
             match self.acquire_idle(client) {
-                Some(server) => self.server = Some(server),
+                Ok(server) => self.server = Some(server),
                 // Boxed: waiting for a server is a large future, needed only when no
                 // connection is idle; the exchange, boxed for every batch, stays small.
-                None => match Box::pin(self.acquire(client, tag)).await {
+                Err(routed) => match Box::pin(self.acquire(client, tag, routed)).await {
                     Ok(server) => self.server = Some(server),
                     Err(Some(end)) => return Some(end),
                     Err(None) => return None,
@@ -390,25 +394,35 @@ impl Session {
     }
 
     /// The common case of [`Session::acquire`], synchronous: nothing paused, and the
-    /// chosen server has an idle connection. `None`: `acquire` does it all again (routing
-    /// included) and waits.
-    fn acquire_idle(&mut self, client: &ClientConn) -> Option<Checkout> {
+    /// chosen server has an idle connection. `Err`: `acquire` waits, with the routing
+    /// made here if it was made (a client queued for a server must not pay for
+    /// classifying its batch twice).
+    fn acquire_idle(&mut self, client: &ClientConn) -> Result<Checkout, Option<Routed>> {
         if self.refused_rerun || self.database.is_paused() {
-            return None;
+            return Err(None);
         }
-        let (decision, fence, rerunnable) = self.route(client);
-        let (checkout, placement) = routing::checkout_idle_for(decision, fence, &self.database, &self.pools)?;
+        let routed @ (decision, fence, rerunnable) = self.route(client);
+        let Some((checkout, placement)) = routing::checkout_idle_for(decision, fence, &self.database, &self.pools)
+        else {
+            return Err(Some(routed));
+        };
         self.rerunnable = rerunnable;
         self.on_replica = placement.target == Target::Replica;
         self.set_state(ClientState::Active);
         self.count_route(placement);
-        Some(checkout)
+        Ok(checkout)
     }
 
-    /// Waits for a server for the message at the front of the input. On failure the
-    /// client has been told (`Err(None)`) or is gone (`Err(Some(_))`).
-    async fn acquire(&mut self, client: &mut ClientConn, tag: FrontendTag) -> Result<Checkout, Option<End>> {
-        let (mut decision, fence, mut rerunnable) = self.route(client);
+    /// Waits for a server for the message at the front of the input, routed as `routed`
+    /// says or, without it, routed here. On failure the client has been told
+    /// (`Err(None)`) or is gone (`Err(Some(_))`).
+    async fn acquire(
+        &mut self,
+        client: &mut ClientConn,
+        tag: FrontendTag,
+        routed: Option<Routed>,
+    ) -> Result<Checkout, Option<End>> {
+        let (mut decision, fence, mut rerunnable) = routed.unwrap_or_else(|| self.route(client));
         if std::mem::take(&mut self.refused_rerun) {
             decision = Decision {
                 target: Target::Primary,
@@ -563,7 +577,7 @@ impl Session {
     /// Where the batch at the front of the input goes.
     /// Where the batch at the front of the input goes, and for a read the WAL position a
     /// replica must have replayed to serve it.
-    fn route(&self, client: &ClientConn) -> (Decision, Option<Lsn>, bool) {
+    fn route(&self, client: &ClientConn) -> Routed {
         let routing = &self.database.routing;
         if self.database.mode() == PoolMode::Session {
             // The whole session runs on one server.
