@@ -174,7 +174,16 @@ impl CancelRegistry {
             return false;
         }
         let target = match slot.target.lock() {
-            Ok(target) => target.clone(),
+            Ok(target) => {
+                // Counted while the lock is held, so that a detach (which clears the
+                // target under the same lock, then waits for the count) cannot give the
+                // server back in between: the server stays with this client until
+                // delivery is over, and a cancel never reaches the next client's query.
+                if target.is_some() {
+                    slot.in_flight.fetch_add(1, Ordering::AcqRel);
+                }
+                target.clone()
+            }
             Err(_) => return true,
         };
         let Some(target) = target else {
@@ -182,9 +191,6 @@ impl CancelRegistry {
             slot.changed.notify_waiters();
             return true;
         };
-        // Counted before the target can be detached, so the server stays with this
-        // client until delivery is over.
-        slot.in_flight.fetch_add(1, Ordering::AcqRel);
         // A task of its own: the count goes down even if the client hangs up first.
         let delivery = tokio::spawn(async move {
             if let Err(error) = tokio::time::timeout(DELIVERY_TIMEOUT, deliver(&target)).await {
