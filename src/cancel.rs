@@ -16,7 +16,7 @@
 
 pub mod forward;
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,28 +75,12 @@ pub struct CancelTarget {
 #[derive(Debug)]
 struct Slot {
     secret: u32,
-    /// Cancels that arrived while the client was not attached to a server: a change tells
-    /// a client waiting for a server that it was cancelled.
-    unattached_cancels: AtomicU32,
     target: Mutex<Option<CancelTarget>>,
     /// Cancels being delivered to the current target.
     in_flight: AtomicUsize,
-    /// Woken when a delivery ends and when a cancel arrives unattached. One for both, as
-    /// every client holds one: each waiter checks the count it waits on and waits again
-    /// when the change was not its own.
-    changed: Notify,
-}
-
-impl Slot {
-    fn new(secret: u32) -> Slot {
-        Slot {
-            secret,
-            unattached_cancels: AtomicU32::new(0),
-            target: Mutex::new(None),
-            in_flight: AtomicUsize::new(0),
-            changed: Notify::new(),
-        }
-    }
+    delivered: Notify,
+    /// Wakes a client that is waiting for a server.
+    cancel_wait: Notify,
 }
 
 /// Every connected client's cancel key.
@@ -134,7 +118,13 @@ impl CancelRegistry {
             let Some(process_id) = key_layout::process_id(self.instance_id, rand::random()) else {
                 continue;
             };
-            let slot = Arc::new(Slot::new(rand::random()));
+            let slot = Arc::new(Slot {
+                secret: rand::random(),
+                target: Mutex::new(None),
+                in_flight: AtomicUsize::new(0),
+                delivered: Notify::new(),
+                cancel_wait: Notify::new(),
+            });
             if let dashmap::Entry::Vacant(entry) = self.slots.entry(process_id) {
                 entry.insert(slot.clone());
                 return CancelHandle {
@@ -149,7 +139,13 @@ impl CancelRegistry {
     /// Registers a key given out by the process this one took over from, for a client
     /// handed over from it; `None` if a client here already has that process id.
     pub fn register_key(self: &Arc<Self>, process_id: u32, secret: u32) -> Option<CancelHandle> {
-        let slot = Arc::new(Slot::new(secret));
+        let slot = Arc::new(Slot {
+            secret,
+            target: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            delivered: Notify::new(),
+            cancel_wait: Notify::new(),
+        });
         match self.slots.entry(process_id) {
             dashmap::Entry::Vacant(entry) => {
                 entry.insert(slot.clone());
@@ -187,8 +183,7 @@ impl CancelRegistry {
             Err(_) => return true,
         };
         let Some(target) = target else {
-            slot.unattached_cancels.fetch_add(1, Ordering::AcqRel);
-            slot.changed.notify_waiters();
+            slot.cancel_wait.notify_waiters();
             return true;
         };
         // A task of its own: the count goes down even if the client hangs up first.
@@ -197,7 +192,7 @@ impl CancelRegistry {
                 tracing::warn!(server = %target.addr, %error, "cancel request was not delivered in time");
             }
             slot.in_flight.fetch_sub(1, Ordering::AcqRel);
-            slot.changed.notify_waiters();
+            slot.delivered.notify_waiters();
         });
         let _ = delivery.await;
         true
@@ -280,7 +275,7 @@ impl CancelHandle {
             *slot = None;
         }
         loop {
-            let delivered = self.slot.changed.notified();
+            let delivered = self.slot.delivered.notified();
             tokio::pin!(delivered);
             delivered.as_mut().enable();
             if self.slot.in_flight.load(Ordering::Acquire) == 0 {
@@ -294,16 +289,7 @@ impl CancelHandle {
     /// Only a wait that is already being polled is woken: a cancel sent while the
     /// client is idle is not remembered for its next query.
     pub async fn cancelled_while_waiting(&self) {
-        let seen = self.slot.unattached_cancels.load(Ordering::Acquire);
-        loop {
-            let changed = self.slot.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.slot.unattached_cancels.load(Ordering::Acquire) != seen {
-                return;
-            }
-            changed.await;
-        }
+        self.slot.cancel_wait.notified().await;
     }
 }
 
