@@ -13,18 +13,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Hands jemalloc's dirty and muzzy pages of every arena back to the operating system.
 fn purge_jemalloc() {
-    // SAFETY: "arena.<MALLCTL_ARENAS_ALL>.purge" takes no input and writes no output, so
-    // every pointer argument is null as jemalloc's documentation requires.
-    #[allow(unsafe_code)]
-    unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"arena.4096.purge".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        );
-    }
+    jemalloc_control(c"arena.4096.purge", None);
 }
 
 /// Turns jemalloc's thread cache off for the calling thread (the runtime's threads). Each
@@ -35,18 +24,23 @@ fn purge_jemalloc() {
 /// allocates about once per transaction (docs/performance.md), so the arena's lock that an
 /// uncached allocation takes instead costs nothing measurable.
 fn without_thread_cache() {
-    let mut enabled = false;
-    // SAFETY: "thread.tcache.enabled" is a bool that jemalloc reads from `newp` (with its
-    // size); nothing is written back, so `oldp` and `oldlenp` are null.
+    jemalloc_control(c"thread.tcache.enabled", Some(false));
+}
+
+/// Runs jemalloc's control `name`, setting it to `value` when given (a control that only
+/// acts, as a purge, takes none). Nothing is read back.
+fn jemalloc_control(name: &std::ffi::CStr, value: Option<bool>) {
+    let mut value = value;
+    let (new, new_len) = match &mut value {
+        Some(value) => ((value as *mut bool).cast(), std::mem::size_of::<bool>()),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: `name` is a NUL-terminated control name; `new` is null with length 0, or
+    // points at a live bool with its size, which jemalloc only reads. `oldp` and `oldlenp`
+    // are null, so nothing is written.
     #[allow(unsafe_code)]
     unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"thread.tcache.enabled".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            (&raw mut enabled).cast(),
-            std::mem::size_of::<bool>(),
-        );
+        tikv_jemalloc_sys::mallctl(name.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), new, new_len);
     }
 }
 

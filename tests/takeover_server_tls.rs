@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use common::process::{Process, free_port};
 use common::takeover::{
-    backend_pid, handed_over_with_server, listening_client, next_notification, start_old, url, wait_idle_in_pool,
+    backend_pid, handed_over_with_server, listening_client, next_notification, pin_listeners, start_old, url,
+    wait_idle_in_pool,
 };
 use common::{first_value, wait_until};
 use pgrelay::localpg::{ClusterOptions, LocalCluster, RunAs};
@@ -216,13 +217,7 @@ async fn a_pinned_listener_hears_a_notify_on_its_continued_tls_server_connection
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (config, socket) = write_config(cluster, dir.path(), port, "mode = \"transaction\"\nsize = 4");
-    // LISTEN pins the client to its server connection (instead of the fan-out).
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n", 1),
-    )
-    .unwrap();
+    pin_listeners(&config);
     let old = start_old(&config, dir.path(), port).await;
     let (listener, mut notifications) = listening_client(&url(port)).await;
     listener.batch_execute("LISTEN takeover_tls").await.unwrap();

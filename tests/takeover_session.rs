@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use common::process::{Process, free_port};
 use common::takeover::{
-    admin_rows, backend_pid, handed_over_with_server, listening_client, next_notification, start_old, url,
-    wait_idle_in_pool,
+    admin_rows, backend_pid, handed_over_with_server, listening_client, next_notification, pin_listeners, start_old,
+    url, wait_idle_in_pool,
 };
 use common::{first_value, shared_cluster, sqlstate, wait_until};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
@@ -149,13 +149,7 @@ async fn pinned_clients_keep_their_advisory_lock_and_their_listen_across_a_takeo
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (config, socket) = write_config(dir.path(), port, "mode = \"transaction\"\nsize = 4");
-    // LISTEN pins the client to its server connection (instead of the fan-out).
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n", 1),
-    )
-    .unwrap();
+    pin_listeners(&config);
     let old = start_old(&config, dir.path(), port).await;
     let (listener, mut notifications) = listening_client(&url(port)).await;
     listener.batch_execute("LISTEN takeover_pin").await.unwrap();

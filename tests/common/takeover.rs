@@ -31,6 +31,17 @@ pub fn write_config(cluster: &LocalCluster, dir: &Path, port: u16, pool: &str) -
     (path, socket)
 }
 
+/// Makes `LISTEN` pin its client to a server connection (`listen_notify = "pin"`)
+/// instead of the fan-out, in the config file `write_config` wrote.
+pub fn pin_listeners(config: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(
+        config,
+        text.replacen("[databases.app]\n", "[databases.app]\nlisten_notify = \"pin\"\n", 1),
+    )
+    .unwrap();
+}
+
 pub async fn start_old(config: &Path, dir: &Path, port: u16) -> Process {
     let old = Process::start(config, None, dir.join("old.log"));
     super::wait_until("the old process accepts", Duration::from_secs(20), || async {
