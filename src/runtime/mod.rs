@@ -509,7 +509,8 @@ pub struct Shared {
     pub cancel: Arc<CancelRegistry>,
     /// Limits on the cancel requests sent on to peers.
     pub cancel_forwarder: crate::cancel::forward::Forwarder,
-    /// Client connections past the startup packet.
+    /// Client connections counted against max_client_conn: from their first poll, before
+    /// the startup packet, until they close.
     pub clients: std::sync::atomic::AtomicUsize,
     /// Client connections still in their TLS handshake, startup or authentication
     /// (SHOW LISTS' `login_clients`).
