@@ -16,7 +16,7 @@
 
 pub mod forward;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,12 +75,28 @@ pub struct CancelTarget {
 #[derive(Debug)]
 struct Slot {
     secret: u32,
+    /// Cancels that arrived while the client was not attached to a server: a change tells
+    /// a client waiting for a server that it was cancelled.
+    unattached_cancels: AtomicU32,
     target: Mutex<Option<CancelTarget>>,
     /// Cancels being delivered to the current target.
     in_flight: AtomicUsize,
-    delivered: Notify,
-    /// Wakes a client that is waiting for a server.
-    cancel_wait: Notify,
+    /// Woken when a delivery ends and when a cancel arrives unattached. One for both, as
+    /// every client holds one: each waiter checks the count it waits on and waits again
+    /// when the change was not its own.
+    changed: Notify,
+}
+
+impl Slot {
+    fn new(secret: u32) -> Slot {
+        Slot {
+            secret,
+            unattached_cancels: AtomicU32::new(0),
+            target: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
 }
 
 /// Every connected client's cancel key.
@@ -118,13 +134,7 @@ impl CancelRegistry {
             let Some(process_id) = key_layout::process_id(self.instance_id, rand::random()) else {
                 continue;
             };
-            let slot = Arc::new(Slot {
-                secret: rand::random(),
-                target: Mutex::new(None),
-                in_flight: AtomicUsize::new(0),
-                delivered: Notify::new(),
-                cancel_wait: Notify::new(),
-            });
+            let slot = Arc::new(Slot::new(rand::random()));
             if let dashmap::Entry::Vacant(entry) = self.slots.entry(process_id) {
                 entry.insert(slot.clone());
                 return CancelHandle {
@@ -139,13 +149,7 @@ impl CancelRegistry {
     /// Registers a key given out by the process this one took over from, for a client
     /// handed over from it; `None` if a client here already has that process id.
     pub fn register_key(self: &Arc<Self>, process_id: u32, secret: u32) -> Option<CancelHandle> {
-        let slot = Arc::new(Slot {
-            secret,
-            target: Mutex::new(None),
-            in_flight: AtomicUsize::new(0),
-            delivered: Notify::new(),
-            cancel_wait: Notify::new(),
-        });
+        let slot = Arc::new(Slot::new(secret));
         match self.slots.entry(process_id) {
             dashmap::Entry::Vacant(entry) => {
                 entry.insert(slot.clone());
@@ -183,7 +187,8 @@ impl CancelRegistry {
             Err(_) => return true,
         };
         let Some(target) = target else {
-            slot.cancel_wait.notify_waiters();
+            slot.unattached_cancels.fetch_add(1, Ordering::AcqRel);
+            slot.changed.notify_waiters();
             return true;
         };
         // A task of its own: the count goes down even if the client hangs up first.
@@ -192,7 +197,7 @@ impl CancelRegistry {
                 tracing::warn!(server = %target.addr, %error, "cancel request was not delivered in time");
             }
             slot.in_flight.fetch_sub(1, Ordering::AcqRel);
-            slot.delivered.notify_waiters();
+            slot.changed.notify_waiters();
         });
         let _ = delivery.await;
         true
@@ -275,7 +280,7 @@ impl CancelHandle {
             *slot = None;
         }
         loop {
-            let delivered = self.slot.delivered.notified();
+            let delivered = self.slot.changed.notified();
             tokio::pin!(delivered);
             delivered.as_mut().enable();
             if self.slot.in_flight.load(Ordering::Acquire) == 0 {
@@ -289,7 +294,16 @@ impl CancelHandle {
     /// Only a wait that is already being polled is woken: a cancel sent while the
     /// client is idle is not remembered for its next query.
     pub async fn cancelled_while_waiting(&self) {
-        self.slot.cancel_wait.notified().await;
+        let seen = self.slot.unattached_cancels.load(Ordering::Acquire);
+        loop {
+            let changed = self.slot.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.slot.unattached_cancels.load(Ordering::Acquire) != seen {
+                return;
+            }
+            changed.await;
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! session loop that borrows server connections from the pools.
 
 mod carried;
+mod farewell;
 mod handshake;
 mod listen_tx;
 mod local;
@@ -26,6 +27,7 @@ use crate::net::ClientConn;
 use crate::net::ClientStream;
 use crate::protocol::compose::{self, Severity};
 use crate::runtime::{Shared, Snapshot};
+use farewell::Refused;
 use handshake::{HandshakeError, Opening};
 use login::{Destination, LoggedIn, LoginError};
 use run::Session;
@@ -44,15 +46,43 @@ pub async fn serve_moved(stream: std::net::TcpStream, peer: SocketAddr, shared: 
 
 /// Serves one accepted client connection until it ends.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let max_message_size = shared.snapshot().client_limits.max_message_size;
+    let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, max_message_size);
+    // Boxed, and allocated only while logging in: the login's locals (the snapshot, the
+    // slot of the client limit, the prepared over-limit error, the timeout) and the
+    // refusal's would otherwise stay reserved in every idle session's task. Only what
+    // the session needs lives across its run.
+    let session = match Box::pin(log_in(&mut client, &shared)).await {
+        Outcome::Session(session) => session,
+        // Boxed: the admin console's future is the largest a connection can run, and every
+        // client session's task would otherwise reserve room for it.
+        Outcome::Admin(admin) => return Box::pin(admin.run_on(shared.control(), client)).await,
+        Outcome::Refused(refused) => return Box::pin(refused.tell(&shared, &mut client)).await,
+        Outcome::Done => return,
+    };
+    session.run(&mut client).await;
+}
+
+/// How a connection's login ended. Small, and boxed where large: it is what `serve`
+/// holds between the login and the session.
+enum Outcome {
+    Session(Box<Session>),
+    Admin(Box<crate::admin::AdminSession>),
+    Refused(Box<Refused>),
+    /// A cancel request, a connection closed or a TLS handshake failed: nothing to say.
+    Done,
+}
+
+/// The handshake and login of an accepted connection, within client_login_timeout.
+async fn log_in(client: &mut ClientConn, shared: &Arc<Shared>) -> Outcome {
     let snapshot = shared.snapshot();
-    let limits = snapshot.client_limits.clone();
-    let mut client = ClientConn::new(ClientStream::Tcp(stream), peer, limits.max_message_size);
+    let limits = &snapshot.client_limits;
     // Taken before the startup packet: connections still in their handshake or login
     // count against max_client_conn (and max_client_conn_per_address) too, so a flood of
     // connections that never finish logging in cannot grow without bound. One over a limit
     // is only read far enough to tell a cancel request from a login, which it is refused,
     // and not for long.
-    let slot = ClientSlot::take(&shared, &snapshot, peer);
+    let slot = ClientSlot::take(shared, &snapshot, client.peer);
     let over_limit = slot.is_err();
     let login_timeout = if over_limit {
         Some(
@@ -65,67 +95,35 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     let over_limit_error = slot.as_ref().err().cloned();
     let mut refused = None;
-    let logging_in = LoggingIn::enter(&shared);
+    let logging_in = LoggingIn::enter(shared);
     let started = match login_timeout {
-        // Boxed: the login future is large and must not make every idle session's task
-        // that large too.
-        Some(limit) => {
-            let start = Box::pin(start(&mut client, &shared, &snapshot, slot, &mut refused));
-            match tokio::time::timeout(limit, start).await {
-                Ok(started) => started,
-                Err(_) if over_limit => {
-                    refused = Some(Refusal::Limit);
-                    Err(over_limit_error)
-                }
-                Err(_) => Err(Some(ClientError::new(
-                    Side::Client,
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!(
-                        "startup and authentication did not finish within client_login_timeout ({})",
-                        crate::config::format_limit(Some(limit))
-                    ),
-                ))),
+        Some(limit) => match tokio::time::timeout(limit, start(client, shared, &snapshot, slot, &mut refused)).await {
+            Ok(started) => started,
+            Err(_) if over_limit => {
+                refused = Some(Refusal::Limit);
+                Err(over_limit_error)
             }
-        }
-        None => Box::pin(start(&mut client, &shared, &snapshot, slot, &mut refused)).await,
+            Err(_) => Err(Some(ClientError::new(
+                Side::Client,
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "startup and authentication did not finish within client_login_timeout ({})",
+                    crate::config::format_limit(Some(limit))
+                ),
+            ))),
+        },
+        None => start(client, shared, &snapshot, slot, &mut refused).await,
     };
     drop(logging_in);
     match started {
-        Ok(Some(Started::Session(session))) => session.run(&mut client).await,
-        // Boxed: the admin console's future is the largest a connection can run, and every
-        // client session's task would otherwise reserve room for it.
-        Ok(Some(Started::Admin(admin))) => Box::pin(admin.run_on(shared.control(), client)).await,
-        Ok(None) => {}
-        Err(Some(error)) => {
-            let refused = refused.or((error.sqlstate == sqlstate::INVALID_PASSWORD).then_some(Refusal::Password));
-            let settings = &snapshot.access;
-            match refused {
-                Some(reason) => {
-                    shared.metrics.login_refusal(reason);
-                    // Throttled per address: a guesser or a flood must not flood the log
-                    // too. The message never holds a password.
-                    if let Some(unlogged) = shared.access.may_log(settings, peer.ip()) {
-                        tracing::info!(client = %peer, reason = reason.label(), sqlstate = %error.sqlstate,
-                            error = %error.message, unlogged, "login refused");
-                    }
-                }
-                None => {
-                    tracing::info!(client = %peer, sqlstate = %error.sqlstate, error = %error.message, "login refused")
-                }
-            }
-            if refused == Some(Refusal::Password) {
-                // The answer waits, growing with the address's failures; an async sleep
-                // holds no thread. The connection's places were given back with the failed
-                // login: waiting ones are bounded by the login rate (a token per attempt)
-                // times the longest delay (10 s), per address.
-                let delay = shared.access.failed_password(settings, peer.ip());
-                tokio::time::sleep(delay).await;
-            }
-            shared.metrics.client_error(None, &error.sqlstate);
-            compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
-            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
-        }
-        Err(None) => {}
+        Ok(Some(Started::Session(session))) => Outcome::Session(session),
+        Ok(Some(Started::Admin(admin))) => Outcome::Admin(Box::new(admin)),
+        Ok(None) | Err(None) => Outcome::Done,
+        Err(Some(error)) => Outcome::Refused(Box::new(Refused {
+            snapshot,
+            error,
+            reason: refused,
+        })),
     }
 }
 
@@ -252,8 +250,20 @@ pub struct Resumed {
 /// Serves a handed-over client: its session is rebuilt from its description, with no
 /// login (the old process logged it in), and its cancel key stays the same.
 pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
+    // Boxed, and allocated only while rebuilding, as a login is (`serve`): the
+    // description and the rebuild's locals must not stay reserved in the session's task.
+    let Some((session, mut client)) = Box::pin(rebuild(resumed, &shared)).await else {
+        return;
+    };
+    session.run(&mut client).await;
+}
+
+/// Rebuilds a handed-over client's session, or serves the arrival of a fan-out listener;
+/// `None` when there is no session to run.
+async fn rebuild(resumed: Resumed, shared: &Arc<Shared>) -> Option<(Box<Session>, ClientConn)> {
     let Some(stream) = resumed.stream else {
-        return run::handover::arrive(shared, &resumed.description).await;
+        run::handover::arrive(shared.clone(), &resumed.description).await;
+        return None;
     };
     let failed = || {
         shared
@@ -261,13 +271,15 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
             .takeover_clients(crate::metrics::TakeoverResult::Failed, 1)
     };
     let Ok(peer) = stream.peer_addr() else {
-        return failed();
+        failed();
+        return None;
     };
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(error) => {
             failed();
-            return tracing::warn!(client = %peer, %error, "cannot take over a handed-over client");
+            tracing::warn!(client = %peer, %error, "cannot take over a handed-over client");
+            return None;
         }
     };
     let snapshot = shared.snapshot();
@@ -280,7 +292,8 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
             // Nothing can be said to it: anything but its own records breaks its TLS.
             Err(error) => {
                 failed();
-                return tracing::warn!(client = %peer, %error, "cannot continue a handed-over TLS client");
+                tracing::warn!(client = %peer, %error, "cannot continue a handed-over TLS client");
+                return None;
             }
         },
     };
@@ -316,15 +329,15 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
             "terminating connection because pgrelay was replaced and this session cannot be carried over",
         );
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
-        return;
+        return None;
     };
-    let mut slot = match ClientSlot::take(&shared, &snapshot, peer) {
+    let mut slot = match ClientSlot::take(shared, &snapshot, peer) {
         Ok(slot) => slot,
         Err(error) => {
             failed();
             compose::error(&mut client.outbuf, Severity::Fatal, &error.sqlstate, &error.message);
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.flush()).await;
-            return;
+            return None;
         }
     };
     // Pass-through: the pools log in with what the old process learned from this user's
@@ -365,7 +378,7 @@ pub async fn resume(resumed: Resumed, shared: Arc<Shared>) {
     }
     tracing::info!(client = %peer, database = %description.database, user = %description.user,
         with_server = description.server.is_some(), "client taken over from the old process");
-    session.run(&mut client).await;
+    Some((session, client))
 }
 
 /// Takes a handed-over client's server connection into the pool of `database` and `user`
