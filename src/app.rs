@@ -15,6 +15,7 @@ use crate::net::{self, Listener};
 use crate::registry::Registry;
 use crate::runtime::{BuildError, Observers, Shared, Snapshot};
 use crate::session;
+use crate::successor::Spawned;
 use crate::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
@@ -694,7 +695,13 @@ impl Upgrade {
             );
         };
         match successor.spawn(socket) {
-            Ok(pid) => tracing::info!(pid, "SIGUSR2 received: started a successor to take this process over"),
+            Ok(Spawned::Started(pid)) => {
+                tracing::info!(pid, "SIGUSR2 received: started a successor to take this process over")
+            }
+            Ok(Spawned::AlreadyRunning(pid)) => tracing::warn!(
+                pid,
+                "SIGUSR2 received, but the successor started before still runs: no other is started"
+            ),
             Err(error) => tracing::error!(%error, "SIGUSR2 received, but the successor did not start: still serving"),
         }
     }
