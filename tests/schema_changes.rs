@@ -221,6 +221,57 @@ async fn sql_execute_and_deallocate_reach_a_statement_prepared_with_parse() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_of_a_statement_that_no_longer_prepares_gets_the_real_error_once() {
+    let proxy = proxy().await;
+    let primary = direct(&shared_cluster().primary().addr(), "app").await;
+    primary
+        .batch_execute("DROP TABLE IF EXISTS t_exec_gone; CREATE TABLE t_exec_gone (x int)")
+        .await
+        .unwrap();
+    let mut raw = Raw::connect_to(&proxy.addr.to_string()).await;
+    raw.send(&[parse("s_gone", "SELECT x FROM t_exec_gone"), sync()]).await;
+    assert_eq!(replies(&mut raw).await, "1 Z:I");
+    // Another client holds the server it was prepared on: the EXECUTEs run on the other
+    // one, where pgrelay prepares the statement first, and that now fails.
+    let mut other = Raw::connect_to(&proxy.addr.to_string()).await;
+    other.send(&[query("BEGIN; SELECT 1")]).await;
+    assert_eq!(replies(&mut other).await, "C:BEGIN T D1 C:SELECT 1 Z:T");
+    primary.batch_execute("DROP TABLE t_exec_gone").await.unwrap();
+
+    // One error, the server's reason, as a direct connection gives for a PREPAREd
+    // statement whose table is gone; never pgrelay's name of the statement.
+    raw.send(&[query("EXECUTE s_gone")]).await;
+    let messages = tokio::time::timeout(BOUND, raw.messages_until_ready()).await.unwrap();
+    let errors: Vec<String> = messages
+        .iter()
+        .filter(|(tag, _)| *tag == b'E')
+        .map(|(_, body)| common::raw::error_message(body))
+        .collect();
+    assert_eq!(errors, ["relation \"t_exec_gone\" does not exist"], "{messages:?}");
+    assert_eq!(messages.last().map(|(tag, body)| (*tag, body[0])), Some((b'Z', b'I')));
+    // In a transaction block the failed preparation aborts it, as the EXECUTE itself
+    // would: the client hears the reason, not the 25P02 of the EXECUTE behind it.
+    raw.send(&[query("BEGIN")]).await;
+    assert_eq!(replies(&mut raw).await, "C:BEGIN Z:T");
+    raw.send(&[query("EXECUTE s_gone")]).await;
+    assert_eq!(replies(&mut raw).await, "E:42P01 Z:E");
+    raw.send(&[query("ROLLBACK")]).await;
+    assert_eq!(replies(&mut raw).await, "C:ROLLBACK Z:I");
+
+    // Once the table is back, the statement prepares and runs again.
+    primary
+        .batch_execute("CREATE TABLE t_exec_gone (x int); GRANT SELECT ON t_exec_gone TO PUBLIC")
+        .await
+        .unwrap();
+    raw.send(&[query("EXECUTE s_gone")]).await;
+    assert_eq!(replies(&mut raw).await, "T C:SELECT 0 Z:I");
+    other.send(&[query("COMMIT")]).await;
+    assert_eq!(replies(&mut other).await, "C:COMMIT Z:I");
+    primary.batch_execute("DROP TABLE t_exec_gone").await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_dropped_behind_pgrelays_back_fails_once_and_for_that_client_only() {
     let proxy = Proxy::start(&config_for(shared_cluster(), "mode = \"transaction\"\nsize = 1")).await;
     let addr = proxy.addr.to_string();

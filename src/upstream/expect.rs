@@ -38,6 +38,15 @@ pub enum Expect {
     Ready,
     /// Query or FunctionCall → any number of results, ended by ReadyForQuery.
     ResultsUntilReady,
+    /// Parse of a client's statement that pgrelay sends ahead of the client's SQL
+    /// EXECUTE of it, ended by a Sync of pgrelay's own. Should it fail, the client gets
+    /// its error, and the EXECUTE behind it becomes [`Expect::ExecuteAfterFailedParse`].
+    ParseForExecute { statement: Arc<str> },
+    /// A client's SQL EXECUTE whose statement pgrelay failed to prepare just before it:
+    /// the client has had the reason, so the EXECUTE's own error (26000 naming pgrelay's
+    /// statement, or 25P02 in a transaction block) is swallowed, and its ReadyForQuery
+    /// goes to the client.
+    ExecuteAfterFailedParse,
     /// A reply pgrelay gives itself in this place of the stream; never sent by the
     /// server.
     Synthetic(Synthetic),
@@ -112,6 +121,9 @@ pub struct Routing {
     /// For an ErrorResponse answering an [`Expect::Refused`]: the ErrorResponse the
     /// client gets in its place.
     pub replaced_by: Option<bytes::Bytes>,
+    /// An ErrorResponse pgrelay swallows because the client already has its reason
+    /// ([`Expect::ExecuteAfterFailedParse`]): not worth a warning.
+    pub expected_failure: bool,
 }
 
 impl Default for Routing {
@@ -125,6 +137,7 @@ impl Default for Routing {
             skipped_definitions: Vec::new(),
             answered_query: false,
             replaced_by: None,
+            expected_failure: false,
         }
     }
 }
@@ -262,6 +275,7 @@ impl ResponseQueue {
                         expect,
                         Expect::Ready
                             | Expect::ResultsUntilReady
+                            | Expect::ExecuteAfterFailedParse
                             | Expect::Synthetic(Synthetic::QueryDone(_) | Synthetic::Listen { query: true, .. })
                     )
             })
@@ -378,7 +392,7 @@ impl ResponseQueue {
         }
         let expect = &*expect;
         match (expect, tag) {
-            (Expect::ParseComplete { .. }, BackendTag::ParseComplete)
+            (Expect::ParseComplete { .. } | Expect::ParseForExecute { .. }, BackendTag::ParseComplete)
             | (Expect::BindComplete { .. }, BackendTag::BindComplete)
             | (Expect::CloseComplete { .. }, BackendTag::CloseComplete)
             | (Expect::Description, BackendTag::RowDescription | BackendTag::NoData)
@@ -399,8 +413,11 @@ impl ResponseQueue {
                 | BackendTag::CopyData
                 | BackendTag::CopyDone,
             ) => routing(false),
-            (Expect::ResultsUntilReady | Expect::Ready, BackendTag::ReadyForQuery) => {
-                let answered_query = *expect == Expect::ResultsUntilReady;
+            (
+                Expect::ResultsUntilReady | Expect::ExecuteAfterFailedParse | Expect::Ready,
+                BackendTag::ReadyForQuery,
+            ) => {
+                let answered_query = *expect != Expect::Ready;
                 self.pop_front();
                 Ok(Routing {
                     recipient,
@@ -409,7 +426,14 @@ impl ResponseQueue {
                     ..Routing::default()
                 })
             }
-            (Expect::ResultsUntilReady, tag) if !is_startup_only(tag) => routing(false),
+            (Expect::ExecuteAfterFailedParse, BackendTag::ErrorResponse) => Ok(Routing {
+                recipient: Recipient::Pgrelay,
+                expected_failure: true,
+                ..Routing::default()
+            }),
+            (Expect::ResultsUntilReady | Expect::ExecuteAfterFailedParse, tag) if !is_startup_only(tag) => {
+                routing(false)
+            }
             (Expect::Synthetic(_), _) => Err(OutOfOrder {
                 tag,
                 expected: Some(expect.clone()),
@@ -419,9 +443,11 @@ impl ResponseQueue {
                     Expect::ParseComplete { statement, definition } => {
                         (statement.clone().map(|name| (FailedAt::Parse, name)), *definition)
                     }
+                    Expect::ParseForExecute { statement } => (Some((FailedAt::Parse, statement.clone())), None),
                     Expect::BindComplete { statement: Some(name) } => (Some((FailedAt::Bind, name.clone())), None),
                     _ => (None, None),
                 };
+                let before_execute = matches!(expect, Expect::ParseForExecute { .. });
                 let replaced_by = match expect {
                     Expect::Refused { error } => Some(error.clone()),
                     _ => None,
@@ -442,11 +468,18 @@ impl ResponseQueue {
                             skipped_definitions.extend(*definition);
                         }
                         Expect::CloseComplete { statement } => skipped_statements.extend(statement.clone()),
+                        Expect::ParseForExecute { statement } => skipped_statements.push(statement.clone()),
                         _ => {}
                     }
                     self.entries.pop_front();
                 }
                 self.skipping = self.entries.is_empty();
+                if before_execute
+                    && let Some((next, Recipient::Client)) = self.entries.get_mut(1)
+                    && *next == Expect::ResultsUntilReady
+                {
+                    *next = Expect::ExecuteAfterFailedParse;
+                }
                 // Every extended-protocol message pgrelay sends on its own (a Parse of
                 // a statement the server lacks, a Close of one it evicts) is part of a
                 // client's batch, whose messages the server now skips: the client
@@ -460,6 +493,7 @@ impl ResponseQueue {
                     skipped_definitions,
                     answered_query: false,
                     replaced_by,
+                    expected_failure: false,
                 })
             }
             _ => Err(OutOfOrder {
@@ -476,7 +510,10 @@ impl ResponseQueue {
         matches!(
             self.entries.front(),
             Some((
-                Expect::Ready | Expect::ResultsUntilReady | Expect::Barrier { reached: true },
+                Expect::Ready
+                    | Expect::ResultsUntilReady
+                    | Expect::ExecuteAfterFailedParse
+                    | Expect::Barrier { reached: true },
                 _
             ))
         )
@@ -551,6 +588,53 @@ mod tests {
 
         let mut q = queue(&[(Expect::Refused { error }, Recipient::Client)]);
         assert!(q.on_message(B::ParseComplete).is_err(), "only an error answers it");
+    }
+
+    #[test]
+    fn an_execute_whose_statement_failed_to_prepare_gives_only_the_parse_error() {
+        let statement: Arc<str> = Arc::from("pgrelay_7");
+        let (client, pgrelay) = (Recipient::Client, Recipient::Pgrelay);
+        let entries = [
+            (
+                Expect::ParseForExecute {
+                    statement: statement.clone(),
+                },
+                pgrelay,
+            ),
+            (Expect::Ready, pgrelay),
+            (Expect::ResultsUntilReady, client),
+            (Expect::ResultsUntilReady, client),
+        ];
+        let mut q = queue(&entries);
+        let parse_error = q.on_message(B::ErrorResponse).unwrap();
+        assert_eq!(parse_error.recipient, client);
+        assert_eq!(parse_error.failed_statement, Some((FailedAt::Parse, statement)));
+        assert_eq!(q.on_message(B::ReadyForQuery).unwrap().recipient, pgrelay);
+        assert_eq!(q.readies_owed_to_client(), 2);
+        let execute_error = q.on_message(B::ErrorResponse).unwrap();
+        assert_eq!(
+            (execute_error.recipient, execute_error.expected_failure),
+            (pgrelay, true)
+        );
+        let ready = q.on_message(B::ReadyForQuery).unwrap();
+        assert_eq!(
+            (ready.recipient, ready.ready, ready.answered_query),
+            (client, true, true)
+        );
+        // The query behind it is the client's as ever, its error included.
+        let later_error = q.on_message(B::ErrorResponse).unwrap();
+        assert_eq!((later_error.recipient, later_error.expected_failure), (client, false));
+        assert!(q.on_message(B::ReadyForQuery).unwrap().ready);
+        assert!(q.is_empty());
+
+        // Prepared: the EXECUTE's replies are the client's.
+        let mut q = queue(&entries[..3]);
+        assert_eq!(q.on_message(B::ParseComplete).unwrap().recipient, pgrelay);
+        assert_eq!(q.on_message(B::ReadyForQuery).unwrap().recipient, pgrelay);
+        for tag in [B::RowDescription, B::DataRow, B::CommandComplete, B::ReadyForQuery] {
+            assert_eq!(q.on_message(tag).unwrap().recipient, client);
+        }
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl Pump<'_> {
                         prepare(
                             server,
                             &statement,
-                            None,
+                            ParseFor::Execute,
                             self.mode.max_prepared_statements,
                             self.metrics,
                         );
@@ -289,7 +289,7 @@ impl Pump<'_> {
                     prepare(
                         server,
                         &statement,
-                        Some(definition),
+                        ParseFor::Client(definition),
                         self.mode.max_prepared_statements,
                         self.metrics,
                     );
@@ -479,17 +479,29 @@ fn ensure_prepared(server: &mut ServerConn, statement: &PreparedStatement, limit
     if server.statements.contains(&statement.server_name) {
         server.statements.touch(&statement.server_name);
     } else {
-        prepare(server, statement, None, limit, metrics);
+        prepare(server, statement, ParseFor::Batch, limit, metrics);
     }
 }
 
+/// Whose Parse of a managed statement pgrelay sends, which decides who gets its reply.
+#[derive(Debug, Clone, Copy)]
+enum ParseFor {
+    /// The client's own Parse of this definition: the reply is the client's.
+    Client(u64),
+    /// pgrelay's, ahead of a client's Bind or Describe in the same batch; an error is
+    /// the client's too (the server skips the rest of its batch).
+    Batch,
+    /// pgrelay's, ahead of a client's SQL EXECUTE, with a Sync of its own; an error is
+    /// the client's, and the EXECUTE's own error behind it is not passed on.
+    Execute,
+}
+
 /// Sends the Parse of `statement`, closing first a stale copy of it and the least
-/// recently used statement if the server holds `limit` already. With `definition`, the
-/// Parse is the client's own and its reply goes to the client.
+/// recently used statement if the server holds `limit` already.
 fn prepare(
     server: &mut ServerConn,
     statement: &PreparedStatement,
-    definition: Option<u64>,
+    parse_for: ParseFor,
     limit: usize,
     metrics: &SessionMetrics,
 ) {
@@ -510,18 +522,25 @@ fn prepare(
         metrics.prepared_statements_evicted(1);
     }
     server.outbuf.extend_from_slice(&statement.parse);
-    let recipient = if definition.is_some() {
-        Recipient::Client
-    } else {
-        Recipient::Pgrelay
+    let statement = statement.server_name.clone();
+    let (expect, recipient) = match parse_for {
+        ParseFor::Client(definition) => (
+            Expect::ParseComplete {
+                statement: Some(statement),
+                definition: Some(definition),
+            },
+            Recipient::Client,
+        ),
+        ParseFor::Batch => (
+            Expect::ParseComplete {
+                statement: Some(statement),
+                definition: None,
+            },
+            Recipient::Pgrelay,
+        ),
+        ParseFor::Execute => (Expect::ParseForExecute { statement }, Recipient::Pgrelay),
     };
-    server.expect.push(
-        Expect::ParseComplete {
-            statement: Some(statement.server_name.clone()),
-            definition,
-        },
-        recipient,
-    );
+    server.expect.push(expect, recipient);
 }
 
 /// A SAVEPOINT on its way: from now on in this transaction a LISTEN goes to the server

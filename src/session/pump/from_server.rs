@@ -254,7 +254,7 @@ impl Pump<'_> {
                     }
                     _ => {}
                 }
-                if !to_client {
+                if !to_client && !routing.expected_failure {
                     if server.expect.is_empty() {
                         return Err(self.server_broke("error outside any request".to_owned()));
                     }
