@@ -6,59 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// jemalloc, for the resident memory it gives back after a crowd of clients has left: see
-/// docs/performance.md ("The allocator") for the measurements behind the choice.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// Hands jemalloc's dirty and muzzy pages of every arena back to the operating system.
-fn purge_jemalloc() {
-    jemalloc_control(c"arena.4096.purge", None);
-}
-
-/// How long a runtime thread keeps freed blocks in its jemalloc thread cache at most,
-/// once it has nothing to run.
-const THREAD_CACHE_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Called whenever a runtime thread runs out of work: flushes its jemalloc thread cache
-/// when it was last flushed over THREAD_CACHE_KEPT ago. A thread cache keeps freed
-/// blocks for its thread's next allocations and gives them back only as that thread
-/// allocates again, which an idle worker does not: after a crowd of clients left, the
-/// workers' caches held some 900 KiB of their task cells that no purge reaches. A busy
-/// worker parks many times a second; this costs it a clock read per park and a flush per
-/// second.
-fn flush_idle_thread_cache() {
-    thread_local! {
-        static FLUSHED: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
-    }
-    let now = std::time::Instant::now();
-    FLUSHED.with(|flushed| {
-        if flushed
-            .get()
-            .is_none_or(|at| now.duration_since(at) >= THREAD_CACHE_KEPT)
-        {
-            flushed.set(Some(now));
-            jemalloc_control(c"thread.tcache.flush", None);
-        }
-    });
-}
-
-/// Runs jemalloc's control `name`, setting it to `value` when given (a control that only
-/// acts, as a purge, takes none). Nothing is read back.
-fn jemalloc_control(name: &std::ffi::CStr, value: Option<bool>) {
-    let mut value = value;
-    let (new, new_len) = match &mut value {
-        Some(value) => ((value as *mut bool).cast(), std::mem::size_of::<bool>()),
-        None => (std::ptr::null_mut(), 0),
-    };
-    // SAFETY: `name` is a NUL-terminated control name; `new` is null with length 0, or
-    // points at a live bool with its size, which jemalloc only reads. `oldp` and `oldlenp`
-    // are null, so nothing is written.
-    #[allow(unsafe_code)]
-    unsafe {
-        tikv_jemalloc_sys::mallctl(name.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), new, new_len);
-    }
-}
+mod allocator;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -107,7 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    pgrelay::memory::set_release(purge_jemalloc);
+    pgrelay::memory::set_release(allocator::purge);
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -148,7 +96,11 @@ fn run_async<E: std::fmt::Display>(
     if workers > 0 {
         builder.worker_threads(workers);
     }
-    let runtime = match builder.enable_all().on_thread_park(flush_idle_thread_cache).build() {
+    let runtime = match builder
+        .enable_all()
+        .on_thread_park(allocator::flush_thread_cache_if_it_grew)
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");

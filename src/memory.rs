@@ -13,9 +13,6 @@ use crate::watchdog::Watchdog;
 /// How often the client count is looked at (one atomic load).
 const PERIOD: Duration = Duration::from_secs(1);
 
-/// Ticks after giving memory back that it is given back once more.
-const AGAIN_AFTER_TICKS: u32 = 0;
-
 /// Clients that must have left since the peak before memory is given back: below this the
 /// maps are small and what the allocator keeps is worth keeping for the next logins.
 const LEFT_AT_LEAST: usize = 256;
@@ -27,29 +24,23 @@ pub fn spawn(shared: Weak<Shared>, watchdog: Weak<Watchdog>) {
         let mut ticker = tokio::time::interval(PERIOD);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut peak = 0;
-        // Ticks until free pages are given back once more after a crowd left.
-        let mut again_in = None;
+        // Free pages are given back once more on the tick after a crowd left: what the
+        // crowd left in the workers' thread caches reaches the arenas only as each worker
+        // parks and flushes its cache (the binary's allocator), after the first time.
+        let mut again = false;
         loop {
             ticker.tick().await;
             let Some(shared) = shared.upgrade() else { return };
             let clients = shared.clients.load(Ordering::Relaxed);
             peak = peak.max(clients);
             if !crowd_left(peak, clients) {
-                again_in = match again_in {
-                    // What the workers' thread caches held when the crowd left reaches the
-                    // arenas only once each worker has flushed its cache (binary's
-                    // `flush_idle_thread_cache`, at most a second later).
-                    Some(0) => {
-                        drop(shared);
-                        let _ = tokio::task::spawn_blocking(release_free_pages).await;
-                        None
-                    }
-                    Some(ticks) => Some(ticks - 1),
-                    None => None,
-                };
+                if std::mem::take(&mut again) {
+                    drop(shared);
+                    let _ = tokio::task::spawn_blocking(release_free_pages).await;
+                }
                 continue;
             }
-            again_in = Some(AGAIN_AFTER_TICKS);
+            again = true;
             peak = clients;
             shared.registry.shrink();
             shared.cancel.shrink();
