@@ -290,11 +290,17 @@ impl CancelHandle {
         }
     }
 
-    /// Resolves when a cancel arrives while the client is not attached to a server.
-    /// Only a wait that is already being polled is woken: a cancel sent while the
-    /// client is idle is not remembered for its next query.
-    pub async fn cancelled_while_waiting(&self) {
-        let seen = self.slot.unattached_cancels.load(Ordering::Acquire);
+    /// How many cancels have arrived while the client was not attached to a server: what
+    /// [`CancelHandle::cancelled_while_waiting`] compares against.
+    pub fn unattached_cancels(&self) -> u32 {
+        self.slot.unattached_cancels.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a cancel arrives while the client is not attached to a server, once
+    /// the count has moved past `seen` (taken when the wait began, so a wait polled anew
+    /// in a loop misses none). A cancel sent while the client is idle is not remembered
+    /// for its next query.
+    pub async fn cancelled_while_waiting(&self, seen: u32) {
         loop {
             let changed = self.slot.changed.notified();
             tokio::pin!(changed);
@@ -358,12 +364,34 @@ mod tests {
             process_id: handle.process_id(),
             secret: bytes::Bytes::copy_from_slice(&handle.secret().to_be_bytes()),
         };
-        let waiting = handle.cancelled_while_waiting();
+        let waiting = handle.cancelled_while_waiting(handle.unattached_cancels());
         tokio::pin!(waiting);
         assert!(!registry.cancel(&wrong).await);
         assert!(futures_poll_once(waiting.as_mut()).await.is_none());
         assert!(registry.cancel(&right).await);
         tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_cancel_that_lands_between_two_polls_of_the_wait_still_ends_it() {
+        let registry = Arc::new(CancelRegistry::default());
+        let handle = registry.register();
+        let key = CancelKey {
+            process_id: handle.process_id(),
+            secret: bytes::Bytes::copy_from_slice(&handle.secret().to_be_bytes()),
+        };
+        // As in a `select!` loop: the wait is dropped, the cancel comes, the wait is made
+        // anew with the count taken when waiting began.
+        let seen = handle.unattached_cancels();
+        {
+            let first = handle.cancelled_while_waiting(seen);
+            tokio::pin!(first);
+            assert!(futures_poll_once(first.as_mut()).await.is_none());
+        }
+        assert!(registry.cancel(&key).await);
+        tokio::time::timeout(Duration::from_secs(5), handle.cancelled_while_waiting(seen))
+            .await
+            .unwrap();
     }
 
     async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<F::Output> {

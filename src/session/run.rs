@@ -452,6 +452,9 @@ impl Session {
             .await
         };
         tokio::pin!(checkout);
+        // Taken once: the wait below is made anew at each turn of the loop, and a cancel
+        // arriving between two turns must still end it.
+        let cancels_seen = self.cancel.unattached_cancels();
         loop {
             tokio::select! {
                 result = &mut checkout => {
@@ -471,7 +474,7 @@ impl Session {
                         None
                     });
                 }
-                () = self.cancel.cancelled_while_waiting() => {
+                () = self.cancel.cancelled_while_waiting(cancels_seen) => {
                     let error = ClientError::new(Side::Client, sqlstate::QUERY_CANCELED, "canceling statement due to user request");
                     self.set_state(ClientState::Idle);
                     self.report(&error);
