@@ -179,15 +179,19 @@ impl CancelRegistry {
                 // target under the same lock, then waits for the count) cannot give the
                 // server back in between: the server stays with this client until
                 // delivery is over, and a cancel never reaches the next client's query.
+                // Likewise a cancel that finds no target counts itself before the lock
+                // is released: counted later, it could end a wait the client began only
+                // afterwards, for its next query.
                 if target.is_some() {
                     slot.in_flight.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    slot.unattached_cancels.fetch_add(1, Ordering::AcqRel);
                 }
                 target.clone()
             }
             Err(_) => return true,
         };
         let Some(target) = target else {
-            slot.unattached_cancels.fetch_add(1, Ordering::AcqRel);
             slot.changed.notify_waiters();
             return true;
         };
