@@ -64,10 +64,12 @@ unsafe impl GlobalAlloc for CountingFrees {
 /// Called whenever a runtime worker runs out of work (tokio's `on_thread_park`): flushes
 /// its thread cache if it freed FLUSH_AFTER_FREED bytes or more since the last flush.
 pub fn flush_thread_cache_if_it_grew() {
-    if FREED_SINCE_FLUSH.with(Cell::get) >= FLUSH_AFTER_FREED {
-        FREED_SINCE_FLUSH.with(|freed| freed.set(0));
-        control(c"thread.tcache.flush");
-    }
+    FREED_SINCE_FLUSH.with(|freed| {
+        if freed.get() >= FLUSH_AFTER_FREED {
+            freed.set(0);
+            control(c"thread.tcache.flush");
+        }
+    });
 }
 
 /// Hands jemalloc's dirty and muzzy pages of every arena back to the operating system.

@@ -356,18 +356,20 @@ mod tests {
         assert_eq!(key_layout::process_id(3, 5), Some((3 << 23) | 5));
     }
 
+    /// The CancelRequest key of `handle`'s process id with `secret`.
+    fn key_of(handle: &CancelHandle, secret: u32) -> CancelKey {
+        CancelKey {
+            process_id: handle.process_id(),
+            secret: bytes::Bytes::copy_from_slice(&secret.to_be_bytes()),
+        }
+    }
+
     #[tokio::test]
     async fn a_cancel_with_the_wrong_secret_does_nothing_and_a_right_one_ends_a_wait() {
         let registry = Arc::new(CancelRegistry::default());
         let handle = registry.register();
-        let wrong = CancelKey {
-            process_id: handle.process_id(),
-            secret: bytes::Bytes::copy_from_slice(&handle.secret().wrapping_add(1).to_be_bytes()),
-        };
-        let right = CancelKey {
-            process_id: handle.process_id(),
-            secret: bytes::Bytes::copy_from_slice(&handle.secret().to_be_bytes()),
-        };
+        let wrong = key_of(&handle, handle.secret().wrapping_add(1));
+        let right = key_of(&handle, handle.secret());
         let waiting = handle.cancelled_while_waiting(handle.unattached_cancels());
         tokio::pin!(waiting);
         assert!(!registry.cancel(&wrong).await);
@@ -380,10 +382,7 @@ mod tests {
     async fn a_cancel_that_lands_between_two_polls_of_the_wait_still_ends_it() {
         let registry = Arc::new(CancelRegistry::default());
         let handle = registry.register();
-        let key = CancelKey {
-            process_id: handle.process_id(),
-            secret: bytes::Bytes::copy_from_slice(&handle.secret().to_be_bytes()),
-        };
+        let key = key_of(&handle, handle.secret());
         // As in a `select!` loop: the wait is dropped, the cancel comes, the wait is made
         // anew with the count taken when waiting began.
         let seen = handle.unattached_cancels();

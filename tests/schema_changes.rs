@@ -178,16 +178,23 @@ async fn a_type_dropped_and_created_again_does_not_poison_statements_that_use_it
     proxy.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sql_execute_and_deallocate_reach_a_statement_prepared_with_parse() {
-    let proxy = proxy().await;
+/// A client that prepared `name` with Parse, and a second client inside a transaction on
+/// the server it was prepared on, so that the first one's next statements run on the
+/// pool's other server: (the first, the second).
+async fn prepare_then_hold_its_server(proxy: &Proxy, name: &str, sql: &str) -> (Raw, Raw) {
     let mut raw = Raw::connect_to(&proxy.addr.to_string()).await;
-    raw.send(&[parse("FooBar", "SELECT $1::int + 1"), sync()]).await;
+    raw.send(&[parse(name, sql), sync()]).await;
     assert_eq!(replies(&mut raw).await, "1 Z:I");
-    // Another client takes the server it was prepared on: EXECUTE may run elsewhere.
     let mut other = Raw::connect_to(&proxy.addr.to_string()).await;
     other.send(&[query("BEGIN; SELECT 1")]).await;
     assert_eq!(replies(&mut other).await, "C:BEGIN T D1 C:SELECT 1 Z:T");
+    (raw, other)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_and_deallocate_reach_a_statement_prepared_with_parse() {
+    let proxy = proxy().await;
+    let (mut raw, mut other) = prepare_then_hold_its_server(&proxy, "FooBar", "SELECT $1::int + 1").await;
     raw.send(&[query("EXECUTE \"FooBar\"(41)")]).await;
     assert_eq!(replies(&mut raw).await, "T D1 C:SELECT 1 Z:I");
     raw.send(&[parse("foobar", "SELECT 'lower'"), sync()]).await;
@@ -228,14 +235,9 @@ async fn sql_execute_of_a_statement_that_no_longer_prepares_gets_the_real_error_
         .batch_execute("DROP TABLE IF EXISTS t_exec_gone; CREATE TABLE t_exec_gone (x int)")
         .await
         .unwrap();
-    let mut raw = Raw::connect_to(&proxy.addr.to_string()).await;
-    raw.send(&[parse("s_gone", "SELECT x FROM t_exec_gone"), sync()]).await;
-    assert_eq!(replies(&mut raw).await, "1 Z:I");
-    // Another client holds the server it was prepared on: the EXECUTEs run on the other
-    // one, where pgrelay prepares the statement first, and that now fails.
-    let mut other = Raw::connect_to(&proxy.addr.to_string()).await;
-    other.send(&[query("BEGIN; SELECT 1")]).await;
-    assert_eq!(replies(&mut other).await, "C:BEGIN T D1 C:SELECT 1 Z:T");
+    // The EXECUTEs run on the other server, where pgrelay prepares the statement first,
+    // and that now fails.
+    let (mut raw, mut other) = prepare_then_hold_its_server(&proxy, "s_gone", "SELECT x FROM t_exec_gone").await;
     primary.batch_execute("DROP TABLE t_exec_gone").await.unwrap();
 
     // One error, the server's reason, as a direct connection gives for a PREPAREd
